@@ -1,0 +1,1 @@
+"""Stage 1 of nightly-recs: ingest items and events, encode item texts (with a content-hash cache)."""

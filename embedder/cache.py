@@ -1,0 +1,98 @@
+"""The embedding cache: content hash -> vector, shared by every run and every worker.
+
+Key = xxh3-128(model fingerprint, preprocessing version, normalised text), so an unchanged text under
+an unchanged model is never encoded twice, and a changed model reuses nothing. The cache is a Parquet
+dataset at a local path or fsspec URL, partitioned by the key's first hex digit
+(``<root>/bucket=<h>/part-<id>.parquet``): a lookup reads only the buckets its keys fall in, one at a time.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import xxhash
+
+from embedder.artifacts import arrow_to_vectors, vectors_to_arrow
+from embedder.text import PREPROCESSING_VERSION
+
+BUCKET_CHARS = 1  # 16 buckets; a bucket is one unit of lookup work
+
+
+def content_hash(model_fingerprint: str, text: str) -> str:
+    """The cache key of one normalised text under one model."""
+    return xxhash.xxh3_128_hexdigest(f"{model_fingerprint}\0{PREPROCESSING_VERSION}\0{text}".encode())
+
+
+def content_hashes(model_fingerprint: str, texts) -> pd.Series:
+    return pd.Series([content_hash(model_fingerprint, t) for t in texts], dtype=object)
+
+
+class EmbeddingCache:
+    """Vectors by content hash under `root` (a path or fsspec URL).
+
+    Example:
+        cache = EmbeddingCache(".recs/cache")
+        found = cache.lookup(["3f2a...", ...])   # {hash: vector} for the hashes present
+        cache.add(hashes, vectors)
+    """
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+
+    def _bucket_dir(self, bucket: str) -> str:
+        return f"{self.base}/bucket={bucket}"
+
+    def lookup(self, hashes) -> dict[str, np.ndarray]:
+        """Vectors for the given hashes that the cache holds; absent hashes are simply missing."""
+        wanted = pd.Series(list(hashes), dtype=object).drop_duplicates()
+        found: dict[str, np.ndarray] = {}
+        for bucket, keys in wanted.groupby(wanted.str[:BUCKET_CHARS]):
+            table = self._read_bucket(bucket, pa.array(keys.tolist(), pa.string()))
+            if table is not None and table.num_rows:
+                vectors = arrow_to_vectors(table["vector"])
+                found.update(zip(table["content_hash"].to_pylist(), vectors))
+        return found
+
+    def _read_bucket(self, bucket: str, keys: pa.Array) -> pa.Table | None:
+        directory = self._bucket_dir(bucket)
+        if not self.fs.exists(directory):
+            return None
+        parts = []
+        for path in sorted(self.fs.glob(f"{directory}/*.parquet")):
+            with self.fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            parts.append(table.filter(pc.is_in(table["content_hash"], value_set=keys)))
+        return pa.concat_tables(parts) if parts else None
+
+    def add(self, hashes, vectors: np.ndarray) -> int:
+        """Store new vectors (one file per touched bucket, written whole then renamed). Returns the count."""
+        hashes = pd.Series(list(hashes), dtype=object)
+        if len(hashes) == 0:
+            return 0
+        token = uuid.uuid4().hex
+        for bucket, idx in hashes.groupby(hashes.str[:BUCKET_CHARS]).groups.items():
+            rows = np.asarray(idx)
+            table = pa.table({"content_hash": pa.array(hashes.iloc[rows].tolist(), pa.string()),
+                              "vector": vectors_to_arrow(vectors[rows])})
+            directory = self._bucket_dir(bucket)
+            self.fs.makedirs(directory, exist_ok=True)
+            final, tmp = f"{directory}/part-{token}.parquet", f"{directory}/.part-{token}.tmp"
+            with self.fs.open(tmp, "wb") as fh:
+                pq.write_table(table, fh)
+            self.fs.mv(tmp, final)
+        return len(hashes)
+
+    def size(self) -> int:
+        """Number of cached vectors (reads only Parquet footers)."""
+        total = 0
+        for path in self.fs.glob(f"{self.base}/bucket=*/*.parquet"):
+            with self.fs.open(path, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total

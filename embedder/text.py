@@ -1,0 +1,56 @@
+"""Item text: render the configured template from a record, then normalise it.
+
+Normalisation is part of the cache key (see `PREPROCESSING_VERSION`): change what it does and bump
+the version, so that no vector computed from differently normalised text is reused.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+
+PREPROCESSING_VERSION = "1"
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC, every run of whitespace (newlines, tabs, NBSP) to one space, stripped.
+
+    Example: ``normalize_text("Cafe\\u0301\\n  au  lait ")`` -> ``"Café au lait"``
+    """
+    return _SPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template refers to, in order: ``"{title}. {genres}"`` -> ``["title", "genres"]``."""
+    fields = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in fields:
+            if not name.isidentifier():
+                raise ValueError(f"template field {{{name}}} must be a plain column name")
+            fields.append(name)
+    return fields
+
+
+def render_text(template: str, record: dict) -> str:
+    """Fill the template with the record's values (missing or null values render as empty), normalised."""
+    values = {}
+    for name in template_fields(template):
+        value = record.get(name)
+        values[name] = "" if _is_blank(value) else str(value)
+    return normalize_text(template.format(**values))
+
+
+def _is_blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:  # NaN
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def has_content(template: str, record: dict) -> bool:
+    """True when at least one field the template uses has non-blank text."""
+    return any(not _is_blank(record.get(name)) for name in template_fields(template))

@@ -1,0 +1,49 @@
+"""k-NN in blocks, with per-query exclusions (the query item itself, items a user has seen)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
+                     block_size: int = 4096, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids by inner product for each query, never returning an id in that query's `exclude`.
+
+    Each block asks the index for k + (largest exclusion in the block) neighbours, so an exact index
+    returns exactly min(k, n - excluded) results per query. Missing slots hold id -1 and score -inf.
+    Returns ``(scores, ids)``, both shaped (len(queries), k).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(queries)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        block_exclude = exclude[start:stop] if exclude is not None else [()] * (stop - start)
+        extra = max((len(e) for e in block_exclude), default=0)
+        want = min(k + extra, index.ntotal)
+        if want == 0:
+            continue
+        found_scores, found_ids = index.search(queries[start:stop], want)
+        for row in range(stop - start):
+            cand_ids, cand_scores = found_ids[row], found_scores[row]
+            keep = cand_ids >= 0
+            if len(block_exclude[row]):
+                keep &= ~np.isin(cand_ids, block_exclude[row])
+            cand_ids, cand_scores = cand_ids[keep][:k], cand_scores[keep][:k]
+            ids[start + row, :len(cand_ids)] = cand_ids
+            scores[start + row, :len(cand_ids)] = cand_scores
+        if progress:
+            progress(stop - start)
+    return scores, ids
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product in numpy: the oracle for the index. Returns ``(scores, ids)``."""
+    sims = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T
+    k = min(k, sims.shape[1])
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, ids, axis=1), ids

@@ -1,0 +1,187 @@
+"""config.yaml: validated once, at load. Every error names the file, the key and what is allowed.
+
+Relative paths are resolved against the config file's folder, so `recs` works from any directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedder.errors import RecsError
+
+
+class ConfigError(RecsError):
+    """config.yaml is unusable: unknown key, wrong type, missing input. Exit code 2."""
+
+    exit_code = 2
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(Section):
+    path: str = Field(description="a file, glob or fsspec URL (s3://, gs://, ...)")
+    format: Literal["parquet", "csv", "jsonl"] | None = None
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+class ItemsConfig(SourceConfig):
+    id: str = "item_id"
+    text: str = "{title}. {description}"
+    metadata: list[str] = Field(default_factory=list, description="columns copied into the published payload")
+
+
+class EventsConfig(SourceConfig):
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    event_type: str | None = "event_type"
+    weights: dict[str, float] = Field(default_factory=lambda: {"view": 1.0, "cart": 3.0, "purchase": 5.0})
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception:
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as 'UTC' or 'Europe/Paris')") from None
+        return value
+
+
+class UsersConfig(SourceConfig):
+    id: str = "user_id"
+
+
+class EmbedConfig(Section):
+    model: str = "all-MiniLM-L6-v2"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    chunk_size: int = Field(1024, ge=1, description="texts per Dask task (sorted by length before cutting)")
+    cache: str | None = Field(None, description="embedding cache path or URL; default <workdir>/cache")
+
+
+class IndexConfig(Section):
+    kind: str = Field("auto", description="auto | exact | a FAISS factory string such as HNSW32")
+    exact_below: int = Field(50_000, ge=1)
+    hnsw_ef_search: int = Field(128, ge=1)
+
+
+class ListsConfig(Section):
+    k: int = Field(10, ge=1, le=1000)
+    half_life_days: float = Field(14.0, gt=0)
+
+
+class DaskConfig(Section):
+    address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class PublishConfig(Section):
+    url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
+    api_key_env: str = "QDRANT_API_KEY"
+    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    keep_versions: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class Config(Section):
+    workdir: str = ".recs"
+    items: ItemsConfig
+    events: EventsConfig
+    users: UsersConfig | None = None
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    lists: ListsConfig = ListsConfig()
+    dask: DaskConfig = DaskConfig()
+    publish: PublishConfig = PublishConfig()
+    source_file: str | None = Field(None, exclude=True)
+
+    @property
+    def cache_root(self) -> str:
+        return self.embed.cache or str(Path(self.workdir) / "cache")
+
+
+def _resolve(path: str, base: Path) -> str:
+    if "://" in path:
+        return path
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Keys allowed at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict, path: str) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p in ("str", "float", "int")))
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        allowed = [k for k in _allowed(Config, loc[:-1]) if k != "source_file"]
+        return f"{path}: unknown key {key!r} (allowed here: {', '.join(allowed)})"
+    if error["type"] == "missing":
+        return f"{path}: missing required key {key!r}"
+    return f"{path}: {key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_config(data: dict, path: str = "<config>", base: Path | None = None, check_inputs: bool = True) -> Config:
+    """Validate a config mapping; resolve relative paths against `base`; check input paths exist."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (items, events, ...), got {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e, path) for e in exc.errors())) from None
+    base = base or Path.cwd()
+    config.workdir = _resolve(config.workdir, base)
+    if config.embed.cache:
+        config.embed.cache = _resolve(config.embed.cache, base)
+    for name in ("items", "events", "users"):
+        source = getattr(config, name)
+        if source is None:
+            continue
+        source.path = _resolve(source.path, base)
+        if check_inputs and "://" not in source.path and not glob.glob(source.path):
+            raise ConfigError(f"{path}: {name}.path: no file matches {source.path!r}"
+                              + (" (make the sample with: recs sample data/sample)" if "sample" in source.path else ""))
+    model = config.embed.model
+    if "/" in model and not model.startswith("sentence-transformers/"):
+        config.embed.model = _resolve(model, base)
+    config.source_file = path
+    return config
+
+
+def load_config(path: str | Path = "config.yaml", check_inputs: bool = True) -> Config:
+    """Read and validate config.yaml. Raises ConfigError (exit code 2) naming the key or path.
+
+    Example: ``config = load_config("config.yaml"); config.lists.k`` -> 10
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config PATH)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data or {}, str(path), path.resolve().parent, check_inputs)

@@ -1,0 +1,89 @@
+"""Next-day lists: K similar items per item, K recommended items per user, as one long frame.
+
+Exactly K per subject whenever K eligible items exist: a row the index leaves short (an approximate
+index, a user with no history) is filled from the popularity ranking, and says so in `source`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from index.search import search_excluding
+
+LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
+
+
+def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndarray], popular_order: np.ndarray,
+                      queries: np.ndarray | None, item_vectors: np.ndarray, popular_scores: np.ndarray) -> np.ndarray:
+    """Fill the -1 slots of each row in place with the most popular items not excluded and not listed.
+
+    A filled slot's score is query . item when the row has a query vector, else the item's popularity
+    relative to the most popular. Returns a bool mask of the rows that needed filling.
+    """
+    k = ids.shape[1]
+    short = (ids < 0).any(axis=1)
+    top = float(popular_scores.max()) if len(popular_scores) and popular_scores.max() > 0 else 1.0
+    for row in np.flatnonzero(short):
+        have = ids[row][ids[row] >= 0]
+        n = len(have)
+        taken = np.concatenate([have, exclude[row]]) if len(exclude[row]) else have
+        # popular_order is long; only look as deep as needed
+        cands = popular_order[: k + len(taken)]
+        cands = cands[~np.isin(cands, taken)][: k - n]
+        ids[row, n:n + len(cands)] = cands
+        if queries is not None and np.any(queries[row]):
+            scores[row, n:n + len(cands)] = item_vectors[cands] @ queries[row]
+        else:
+            scores[row, n:n + len(cands)] = popular_scores[cands] / top
+    return short
+
+
+def similar_items(index, item_vectors: np.ndarray, k: int, popular_scores: np.ndarray,
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every item, the k nearest other items. Returns (scores, ids, filled-from-popular mask)."""
+    n = len(item_vectors)
+    k = min(k, max(n - 1, 0))
+    exclude = [np.array([i], dtype=np.int64) for i in range(n)]
+    scores, ids = search_excluding(index, item_vectors, k, exclude, progress=progress)
+    filled = fill_from_popular(scores, ids, exclude, np.argsort(-popular_scores, kind="stable"), item_vectors,
+                               item_vectors, popular_scores)
+    return scores, ids, filled
+
+
+def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen: list[np.ndarray], k: int,
+                      item_vectors: np.ndarray, popular_scores: np.ndarray,
+                      progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every user, the k items nearest their profile that they have not interacted with.
+
+    Users without history get the most popular items. Returns (scores, ids, source) where source is
+    'history', 'history+popular' (topped up) or 'popular' per user.
+    """
+    k = min(k, len(item_vectors))
+    scores = np.full((len(profiles), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(profiles), k), -1, dtype=np.int64)
+    rows = np.flatnonzero(has_history)
+    if len(rows):
+        s, i = search_excluding(index, profiles[rows], k, [seen[r] for r in rows], progress=progress)
+        scores[rows], ids[rows] = s, i
+    filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
+                               item_vectors, popular_scores)
+    source = np.where(~has_history, "popular", np.where(filled, "history+popular", "history"))
+    return scores, ids, source
+
+
+def lists_frame(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray,
+                source=None) -> pd.DataFrame:
+    """Long format: one row per (subject, rank). Empty slots (fewer than k eligible items) are left out."""
+    n, k = ids.shape
+    valid = ids >= 0
+    subj = np.repeat(np.asarray(subject_ids, dtype=object), k).reshape(n, k)
+    ranks = np.tile(np.arange(1, k + 1), (n, 1))
+    src = np.repeat(np.asarray(source if source is not None else ["similar"] * n, dtype=object), k).reshape(n, k)
+    return pd.DataFrame({
+        "subject_kind": kind, "subject_id": subj[valid], "rank": ranks[valid].astype(np.int32),
+        "item_id": np.asarray(item_ids, dtype=object)[ids[valid]], "score": scores[valid].astype(np.float32),
+        "source": src[valid],
+    }, columns=LIST_COLUMNS)

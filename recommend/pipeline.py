@@ -1,0 +1,241 @@
+"""`recs refresh`: ingest -> embed -> index & lists -> publish, each stage leaving a manifest.
+
+Example:
+    from recommend.config import load_config
+    from recommend.pipeline import refresh
+    report = refresh(load_config("config.yaml"))
+    report["published_version"], report["items_encoded"]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from embedder.artifacts import vectors_to_arrow, write_json, write_parquet
+from embedder.encode import embed_items
+from embedder.errors import RecsError
+from embedder.ingest import QUARANTINE_COLUMNS, SourceSpec, ingest_events, ingest_items, ingest_user_ids
+from embedder.model import resolve_model_path, ModelNotFound
+from index.build import build_index, choose_factory, save_index
+from recommend.config import Config, ConfigError
+from recommend.lists import lists_frame, recommended_items, similar_items
+from recommend.profiles import interactions, popularity, seen_items, user_profiles
+from recommend.publish import item_payloads, prune_versions, stage_version, switch_live, user_payloads
+from recommend.runs import RefreshLock, new_run_id, runs_dir, write_manifest
+from recommend.store import open_store
+
+log = logging.getLogger("recs")
+
+
+class DaskUnavailable(RecsError):
+    pass
+
+
+@contextmanager
+def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int):
+    """A distributed Client: to `address` when given, else to a LocalCluster of worker processes."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            client = Client(address, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise DaskUnavailable(f"dask.address {address}: scheduler unreachable ({exc})") from None
+        with client:
+            yield client
+        return
+    n = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+    with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+class Reporter:
+    """Stage lines and progress bars on stderr, so stdout stays clean for --json."""
+
+    def __init__(self, quiet: bool = False):
+        self.console = Console(stderr=True, quiet=quiet)
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=self.console, transient=False, disable=quiet)
+
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False)
+
+    def bar(self, description: str, total: int):
+        task = self.bars.add_task(description, total=total)
+        return lambda n=1: self.bars.advance(task, n)
+
+
+def _source(cfg, key: str) -> SourceSpec:
+    return SourceSpec(cfg.path, f"{key}.path", cfg.format, cfg.delimiter, cfg.encoding)
+
+
+def refresh(config: Config, quiet: bool = False, client=None) -> dict:
+    """Run the nightly refresh; return the report (also written to <run>/report.json).
+
+    Raises a RecsError subclass with a clear message when an input, a service or a check fails; the
+    live version then stays live. `client`: an existing Dask client to use instead of starting one.
+    """
+    try:
+        resolve_model_path(config.embed.model)
+    except ModelNotFound as exc:
+        raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
+    workdir = Path(config.workdir)
+    with RefreshLock(workdir):
+        run_id = new_run_id()
+        run_dir = runs_dir(workdir) / run_id
+        run_dir.mkdir(parents=True)
+        out = Reporter(quiet)
+        out.say(f"refresh: run {run_id} -> {run_dir}")
+        ctx = nullcontext(client) if client is not None else dask_client(
+            config.dask.address, config.dask.n_workers, config.dask.threads_per_worker)
+        with ctx as dask, out.bars:
+            report = _run(config, run_id, run_dir, dask, out)
+        write_json(report, run_dir / "report.json")
+        (run_dir / "report.md").write_text(_human_report(report))
+        return report
+
+
+def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> dict:
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # ---- ingest ---------------------------------------------------------------------------------
+    t = time.perf_counter()
+    ic, ec = config.items, config.events
+    items = ingest_items(_source(ic, "items"), ic.id, ic.text, ic.metadata)
+    columns = {"user_id": ec.user_id, "item_id": ec.item_id, "timestamp": ec.timestamp, "event_type": ec.event_type}
+    events = ingest_events(_source(ec, "events"), columns, ec.weights, items.rows["item_id"], ec.timezone)
+    users = ingest_user_ids(_source(config.users, "users"), config.users.id) if config.users else None
+    quarantine = pd.concat([q.assign(input=name) for name, q in
+                            (("items", items.quarantine), ("events", events.quarantine),
+                             ("users", users.quarantine if users else None)) if q is not None and len(q)]
+                           or [pd.DataFrame(columns=QUARANTINE_COLUMNS + ["input"])], ignore_index=True)
+    write_parquet(pa.Table.from_pandas(quarantine.astype({"row": "int64"}), preserve_index=False), run_dir / "quarantine.parquet")
+    write_parquet(pa.Table.from_pandas(items.rows, preserve_index=False), run_dir / "items.parquet")
+    write_parquet(pa.Table.from_pandas(events.rows, preserve_index=False), run_dir / "events.parquet")
+    seconds["ingest"] = time.perf_counter() - t
+    write_manifest(run_dir, "ingest", {"inputs": {"items": ic.path, "events": ec.path, "users": config.users.path if config.users else None},
+                                       "items": items.counts, "events": events.counts, "users": users.counts if users else None,
+                                       "seconds": seconds["ingest"], "config": {"items": ic.model_dump(), "events": ec.model_dump()}})
+    out.say(f"[ingest] items {items.counts['accepted']} accepted, {items.counts['quarantined']} quarantined; "
+            f"events {events.counts['accepted']} accepted, {events.counts['quarantined']} quarantined "
+            f"({seconds['ingest']:.1f}s)")
+    if items.rows.empty:
+        raise RecsError(f"no usable items in {ic.path}: all {items.counts['rows_read']} rows quarantined "
+                        f"(reasons: {items.counts['quarantine_reasons']}); see {run_dir / 'quarantine.parquet'}")
+
+    # ---- embed ----------------------------------------------------------------------------------
+    t = time.perf_counter()
+    n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
+    torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if not config.dask.address else config.dask.threads_per_worker
+    bar = {}
+
+    def encode_progress(done: int, total: int) -> None:
+        if "tick" not in bar:
+            bar["tick"], bar["done"] = out.bar("embed: encoding", total), 0
+        bar["tick"](done - bar["done"])
+        bar["done"] = done
+
+    emb = embed_items(items.rows, config.embed.model, config.cache_root, client, config.embed.device,
+                      config.embed.batch_size, config.embed.chunk_size, torch_threads, encode_progress)
+    write_parquet(pa.table({"item_id": pa.array(emb.item_ids, pa.string()),
+                            "content_hash": pa.array(emb.content_hashes, pa.string()),
+                            "vector": vectors_to_arrow(emb.vectors)}), run_dir / "embeddings.parquet")
+    seconds["embed"] = time.perf_counter() - t
+    write_manifest(run_dir, "embed", {"model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
+                                      "cache": config.cache_root, **emb.counts, "seconds": seconds["embed"],
+                                      "config": config.embed.model_dump()})
+    out.say(f"[embed] {emb.counts['items_encoded']} encoded, {emb.counts['items_from_cache']} from cache "
+            f"({seconds['embed']:.1f}s)")
+
+    # ---- index & lists --------------------------------------------------------------------------
+    t = time.perf_counter()
+    item_ids = np.asarray(emb.item_ids, dtype=object)
+    item_row = {i: r for r, i in enumerate(emb.item_ids)}
+    user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
+    inter = interactions(events.rows, item_row, len(item_ids), ec.weights, config.lists.half_life_days, user_ids)
+    profiles, has_history = user_profiles(inter.matrix, emb.vectors)
+    seen = seen_items(inter.matrix)
+    pop = popularity(inter.matrix)
+    xc = config.index
+    index = build_index(emb.vectors, xc.kind, xc.exact_below, hnsw_ef_search=xc.hnsw_ef_search)
+    save_index(index, run_dir / "index.faiss")
+    k = config.lists.k
+    i_scores, i_ids, i_filled = similar_items(index, emb.vectors, k, pop, progress=out.bar("index: item->item", len(item_ids)))
+    u_scores, u_ids, u_source = recommended_items(index, profiles, has_history, seen, k, emb.vectors, pop,
+                                                  progress=out.bar("index: user->item", int(has_history.sum())))
+    i_source = np.where(i_filled, "similar+popular", "similar")
+    lists = pd.concat([lists_frame("item", item_ids, i_scores, i_ids, item_ids, i_source),
+                       lists_frame("user", user_ids, u_scores, u_ids, item_ids, u_source)], ignore_index=True)
+    write_parquet(pa.Table.from_pandas(lists, preserve_index=False), run_dir / "lists.parquet")
+    seconds["index"] = time.perf_counter() - t
+    short_users = int(((u_ids >= 0).sum(axis=1) < min(k, len(item_ids))).sum())
+    write_manifest(run_dir, "index", {"factory": choose_factory(len(item_ids), xc.kind, xc.exact_below), "items": len(item_ids),
+                                      "users": len(user_ids), "users_with_history": int(has_history.sum()),
+                                      "users_short_of_k": short_users, "k": k, "rows": "embeddings.parquet order",
+                                      "seconds": seconds["index"], "config": {"index": xc.model_dump(), "lists": config.lists.model_dump()}})
+    out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists ({int((~has_history).sum())} by popularity) "
+            f"({seconds['index']:.1f}s)")
+
+    # ---- publish --------------------------------------------------------------------------------
+    t = time.perf_counter()
+    pc = config.publish
+    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env)
+    metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = {"run_id": run_id, "created_at": created, "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
+            "dim": int(emb.vectors.shape[1]), "k": k}
+    tick = out.bar("publish: upserting", len(item_ids) + len(user_ids))
+    written = stage_version(store, pc.prefix, run_id,
+                            {"ids": item_ids.tolist(), "vectors": emb.vectors,
+                             "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
+                            {"ids": user_ids, "vectors": profiles,
+                             "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
+                            meta, pc.batch_size, tick)
+    previous = switch_live(store, pc.prefix, run_id)
+    pruned = prune_versions(store, pc.prefix, pc.keep_versions)
+    seconds["publish"] = time.perf_counter() - t
+    write_manifest(run_dir, "publish", {"target": pc.url or str(Path(config.workdir) / "qdrant"), "prefix": pc.prefix,
+                                        "points": written, "previous_version": previous, "pruned": pruned,
+                                        "points_per_second": round(sum(written.values()) / seconds["publish"], 1),
+                                        "seconds": seconds["publish"]})
+    out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}) "
+            f"({seconds['publish']:.1f}s)")
+    seconds["total"] = time.perf_counter() - started
+    return {
+        "run_id": run_id, "run_dir": str(run_dir),
+        "items_read": items.counts["rows_read"], "items_quarantined": items.counts["quarantined"],
+        "items_duplicates_dropped": items.counts["duplicates_dropped"],
+        "items_encoded": emb.counts["items_encoded"], "items_from_cache": emb.counts["items_from_cache"],
+        "users": len(user_ids), "users_with_history": int(has_history.sum()),
+        "events_read": events.counts["rows_read"], "events_quarantined": events.counts["quarantined"],
+        "events_duplicates_dropped": events.counts["duplicates_dropped"],
+        "quarantine_reasons": {"items": items.counts["quarantine_reasons"], "events": events.counts["quarantine_reasons"]},
+        "published_version": run_id, "previous_version": previous,
+        "encode_texts_per_second": emb.counts["texts_per_second"],
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _human_report(r: dict) -> str:
+    lines = [f"# Refresh {r['run_id']}", "",
+             f"- items: {r['items_read']} read, {r['items_quarantined']} quarantined, {r['items_duplicates_dropped']} duplicates dropped",
+             f"- events: {r['events_read']} read, {r['events_quarantined']} quarantined, {r['events_duplicates_dropped']} duplicates dropped",
+             f"- embeddings: {r['items_encoded']} encoded, {r['items_from_cache']} from cache",
+             f"- users: {r['users']} ({r['users_with_history']} with history)",
+             f"- published version: {r['published_version']} (previous: {r['previous_version'] or 'none'})",
+             "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["seconds"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,187 @@
+"""Publish a run to Qdrant as a new version and switch it live atomically; list and roll back versions.
+
+A version is two collections, ``<prefix>_items_<run_id>`` and ``<prefix>_users_<run_id>``. Apps read
+the aliases ``<prefix>_items`` / ``<prefix>_users`` only; `switch_live` moves both in one alias update,
+so a reader sees yesterday's version or today's, never a mix.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+from qdrant_client import models
+
+from embedder.errors import RecsError
+
+NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
+ITEM_VECTOR, USER_VECTOR = "text", "profile"
+
+
+class PublishError(RecsError):
+    pass
+
+
+def point_id(kind: str, business_id: str) -> str:
+    """Deterministic point id: the same item or user gets the same id in every run (idempotent reruns)."""
+    return str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))
+
+
+def alias(prefix: str, kind: str) -> str:
+    return f"{prefix}_{kind}"
+
+
+def collection(prefix: str, kind: str, run_id: str) -> str:
+    return f"{prefix}_{kind}_{run_id}"
+
+
+@dataclass
+class Version:
+    run_id: str
+    live: bool
+    items: int | None
+    users: int | None
+    metadata: dict
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def upload(client, name: str, ids: list[str], vectors: np.ndarray, vector_name: str, payloads: Iterable[dict],
+           batch_size: int = 256, progress: Callable[[int], None] | None = None) -> None:
+    """Batched upserts of (id, vector, payload) points into collection `name`."""
+    batch = []
+    for pid, vec, payload in zip(ids, vectors, payloads):
+        batch.append(models.PointStruct(id=pid, vector={vector_name: vec.tolist()}, payload=payload))
+        if len(batch) == batch_size:
+            client.upsert(name, points=batch, wait=True)
+            if progress:
+                progress(len(batch))
+            batch = []
+    if batch:
+        client.upsert(name, points=batch, wait=True)
+        if progress:
+            progress(len(batch))
+
+
+def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, metadata: dict,
+                  batch_size: int = 256, progress: Callable[[int], None] | None = None) -> dict:
+    """Create and fill this run's two collections and check their counts. Nothing live changes.
+
+    `items`/`users`: {"ids": [...], "vectors": (n, d) array, "payloads": [dict, ...]}.
+    Returns the counts written.
+    """
+    counts = {}
+    for kind, data, vector_name in (("items", items, ITEM_VECTOR), ("users", users, USER_VECTOR)):
+        name = collection(prefix, kind, run_id)
+        if client.collection_exists(name):
+            client.delete_collection(name)  # a half-filled leftover of a crashed attempt at this run
+        client.create_collection(
+            name, vectors_config={vector_name: models.VectorParams(size=int(data["vectors"].shape[1]),
+                                                                  distance=models.Distance.DOT)},
+            metadata={**metadata, "kind": kind})
+        ids = [point_id(kind[:-1], b) for b in data["ids"]]
+        upload(client, name, ids, data["vectors"], vector_name, data["payloads"], batch_size, progress)
+        found = client.count(name, exact=True).count
+        if found != len(ids):
+            raise PublishError(f"collection {name}: wrote {len(ids)} points, Qdrant counts {found}; not switching")
+        counts[kind] = found
+    return counts
+
+
+def live_run_id(client, prefix: str) -> str | None:
+    """The run id the items alias points at, or None before the first publish."""
+    target = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}.get(alias(prefix, "items"))
+    return target.removeprefix(f"{prefix}_items_") if target else None
+
+
+def switch_live(client, prefix: str, run_id: str) -> str | None:
+    """Point both aliases at `run_id` in one atomic alias update. Returns the previous live run id."""
+    previous = live_run_id(client, prefix)
+    ops = []
+    for kind in ("items", "users"):
+        if previous is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias(prefix, kind))))
+        ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
+            collection_name=collection(prefix, kind, run_id), alias_name=alias(prefix, kind))))
+    client.update_collection_aliases(change_aliases_operations=ops)
+    return previous
+
+
+def list_versions(client, prefix: str) -> list[Version]:
+    """Published versions, newest first, with point counts and the metadata written at publish."""
+    names = {c.name for c in client.get_collections().collections}
+    live = live_run_id(client, prefix)
+    versions = []
+    for name in sorted(names, reverse=True):
+        if not name.startswith(f"{prefix}_items_"):
+            continue
+        run_id = name.removeprefix(f"{prefix}_items_")
+        users_name = collection(prefix, "users", run_id)
+        info = client.get_collection(name)
+        versions.append(Version(run_id, run_id == live, info.points_count,
+                                client.get_collection(users_name).points_count if users_name in names else None,
+                                dict(info.config.metadata or {})))
+    return versions
+
+
+def prune_versions(client, prefix: str, keep: int) -> list[str]:
+    """Delete all but the `keep` newest versions; the live one is always kept. Returns deleted run ids."""
+    deleted = []
+    for version in list_versions(client, prefix)[keep:]:
+        if version.live:
+            continue
+        for kind in ("items", "users"):
+            name = collection(prefix, kind, version.run_id)
+            if client.collection_exists(name):
+                client.delete_collection(name)
+        deleted.append(version.run_id)
+    return deleted
+
+
+def rollback(client, prefix: str, run_id: str | None = None) -> tuple[str, str]:
+    """Make `run_id` (default: the newest version older than the live one) live. Returns (from, to)."""
+    versions = list_versions(client, prefix)
+    live = next((v.run_id for v in versions if v.live), None)
+    if run_id is None:
+        older = [v.run_id for v in versions if live is None or v.run_id < live]
+        if not older:
+            raise PublishError(f"no version older than the live one ({live}) to roll back to")
+        run_id = older[0]
+    elif run_id not in {v.run_id for v in versions}:
+        raise PublishError(f"unknown version {run_id!r}; published: {', '.join(v.run_id for v in versions) or 'none'}")
+    switch_live(client, prefix, run_id)
+    return live, run_id
+
+
+def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, run_id: str,
+                  sources) -> list[dict]:
+    """Item point payloads: the id, its similar items with scores, the run id and the chosen metadata."""
+    item_ids = np.asarray(item_ids, dtype=object)
+    out = []
+    for r, item_id in enumerate(item_ids):
+        valid = ids[r] >= 0
+        payload = {"item_id": item_id, "run_id": run_id, "source": str(sources[r]),
+                   "similar": [{"item_id": i, "score": round(float(s), 5)}
+                               for i, s in zip(item_ids[ids[r][valid]], scores[r][valid])]}
+        payload.update({k: _clean(v[r]) for k, v in metadata.items()})
+        out.append(payload)
+    return out
+
+
+def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, run_id: str, sources) -> list[dict]:
+    """User point payloads: the id, the recommended items with scores, the run id and which path made them."""
+    item_ids = np.asarray(item_ids, dtype=object)
+    out = []
+    for r, user_id in enumerate(user_ids):
+        valid = ids[r] >= 0
+        out.append({"user_id": user_id, "run_id": run_id, "source": str(sources[r]),
+                    "recommended": [{"item_id": i, "score": round(float(s), 5)}
+                                    for i, s in zip(item_ids[ids[r][valid]], scores[r][valid])]})
+    return out

@@ -1,0 +1,103 @@
+"""The workdir: run folders, stage manifests and the refresh lock.
+
+    <workdir>/runs/<run_id>/    one folder per refresh: artifacts, manifest-<stage>.json, report.json
+    <workdir>/cache/            the embedding cache (unless embed.cache says otherwise)
+    <workdir>/qdrant/           Qdrant local mode (unless publish.url is set)
+    <workdir>/refresh.lock      held while a refresh runs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from embedder.artifacts import write_json
+from embedder.errors import RecsError
+
+
+class LockHeld(RecsError):
+    """Another refresh is running on this workdir."""
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique, and a valid Qdrant collection-name part: 20261128T172300-3fa2."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def runs_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / "runs"
+
+
+def write_manifest(run_dir: Path, stage: str, data: dict) -> Path:
+    return write_json({"stage": stage, **data}, run_dir / f"manifest-{stage}.json")
+
+
+def latest_report(workdir: str | Path, run_id: str | None = None) -> dict | None:
+    """report.json of `run_id`, or of the newest run that wrote one."""
+    root = runs_dir(workdir)
+    candidates = [root / run_id] if run_id else sorted(root.glob("*"), reverse=True) if root.exists() else []
+    for run in candidates:
+        report = run / "report.json"
+        if report.is_file():
+            return json.loads(report.read_text())
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RefreshLock:
+    """An exclusive lock file (O_EXCL) with the holder's host and pid.
+
+    A lock left by a dead process on this host is stale and taken over; a live holder, or one on
+    another host, makes `acquire` raise LockHeld with who holds it.
+    """
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / "refresh.lock"
+
+    def acquire(self) -> "RefreshLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise LockHeld(f"another refresh holds {self.path} (host {holder.get('host') if holder else '?'}, "
+                               f"pid {holder.get('pid') if holder else '?'}); wait for it, or delete the file if that "
+                               "process is gone") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return self
+        raise LockHeld(f"could not take {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
