@@ -8,7 +8,6 @@ being counted: per source, ``rows_read = accepted + quarantined + duplicates_dro
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 import dask.dataframe as dd
@@ -108,11 +107,16 @@ def require_columns(columns, required: dict[str, str], spec: SourceSpec) -> None
             raise InputError(f"{key}: column {column!r} not found in {spec.path} (columns found: {', '.join(map(str, found))})")
 
 
+def is_null(v) -> bool:
+    """None, NaN, pd.NA or NaT (a scalar; lists and other objects are not null)."""
+    return v is None or (not isinstance(v, (list, dict, tuple)) and bool(pd.isna(v)))
+
+
 def as_id(values: pd.Series) -> pd.Series:
     """Ids as the strings they were given: 7.0 read from a float column becomes "7", blanks become None."""
 
     def one(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if is_null(v):
             return None
         if isinstance(v, float) and v.is_integer():
             return str(int(v))
@@ -162,7 +166,7 @@ def _quarantine(part: pd.DataFrame, mask: pd.Series, reason: str, detail: str) -
 
 
 def _jsonable(v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if is_null(v):
         return None
     return v if isinstance(v, (int, float, str, bool)) else str(v)
 
@@ -194,7 +198,7 @@ def validate_items(part: pd.DataFrame, id_column: str, template: str, metadata: 
     good = pd.DataFrame({"item_id": ids[ok], "text": [render_text(template, r) for r, keep in zip(records, ok) if keep]},
                         index=part.index[ok])
     for column in metadata:
-        good[column] = part.loc[ok, column].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        good[column] = part.loc[ok, column].map(lambda v: None if is_null(v) else str(v))
     good["_source"] = part.loc[ok, "_source"].astype(str)
     good["_row"] = part.loc[ok, "_row"].astype("int64")
     return _combine(good, bad)

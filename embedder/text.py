@@ -10,6 +10,8 @@ import re
 import string
 import unicodedata
 
+import pandas as pd
+
 PREPROCESSING_VERSION = "1"
 
 _SPACE = re.compile(r"\s+")
@@ -44,11 +46,10 @@ def render_text(template: str, record: dict) -> str:
 
 
 def _is_blank(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and value != value:  # NaN
-        return True
-    return isinstance(value, str) and not value.strip()
+    """None, NaN, pd.NA, NaT, or a string of whitespace."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (not isinstance(value, (list, tuple, dict)) and bool(pd.isna(value)))
 
 
 def has_content(template: str, record: dict) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import time
 from datetime import datetime, timezone
@@ -25,8 +24,9 @@ class LockHeld(RecsError):
 
 
 def new_run_id() -> str:
-    """Sortable by time, unique, and a valid Qdrant collection-name part: 20261128T172300-3fa2."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    """UTC time to the microsecond: sorts as it was made (versions, prune and rollback rely on that),
+    unique under the refresh lock, and a valid Qdrant collection-name part: 20261128T172300-123456."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S-%f")
 
 
 def runs_dir(workdir: str | Path) -> Path:

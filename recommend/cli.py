@@ -1,0 +1,192 @@
+"""`recs`: a thin command line over the library. Every command's --help ends with an example.
+
+Errors meant for the user print one message to stderr and exit with its code (2: config or input,
+1: not found or a failed check), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from embedder.errors import RecsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="nightly-recs: batch-computed recommendations. Start with `recs sample data/sample` "
+                       "and `recs refresh`.")
+
+ConfigOpt = typer.Option("config.yaml", "--config", "-c", envvar="RECS_CONFIG", help="Path to config.yaml.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON (one line) instead of a table.")
+KOpt = typer.Option(None, "--k", "-k", min=1, help="How many items (default: lists.k from the config).")
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except RecsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _recommender(config: str):
+    from recommend.facade import Recommender
+
+    return Recommender.from_config(config)
+
+
+def _print_answer(answer, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{answer.query} — version {answer.version} ({answer.source})", title_justify="left")
+    extra = list(dict.fromkeys(k for r in answer.items for k in r.metadata))
+    for col in ["rank", "item_id", "score", *extra]:
+        table.add_column(col)
+    for rank, r in enumerate(answer.items, 1):
+        table.add_row(str(rank), r.item_id, f"{r.score:.4f}", *[str(r.metadata.get(c, "")) for c in extra])
+    Console(soft_wrap=True).print(table)
+
+
+@app.command()
+def sample(out: Path = typer.Argument(Path("data/sample"), help="Folder to write items/events/users Parquet into."),
+           items: int = typer.Option(3000, min=12, help="Number of items."),
+           users: int = typer.Option(1500, min=1, help="Number of users with events."),
+           seed: int = typer.Option(42, help="Random seed: same seed, same files.")):
+    """Write a deterministic sample shop (catalog + a month of events) to OUT.
+
+    \b
+    Example:
+        recs sample data/sample --items 3000 --users 1500
+    """
+    from recommend.sample import write_sample
+
+    paths = write_sample(out, n_items=items, n_users=users, seed=seed)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def refresh(config: str = ConfigOpt,
+            as_json: bool = typer.Option(False, "--json", help="Print the run report as JSON on the last line of stdout."),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")):
+    """Run the nightly refresh: ingest, embed (cached), index, publish a new live version.
+
+    Exits 0 only when the new version is live; otherwise non-zero with a message, and the
+    previous version stays live.
+
+    \b
+    Example:
+        recs refresh --config config.yaml --json | tail -n 1 | jq .items_encoded
+    """
+    from recommend.config import load_config
+    from recommend.pipeline import refresh as run_refresh
+
+    with user_errors():
+        report = run_refresh(load_config(config), quiet=quiet)
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(f"published {report['published_version']}: {report['items_read']} items "
+                   f"({report['items_encoded']} encoded, {report['items_from_cache']} from cache), "
+                   f"{report['users']} users, {report['seconds']['total']:.1f}s; report: {report['run_dir']}/report.json")
+
+
+@app.command()
+def recommend(user_id: str = typer.Argument(..., help="The user's id, as in the events."),
+              k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
+              recent: Optional[list[str]] = typer.Option(None, "--recent", help="For a user the batch has not seen: "
+                                                         "item ids they just interacted with (repeatable).")):
+    """Recommended items for USER_ID from the live version (none they already interacted with).
+
+    \b
+    Example:
+        recs recommend U00042 --k 5
+        recs recommend new-user --recent I00012 --recent I00340
+    """
+    with user_errors():
+        _print_answer(_recommender(config).for_user(user_id, k, recent_items=recent), as_json)
+
+
+@app.command()
+def similar(item_id: str = typer.Argument(..., help="The item's id, as in the catalog."),
+            k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt):
+    """The items most similar to ITEM_ID in the live version (the item itself excluded).
+
+    \b
+    Example:
+        recs similar I00000 --json
+    """
+    with user_errors():
+        _print_answer(_recommender(config).similar(item_id, k), as_json)
+
+
+@app.command()
+def search(text: str = typer.Argument(..., help="Free text to encode now and match against items."),
+           k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt):
+    """The items nearest to TEXT, encoded now with the live version's model.
+
+    \b
+    Example:
+        recs search "trail running shoes"
+    """
+    with user_errors():
+        _print_answer(_recommender(config).search(text, k), as_json)
+
+
+@app.command()
+def versions(config: str = ConfigOpt, as_json: bool = JsonOpt):
+    """Published versions, newest first, and which one is live.
+
+    \b
+    Example:
+        recs versions
+    """
+    with user_errors():
+        found = _recommender(config).versions()
+    if as_json:
+        typer.echo(json.dumps([{"run_id": v.run_id, "live": v.live, "items": v.items, "users": v.users,
+                                "created_at": v.metadata.get("created_at")} for v in found]))
+        return
+    if not found:
+        typer.echo("no version published yet: run `recs refresh`")
+    for v in found:
+        typer.echo(f"{'*' if v.live else ' '} {v.run_id}  items={v.items} users={v.users} "
+                   f"created={v.metadata.get('created_at', '?')}{'  (live)' if v.live else ''}")
+
+
+@app.command()
+def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make live (default: the one before the live one)."),
+             config: str = ConfigOpt):
+    """Make an earlier published version live again (one atomic alias switch).
+
+    \b
+    Example:
+        recs rollback                       # back to the previous version
+        recs rollback 20261128T020000-123456  # to a named one
+    """
+    from recommend.config import load_config
+    from recommend.publish import rollback as do_rollback
+    from recommend.store import open_store
+
+    with user_errors():
+        cfg = load_config(config, check_inputs=False)
+        client = open_store(cfg.publish.url, Path(cfg.workdir) / "qdrant", cfg.publish.api_key_env)
+        before, after = do_rollback(client, cfg.publish.prefix, run_id)
+    typer.echo(f"live: {after} (was {before})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The command line: exit codes and messages for bad input, --json output, help with examples."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_config
+from recommend.cli import app
+
+runner = CliRunner()
+
+
+def test_every_command_has_help_with_an_example():
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output and "recs " in result.output.split("Example:")[1], name
+
+
+def test_unknown_config_key_exits_2_naming_key(tmp_path, sample_dir, tiny_model):
+    path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": 5, "top_n": 3})
+    result = runner.invoke(app, ["refresh", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "unknown key 'lists.top_n' (allowed here: k, half_life_days)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_wrong_type_and_missing_input_exit_2(tmp_path, sample_dir, tiny_model):
+    path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": "ten"})
+    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    assert result.exit_code == 2 and "lists.k: Input should be a valid integer" in result.output
+    path = write_config(tmp_path, sample_dir, tiny_model, events={"path": str(tmp_path / "missing.parquet")})
+    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    assert result.exit_code == 2 and f"events.path: no file matches '{tmp_path / 'missing.parquet'}'" in result.output
+
+
+def test_missing_column_exits_2_naming_column_and_key(tmp_path, sample_dir, tiny_model):
+    path = write_config(tmp_path, sample_dir, tiny_model, events={"path": str(sample_dir / "events.parquet"),
+                                                                   "timestamp": "when"})
+    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    assert result.exit_code == 2
+    assert "events.timestamp: column 'when' not found" in result.output
+    assert "columns found: user_id, item_id, timestamp, event_type" in result.output
+
+
+def test_unknown_model_exits_2(tmp_path, sample_dir):
+    path = write_config(tmp_path, sample_dir, tmp_path / "no-such-model")
+    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    assert result.exit_code == 2 and "embed.model" in result.output and "never downloaded" in result.output
+
+
+def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
+    """The real entry point in a fresh process: it starts its own LocalCluster."""
+    path = write_config(tmp_path, sample_dir, tiny_model)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "recommend.cli", "refresh", "-c", str(path), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["items_read"] == 240 and report["published_version"]
+    assert "[publish]" in proc.stderr  # progress goes to stderr, stdout stays parseable
+
+    events = pd.read_parquet(sample_dir / "events.parquet")
+    user = events["user_id"].iloc[0]
+    result = runner.invoke(app, ["recommend", user, "-c", str(path), "--json"])
+    answer = json.loads(result.output)
+    assert result.exit_code == 0 and answer["version"] == report["published_version"] and len(answer["items"]) == 5
+    assert not set(events.loc[events.user_id == user, "item_id"]) & {r["item_id"] for r in answer["items"]}
+    result = runner.invoke(app, ["recommend", "no-such-user", "-c", str(path)])
+    assert result.exit_code == 1 and "unknown user 'no-such-user'" in result.output
+    result = runner.invoke(app, ["similar", "no-such-item", "-c", str(path)])
+    assert result.exit_code == 1 and "unknown item 'no-such-item'" in result.output
+    result = runner.invoke(app, ["versions", "-c", str(path), "--json"])
+    assert json.loads(result.output)[0]["live"] is True
+    result = runner.invoke(app, ["rollback", "-c", str(path)])
+    assert result.exit_code == 1 and "no version older" in result.output

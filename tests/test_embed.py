@@ -1,0 +1,64 @@
+"""Embedding: the content-hash cache (rerun encodes 0, N edits encode N, a new model encodes all),
+and encoding spread over Dask workers equals encoding in one process."""
+
+import numpy as np
+import pandas as pd
+
+from conftest import build_tiny_model
+from embedder.cache import EmbeddingCache, content_hash
+from embedder.encode import embed_items, encode_texts
+from embedder.model import model_fingerprint
+
+
+def _items(n=50):
+    return pd.DataFrame({"item_id": [f"i{i}" for i in range(n)],
+                         "text": [f"item number {i} " + "word " * (i % 13) for i in range(n)]})
+
+
+def test_cache_counts_rerun_and_edits(tmp_path, tiny_model):
+    items = _items()
+    cache = str(tmp_path / "cache")
+    first = embed_items(items, str(tiny_model), cache, device="cpu")
+    assert first.counts["items_encoded"] == 50 and first.counts["items_from_cache"] == 0
+    again = embed_items(items, str(tiny_model), cache, device="cpu")
+    assert again.counts["items_encoded"] == 0 and again.counts["items_from_cache"] == 50
+    np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)
+
+    edited = items.copy()
+    edited.loc[[3, 7, 11], "text"] = ["a brand new text", "another new text", "a third new text"]
+    after = embed_items(edited, str(tiny_model), cache, device="cpu")
+    assert after.counts["items_encoded"] == 3 and after.counts["items_from_cache"] == 47
+    unchanged = np.setdiff1d(np.arange(50), [3, 7, 11])
+    np.testing.assert_allclose(after.vectors[unchanged], first.vectors[unchanged], atol=1e-6)
+    assert not np.allclose(after.vectors[3], first.vectors[3])
+
+
+def test_changed_model_reuses_nothing(tmp_path, tiny_model):
+    other = build_tiny_model(tmp_path / "other-model", seed=1)
+    assert model_fingerprint(other) != model_fingerprint(tiny_model)
+    cache = str(tmp_path / "cache")
+    embed_items(_items(), str(tiny_model), cache, device="cpu")
+    result = embed_items(_items(), str(other), cache, device="cpu")
+    assert result.counts["items_encoded"] == 50
+
+
+def test_cache_lookup_reads_back_what_was_added(tmp_path):
+    cache = EmbeddingCache(str(tmp_path / "c"))
+    keys = [content_hash("fp", f"text {i}") for i in range(40)]
+    vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    cache.add(keys[:30], vectors[:30])
+    found = cache.lookup(keys)
+    assert set(found) == set(keys[:30]) and cache.size() == 30
+    np.testing.assert_array_equal(np.stack([found[k] for k in keys[:30]]), vectors[:30])
+
+
+def test_dask_encode_equals_single_process(tiny_model, dask_client):
+    texts = [("short" if i % 3 else "a much longer text about trail running shoes and mud " * 3) + f" {i}"
+             for i in range(101)]
+    local = encode_texts(texts, str(tiny_model), client=None, device="cpu", chunk_size=16)
+    done = []
+    spread = encode_texts(texts, str(tiny_model), client=dask_client, device="cpu", chunk_size=16,
+                          progress=done.append)
+    assert sum(done) == len(texts)
+    np.testing.assert_allclose(spread, local, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(spread, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,76 @@
+"""FAISS search against exact brute force (the oracle), with exclusions; lists of exactly K."""
+
+import numpy as np
+import pytest
+
+from index.build import build_index, choose_factory, load_index, save_index
+from index.search import exact_search, search_excluding
+from recommend.lists import recommended_items, similar_items
+
+
+def _unit(n, d=16, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_exact_index_matches_brute_force_with_exclusions():
+    items, queries = _unit(300), _unit(40, seed=1)
+    exclude = [np.random.default_rng(i).choice(300, i % 25, replace=False) for i in range(40)]
+    scores, ids = search_excluding(build_index(items, kind="exact"), queries, 10, exclude, block_size=7)
+    for q in range(40):
+        sims = items @ queries[q]
+        sims[exclude[q]] = -np.inf
+        expected = np.argsort(-sims, kind="stable")[:10]
+        assert set(ids[q]) == set(expected)
+        assert not set(ids[q]) & set(exclude[q])
+        np.testing.assert_allclose(np.sort(scores[q]), np.sort(sims[expected]), rtol=1e-5)
+
+
+def test_approximate_index_recall_against_exact():
+    items = _unit(2000, d=32)
+    _, truth = exact_search(items, items[:200], 10)
+    _, ids = search_excluding(build_index(items, kind="HNSW32"), items[:200], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= 0.9
+
+
+def test_auto_kind_switches_at_threshold():
+    assert choose_factory(999, "auto", exact_below=1000) == "Flat"
+    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
+    assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
+
+
+def test_save_and_load_round_trip(tmp_path):
+    items = _unit(50)
+    path = save_index(build_index(items), tmp_path / "index.faiss")
+    assert not list(tmp_path.glob("*.tmp"))
+    np.testing.assert_array_equal(search_excluding(load_index(path), items, 5)[1],
+                                  search_excluding(build_index(items), items, 5)[1])
+
+
+def test_item_lists_exclude_self_and_hold_k():
+    items = _unit(30)
+    scores, ids, filled = similar_items(build_index(items), items, 5, np.ones(30, np.float32))
+    assert (ids >= 0).all() and ids.shape == (30, 5) and not filled.any()
+    assert not (ids == np.arange(30)[:, None]).any()
+
+
+@pytest.mark.parametrize("kind", ["exact", "HNSW32"])
+def test_user_lists_exactly_k_unseen(kind):
+    """A user who has seen all but 6 of 40 items still gets 5, none seen; a user with no history
+    gets the most popular; a user who has seen 37 gets the 3 that exist."""
+    items = _unit(40)
+    pop = np.arange(40, 0, -1).astype(np.float32)  # item 0 most popular
+    seen = [np.arange(34), np.array([], np.int64), np.arange(37), np.array([0, 1])]
+    profiles = np.stack([items[:34].mean(0), np.zeros(16), items[:37].mean(0), items[5]]).astype(np.float32)
+    profiles[[0, 2, 3]] /= np.linalg.norm(profiles[[0, 2, 3]], axis=1, keepdims=True)
+    has_history = np.array([True, False, True, True])
+    scores, ids, source = recommended_items(build_index(items, kind=kind), profiles, has_history, seen, 5, items, pop)
+    assert len(set(ids[0])) == 5 and set(ids[0]) <= set(range(34, 40))
+    if kind == "exact":  # oracle: the 5 best unseen by brute force
+        assert set(ids[0]) == set(34 + np.argsort(-(items[34:] @ profiles[0]))[:5])
+    assert ids[1].tolist() == [0, 1, 2, 3, 4] and source[1] == "popular"
+    assert sorted(ids[2][ids[2] >= 0]) == [37, 38, 39] and (ids[2] == -1).sum() == 2
+    assert (ids[3] >= 0).all() and not {0, 1} & set(ids[3]) and source[3] == "history"
+    for u in range(4):
+        assert not set(ids[u][ids[u] >= 0]) & set(seen[u].tolist())

@@ -1,0 +1,98 @@
+"""Ingest: ids kept as given, timestamps to UTC, bad rows quarantined with file/row/reason, the
+accounting identity per source, and fail-fast errors that name the column and key."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from embedder.errors import InputError
+from embedder.ingest import SourceSpec, ingest_events, ingest_items, parse_timestamps, read_file, validate_items
+
+TEMPLATE = "{title}. {description}"
+
+
+def _identity(counts):
+    return counts["rows_read"] == counts["accepted"] + counts["quarantined"] + counts["duplicates_dropped"]
+
+
+def test_items_quarantine_keeps_file_row_and_reason(tmp_path):
+    (tmp_path / "a.csv").write_text(
+        "item_id,title,description\n"
+        "007,Trail shoes,Grippy\n"          # row 1: id with a leading zero stays "007"
+        ",No id,Lost\n"                     # row 2: missing id
+        "9,  ,   \n"                        # row 3: blank text
+        "1e3,Kettle,Boils water\n"          # row 4: numeric-looking id stays "1e3"
+    )
+    (tmp_path / "b.csv").write_text("item_id,title,description\n007,Trail shoes v2,Grippier\n")
+    result = ingest_items(SourceSpec(str(tmp_path / "*.csv"), "items.path"), "item_id", TEMPLATE, [])
+    assert sorted(result.rows["item_id"]) == ["007", "1e3"]
+    # the later file's row wins for a duplicated id, and the drop is counted
+    assert result.rows.set_index("item_id").loc["007", "text"] == "Trail shoes v2. Grippier"
+    q = result.quarantine.sort_values("row")
+    assert q["reason"].tolist() == ["missing_id", "empty_text"]
+    assert q["row"].tolist() == [2, 3]
+    assert all(s.endswith("a.csv") for s in q["source"])
+    assert json.loads(q.iloc[0]["record"])["title"] == "No id"
+    assert result.counts["duplicates_dropped"] == 1 and result.counts["conflicting_duplicates"] == 1
+    assert result.counts["rows_read"] == 5 and _identity(result.counts)
+
+
+def test_dask_ingest_matches_single_process(tmp_path, sample_dir):
+    """Oracle: one pandas pass over all rows gives the same accepted items as the partitioned read."""
+    items = pd.read_parquet(sample_dir / "items.parquet")
+    for i, part in enumerate([items.iloc[:100], items.iloc[100:170], items.iloc[170:]]):
+        part.to_parquet(tmp_path / f"part-{i}.parquet", index=False)
+    result = ingest_items(SourceSpec(str(tmp_path / "part-*.parquet"), "items.path"), "item_id", TEMPLATE, ["category"])
+    whole = read_file(str(sample_dir / "items.parquet"), SourceSpec("x", "items.path"))
+    single = validate_items(whole, "item_id", TEMPLATE, ["category"])
+    single = single[single["_reason"].isna()]
+    assert result.rows["item_id"].tolist() == single["item_id"].tolist()
+    assert result.rows["text"].tolist() == single["text"].tolist()
+
+
+def test_missing_column_names_column_key_and_found_columns(tmp_path):
+    (tmp_path / "items.csv").write_text("id,name\n1,x\n")
+    with pytest.raises(InputError) as err:
+        ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path"), "id", "{title}", [])
+    message = str(err.value)
+    assert "column 'title' not found" in message
+    assert "items.text" in message and "columns found: id, name" in message
+
+
+def test_no_matching_file_names_key_and_path(tmp_path):
+    with pytest.raises(InputError, match=r"items.path: no file matches .*nothing-\*\.csv"):
+        ingest_items(SourceSpec(str(tmp_path / "nothing-*.csv"), "items.path"), "id", "{title}", [])
+
+
+def test_timestamps_to_utc():
+    values = pd.Series([1_700_000_000, 1_700_000_000_000, "2023-11-14T23:13:20+01:00", "2023-11-14 22:13:20",
+                        "2023-11-14T22:13:20Z", "yesterday", None], dtype=object)
+    parsed = parse_timestamps(values, timezone="Europe/Paris")
+    assert parsed[0] == parsed[1] == pd.Timestamp("2023-11-14T22:13:20Z")
+    assert parsed[2] == pd.Timestamp("2023-11-14T22:13:20Z")
+    assert parsed[3] == pd.Timestamp("2023-11-14T21:13:20Z")  # naive, read in Paris time (UTC+1 in November)
+    assert parsed[4] == pd.Timestamp("2023-11-14T22:13:20Z")
+    assert pd.isna(parsed[5]) and pd.isna(parsed[6])
+
+
+def test_events_quarantine_and_duplicates(tmp_path):
+    (tmp_path / "events.csv").write_text(
+        "user,item,ts,kind\n"
+        "u1,A,1700000000,view\n"
+        "u1,A,1700000000,view\n"           # exact duplicate: dropped, counted
+        "u2,A,not a time,view\n"           # bad timestamp
+        "u3,Z,1700000000,view\n"           # unknown item
+        "u4,A,1700000000,like\n"           # unknown event type
+        ",A,1700000000,view\n"             # missing user
+        "u5,A,100,view\n"                  # 1970: impossible
+    )
+    cols = {"user_id": "user", "item_id": "item", "timestamp": "ts", "event_type": "kind"}
+    result = ingest_events(SourceSpec(str(tmp_path / "events.csv"), "events.path"), cols, {"view": 1.0, "cart": 3.0}, {"A"})
+    assert result.rows[["user_id", "item_id", "event_type"]].values.tolist() == [["u1", "A", "view"]]
+    assert str(result.rows["ts"].dt.tz) == "UTC"
+    reasons = dict(zip(result.quarantine["row"], result.quarantine["reason"]))
+    assert reasons == {3: "bad_timestamp", 4: "unknown_item", 5: "unknown_event_type", 6: "missing_user_id",
+                       7: "impossible_timestamp"}
+    assert "allowed: view, cart" in result.quarantine.set_index("row").loc[5, "detail"]
+    assert result.counts["duplicates_dropped"] == 1 and _identity(result.counts)

