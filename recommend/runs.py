@@ -101,3 +101,18 @@ class RefreshLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def load_run(workdir: str | Path, run_id: str) -> dict:
+    """A run's tables for exploration: items, events, lists and quarantine as DataFrames, the report.
+
+    Example: ``run = load_run(config.workdir, rec.live_version()); run["lists"].head()``
+    """
+    import pandas as pd
+
+    run = runs_dir(workdir) / run_id
+    if not run.is_dir():
+        raise RecsError(f"no run folder {run}: the version may have been published from another workdir")
+    out = {name: pd.read_parquet(run / f"{name}.parquet") for name in ("items", "events", "lists", "quarantine")}
+    out["report"] = latest_report(workdir, run_id)
+    return out

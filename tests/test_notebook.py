@@ -1,0 +1,29 @@
+"""The notebook runs top to bottom against a freshly published tiny version."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import write_config
+from recommend.config import load_config
+from recommend.pipeline import refresh
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["explore.ipynb"])
+def test_notebook_executes(name, tmp_path, sample_dir, tiny_model, dask_client, monkeypatch):
+    path = write_config(tmp_path, sample_dir, tiny_model)
+    refresh(load_config(path), quiet=True, client=dask_client)
+    # the kernel is another process: release this process's hold on the local Qdrant folder
+    from recommend.store import close_store
+    close_store(None, tmp_path / "work" / "qdrant")
+    monkeypatch.setenv("RECS_CONFIG", str(path))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "list from version" in text
