@@ -73,8 +73,21 @@ class Reporter:
         self.console.print(text, highlight=False, markup=False)
 
     def bar(self, description: str, total: int):
+        """A progress callback `advance(n)`. Off a terminal (cron, CI logs) a live bar draws nothing
+        until the end, so a plain line is printed at every 10% instead."""
         task = self.bars.add_task(description, total=total)
-        return lambda n=1: self.bars.advance(task, n)
+        state = {"done": 0, "shown": 0}
+        live = self.console.is_terminal
+
+        def advance(n: int = 1) -> None:
+            self.bars.advance(task, n)
+            state["done"] += n
+            step = int(10 * state["done"] / max(total, 1))
+            if not live and step > state["shown"]:
+                state["shown"] = step
+                self.say(f"  {description}: {state['done']}/{total}")
+
+        return advance
 
 
 def _source(cfg, key: str) -> SourceSpec:
