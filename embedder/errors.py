@@ -14,3 +14,7 @@ class InputError(RecsError):
     """
 
     exit_code = 2
+
+
+class BadDataError(RecsError):
+    """Too many rows of a source were quarantined: the run stops before publishing. Exit code 1."""

@@ -14,7 +14,7 @@ import dask.dataframe as dd
 import fsspec
 import pandas as pd
 
-from embedder.errors import InputError
+from embedder.errors import BadDataError, InputError
 from embedder.text import has_content, render_text, template_fields
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
@@ -299,3 +299,25 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     return Ingested(rows=rows.reset_index(drop=True), quarantine=q,
                     counts={"rows_read": len(frame), "accepted": len(rows), "quarantined": len(q),
                             "duplicates_dropped": int(ok.sum()) - len(rows)})
+
+
+def check_bad_fraction(name: str, counts: dict, limit: float, quarantine_path: str = "") -> None:
+    """Raise BadDataError when more than `limit` of a source's rows were quarantined, naming the
+    source, the fraction and the top reasons (the run then stops before publishing)."""
+    read = counts.get("rows_read", 0)
+    if not read:
+        return
+    fraction = counts["quarantined"] / read
+    if fraction > limit:
+        reasons = sorted(counts.get("quarantine_reasons", {}).items(), key=lambda kv: -kv[1])[:3]
+        top = ", ".join(f"{r} {n}" for r, n in reasons)
+        raise BadDataError(f"{name}: {fraction:.1%} of rows quarantined ({counts['quarantined']} of {read}), above "
+                           f"{name}.max_bad_fraction {limit:g}; top reasons: {top}"
+                           + (f"; see {quarantine_path}" if quarantine_path else "")
+                           + ". Nothing was published; the live version stays live.")
+
+
+def accounting(counts: dict) -> dict:
+    """The per-source identity the report states: rows read = accepted + quarantined + duplicates dropped."""
+    ok = counts["rows_read"] == counts["accepted"] + counts["quarantined"] + counts["duplicates_dropped"]
+    return {k: counts[k] for k in ("rows_read", "accepted", "quarantined", "duplicates_dropped")} | {"balanced": ok}

@@ -31,6 +31,7 @@ class SourceConfig(Section):
     format: Literal["parquet", "csv", "jsonl"] | None = None
     delimiter: str = ","
     encoding: str = "utf-8"
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="above this share of quarantined rows the run stops before publishing")
 
 
 class ItemsConfig(SourceConfig):

@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from embedder.artifacts import vectors_to_arrow, write_json, write_parquet
 from embedder.encode import embed_items
 from embedder.errors import RecsError
-from embedder.ingest import QUARANTINE_COLUMNS, SourceSpec, ingest_events, ingest_items, ingest_user_ids
+from embedder.ingest import (QUARANTINE_COLUMNS, SourceSpec, accounting, check_bad_fraction, ingest_events, ingest_items,
+                             ingest_user_ids)
 from embedder.model import resolve_model_path, ModelNotFound
 from index.build import build_index, choose_factory, save_index
 from recommend.config import Config, ConfigError
@@ -56,8 +57,9 @@ def dask_client(address: str | None, n_workers: int | None, threads_per_worker: 
             yield client
         return
     n = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+    # dashboard on a free port: a second cluster on the host (another refresh, a test run) never collides
     with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -65,7 +67,7 @@ class Reporter:
     """Stage lines and progress bars on stderr, so stdout stays clean for --json."""
 
     def __init__(self, quiet: bool = False):
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = Console(stderr=True, quiet=quiet, soft_wrap=True)  # whole lines in log files
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              console=self.console, transient=False, disable=quiet)
 
@@ -145,6 +147,9 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     out.say(f"[ingest] items {items.counts['accepted']} accepted, {items.counts['quarantined']} quarantined; "
             f"events {events.counts['accepted']} accepted, {events.counts['quarantined']} quarantined "
             f"({seconds['ingest']:.1f}s)")
+    for name, result, cfg in (("items", items, ic), ("events", events, ec), ("users", users, config.users)):
+        if result is not None:
+            check_bad_fraction(name, result.counts, cfg.max_bad_fraction, str(run_dir / "quarantine.parquet"))
     if items.rows.empty:
         raise RecsError(f"no usable items in {ic.path}: all {items.counts['rows_read']} rows quarantined "
                         f"(reasons: {items.counts['quarantine_reasons']}); see {run_dir / 'quarantine.parquet'}")
@@ -236,6 +241,8 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "events_read": events.counts["rows_read"], "events_quarantined": events.counts["quarantined"],
         "events_duplicates_dropped": events.counts["duplicates_dropped"],
         "quarantine_reasons": {"items": items.counts["quarantine_reasons"], "events": events.counts["quarantine_reasons"]},
+        "accounting": {name: accounting(r.counts) for name, r in (("items", items), ("events", events), ("users", users))
+                       if r is not None},
         "published_version": run_id, "previous_version": previous,
         "encode_texts_per_second": emb.counts["texts_per_second"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

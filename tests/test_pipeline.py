@@ -112,3 +112,30 @@ def test_lock_blocks_second_refresh_and_stale_lock_is_taken(tmp_path):
     lock = RefreshLock(tmp_path).acquire()  # the holder's pid is not alive: stale
     lock.release()
     assert not (tmp_path / "refresh.lock").exists()
+
+
+def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_model, dask_client):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("items", "users"):
+        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    events = pd.read_parquet(sample_dir / "events.parquet")
+    events.to_parquet(data / "events.parquet", index=False)
+    config = load_config(write_config(tmp_path, data, tiny_model, events={"path": str(data / "events.parquet"),
+                                                                          "max_bad_fraction": 0.02}))
+    good = refresh(config, quiet=True, client=dask_client)
+    assert good["accounting"]["events"]["balanced"] and good["accounting"]["items"]["balanced"]
+
+    bad = events.sample(frac=0.05, random_state=0).assign(item_id="not-in-catalog")
+    pd.concat([events, bad]).to_parquet(data / "events.parquet", index=False)
+    from embedder.errors import BadDataError
+
+    with pytest.raises(BadDataError) as err:
+        refresh(config, quiet=True, client=dask_client)
+    message = str(err.value)
+    total = len(events) + len(bad)
+    assert f"events: {len(bad) / total:.1%} of rows quarantined ({len(bad)} of {total})" in message
+    assert "above events.max_bad_fraction 0.02; top reasons: unknown_item" in message
+    assert "the live version stays live" in message
+    assert Recommender.from_config(config).live_version() == good["published_version"]
+    assert not (tmp_path / "work" / "refresh.lock").exists()
