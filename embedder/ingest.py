@@ -7,15 +7,17 @@ being counted: per source, ``rows_read = accepted + quarantined + duplicates_dro
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
+import dask
 import dask.dataframe as dd
 import fsspec
 import pandas as pd
 
 from embedder.errors import BadDataError, InputError
-from embedder.text import has_content, render_text, template_fields
+from embedder.text import has_content, normalize_text, render_text, template_fields
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -33,6 +35,37 @@ class SourceSpec:
     format: str | None = None  # parquet | csv | jsonl; None: from the file extension
     delimiter: str = ","
     encoding: str = "utf-8"
+    columns: tuple[str, ...] | None = None  # names for a CSV without a header row
+    quotechar: str = '"'
+
+
+@dataclass(frozen=True)
+class ExtraText:
+    """A one-to-many text source folded into one item field, e.g. user tags: all `column` values of
+    rows with the same `id`, first-seen order, de-duplicated, at most `max_values`, joined by `separator`."""
+
+    spec: SourceSpec
+    id_column: str
+    column: str
+    separator: str = ", "
+    max_values: int = 50
+
+
+@dataclass(frozen=True)
+class ItemMapping:
+    """How catalog columns become an item: its id, its text (a template over columns and derived
+    fields), the metadata to carry, and which row wins when an id repeats."""
+
+    id_column: str
+    template: str
+    metadata: tuple[str, ...] = ()
+    list_separators: dict = field(default_factory=dict)  # field -> separator inside the value ("|")
+    flags: dict = field(default_factory=dict)            # field -> one-hot columns rendered as their names
+    extra_text: dict = field(default_factory=dict)       # field -> ExtraText
+    newest_by: str | None = None                          # keep the row with the largest value; None: the last row
+
+    def derived(self) -> set[str]:
+        return set(self.flags) | set(self.extra_text)
 
 
 @dataclass
@@ -42,6 +75,18 @@ class Ingested:
     rows: pd.DataFrame
     quarantine: pd.DataFrame
     counts: dict = field(default_factory=dict)
+
+
+def raw_values(fn):
+    """Run `fn` with Dask's object->string conversion off: validation must see the values as read
+    (a list where an id belongs, 7.0 from a float column), not their string forms."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with dask.config.set({"dataframe.convert-string": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def list_files(spec: SourceSpec) -> list[str]:
@@ -75,8 +120,9 @@ def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
             if fmt == "parquet":
                 frame = pd.read_parquet(fh)
             elif fmt == "csv":
-                frame = pd.read_csv(fh, sep=spec.delimiter, encoding=spec.encoding, dtype=str,
-                                    keep_default_na=False, na_values=[""])
+                frame = pd.read_csv(fh, sep=spec.delimiter, encoding=spec.encoding, dtype=str, quotechar=spec.quotechar,
+                                    keep_default_na=False, na_values=[""], engine="python" if len(spec.delimiter) > 1 else "c",
+                                    header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
             else:
                 frame = pd.read_json(fh, lines=True, dtype=False, encoding=spec.encoding)
     except FileNotFoundError:
@@ -185,20 +231,40 @@ def _split(part: pd.DataFrame, checks: list[tuple[pd.Series, str, str]]) -> tupl
 
 # ---- items -----------------------------------------------------------------------------------------
 
-def validate_items(part: pd.DataFrame, id_column: str, template: str, metadata: list[str]) -> pd.DataFrame:
-    """One partition of raw items -> accepted rows (item_id, text, metadata, _source, _row) and
-    quarantined rows, in one frame told apart by `_reason` (None for accepted)."""
-    ids = as_id(part[id_column])
-    records = part.to_dict("records")
-    content = pd.Series([has_content(template, r) for r in records], index=part.index, dtype=bool)
+def derive_fields(part: pd.DataFrame, ids: pd.Series, mapping: ItemMapping, extras: dict[str, dict]) -> pd.DataFrame:
+    """Fields the template may use beyond the raw columns: lists re-joined with ", ", one-hot flag
+    columns as the names of those set, and folded extra text looked up by item id."""
+    part = part.copy()
+    for name, sep in mapping.list_separators.items():
+        part[name] = part[name].map(lambda v: None if is_null(v) else ", ".join(x.strip() for x in str(v).split(sep) if x.strip()))
+    for name, columns in mapping.flags.items():
+        on = pd.DataFrame({c: part[c].map(lambda v: not is_null(v) and str(v).strip() not in ("", "0", "false", "False"))
+                           for c in columns}, index=part.index)
+        part[name] = [", ".join(c for c in columns if row[c]) or None for _, row in on.iterrows()]
+    for name, lookup in extras.items():
+        part[name] = ids.map(lambda i: lookup.get(i) if i is not None else None)
+    return part
+
+
+def validate_items(part: pd.DataFrame, mapping: ItemMapping, extras: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One partition of raw items -> accepted rows (item_id, text, metadata, _source, _row, _newest)
+    and quarantined rows, in one frame told apart by `_reason` (None for accepted)."""
+    ids = as_id(part[mapping.id_column])
+    fields = derive_fields(part, ids, mapping, extras or {})
+    records = fields.to_dict("records")
+    content = pd.Series([has_content(mapping.template, r) for r in records], index=part.index, dtype=bool)
+    wrong = part[mapping.id_column].map(lambda v: isinstance(v, (list, dict, bool)))
     ok, bad = _split(part, [
-        (ids.isna(), "missing_id", f"column {id_column!r} is empty"),
-        (~content, "empty_text", f"every field of the text template is empty: {template!r}"),
+        (wrong, "wrong_type", f"column {mapping.id_column!r}: an id must be a string or a number"),
+        (ids.isna(), "missing_id", f"column {mapping.id_column!r} is empty"),
+        (~content, "empty_text", f"every field of the text template is empty: {mapping.template!r}"),
     ])
-    good = pd.DataFrame({"item_id": ids[ok], "text": [render_text(template, r) for r, keep in zip(records, ok) if keep]},
+    good = pd.DataFrame({"item_id": ids[ok],
+                         "text": [render_text(mapping.template, r) for r, keep in zip(records, ok) if keep]},
                         index=part.index[ok])
-    for column in metadata:
-        good[column] = part.loc[ok, column].map(lambda v: None if is_null(v) else str(v))
+    for column in mapping.metadata:
+        good[column] = fields.loc[ok, column].map(lambda v: None if is_null(v) else str(v))
+    good["_newest"] = part.loc[ok, mapping.newest_by] if mapping.newest_by else None
     good["_source"] = part.loc[ok, "_source"].astype(str)
     good["_row"] = part.loc[ok, "_row"].astype("int64")
     return _combine(good, bad)
@@ -221,27 +287,67 @@ def _unpack(frame: pd.DataFrame, columns: list[str]) -> Ingested:
     return Ingested(rows=rows, quarantine=q.reset_index(drop=True))
 
 
-def ingest_items(spec: SourceSpec, id_column: str, template: str, metadata: list[str]) -> Ingested:
-    """Read and validate the catalog. An id seen twice keeps its last row (file order), counted as a duplicate.
+@raw_values
+def read_extra_text(extra: ExtraText, key: str) -> tuple[dict[str, str], int]:
+    """{item id: folded text} from an extra source, and how many of its rows had no id or no value."""
+    ddf = read_source(extra.spec)
+    require_columns(ddf.columns, {f"{key}.id": extra.id_column, f"{key}.column": extra.column}, extra.spec)
+    frame = ddf[[extra.id_column, extra.column]].compute()
+    ids = as_id(frame[extra.id_column])
+    values = frame[extra.column].map(lambda v: None if is_null(v) else normalize_text(str(v)) or None)
+    usable = ids.notna() & values.notna()
+    folded: dict[str, list[str]] = {}
+    for i, v in zip(ids[usable], values[usable]):
+        seen = folded.setdefault(i, [])
+        if len(seen) < extra.max_values and v.casefold() not in (x.casefold() for x in seen):
+            seen.append(v)
+    return {i: extra.separator.join(v) for i, v in folded.items()}, int((~usable).sum())
 
-    Example: ``ingest_items(SourceSpec("data/items.parquet", "items.path"), "item_id", "{title}. {description}", ["title"])``
+
+def _newest_order(values: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().sum() >= values.notna().sum():
+        return numbers
+    return parse_timestamps(values)
+
+
+@raw_values
+def ingest_items(spec: SourceSpec, mapping: ItemMapping) -> Ingested:
+    """Read and validate the catalog. An id seen twice keeps one row (the last in file order, or the
+    largest `newest_by` value), the others counted as duplicates; conflicting texts are counted too.
+
+    Example: ``ingest_items(SourceSpec("data/items.parquet", "items.path"), ItemMapping("item_id", "{title}. {description}"))``
     """
     ddf = read_source(spec)
-    required = {"items.id": id_column}
-    required.update({f"items.text (field {{{f}}})": f for f in template_fields(template)})
-    required.update({f"items.metadata ({m})": m for m in metadata})
+    required = {"items.id": mapping.id_column}
+    derived = mapping.derived()
+    required.update({f"items.text (field {{{f}}})": f for f in template_fields(mapping.template) if f not in derived})
+    required.update({f"items.metadata ({m})": m for m in mapping.metadata if m not in derived})
+    required.update({f"items.list_separators ({f})": f for f in mapping.list_separators})
+    required.update({f"items.flags.{name}": c for name, cols in mapping.flags.items() for c in cols})
+    if mapping.newest_by:
+        required["items.newest_by"] = mapping.newest_by
     require_columns(ddf.columns, required, spec)
-    meta = validate_items(ddf._meta.assign(_source="", _row=0).head(0), id_column, template, metadata)
-    frame = ddf.map_partitions(validate_items, id_column, template, metadata, meta=meta).compute()
-    result = _unpack(frame, ["item_id", "text", *metadata, "_source", "_row"])
+    extras, extra_ignored = {}, {}
+    for name, extra in mapping.extra_text.items():
+        extras[name], extra_ignored[name] = read_extra_text(extra, f"items.extra_text.{name}")
+    meta = validate_items(ddf._meta.assign(_source="", _row=0).head(0), mapping, {})
+    frame = ddf.map_partitions(validate_items, mapping, extras, meta=meta).compute()
+    result = _unpack(frame, ["item_id", "text", *mapping.metadata, "_newest", "_source", "_row"])
     rows = result.rows
-    read = len(frame)
+    if mapping.newest_by:  # stable sort: ties keep file order, and the last row wins
+        rows = rows.assign(_order=_newest_order(rows["_newest"])).sort_values("_order", kind="stable", na_position="first")
     dup = rows.duplicated("item_id", keep="last")
-    conflicting = rows[rows["item_id"].isin(rows.loc[dup, "item_id"])].groupby("item_id")["text"].nunique().gt(1).sum()
-    result.rows = rows[~dup].drop(columns=["_source", "_row"]).reset_index(drop=True)
-    result.counts = {"rows_read": read, "accepted": len(result.rows), "quarantined": len(result.quarantine),
-                     "duplicates_dropped": int(dup.sum()), "conflicting_duplicates": int(conflicting),
+    conflicting = rows[rows["item_id"].isin(rows.loc[dup, "item_id"])].groupby("item_id")["text"].nunique()
+    conflicting = conflicting[conflicting > 1]
+    kept = rows[~dup].sort_values("_row", kind="stable") if mapping.newest_by else rows[~dup]
+    result.rows = kept.drop(columns=[c for c in ("_newest", "_order", "_source", "_row") if c in kept]).reset_index(drop=True)
+    result.counts = {"rows_read": len(frame), "accepted": len(result.rows), "quarantined": len(result.quarantine),
+                     "duplicates_dropped": int(dup.sum()), "conflicting_duplicates": len(conflicting),
+                     "conflicting_ids": conflicting.index[:20].tolist(),
                      "quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()}
+    if extra_ignored:
+        result.counts["extra_text_rows_without_id_or_value"] = extra_ignored
     return result
 
 
@@ -269,6 +375,7 @@ def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[s
     return out
 
 
+@raw_values
 def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, float],
                   known_items, timezone: str = "UTC") -> Ingested:
     """Read and validate the event log. `columns` maps user_id, item_id, timestamp, event_type (optional)
@@ -287,6 +394,7 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     return result
 
 
+@raw_values
 def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     """Optional list of users to precompute lists for, even with no events yet (they get a fallback)."""
     ddf = read_source(spec)

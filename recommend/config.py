@@ -26,18 +26,57 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceConfig(Section):
+class FileConfig(Section):
     path: str = Field(description="a file, glob or fsspec URL (s3://, gs://, ...)")
     format: Literal["parquet", "csv", "jsonl"] | None = None
     delimiter: str = ","
+    quotechar: str = '"'
     encoding: str = "utf-8"
+    columns: list[str] | None = Field(None, description="column names for a CSV file without a header row")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return value
+
+
+class SourceConfig(FileConfig):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="above this share of quarantined rows the run stops before publishing")
+
+
+class ExtraTextConfig(FileConfig):
+    id: str = Field(description="the column holding the item id")
+    column: str = Field(description="the column whose values are folded into the field")
+    separator: str = ", "
+    max_values: int = Field(50, ge=1)
 
 
 class ItemsConfig(SourceConfig):
     id: str = "item_id"
     text: str = "{title}. {description}"
     metadata: list[str] = Field(default_factory=list, description="columns copied into the published payload")
+    list_separators: dict[str, str] = Field(default_factory=dict, description="column -> separator of a list value, e.g. genres: '|'")
+    flags: dict[str, list[str]] = Field(default_factory=dict, description="field -> one-hot columns, rendered as the names of those set")
+    extra_text: dict[str, ExtraTextConfig] = Field(default_factory=dict, description="field -> a one-to-many source folded into the text")
+    newest_by: str | None = Field(None, description="when an id repeats, keep the row with the largest value here; default: the last row")
+
+    @field_validator("text")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        from embedder.text import template_fields
+
+        try:
+            if not template_fields(value):
+                raise ValueError("names no field; use {column} placeholders, e.g. '{title}. {description}'")
+        except ValueError as exc:
+            raise ValueError(f"template {value!r}: {exc}") from None
+        return value
 
 
 class EventsConfig(SourceConfig):
@@ -158,8 +197,9 @@ def parse_config(data: dict, path: str = "<config>", base: Path | None = None, c
     config.workdir = _resolve(config.workdir, base)
     if config.embed.cache:
         config.embed.cache = _resolve(config.embed.cache, base)
-    for name in ("items", "events", "users"):
-        source = getattr(config, name)
+    sources = [(name, getattr(config, name)) for name in ("items", "events", "users")]
+    sources += [(f"items.extra_text.{name}", extra) for name, extra in config.items.extra_text.items()]
+    for name, source in sources:
         if source is None:
             continue
         source.path = _resolve(source.path, base)

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from embedder.artifacts import vectors_to_arrow, write_json, write_parquet
 from embedder.encode import embed_items
 from embedder.errors import RecsError
-from embedder.ingest import (QUARANTINE_COLUMNS, SourceSpec, accounting, check_bad_fraction, ingest_events, ingest_items,
-                             ingest_user_ids)
+from embedder.ingest import (QUARANTINE_COLUMNS, ExtraText, ItemMapping, SourceSpec, accounting, check_bad_fraction,
+                             ingest_events, ingest_items, ingest_user_ids)
 from embedder.model import resolve_model_path, ModelNotFound
 from index.build import build_index, choose_factory, save_index
 from recommend.config import Config, ConfigError
@@ -93,7 +93,20 @@ class Reporter:
 
 
 def _source(cfg, key: str) -> SourceSpec:
-    return SourceSpec(cfg.path, f"{key}.path", cfg.format, cfg.delimiter, cfg.encoding)
+    return SourceSpec(cfg.path, f"{key}.path", cfg.format, cfg.delimiter, cfg.encoding,
+                      tuple(cfg.columns) if cfg.columns else None, cfg.quotechar)
+
+
+def item_mapping(ic) -> ItemMapping:
+    """The items section of the config as the embedder's ItemMapping."""
+    extras = {name: ExtraText(_source(x, f"items.extra_text.{name}"), x.id, x.column, x.separator, x.max_values)
+              for name, x in ic.extra_text.items()}
+    return ItemMapping(ic.id, ic.text, tuple(ic.metadata), dict(ic.list_separators), dict(ic.flags), extras, ic.newest_by)
+
+
+def event_weights(ec) -> dict[str, float]:
+    """Weights by event type; without an event_type column every event is of type 'default'."""
+    return dict(ec.weights) if ec.event_type else {"default": ec.weights.get("default", 1.0)}
 
 
 def refresh(config: Config, quiet: bool = False, client=None) -> dict:
@@ -129,9 +142,10 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     # ---- ingest ---------------------------------------------------------------------------------
     t = time.perf_counter()
     ic, ec = config.items, config.events
-    items = ingest_items(_source(ic, "items"), ic.id, ic.text, ic.metadata)
+    items = ingest_items(_source(ic, "items"), item_mapping(ic))
     columns = {"user_id": ec.user_id, "item_id": ec.item_id, "timestamp": ec.timestamp, "event_type": ec.event_type}
-    events = ingest_events(_source(ec, "events"), columns, ec.weights, items.rows["item_id"], ec.timezone)
+    weights = event_weights(ec)
+    events = ingest_events(_source(ec, "events"), columns, weights, items.rows["item_id"], ec.timezone)
     users = ingest_user_ids(_source(config.users, "users"), config.users.id) if config.users else None
     quarantine = pd.concat([q.assign(input=name) for name, q in
                             (("items", items.quarantine), ("events", events.quarantine),
@@ -183,7 +197,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     item_ids = np.asarray(emb.item_ids, dtype=object)
     item_row = {i: r for r, i in enumerate(emb.item_ids)}
     user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
-    inter = interactions(events.rows, item_row, len(item_ids), ec.weights, config.lists.half_life_days, user_ids)
+    inter = interactions(events.rows, item_row, len(item_ids), weights, config.lists.half_life_days, user_ids)
     profiles, has_history = user_profiles(inter.matrix, emb.vectors)
     seen = seen_items(inter.matrix)
     pop = popularity(inter.matrix)

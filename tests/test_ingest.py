@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from embedder.errors import InputError
-from embedder.ingest import SourceSpec, ingest_events, ingest_items, parse_timestamps, read_file, validate_items
+from embedder.ingest import (ExtraText, ItemMapping, SourceSpec, ingest_events, ingest_items, parse_timestamps,
+                             read_file, validate_items)
 
 TEMPLATE = "{title}. {description}"
 
@@ -25,7 +26,7 @@ def test_items_quarantine_keeps_file_row_and_reason(tmp_path):
         "1e3,Kettle,Boils water\n"          # row 4: numeric-looking id stays "1e3"
     )
     (tmp_path / "b.csv").write_text("item_id,title,description\n007,Trail shoes v2,Grippier\n")
-    result = ingest_items(SourceSpec(str(tmp_path / "*.csv"), "items.path"), "item_id", TEMPLATE, [])
+    result = ingest_items(SourceSpec(str(tmp_path / "*.csv"), "items.path"), ItemMapping("item_id", TEMPLATE))
     assert sorted(result.rows["item_id"]) == ["007", "1e3"]
     # the later file's row wins for a duplicated id, and the drop is counted
     assert result.rows.set_index("item_id").loc["007", "text"] == "Trail shoes v2. Grippier"
@@ -43,9 +44,10 @@ def test_dask_ingest_matches_single_process(tmp_path, sample_dir):
     items = pd.read_parquet(sample_dir / "items.parquet")
     for i, part in enumerate([items.iloc[:100], items.iloc[100:170], items.iloc[170:]]):
         part.to_parquet(tmp_path / f"part-{i}.parquet", index=False)
-    result = ingest_items(SourceSpec(str(tmp_path / "part-*.parquet"), "items.path"), "item_id", TEMPLATE, ["category"])
+    result = ingest_items(SourceSpec(str(tmp_path / "part-*.parquet"), "items.path"),
+                          ItemMapping("item_id", TEMPLATE, ("category",)))
     whole = read_file(str(sample_dir / "items.parquet"), SourceSpec("x", "items.path"))
-    single = validate_items(whole, "item_id", TEMPLATE, ["category"])
+    single = validate_items(whole, ItemMapping("item_id", TEMPLATE, ("category",)))
     single = single[single["_reason"].isna()]
     assert result.rows["item_id"].tolist() == single["item_id"].tolist()
     assert result.rows["text"].tolist() == single["text"].tolist()
@@ -54,7 +56,7 @@ def test_dask_ingest_matches_single_process(tmp_path, sample_dir):
 def test_missing_column_names_column_key_and_found_columns(tmp_path):
     (tmp_path / "items.csv").write_text("id,name\n1,x\n")
     with pytest.raises(InputError) as err:
-        ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path"), "id", "{title}", [])
+        ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path"), ItemMapping("id", "{title}"))
     message = str(err.value)
     assert "column 'title' not found" in message
     assert "items.text" in message and "columns found: id, name" in message
@@ -62,7 +64,7 @@ def test_missing_column_names_column_key_and_found_columns(tmp_path):
 
 def test_no_matching_file_names_key_and_path(tmp_path):
     with pytest.raises(InputError, match=r"items.path: no file matches .*nothing-\*\.csv"):
-        ingest_items(SourceSpec(str(tmp_path / "nothing-*.csv"), "items.path"), "id", "{title}", [])
+        ingest_items(SourceSpec(str(tmp_path / "nothing-*.csv"), "items.path"), ItemMapping("id", "{title}"))
 
 
 def test_timestamps_to_utc():
@@ -96,3 +98,61 @@ def test_events_quarantine_and_duplicates(tmp_path):
                        7: "impossible_timestamp"}
     assert "allowed: view, cart" in result.quarantine.set_index("row").loc[5, "detail"]
     assert result.counts["duplicates_dropped"] == 1 and _identity(result.counts)
+
+
+GENRES = ["unknown", "Action", "Adventure", "Animation", "Comedy"]
+
+
+def test_headerless_latin1_pipe_file_with_one_hot_genres(tmp_path):
+    """The shape of ml-100k's u.item: no header, '|'-separated, Latin-1, genres as 0/1 columns."""
+    rows = ["1|Toy Story (1995)|01-Jan-1995||http://x/1|0|0|1|1|1",
+            "2|Café Society (1995)|01-Jan-1995||http://x/2|0|1|0|0|0",
+            "3||01-Jan-1995||http://x/3|0|0|0|0|0"]  # no title and no genre: empty text
+    (tmp_path / "u.item").write_bytes("\n".join(rows).encode("latin-1"))
+    spec = SourceSpec(str(tmp_path / "u.item"), "items.path", "csv", "|", "latin-1",
+                      ("movie_id", "title", "release", "video_release", "url", *GENRES))
+    mapping = ItemMapping("movie_id", "{title}. Genres: {genres}.", ("title", "genres"), flags={"genres": GENRES})
+    result = ingest_items(spec, mapping)
+    texts = dict(zip(result.rows["item_id"], result.rows["text"]))
+    assert texts == {"1": "Toy Story (1995). Genres: Adventure, Animation, Comedy.",
+                     "2": "Café Society (1995). Genres: Action."}
+    assert result.rows.set_index("item_id").loc["2", "genres"] == "Action"
+    assert result.quarantine[["row", "reason"]].values.tolist() == [[3, "empty_text"]]
+
+
+def test_list_separators_and_folded_tags(tmp_path):
+    """The shape of ml-latest-small: genres 'A|B', tags in another file folded into the text."""
+    (tmp_path / "movies.csv").write_text('movieId,title,genres\n1,"Heat, Remastered (1995)",Action|Crime|Thriller\n2,Up (2009),Animation\n')
+    (tmp_path / "tags.csv").write_text("userId,movieId,tag\n1,1,heist\n2,1,Heist\n3,1,  Al Pacino \n4,2,\n5,,orphan\n")
+    tags = ExtraText(SourceSpec(str(tmp_path / "tags.csv"), "items.extra_text.tags.path"), "movieId", "tag")
+    mapping = ItemMapping("movieId", "{title}. {genres}. Tags: {tags}", list_separators={"genres": "|"},
+                          extra_text={"tags": tags})
+    result = ingest_items(SourceSpec(str(tmp_path / "movies.csv"), "items.path"), mapping)
+    texts = dict(zip(result.rows["item_id"], result.rows["text"]))
+    assert texts["1"] == "Heat, Remastered (1995). Action, Crime, Thriller. Tags: heist, Al Pacino"
+    assert texts["2"] == "Up (2009). Animation. Tags:"
+    assert result.counts["extra_text_rows_without_id_or_value"] == {"tags": 2}
+
+
+def test_newest_by_keeps_the_latest_version_and_reports_conflicts(tmp_path):
+    (tmp_path / "items.jsonl").write_text(
+        '{"id": "A", "title": "new", "updated": "2026-11-02T00:00:00Z"}\n'
+        '{"id": "A", "title": "old", "updated": "2026-11-01T00:00:00Z"}\n'
+        '{"id": "B", "title": "same", "updated": 1}\n'
+        '{"id": "B", "title": "same", "updated": 2}\n'
+        '{"id": ["not", "an", "id"], "title": "x", "updated": 3}\n')
+    result = ingest_items(SourceSpec(str(tmp_path / "items.jsonl"), "items.path"),
+                          ItemMapping("id", "{title}", newest_by="updated"))
+    assert dict(zip(result.rows["item_id"], result.rows["text"])) == {"A": "new", "B": "same"}
+    assert result.counts["duplicates_dropped"] == 2
+    assert result.counts["conflicting_duplicates"] == 1 and result.counts["conflicting_ids"] == ["A"]
+    assert result.quarantine["reason"].tolist() == ["wrong_type"] and _identity(result.counts)
+
+
+def test_float_and_int_ids_from_parquet_read_as_given(tmp_path):
+    pd.DataFrame({"id": [7.0, 8.0, float("nan")], "title": ["a", "b", "c"]}).to_parquet(tmp_path / "f.parquet")
+    pd.DataFrame({"id": [7, 9], "title": ["a", "d"]}).to_parquet(tmp_path / "i.parquet")
+    floats = ingest_items(SourceSpec(str(tmp_path / "f.parquet"), "items.path"), ItemMapping("id", "{title}"))
+    ints = ingest_items(SourceSpec(str(tmp_path / "i.parquet"), "items.path"), ItemMapping("id", "{title}"))
+    assert floats.rows["item_id"].tolist() == ["7", "8"] and floats.quarantine["reason"].tolist() == ["missing_id"]
+    assert ints.rows["item_id"].tolist() == ["7", "9"]
