@@ -113,18 +113,16 @@ def file_format(path: str, spec: SourceSpec) -> str:
 
 
 def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
-    """One file as a frame of raw values, plus `_source` (the file) and `_row` (1-based data row)."""
+    """One file as a frame of raw values, plus `_source` (the file) and `_row` (1-based data row).
+
+    A text file with bytes its encoding cannot decode is read again with those bytes replaced by
+    U+FFFD, so that only the rows holding them are quarantined (see `undecodable`), not the file."""
     fmt = file_format(path, spec)
     try:
-        with fsspec.open(path, "rb", compression="infer") as fh:
-            if fmt == "parquet":
-                frame = pd.read_parquet(fh)
-            elif fmt == "csv":
-                frame = pd.read_csv(fh, sep=spec.delimiter, encoding=spec.encoding, dtype=str, quotechar=spec.quotechar,
-                                    keep_default_na=False, na_values=[""], engine="python" if len(spec.delimiter) > 1 else "c",
-                                    header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
-            else:
-                frame = pd.read_json(fh, lines=True, dtype=False, encoding=spec.encoding)
+        try:
+            frame = _read(path, spec, fmt, "strict")
+        except UnicodeDecodeError:
+            frame = _read(path, spec, fmt, "replace")
     except FileNotFoundError:
         raise InputError(f"{spec.key}: file not found: {path}") from None
     except Exception as exc:  # the reader's own error, kept in the message
@@ -133,6 +131,18 @@ def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
     frame["_source"] = path
     frame["_row"] = range(1, len(frame) + 1)
     return frame
+
+
+def _read(path: str, spec: SourceSpec, fmt: str, errors: str) -> pd.DataFrame:
+    with fsspec.open(path, "rb", compression="infer") as fh:
+        if fmt == "parquet":
+            return pd.read_parquet(fh)
+        if fmt == "csv":
+            return pd.read_csv(fh, sep=spec.delimiter, encoding=spec.encoding, encoding_errors=errors, dtype=str,
+                               quotechar=spec.quotechar, keep_default_na=False, na_values=[""],
+                               engine="python" if len(spec.delimiter) > 1 else "c",
+                               header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
+        return pd.read_json(fh, lines=True, dtype=False, encoding=spec.encoding, encoding_errors=errors)
 
 
 def read_source(spec: SourceSpec) -> dd.DataFrame:
@@ -211,6 +221,15 @@ def _quarantine(part: pd.DataFrame, mask: pd.Series, reason: str, detail: str) -
     }, columns=QUARANTINE_COLUMNS)
 
 
+def undecodable(part: pd.DataFrame) -> pd.Series:
+    """Rows holding bytes the source's encoding could not decode (read as U+FFFD by `read_file`)."""
+    hit = pd.Series(False, index=part.index)
+    for column in part.columns:
+        if column not in ("_source", "_row"):
+            hit |= part[column].map(lambda v: isinstance(v, str) and "\ufffd" in v)
+    return hit
+
+
 def _jsonable(v):
     if is_null(v):
         return None
@@ -255,6 +274,7 @@ def validate_items(part: pd.DataFrame, mapping: ItemMapping, extras: dict[str, d
     content = pd.Series([has_content(mapping.template, r) for r in records], index=part.index, dtype=bool)
     wrong = part[mapping.id_column].map(lambda v: isinstance(v, (list, dict, bool)))
     ok, bad = _split(part, [
+        (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
         (wrong, "wrong_type", f"column {mapping.id_column!r}: an id must be a string or a number"),
         (ids.isna(), "missing_id", f"column {mapping.id_column!r} is empty"),
         (~content, "empty_text", f"every field of the text template is empty: {mapping.template!r}"),
@@ -361,6 +381,7 @@ def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[s
     ts = parse_timestamps(part[columns["timestamp"]], timezone)
     kinds = as_id(part[columns["event_type"]]) if columns.get("event_type") else pd.Series("default", index=part.index, dtype=object)
     ok, bad = _split(part, [
+        (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
         (users.isna(), "missing_user_id", f"column {columns['user_id']!r} is empty"),
         (items.isna(), "missing_item_id", f"column {columns['item_id']!r} is empty"),
         (ts.isna(), "bad_timestamp", f"column {columns['timestamp']!r}: not epoch seconds/ms or ISO 8601"),

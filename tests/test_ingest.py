@@ -156,3 +156,17 @@ def test_float_and_int_ids_from_parquet_read_as_given(tmp_path):
     ints = ingest_items(SourceSpec(str(tmp_path / "i.parquet"), "items.path"), ItemMapping("id", "{title}"))
     assert floats.rows["item_id"].tolist() == ["7", "8"] and floats.quarantine["reason"].tolist() == ["missing_id"]
     assert ints.rows["item_id"].tolist() == ["7", "9"]
+
+
+def test_undecodable_bytes_quarantine_the_row_not_the_file(tmp_path):
+    (tmp_path / "items.csv").write_bytes(b"item_id,title\n1,Caf\xe9 au lait\n2,Tea\n3,Na\xefve\n")
+    result = ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path"), ItemMapping("item_id", "{title}"))
+    assert result.rows["item_id"].tolist() == ["2"]
+    q = result.quarantine.sort_values("row")
+    assert q["reason"].tolist() == ["undecodable_bytes"] * 2 and q["row"].tolist() == [1, 3]
+    assert json.loads(q.iloc[0]["record"])["title"] == "Caf\ufffd au lait"  # where the bad byte was
+    assert "encoding" in q.iloc[0]["detail"] and _identity(result.counts)
+    # the same file read as Latin-1, as configured for it, loses nothing
+    latin = ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path", encoding="latin-1"),
+                         ItemMapping("item_id", "{title}"))
+    assert latin.rows["text"].tolist() == ["Café au lait", "Tea", "Naïve"]
