@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import yaml
 from typer.testing import CliRunner
 
 from conftest import write_config
