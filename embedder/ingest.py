@@ -127,9 +127,10 @@ def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
         raise InputError(f"{spec.key}: file not found: {path}") from None
     except Exception as exc:  # the reader's own error, kept in the message
         raise InputError(f"{spec.key}: cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
+    lines = frame.attrs.get("line_numbers")
     frame = frame.astype(object)
     frame["_source"] = path
-    frame["_row"] = range(1, len(frame) + 1)
+    frame["_row"] = lines if lines is not None else range(1, len(frame) + 1)
     return frame
 
 
@@ -142,7 +143,28 @@ def _read(path: str, spec: SourceSpec, fmt: str, errors: str) -> pd.DataFrame:
                                quotechar=spec.quotechar, keep_default_na=False, na_values=[""],
                                engine="python" if len(spec.delimiter) > 1 else "c",
                                header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
-        return pd.read_json(fh, lines=True, dtype=False, encoding=spec.encoding, encoding_errors=errors)
+        return _read_json_lines(fh.read().decode(spec.encoding, errors))
+
+
+MALFORMED = "_malformed_line"
+
+
+def _read_json_lines(text: str) -> pd.DataFrame:
+    """JSON lines, one record per non-blank line; a line that is not a JSON object is kept as a row
+    holding only its text in `_malformed_line`, so that it is quarantined with its row number."""
+    records, lines = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        records.append(record if isinstance(record, dict) else {MALFORMED: line[:1000]})
+        lines.append(number)
+    frame = pd.DataFrame.from_records(records)
+    frame.attrs["line_numbers"] = lines  # `_row` is the line in the file, blank lines counted
+    return frame
 
 
 def read_source(spec: SourceSpec) -> dd.DataFrame:
@@ -157,7 +179,7 @@ def read_source(spec: SourceSpec) -> dd.DataFrame:
 
 def require_columns(columns, required: dict[str, str], spec: SourceSpec) -> None:
     """Fail fast when a mapped column is absent, naming the column, its config key and what was found."""
-    found = [c for c in columns if c not in ("_source", "_row")]
+    found = [c for c in columns if c not in ("_source", "_row", MALFORMED)]
     for key, column in required.items():
         if column not in columns:
             raise InputError(f"{key}: column {column!r} not found in {spec.path} (columns found: {', '.join(map(str, found))})")
@@ -221,6 +243,17 @@ def _quarantine(part: pd.DataFrame, mask: pd.Series, reason: str, detail: str) -
     }, columns=QUARANTINE_COLUMNS)
 
 
+def _with_columns(part: pd.DataFrame, names) -> pd.DataFrame:
+    """`part` with every mapped column present: a file of only malformed lines has none of them."""
+    missing = [n for n in names if n and n not in part]
+    return part.assign(**{n: None for n in missing}) if missing else part
+
+
+def malformed(part: pd.DataFrame) -> pd.Series:
+    """Rows that were JSON lines the reader could not parse into an object."""
+    return part[MALFORMED].notna() if MALFORMED in part else pd.Series(False, index=part.index)
+
+
 def undecodable(part: pd.DataFrame) -> pd.Series:
     """Rows holding bytes the source's encoding could not decode (read as U+FFFD by `read_file`)."""
     hit = pd.Series(False, index=part.index)
@@ -268,12 +301,17 @@ def derive_fields(part: pd.DataFrame, ids: pd.Series, mapping: ItemMapping, extr
 def validate_items(part: pd.DataFrame, mapping: ItemMapping, extras: dict[str, dict] | None = None) -> pd.DataFrame:
     """One partition of raw items -> accepted rows (item_id, text, metadata, _source, _row, _newest)
     and quarantined rows, in one frame told apart by `_reason` (None for accepted)."""
+    derived = mapping.derived()
+    part = _with_columns(part, [mapping.id_column, mapping.newest_by, *mapping.list_separators,
+                                *(c for cols in mapping.flags.values() for c in cols),
+                                *(f for f in (*template_fields(mapping.template), *mapping.metadata) if f not in derived)])
     ids = as_id(part[mapping.id_column])
     fields = derive_fields(part, ids, mapping, extras or {})
     records = fields.to_dict("records")
     content = pd.Series([has_content(mapping.template, r) for r in records], index=part.index, dtype=bool)
     wrong = part[mapping.id_column].map(lambda v: isinstance(v, (list, dict, bool)))
     ok, bad = _split(part, [
+        (malformed(part), "malformed_line", "not a JSON object on one line"),
         (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
         (wrong, "wrong_type", f"column {mapping.id_column!r}: an id must be a string or a number"),
         (ids.isna(), "missing_id", f"column {mapping.id_column!r} is empty"),
@@ -376,11 +414,13 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping) -> Ingested:
 def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[str, float],
                     known_items: frozenset, timezone: str) -> pd.DataFrame:
     """One partition of raw events -> accepted (user_id, item_id, ts, event_type) and quarantined rows."""
+    part = _with_columns(part, columns.values())
     users = as_id(part[columns["user_id"]])
     items = as_id(part[columns["item_id"]])
     ts = parse_timestamps(part[columns["timestamp"]], timezone)
     kinds = as_id(part[columns["event_type"]]) if columns.get("event_type") else pd.Series("default", index=part.index, dtype=object)
     ok, bad = _split(part, [
+        (malformed(part), "malformed_line", "not a JSON object on one line"),
         (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
         (users.isna(), "missing_user_id", f"column {columns['user_id']!r} is empty"),
         (items.isna(), "missing_item_id", f"column {columns['item_id']!r} is empty"),

@@ -170,3 +170,15 @@ def test_undecodable_bytes_quarantine_the_row_not_the_file(tmp_path):
     latin = ingest_items(SourceSpec(str(tmp_path / "items.csv"), "items.path", encoding="latin-1"),
                          ItemMapping("item_id", "{title}"))
     assert latin.rows["text"].tolist() == ["Café au lait", "Tea", "Naïve"]
+
+
+def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": "A", "title": "ok"}\n{"id": "B", "title": \n\n[1, 2]\n{"id": "C", "title": "fine"}\n')
+    (tmp_path / "b.jsonl").write_text('not json at all\n')  # a file with no usable line
+    result = ingest_items(SourceSpec(str(tmp_path / "*.jsonl"), "items.path"), ItemMapping("id", "{title}"))
+    assert result.rows["item_id"].tolist() == ["A", "C"]
+    q = result.quarantine
+    assert q["reason"].tolist() == ["malformed_line"] * 3
+    assert [(s.rsplit("/", 1)[1], r) for s, r in zip(q["source"], q["row"])] == [("a.jsonl", 2), ("a.jsonl", 4), ("b.jsonl", 1)]
+    assert json.loads(q.iloc[0]["record"])["_malformed_line"] == '{"id": "B", "title": '
+    assert _identity(result.counts)
