@@ -17,7 +17,7 @@ import fsspec
 import pandas as pd
 
 from embedder.errors import BadDataError, InputError
-from embedder.text import has_content, normalize_text, render_text, template_fields
+from embedder.text import has_content, is_null, normalize_text, render_text, template_fields
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -185,11 +185,6 @@ def require_columns(columns, required: dict[str, str], spec: SourceSpec) -> None
             raise InputError(f"{key}: column {column!r} not found in {spec.path} (columns found: {', '.join(map(str, found))})")
 
 
-def is_null(v) -> bool:
-    """None, NaN, pd.NA or NaT (a scalar; lists and other objects are not null)."""
-    return v is None or (not isinstance(v, (list, dict, tuple)) and bool(pd.isna(v)))
-
-
 def as_id(values: pd.Series) -> pd.Series:
     """Ids as the strings they were given: 7.0 read from a float column becomes "7", blanks become None."""
 
@@ -263,6 +258,13 @@ def undecodable(part: pd.DataFrame) -> pd.Series:
     return hit
 
 
+def reader_checks(part: pd.DataFrame) -> list[tuple[pd.Series, str, str]]:
+    """The checks every source shares, first in line: rows the reader could only half read."""
+    return [(malformed(part), "malformed_line", "not a JSON object on one line"),
+            (undecodable(part), "undecodable_bytes",
+             "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)")]
+
+
 def _jsonable(v):
     if is_null(v):
         return None
@@ -311,8 +313,7 @@ def validate_items(part: pd.DataFrame, mapping: ItemMapping, extras: dict[str, d
     content = pd.Series([has_content(mapping.template, r) for r in records], index=part.index, dtype=bool)
     wrong = part[mapping.id_column].map(lambda v: isinstance(v, (list, dict, bool)))
     ok, bad = _split(part, [
-        (malformed(part), "malformed_line", "not a JSON object on one line"),
-        (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
+        *reader_checks(part),
         (wrong, "wrong_type", f"column {mapping.id_column!r}: an id must be a string or a number"),
         (ids.isna(), "missing_id", f"column {mapping.id_column!r} is empty"),
         (~content, "empty_text", f"every field of the text template is empty: {mapping.template!r}"),
@@ -420,8 +421,7 @@ def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[s
     ts = parse_timestamps(part[columns["timestamp"]], timezone)
     kinds = as_id(part[columns["event_type"]]) if columns.get("event_type") else pd.Series("default", index=part.index, dtype=object)
     ok, bad = _split(part, [
-        (malformed(part), "malformed_line", "not a JSON object on one line"),
-        (undecodable(part), "undecodable_bytes", "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)"),
+        *reader_checks(part),
         (users.isna(), "missing_user_id", f"column {columns['user_id']!r} is empty"),
         (items.isna(), "missing_item_id", f"column {columns['item_id']!r} is empty"),
         (ts.isna(), "bad_timestamp", f"column {columns['timestamp']!r}: not epoch seconds/ms or ISO 8601"),

@@ -45,11 +45,14 @@ def render_text(template: str, record: dict) -> str:
     return normalize_text(template.format(**values))
 
 
-def _is_blank(value) -> bool:
-    """None, NaN, pd.NA, NaT, or a string of whitespace."""
-    if isinstance(value, str):
-        return not value.strip()
+def is_null(value) -> bool:
+    """None, NaN, pd.NA or NaT (a scalar; lists and other objects are not null)."""
     return value is None or (not isinstance(value, (list, tuple, dict)) and bool(pd.isna(value)))
+
+
+def _is_blank(value) -> bool:
+    """Null, or a string of whitespace."""
+    return not value.strip() if isinstance(value, str) else is_null(value)
 
 
 def has_content(template: str, record: dict) -> bool:
