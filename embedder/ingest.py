@@ -460,14 +460,20 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     """Optional list of users to precompute lists for, even with no events yet (they get a fallback)."""
     ddf = read_source(spec)
     require_columns(ddf.columns, {"users.id": id_column}, spec)
-    frame = ddf.compute()
+    frame = _with_columns(ddf.compute(), [id_column])
     ids = as_id(frame[id_column])
-    ok, bad = _split(frame, [(ids.isna(), "missing_id", f"column {id_column!r} is empty")])
+    ok, bad = _split(frame, [
+        *reader_checks(frame),
+        (frame[id_column].map(lambda v: isinstance(v, (list, dict, bool))), "wrong_type",
+         f"column {id_column!r}: an id must be a string or a number"),
+        (ids.isna(), "missing_id", f"column {id_column!r} is empty"),
+    ])
     rows = pd.DataFrame({"user_id": ids[ok]}).drop_duplicates()
-    q = pd.concat(bad) if bad else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    q = pd.concat(bad, ignore_index=True) if bad else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     return Ingested(rows=rows.reset_index(drop=True), quarantine=q,
                     counts={"rows_read": len(frame), "accepted": len(rows), "quarantined": len(q),
-                            "duplicates_dropped": int(ok.sum()) - len(rows)})
+                            "duplicates_dropped": int(ok.sum()) - len(rows),
+                            "quarantine_reasons": q["reason"].value_counts().to_dict()})
 
 
 def check_bad_fraction(name: str, counts: dict, limit: float, quarantine_path: str = "") -> None:

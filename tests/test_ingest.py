@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from embedder.errors import InputError
-from embedder.ingest import (ExtraText, ItemMapping, SourceSpec, ingest_events, ingest_items, parse_timestamps,
-                             read_file, validate_items)
+from embedder.errors import BadDataError, InputError
+from embedder.ingest import (ExtraText, ItemMapping, SourceSpec, check_bad_fraction, ingest_events, ingest_items,
+                             ingest_user_ids, parse_timestamps, read_file, validate_items)
 
 TEMPLATE = "{title}. {description}"
 
@@ -182,3 +182,14 @@ def test_malformed_json_lines_are_quarantined_with_their_line(tmp_path):
     assert [(s.rsplit("/", 1)[1], r) for s, r in zip(q["source"], q["row"])] == [("a.jsonl", 2), ("a.jsonl", 4), ("b.jsonl", 1)]
     assert json.loads(q.iloc[0]["record"])["_malformed_line"] == '{"id": "B", "title": '
     assert _identity(result.counts)
+
+
+def test_users_source_gets_the_same_row_checks(tmp_path):
+    (tmp_path / "users.csv").write_bytes(b"user_id\nU1\nU\xe92\n\nU1\nU3\n")
+    result = ingest_user_ids(SourceSpec(str(tmp_path / "users.csv"), "users.path"), "user_id")
+    assert result.rows["user_id"].tolist() == ["U1", "U3"]
+    assert result.quarantine[["row", "reason"]].values.tolist() == [[2, "undecodable_bytes"]]
+    assert result.counts["quarantine_reasons"] == {"undecodable_bytes": 1}
+    assert result.counts["duplicates_dropped"] == 1 and _identity(result.counts)
+    with pytest.raises(BadDataError, match="users: 25.0% of rows quarantined .* top reasons: undecodable_bytes 1"):
+        check_bad_fraction("users", result.counts, 0.01)
