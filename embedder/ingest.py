@@ -7,13 +7,16 @@ being counted: per source, ``rows_read = accepted + quarantined + duplicates_dro
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 from dataclasses import dataclass, field
 
 import dask
 import dask.dataframe as dd
 import fsspec
+import numpy as np
 import pandas as pd
 
 from embedder.errors import BadDataError, InputError
@@ -63,6 +66,7 @@ class ItemMapping:
     flags: dict = field(default_factory=dict)            # field -> one-hot columns rendered as their names
     extra_text: dict = field(default_factory=dict)       # field -> ExtraText
     newest_by: str | None = None                          # keep the row with the largest value; None: the last row
+    max_text_chars: int = 10_000                          # longer texts are cut here, and counted (texts_truncated)
 
     def derived(self) -> set[str]:
         return set(self.flags) | set(self.extra_text)
@@ -95,7 +99,11 @@ def list_files(spec: SourceSpec) -> list[str]:
         fs, _, paths = fsspec.core.get_fs_token_paths(spec.path)
     except (OSError, ValueError) as exc:
         raise InputError(f"{spec.key}: cannot open {spec.path!r}: {exc}") from None
-    files = sorted(p for p in paths if not fs.isdir(p))
+    files = []
+    for p in paths:  # a folder stands for the data files inside it (Spark's _SUCCESS and hidden files left out)
+        inside = fs.find(p) if fs.isdir(p) else [p]
+        files += [f for f in inside if not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+    files = sorted(set(files))
     if not files:
         raise InputError(f"{spec.key}: no file matches {spec.path!r} (a path, glob or URL of Parquet, CSV or JSON-lines files)")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -123,12 +131,15 @@ def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
             frame = _read(path, spec, fmt, "strict")
         except UnicodeDecodeError:
             frame = _read(path, spec, fmt, "replace")
+            frame[UNDECODABLE] = frame.apply(lambda r: any(isinstance(v, str) and "\ufffd" in v for v in r), axis=1) \
+                if len(frame) else pd.Series(dtype=bool)
     except FileNotFoundError:
         raise InputError(f"{spec.key}: file not found: {path}") from None
     except Exception as exc:  # the reader's own error, kept in the message
         raise InputError(f"{spec.key}: cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
     lines = frame.attrs.get("line_numbers")
     frame = frame.astype(object)
+    frame.columns = [c.strip() if isinstance(c, str) else c for c in frame.columns]  # " item_id " -> "item_id"
     frame["_source"] = path
     frame["_row"] = lines if lines is not None else range(1, len(frame) + 1)
     return frame
@@ -138,20 +149,52 @@ def _read(path: str, spec: SourceSpec, fmt: str, errors: str) -> pd.DataFrame:
     with fsspec.open(path, "rb", compression="infer") as fh:
         if fmt == "parquet":
             return pd.read_parquet(fh)
-        if fmt == "csv":
-            return pd.read_csv(fh, sep=spec.delimiter, encoding=spec.encoding, encoding_errors=errors, dtype=str,
-                               quotechar=spec.quotechar, keep_default_na=False, na_values=[""],
+        data = fh.read()
+    if not data.strip():
+        return pd.DataFrame()  # an empty file is an empty partition, not an error
+    if fmt == "csv":
+        try:
+            return pd.read_csv(io.BytesIO(data), sep=spec.delimiter, encoding=spec.encoding, encoding_errors=errors,
+                               dtype=str, quotechar=spec.quotechar, keep_default_na=False, na_values=[""],
                                engine="python" if len(spec.delimiter) > 1 else "c",
                                header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
-        return _read_json_lines(fh.read().decode(spec.encoding, errors))
+        except pd.errors.ParserError:
+            return _read_ragged_csv(data.decode(spec.encoding, errors), spec)
+    return _read_json_lines(data.decode(spec.encoding, errors))
+
+
+def _read_ragged_csv(text: str, spec: SourceSpec) -> pd.DataFrame:
+    """A CSV whose rows do not all have the header's number of fields: the rows that do are read as
+    usual, each other row is kept whole in `_malformed_line`, so that it is quarantined by number."""
+    if len(spec.delimiter) > 1:
+        raise InputError(f"{spec.key}: rows with the wrong number of fields; a multi-character delimiter "
+                         f"({spec.delimiter!r}) cannot be read row by row")
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=spec.delimiter, quotechar=spec.quotechar)
+    header = list(spec.columns) if spec.columns else next(rows)
+    records = []
+    for fields in rows:
+        if len(fields) == len(header):
+            records.append({h: (v if v != "" else None) for h, v in zip(header, fields)})
+        elif fields:
+            records.append({MALFORMED: spec.delimiter.join(fields)[:1000]})
+    return pd.DataFrame.from_records(records, columns=[*header, MALFORMED])
 
 
 MALFORMED = "_malformed_line"
+UNDECODABLE = "_undecodable"  # set only on files that needed U+FFFD replacements: a U+FFFD already in valid text is kept
 
 
 def _read_json_lines(text: str) -> pd.DataFrame:
     """JSON lines, one record per non-blank line; a line that is not a JSON object is kept as a row
-    holding only its text in `_malformed_line`, so that it is quarantined with its row number."""
+    holding only its text in `_malformed_line`, so that it is quarantined with its row number.
+    A file holding one JSON array of objects is read as those objects (`_row` is the position)."""
+    if text.lstrip().startswith("["):
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None
+        if isinstance(whole, list):
+            return pd.DataFrame.from_records([r if isinstance(r, dict) else {MALFORMED: json.dumps(r)[:1000]} for r in whole])
     records, lines = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -173,16 +216,20 @@ def read_source(spec: SourceSpec) -> dd.DataFrame:
     Files of one source must share their columns; the first file's columns are checked here.
     """
     files = list_files(spec)
-    first = read_file(files[0], spec).head(0)
+    for path in files:  # the first file that is not empty gives the columns
+        first = read_file(path, spec).head(0)
+        if len(first.columns) > 2:
+            break
     return dd.from_map(read_file, files, spec=spec, meta=first, enforce_metadata=False)
 
 
 def require_columns(columns, required: dict[str, str], spec: SourceSpec) -> None:
     """Fail fast when a mapped column is absent, naming the column, its config key and what was found."""
-    found = [c for c in columns if c not in ("_source", "_row", MALFORMED)]
+    found = [c for c in columns if c not in ("_source", "_row", MALFORMED, UNDECODABLE)]
     for key, column in required.items():
         if column not in columns:
-            raise InputError(f"{key}: column {column!r} not found in {spec.path} (columns found: {', '.join(map(str, found))})")
+            seen = f"columns found: {', '.join(map(str, found))}" if found else "no columns found: are the files empty?"
+            raise InputError(f"{key}: column {column!r} not found in {spec.path} ({seen})")
 
 
 def as_id(values: pd.Series) -> pd.Series:
@@ -230,7 +277,7 @@ def parse_timestamps(values: pd.Series, timezone: str = "UTC") -> pd.Series:
 
 def _quarantine(part: pd.DataFrame, mask: pd.Series, reason: str, detail: str) -> pd.DataFrame:
     bad = part[mask]
-    raw = bad.drop(columns=["_source", "_row"])
+    raw = bad.drop(columns=[c for c in ("_source", "_row", UNDECODABLE) if c in bad])
     return pd.DataFrame({
         "source": bad["_source"].astype(str), "row": bad["_row"].astype("int64"),
         "reason": reason, "detail": detail,
@@ -250,19 +297,23 @@ def malformed(part: pd.DataFrame) -> pd.Series:
 
 
 def undecodable(part: pd.DataFrame) -> pd.Series:
-    """Rows holding bytes the source's encoding could not decode (read as U+FFFD by `read_file`)."""
-    hit = pd.Series(False, index=part.index)
-    for column in part.columns:
-        if column not in ("_source", "_row"):
-            hit |= part[column].map(lambda v: isinstance(v, str) and "\ufffd" in v)
-    return hit
+    """Rows holding bytes the source's encoding could not decode (marked by `read_file`)."""
+    if UNDECODABLE not in part:
+        return pd.Series(False, index=part.index)
+    return part[UNDECODABLE].map(lambda v: v is True)
 
 
 def reader_checks(part: pd.DataFrame) -> list[tuple[pd.Series, str, str]]:
     """The checks every source shares, first in line: rows the reader could only half read."""
-    return [(malformed(part), "malformed_line", "not a JSON object on one line"),
+    return [(malformed(part), "malformed_line", "not a JSON object, or a CSV row with the wrong number of fields"),
             (undecodable(part), "undecodable_bytes",
              "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)")]
+
+
+def wrong_type(part: pd.DataFrame, column: str) -> tuple[pd.Series, str, str]:
+    """The check for an id column holding a list, a mapping or a boolean (from JSON or Parquet)."""
+    hit = part[column].map(lambda v: isinstance(v, (list, dict, bool, np.ndarray)))
+    return hit, "wrong_type", f"column {column!r}: an id must be a string or a number"
 
 
 def _jsonable(v):
@@ -311,16 +362,17 @@ def validate_items(part: pd.DataFrame, mapping: ItemMapping, extras: dict[str, d
     fields = derive_fields(part, ids, mapping, extras or {})
     records = fields.to_dict("records")
     content = pd.Series([has_content(mapping.template, r) for r in records], index=part.index, dtype=bool)
-    wrong = part[mapping.id_column].map(lambda v: isinstance(v, (list, dict, bool)))
     ok, bad = _split(part, [
         *reader_checks(part),
-        (wrong, "wrong_type", f"column {mapping.id_column!r}: an id must be a string or a number"),
+        wrong_type(part, mapping.id_column),
         (ids.isna(), "missing_id", f"column {mapping.id_column!r} is empty"),
         (~content, "empty_text", f"every field of the text template is empty: {mapping.template!r}"),
     ])
-    good = pd.DataFrame({"item_id": ids[ok],
-                         "text": [render_text(mapping.template, r) for r, keep in zip(records, ok) if keep]},
+    texts = pd.Series([render_text(mapping.template, r) for r, keep in zip(records, ok) if keep], index=part.index[ok], dtype=object)
+    long = texts.str.len() > mapping.max_text_chars
+    good = pd.DataFrame({"item_id": ids[ok], "text": texts.where(~long, texts.str.slice(0, mapping.max_text_chars))},
                         index=part.index[ok])
+    good["_truncated"] = long
     for column in mapping.metadata:
         good[column] = fields.loc[ok, column].map(lambda v: None if is_null(v) else str(v))
     good["_newest"] = part.loc[ok, mapping.newest_by] if mapping.newest_by else None
@@ -392,18 +444,20 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping) -> Ingested:
         extras[name], extra_ignored[name] = read_extra_text(extra, f"items.extra_text.{name}")
     meta = validate_items(ddf._meta.assign(_source="", _row=0).head(0), mapping, {})
     frame = ddf.map_partitions(validate_items, mapping, extras, meta=meta).compute()
-    result = _unpack(frame, ["item_id", "text", *mapping.metadata, "_newest", "_source", "_row"])
+    result = _unpack(frame, ["item_id", "text", *mapping.metadata, "_newest", "_truncated", "_source", "_row"])
     rows = result.rows
     if mapping.newest_by:  # stable sort: ties keep file order, and the last row wins
         rows = rows.assign(_order=_newest_order(rows["_newest"])).sort_values("_order", kind="stable", na_position="first")
     dup = rows.duplicated("item_id", keep="last")
     conflicting = rows[rows["item_id"].isin(rows.loc[dup, "item_id"])].groupby("item_id")["text"].nunique()
     conflicting = conflicting[conflicting > 1]
-    kept = rows[~dup].sort_values("_row", kind="stable") if mapping.newest_by else rows[~dup]
-    result.rows = kept.drop(columns=[c for c in ("_newest", "_order", "_source", "_row") if c in kept]).reset_index(drop=True)
+    kept = rows[~dup].sort_values(["_source", "_row"], kind="stable") if mapping.newest_by else rows[~dup]
+    truncated = int(kept["_truncated"].fillna(False).astype(bool).sum())
+    result.rows = kept.drop(columns=[c for c in ("_newest", "_order", "_truncated", "_source", "_row") if c in kept]).reset_index(drop=True)
     result.counts = {"rows_read": len(frame), "accepted": len(result.rows), "quarantined": len(result.quarantine),
                      "duplicates_dropped": int(dup.sum()), "conflicting_duplicates": len(conflicting),
                      "conflicting_ids": conflicting.index[:20].tolist(),
+                     "texts_truncated": truncated, "max_text_chars": mapping.max_text_chars,
                      "quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()}
     if extra_ignored:
         result.counts["extra_text_rows_without_id_or_value"] = extra_ignored
@@ -422,6 +476,8 @@ def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[s
     kinds = as_id(part[columns["event_type"]]) if columns.get("event_type") else pd.Series("default", index=part.index, dtype=object)
     ok, bad = _split(part, [
         *reader_checks(part),
+        wrong_type(part, columns["user_id"]),
+        wrong_type(part, columns["item_id"]),
         (users.isna(), "missing_user_id", f"column {columns['user_id']!r} is empty"),
         (items.isna(), "missing_item_id", f"column {columns['item_id']!r} is empty"),
         (ts.isna(), "bad_timestamp", f"column {columns['timestamp']!r}: not epoch seconds/ms or ISO 8601"),
@@ -447,6 +503,7 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     meta = validate_events(ddf._meta.assign(_source="", _row=0).head(0), columns, weights, known, timezone)
     frame = ddf.map_partitions(validate_events, columns, weights, known, timezone, meta=meta).compute()
     result = _unpack(frame, ["user_id", "item_id", "ts", "event_type"])
+    result.rows["ts"] = pd.to_datetime(result.rows["ts"], utc=True).astype("datetime64[ns, UTC]")
     dup = result.rows.duplicated(keep="first")
     result.rows = result.rows[~dup].reset_index(drop=True)
     result.counts = {"rows_read": len(frame), "accepted": len(result.rows), "quarantined": len(result.quarantine),
@@ -464,8 +521,7 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     ids = as_id(frame[id_column])
     ok, bad = _split(frame, [
         *reader_checks(frame),
-        (frame[id_column].map(lambda v: isinstance(v, (list, dict, bool))), "wrong_type",
-         f"column {id_column!r}: an id must be a string or a number"),
+        wrong_type(frame, id_column),
         (ids.isna(), "missing_id", f"column {id_column!r} is empty"),
     ])
     rows = pd.DataFrame({"user_id": ids[ok]}).drop_duplicates()

@@ -10,6 +10,7 @@ import re
 import string
 import unicodedata
 
+import numpy as np
 import pandas as pd
 
 PREPROCESSING_VERSION = "1"
@@ -41,17 +42,21 @@ def render_text(template: str, record: dict) -> str:
     values = {}
     for name in template_fields(template):
         value = record.get(name)
+        if isinstance(value, (list, tuple, np.ndarray)):  # a JSON or Parquet list: ["Drama", "War"] -> "Drama, War"
+            value = ", ".join(str(v) for v in value if not _is_blank(v))
         values[name] = "" if _is_blank(value) else str(value)
     return normalize_text(template.format(**values))
 
 
 def is_null(value) -> bool:
-    """None, NaN, pd.NA or NaT (a scalar; lists and other objects are not null)."""
-    return value is None or (not isinstance(value, (list, tuple, dict)) and bool(pd.isna(value)))
+    """None, NaN, pd.NA or NaT (a scalar; lists, arrays and other objects are not null)."""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
 
 def _is_blank(value) -> bool:
-    """Null, or a string of whitespace."""
+    """Null, a string of whitespace, or a list of those."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return all(_is_blank(v) for v in value)
     return not value.strip() if isinstance(value, str) else is_null(value)
 
 

@@ -29,8 +29,8 @@ class Section(BaseModel):
 class FileConfig(Section):
     path: str = Field(description="a file, glob or fsspec URL (s3://, gs://, ...)")
     format: Literal["parquet", "csv", "jsonl"] | None = None
-    delimiter: str = ","
-    quotechar: str = '"'
+    delimiter: str = Field(",", min_length=1)
+    quotechar: str = Field('"', min_length=1, max_length=1)
     encoding: str = "utf-8"
     columns: list[str] | None = Field(None, description="column names for a CSV file without a header row")
 
@@ -65,6 +65,8 @@ class ItemsConfig(SourceConfig):
     flags: dict[str, list[str]] = Field(default_factory=dict, description="field -> one-hot columns, rendered as the names of those set")
     extra_text: dict[str, ExtraTextConfig] = Field(default_factory=dict, description="field -> a one-to-many source folded into the text")
     newest_by: str | None = Field(None, description="when an id repeats, keep the row with the largest value here; default: the last row")
+    max_text_chars: int = Field(10_000, ge=100, description="longer item texts are cut to this many characters and counted in the report "
+                                "(the model reads only its first 256 tokens, about 1,000-1,500 characters)")
 
     @field_validator("text")
     @classmethod

@@ -101,7 +101,7 @@ def item_mapping(ic) -> ItemMapping:
     """The items section of the config as the embedder's ItemMapping."""
     extras = {name: ExtraText(_source(x, f"items.extra_text.{name}"), x.id, x.column, x.separator, x.max_values)
               for name, x in ic.extra_text.items()}
-    return ItemMapping(ic.id, ic.text, tuple(ic.metadata), dict(ic.list_separators), dict(ic.flags), extras, ic.newest_by)
+    return ItemMapping(ic.id, ic.text, tuple(ic.metadata), dict(ic.list_separators), dict(ic.flags), extras, ic.newest_by, ic.max_text_chars)
 
 
 def event_weights(ec) -> dict[str, float]:
@@ -250,6 +250,9 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "run_id": run_id, "run_dir": str(run_dir),
         "items_read": items.counts["rows_read"], "items_quarantined": items.counts["quarantined"],
         "items_duplicates_dropped": items.counts["duplicates_dropped"],
+        "items_conflicting_duplicates": {"ids": items.counts["conflicting_duplicates"],
+                                         "first_ids": items.counts["conflicting_ids"]},
+        "items_texts_truncated": {"count": items.counts["texts_truncated"], "max_text_chars": items.counts["max_text_chars"]},
         "items_encoded": emb.counts["items_encoded"], "items_from_cache": emb.counts["items_from_cache"],
         "users": len(user_ids), "users_with_history": int(has_history.sum()),
         "events_read": events.counts["rows_read"], "events_quarantined": events.counts["quarantined"],
@@ -266,6 +269,9 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
 def _human_report(r: dict) -> str:
     lines = [f"# Refresh {r['run_id']}", "",
              f"- items: {r['items_read']} read, {r['items_quarantined']} quarantined, {r['items_duplicates_dropped']} duplicates dropped",
+             f"- item ids seen twice with different texts: {r['items_conflicting_duplicates']['ids']}"
+             f" (first: {', '.join(r['items_conflicting_duplicates']['first_ids'][:5]) or 'none'})",
+             f"- item texts cut to {r['items_texts_truncated']['max_text_chars']} characters: {r['items_texts_truncated']['count']}",
              f"- events: {r['events_read']} read, {r['events_quarantined']} quarantined, {r['events_duplicates_dropped']} duplicates dropped",
              f"- embeddings: {r['items_encoded']} encoded, {r['items_from_cache']} from cache",
              f"- users: {r['users']} ({r['users_with_history']} with history)",
