@@ -38,13 +38,14 @@ def template_fields(template: str) -> list[str]:
 
 
 def render_text(template: str, record: dict) -> str:
-    """Fill the template with the record's values (missing or null values render as empty), normalised."""
+    """Fill the template with the record's values, each normalised (missing or null values render as
+    empty), then normalise the whole."""
     values = {}
     for name in template_fields(template):
         value = record.get(name)
         if isinstance(value, (list, tuple, np.ndarray)):  # a JSON or Parquet list: ["Drama", "War"] -> "Drama, War"
             value = ", ".join(str(v) for v in value if not _is_blank(v))
-        values[name] = "" if _is_blank(value) else str(value)
+        values[name] = "" if _is_blank(value) else normalize_text(str(value))  # "Title " -> "Title"
     return normalize_text(template.format(**values))
 
 

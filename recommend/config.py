@@ -124,6 +124,31 @@ class ListsConfig(Section):
     half_life_days: float = Field(14.0, gt=0)
 
 
+class BlendConfig(Section):
+    """How lists blend behaviour (learned from events), text and popularity; see recommend/blend.py.
+    The defaults come from `recs eval` on ml-latest-small (README, "Quality")."""
+
+    behaviour_weight: float = Field(0.95, ge=0, le=1, description="share of behaviour vs text in the score; 0 = text only")
+    popularity_weight: float = Field(0.3, ge=0, description="pull towards popular items for users with little history")
+    few_events: float = Field(5.0, gt=0, description="a user with this many items leans half on popularity")
+    factors: int = Field(256, ge=1, description="rank of the behaviour model (low-rank EASE)")
+    l2: float = Field(200.0, gt=0, description="the behaviour model's regularisation (EASE lambda)")
+    cold_damping: float = Field(0.5, ge=0, le=1, description="weight of text-predicted behaviour for items with no events")
+    new_item_slots: int = Field(1, ge=0, description="last places of a user's list kept for the best-matching items with no events yet")
+
+
+class GateConfig(Section):
+    """Before publishing, lists rebuilt without each user's most recent events are scored on them."""
+
+    enabled: bool = True
+    holdout: float = Field(0.1, gt=0, lt=1, description="share of each user's most recent items held out")
+    k: int = Field(10, ge=1)
+    min_ndcg: float = Field(0.0, ge=0, le=1, description="the floor: below it nothing is published")
+    min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
+    max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")
+    max_users: int = Field(20_000, ge=1, description="users scored (a seeded sample above this)")
+
+
 class DaskConfig(Section):
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
     n_workers: int | None = Field(None, ge=1)
@@ -146,6 +171,8 @@ class Config(Section):
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
     lists: ListsConfig = ListsConfig()
+    blend: BlendConfig = BlendConfig()
+    gate: GateConfig = GateConfig()
     dask: DaskConfig = DaskConfig()
     publish: PublishConfig = PublishConfig()
     source_file: str | None = Field(None, exclude=True)

@@ -21,7 +21,8 @@ import numpy as np
 from qdrant_client import models
 
 from embedder.errors import RecsError
-from recommend.publish import ITEM_VECTOR, alias, list_versions, live_run_id, point_id
+from recommend.blend import Layout, user_from_items
+from recommend.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, alias, list_versions, live_run_id, point_id
 
 
 class NotFound(RecsError):
@@ -41,7 +42,7 @@ class Answer:
 
     query: str
     version: str
-    source: str  # history | history+popular | popular | similar | realtime | text
+    source: str  # history | few-events | history+popular | popular | similar | similar-from-text | realtime | text
     items: list[Recommendation]
 
     def to_dict(self) -> dict:
@@ -109,15 +110,21 @@ class Recommender:
         return self._answer(f"item {item_id}", point, "similar", k)
 
     def for_items(self, item_ids: list[str], k: int | None = None, query: str | None = None) -> Answer:
-        """Real-time fallback: items nearest the mean vector of `item_ids`, those items excluded."""
+        """Real-time fallback: the list a user with exactly these items in their history would get
+        (built as the batch builds one, in the same blended space), those items excluded."""
         k = k or self.k
+        layout = self._metadata().get("layout")
+        name = BLEND_QUERY_VECTOR if layout else ITEM_VECTOR  # versions before the blend had text only
         points = self.client.retrieve(alias(self.prefix, "items"), ids=[point_id("item", i) for i in item_ids],
-                                      with_vectors=[ITEM_VECTOR], with_payload=["run_id"])
+                                      with_vectors=[name], with_payload=["run_id"])
         if not points:
             raise NotFound(f"none of the items {item_ids} is in version {self.live_version()}")
-        profile = np.mean([p.vector[ITEM_VECTOR] for p in points], axis=0)
-        profile /= np.linalg.norm(profile) or 1.0
-        hits = self._search(profile, k, exclude=[p.id for p in points])
+        rows = np.array([p.vector[name] for p in points], dtype=np.float32)
+        if layout:
+            vector, using = user_from_items(rows, Layout(**layout)), BLEND_VECTOR
+        else:
+            vector, using = rows.mean(axis=0) / (np.linalg.norm(rows.mean(axis=0)) or 1.0), ITEM_VECTOR
+        hits = self._search(vector, k, exclude=[p.id for p in points], using=using)
         return Answer(query or f"items {','.join(item_ids)}", points[0].payload["run_id"], "realtime", hits)
 
     def search(self, text: str, k: int | None = None) -> Answer:
@@ -126,8 +133,7 @@ class Recommender:
         from embedder.model import model_fingerprint, resolve_model_path
 
         k = k or self.k
-        info = self.client.get_collection(alias(self.prefix, "items"))
-        meta = dict(info.config.metadata or {})
+        meta = self._metadata()
         path = resolve_model_path(self.model or meta.get("model") or "all-MiniLM-L6-v2")
         if meta.get("model_fingerprint") and model_fingerprint(path) != meta["model_fingerprint"]:
             raise RecsError(f"the model at {path} is not the one version {meta.get('run_id')} was built with "
@@ -136,6 +142,11 @@ class Recommender:
         return Answer(f"text {text!r}", meta.get("run_id", "?"), "text", self._search(vector, k))
 
     # ---- internals ------------------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        """The live items collection's metadata (run id, model, layout), cached per version."""
+        return self._cached("meta", "items", lambda: dict(
+            self.client.get_collection(alias(self.prefix, "items")).config.metadata or {}))
+
     def _cached(self, kind: str, key: str, fetch):
         cache_key = (self.live_version(), kind, key)
         if cache_key in self.cache:
@@ -163,9 +174,9 @@ class Recommender:
                                       with_payload=models.PayloadSelectorExclude(exclude=["similar", "run_id", "source"]))
         return {p.payload["item_id"]: {k: v for k, v in p.payload.items() if k != "item_id"} for p in points}
 
-    def _search(self, vector: np.ndarray, k: int, exclude: list | None = None) -> list[Recommendation]:
+    def _search(self, vector: np.ndarray, k: int, exclude: list | None = None, using: str = ITEM_VECTOR) -> list[Recommendation]:
         flt = models.Filter(must_not=[models.HasIdCondition(has_id=exclude)]) if exclude else None
-        hits = self.client.query_points(alias(self.prefix, "items"), query=np.asarray(vector).tolist(), using=ITEM_VECTOR,
+        hits = self.client.query_points(alias(self.prefix, "items"), query=np.asarray(vector).tolist(), using=using,
                                         limit=k, query_filter=flt, with_payload=models.PayloadSelectorExclude(
                                             exclude=["similar", "run_id", "source"])).points
         return [Recommendation(h.payload["item_id"], round(float(h.score), 5),

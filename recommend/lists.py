@@ -41,25 +41,32 @@ def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndar
     return short
 
 
-def similar_items(index, item_vectors: np.ndarray, k: int, popular_scores: np.ndarray,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every item, the k nearest other items. Returns (scores, ids, filled-from-popular mask)."""
-    n = len(item_vectors)
+def similar_items(index, queries: np.ndarray, k: int, popular_scores: np.ndarray,
+                  progress: Callable[[int], None] | None = None,
+                  item_vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every item, the k nearest other items. `queries[i]` is item i's query vector (its indexed
+    vector when the space is symmetric); `item_vectors`: the indexed vectors (default: `queries`).
+    Returns (scores, ids, filled-from-popular mask)."""
+    item_vectors = queries if item_vectors is None else item_vectors
+    n = len(queries)
     k = min(k, max(n - 1, 0))
     exclude = [np.array([i], dtype=np.int64) for i in range(n)]
-    scores, ids = search_excluding(index, item_vectors, k, exclude, progress=progress)
-    filled = fill_from_popular(scores, ids, exclude, np.argsort(-popular_scores, kind="stable"), item_vectors,
+    scores, ids = search_excluding(index, queries, k, exclude, progress=progress)
+    filled = fill_from_popular(scores, ids, exclude, np.argsort(-popular_scores, kind="stable"), queries,
                                item_vectors, popular_scores)
     return scores, ids, filled
 
 
 def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen: list[np.ndarray], k: int,
                       item_vectors: np.ndarray, popular_scores: np.ndarray,
-                      progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      progress: Callable[[int], None] | None = None, new_items: np.ndarray | None = None,
+                      new_slots: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
-    Users without history get the most popular items. Returns (scores, ids, source) where source is
-    'history', 'history+popular' (topped up) or 'popular' per user.
+    Users without history get the most popular items. With `new_slots`, each user with history gets
+    up to that many of the best-matching `new_items` (items without events) at the end of the list.
+    Returns (scores, ids, source) where source is 'history', 'history+new' (a new item let in),
+    'history+popular' (topped up) or 'popular' per user.
     """
     k = min(k, len(item_vectors))
     scores = np.full((len(profiles), k), -np.inf, dtype=np.float32)
@@ -70,8 +77,44 @@ def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
                                item_vectors, popular_scores)
-    source = np.where(~has_history, "popular", np.where(filled, "history+popular", "history"))
+    let_in = reserve_for_new(scores, ids, profiles, item_vectors, new_items if new_items is not None else np.array([], np.int64),
+                             seen, rows, new_slots)
+    source = np.where(~has_history, "popular", np.where(filled, "history+popular", np.where(let_in, "history+new", "history")))
     return scores, ids, source
+
+
+def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, item_vectors: np.ndarray,
+                    new_items: np.ndarray, seen: list[np.ndarray], rows: np.ndarray, slots: int = 1,
+                    block: int = 4096) -> np.ndarray:
+    """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
+    `slots` new items, the last slots go to the best-scoring new items for that row (in place).
+    Returns a bool mask of the rows changed. Rows keep their order by score within the old items."""
+    changed = np.zeros(len(ids), dtype=bool)
+    if slots <= 0 or not len(new_items) or not len(rows):
+        return changed
+    k = ids.shape[1]
+    slots = min(slots, k)
+    new_set = np.asarray(new_items, dtype=np.int64)
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
+        cand = queries[part] @ item_vectors[new_set].T  # (rows, new items)
+        for j, row in enumerate(part):
+            have = np.isin(ids[row], new_set).sum()
+            need = slots - have
+            if need <= 0 or ids[row, k - 1] < 0:
+                continue
+            order = np.argsort(-cand[j], kind="stable")
+            picks = [c for c in new_set[order] if c not in ids[row] and c not in seen[row]][:need]
+            if picks:
+                # drop the lowest old items, keep the rest in order, then the new ones
+                keep = [i for i in ids[row] if i not in new_set][: k - have - len(picks)]
+                kept = [(s, i) for s, i in zip(scores[row], ids[row]) if i in keep or i in new_set]
+                tail = [(float(cand[j][np.flatnonzero(new_set == p)[0]]), p) for p in picks]
+                merged = kept + tail
+                ids[row] = [i for _, i in merged]
+                scores[row] = [s for s, _ in merged]
+                changed[row] = True
+    return changed
 
 
 def lists_frame(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray,

@@ -31,8 +31,10 @@ from embedder.model import resolve_model_path, ModelNotFound
 from index.build import build_index, choose_factory, save_index
 from recommend.config import Config, ConfigError
 from recommend.lists import lists_frame, recommended_items, similar_items
-from recommend.profiles import interactions, popularity, seen_items, user_profiles
-from recommend.publish import item_payloads, prune_versions, stage_version, switch_live, user_payloads
+from recommend.evaluate import BlendSettings, holdout_score, space_for
+from recommend.gate import check_gate, gate_problems
+from recommend.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, item_payloads, live_gate, prune_versions,
+                               stage_version, switch_live, user_payloads)
 from recommend.runs import RefreshLock, new_run_id, runs_dir, write_manifest
 from recommend.store import open_store
 
@@ -102,6 +104,13 @@ def item_mapping(ic) -> ItemMapping:
     extras = {name: ExtraText(_source(x, f"items.extra_text.{name}"), x.id, x.column, x.separator, x.max_values)
               for name, x in ic.extra_text.items()}
     return ItemMapping(ic.id, ic.text, tuple(ic.metadata), dict(ic.list_separators), dict(ic.flags), extras, ic.newest_by, ic.max_text_chars)
+
+
+def blend_settings(config: Config) -> BlendSettings:
+    """The blend and lists sections of the config as the settings `build_space` and `recs eval` take."""
+    b = config.blend
+    return BlendSettings(b.behaviour_weight, b.popularity_weight, b.factors, b.l2, b.few_events, b.cold_damping,
+                         b.new_item_slots, config.lists.half_life_days)
 
 
 def event_weights(ec) -> dict[str, float]:
@@ -195,45 +204,70 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     # ---- index & lists --------------------------------------------------------------------------
     t = time.perf_counter()
     item_ids = np.asarray(emb.item_ids, dtype=object)
-    item_row = {i: r for r, i in enumerate(emb.item_ids)}
     user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
-    inter = interactions(events.rows, item_row, len(item_ids), weights, config.lists.half_life_days, user_ids)
-    profiles, has_history = user_profiles(inter.matrix, emb.vectors)
-    seen = seen_items(inter.matrix)
-    pop = popularity(inter.matrix)
+    settings = blend_settings(config)
+    space = space_for(events.rows, emb.item_ids, emb.vectors, user_ids, weights, settings)
+    has_history = space.has_history
     xc = config.index
-    index = build_index(emb.vectors, xc.kind, xc.exact_below, hnsw_ef_search=xc.hnsw_ef_search)
+    index = build_index(space.item_docs, xc.kind, xc.exact_below, hnsw_ef_search=xc.hnsw_ef_search)
     save_index(index, run_dir / "index.faiss")
     k = config.lists.k
-    i_scores, i_ids, i_filled = similar_items(index, emb.vectors, k, pop, progress=out.bar("index: item->item", len(item_ids)))
-    u_scores, u_ids, u_source = recommended_items(index, profiles, has_history, seen, k, emb.vectors, pop,
-                                                  progress=out.bar("index: user->item", int(has_history.sum())))
-    i_source = np.where(i_filled, "similar+popular", "similar")
+    i_scores, i_ids, i_filled = similar_items(index, space.item_queries, k, space.popularity,
+                                              progress=out.bar("index: item->item", len(item_ids)),
+                                              item_vectors=space.item_docs)
+    u_scores, u_ids, u_source = recommended_items(index, space.users, has_history, space.seen, k, space.item_docs,
+                                                  space.popularity, progress=out.bar("index: user->item", int(has_history.sum())),
+                                                  new_items=np.flatnonzero(~space.warm), new_slots=settings.new_item_slots)
+    u_source = np.where((u_source == "history") & space.few_events, "few-events", u_source)
+    i_source = np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text"))
     lists = pd.concat([lists_frame("item", item_ids, i_scores, i_ids, item_ids, i_source),
                        lists_frame("user", user_ids, u_scores, u_ids, item_ids, u_source)], ignore_index=True)
     write_parquet(pa.Table.from_pandas(lists, preserve_index=False), run_dir / "lists.parquet")
     seconds["index"] = time.perf_counter() - t
     short_users = int(((u_ids >= 0).sum(axis=1) < min(k, len(item_ids))).sum())
+    cold_in_lists = int(np.isin(u_ids[u_ids >= 0], np.flatnonzero(~space.warm)).sum())
     write_manifest(run_dir, "index", {"factory": choose_factory(len(item_ids), xc.kind, xc.exact_below), "items": len(item_ids),
                                       "users": len(user_ids), "users_with_history": int(has_history.sum()),
                                       "users_short_of_k": short_users, "k": k, "rows": "embeddings.parquet order",
-                                      "seconds": seconds["index"], "config": {"index": xc.model_dump(), "lists": config.lists.model_dump()}})
-    out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists ({int((~has_history).sum())} by popularity) "
-            f"({seconds['index']:.1f}s)")
+                                      "layout": space.layout.to_dict(), "cold_items": int((~space.warm).sum()),
+                                      "cold_items_projected": space.cold_items_projected,
+                                      "cold_items_in_user_lists": cold_in_lists,
+                                      "seconds": seconds["index"], "config": {"index": xc.model_dump(), "lists": config.lists.model_dump(),
+                                                                              "blend": config.blend.model_dump()}})
+    out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists ({int((~has_history).sum())} by popularity, "
+            f"{int((~space.warm).sum())} items placed by text alone) ({seconds['index']:.1f}s)")
+
+    # ---- quality gate ---------------------------------------------------------------------------
+    pc = config.publish
+    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env)
+    gate = {"enabled": config.gate.enabled}
+    if config.gate.enabled:
+        t = time.perf_counter()
+        gc = config.gate
+        gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users))
+        live = live_gate(store, pc.prefix)
+        gate["live"] = live
+        gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
+        seconds["gate"] = time.perf_counter() - t
+        write_manifest(run_dir, "gate", {**gate, "seconds": seconds["gate"], "config": gc.model_dump()})
+        figure = "n/a" if gate["ndcg"] is None else f"{gate['ndcg']:.4f} (popularity {gate['popularity_ndcg']:.4f})"
+        out.say(f"[gate] nDCG@{gc.k} on the most recent {gc.holdout:.0%}: {figure} "
+                f"{'FAILED' if gate['problems'] else 'passed'} ({seconds['gate']:.1f}s)")
+        check_gate(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
 
     # ---- publish --------------------------------------------------------------------------------
     t = time.perf_counter()
-    pc = config.publish
-    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env)
     metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {"run_id": run_id, "created_at": created, "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
-            "dim": int(emb.vectors.shape[1]), "k": k}
+            "dim": int(emb.vectors.shape[1]), "k": k, "layout": space.layout.to_dict(),
+            "gate": {key: gate.get(key) for key in ("ndcg", "popularity_ndcg", "users", "holdout", "k")}}
     tick = out.bar("publish: upserting", len(item_ids) + len(user_ids))
     written = stage_version(store, pc.prefix, run_id,
-                            {"ids": item_ids.tolist(), "vectors": emb.vectors,
+                            {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
+                                                                   BLEND_QUERY_VECTOR: space.item_raw_queries},
                              "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
-                            {"ids": user_ids, "vectors": profiles,
+                            {"ids": user_ids, "vectors": space.users,
                              "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
                             meta, pc.batch_size, tick)
     previous = switch_live(store, pc.prefix, run_id)
@@ -261,6 +295,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "accounting": {name: accounting(r.counts) for name, r in (("items", items), ("events", events), ("users", users))
                        if r is not None},
         "published_version": run_id, "previous_version": previous,
+        "gate": gate, "cold_items": {"count": int((~space.warm).sum()), "in_user_lists": cold_in_lists},
         "encode_texts_per_second": emb.counts["texts_per_second"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

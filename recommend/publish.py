@@ -18,7 +18,10 @@ from qdrant_client import models
 from embedder.errors import RecsError
 
 NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
+# Named vectors. Items: "text" (the embedding, for text queries), "blend" (what lists are ranked by)
+# and "blend_query" (raw behaviour query side + text, for real-time user vectors). Users: "profile".
 ITEM_VECTOR, USER_VECTOR = "text", "profile"
+BLEND_VECTOR, BLEND_QUERY_VECTOR = "blend", "blend_query"
 
 
 class PublishError(RecsError):
@@ -53,12 +56,12 @@ def _clean(value):
     return value
 
 
-def upload(client, name: str, ids: list[str], vectors: np.ndarray, vector_name: str, payloads: Iterable[dict],
+def upload(client, name: str, ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict],
            batch_size: int = 256, progress: Callable[[int], None] | None = None) -> None:
-    """Batched upserts of (id, vector, payload) points into collection `name`."""
+    """Batched upserts of (id, named vectors, payload) points into collection `name`."""
     batch = []
-    for pid, vec, payload in zip(ids, vectors, payloads):
-        batch.append(models.PointStruct(id=pid, vector={vector_name: vec.tolist()}, payload=payload))
+    for row, (pid, payload) in enumerate(zip(ids, payloads)):
+        batch.append(models.PointStruct(id=pid, vector={n: v[row].tolist() for n, v in vectors.items()}, payload=payload))
         if len(batch) == batch_size:
             client.upsert(name, points=batch, wait=True)
             if progress:
@@ -74,20 +77,21 @@ def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, me
                   batch_size: int = 256, progress: Callable[[int], None] | None = None) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
 
-    `items`/`users`: {"ids": [...], "vectors": (n, d) array, "payloads": [dict, ...]}.
-    Returns the counts written.
+    `items`/`users`: {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array (named "text"
+    for items, "profile" for users), "payloads": [dict, ...]}. Returns the counts written.
     """
     counts = {}
-    for kind, data, vector_name in (("items", items, ITEM_VECTOR), ("users", users, USER_VECTOR)):
+    for kind, data, default_name in (("items", items, ITEM_VECTOR), ("users", users, USER_VECTOR)):
         name = collection(prefix, kind, run_id)
+        vectors = data["vectors"] if isinstance(data["vectors"], dict) else {default_name: data["vectors"]}
         if client.collection_exists(name):
             client.delete_collection(name)  # a half-filled leftover of a crashed attempt at this run
         client.create_collection(
-            name, vectors_config={vector_name: models.VectorParams(size=int(data["vectors"].shape[1]),
-                                                                  distance=models.Distance.DOT)},
+            name, vectors_config={n: models.VectorParams(size=int(v.shape[1]), distance=models.Distance.DOT)
+                                  for n, v in vectors.items()},
             metadata={**metadata, "kind": kind})
         ids = [point_id(kind[:-1], b) for b in data["ids"]]
-        upload(client, name, ids, data["vectors"], vector_name, data["payloads"], batch_size, progress)
+        upload(client, name, ids, vectors, data["payloads"], batch_size, progress)
         found = client.count(name, exact=True).count
         if found != len(ids):
             raise PublishError(f"collection {name}: wrote {len(ids)} points, Qdrant counts {found}; not switching")
@@ -99,6 +103,15 @@ def live_run_id(client, prefix: str) -> str | None:
     """The run id the items alias points at, or None before the first publish."""
     target = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}.get(alias(prefix, "items"))
     return target.removeprefix(f"{prefix}_items_") if target else None
+
+
+def live_gate(client, prefix: str) -> dict | None:
+    """The quality-gate figures the live version was published with (None before the first publish)."""
+    run_id = live_run_id(client, prefix)
+    if run_id is None:
+        return None
+    meta = dict(client.get_collection(alias(prefix, "items")).config.metadata or {})
+    return {**(meta.get("gate") or {}), "run_id": run_id}
 
 
 def switch_live(client, prefix: str, run_id: str) -> str | None:

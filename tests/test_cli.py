@@ -80,3 +80,16 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     assert json.loads(result.output)[0]["live"] is True
     result = runner.invoke(app, ["rollback", "-c", str(path)])
     assert result.exit_code == 1 and "no version older" in result.output
+
+    # offline evaluation of that run: metrics beside baselines, a sweep, plots beside the report
+    result = runner.invoke(app, ["eval", "-c", str(path), "--json", "--k", "5,10", "--sweep", "0,1"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.output)
+    assert scored["run_id"] == report["run_id"] and scored["split"] == "random" and scored["seed"] == 42
+    lists, pop, rnd = (s["at"]["10"]["ndcg"] for s in (scored["lists"], scored["baselines"]["popularity"],
+                                                        scored["baselines"]["random"]))
+    assert lists > pop > rnd
+    assert scored["sweep"]["behaviour_weight"] == [0.0, 1.0] and len(scored["sweep"]["value"]) == 2
+    assert all(Path(p).is_file() for p in scored["written"]) and any(p.endswith("weight-sweep.png") for p in scored["written"])
+    result = runner.invoke(app, ["eval", "-c", str(path), "--split", "sideways"])
+    assert result.exit_code == 2 and "--split must be random or temporal" in result.output

@@ -13,8 +13,8 @@ from recommend.pipeline import refresh
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["explore.ipynb"])
-def test_notebook_executes(name, tmp_path, sample_dir, tiny_model, dask_client, monkeypatch):
+@pytest.mark.parametrize("name, expected", [("explore.ipynb", "list from version"), ("quality.ipynb", "nDCG@10")])
+def test_notebook_executes(name, expected, tmp_path, sample_dir, tiny_model, dask_client, monkeypatch):
     path = write_config(tmp_path, sample_dir, tiny_model)
     refresh(load_config(path), quiet=True, client=dask_client)
     # the kernel is another process: release this process's hold on the local Qdrant folder
@@ -26,4 +26,4 @@ def test_notebook_executes(name, tmp_path, sample_dir, tiny_model, dask_client, 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs)
-    assert "list from version" in text
+    assert expected in text

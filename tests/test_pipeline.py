@@ -38,32 +38,61 @@ def test_report_and_artifacts(first_run):
     assert json.load(open(f"{run}/report.json"))["run_id"] == report["run_id"]
 
 
+def _published_vectors(config, kind, names, ids):
+    """Oracle input: the vectors as Qdrant holds them (a reread of the publish)."""
+    from recommend.publish import alias, point_id
+    from recommend.store import open_store
+
+    store = open_store(None, config.workdir + "/qdrant")
+    points = store.retrieve(alias("recs", kind + "s"), ids=[point_id(kind, i) for i in ids], with_vectors=names)
+    by_id = {p.payload[f"{kind}_id"]: p for p in points}
+    return {n: np.array([by_id[i].vector[n] for i in ids], dtype=np.float32) for n in names}
+
+
 def test_lists_match_exact_search_and_exclude_seen(first_run):
-    """Oracle: brute force over the run's own embeddings and profiles from its own events."""
+    """Oracle: brute force over the published blended vectors, seen items excluded."""
+    from recommend.blend import Layout, item_queries_from_raw
+    from recommend.publish import list_versions
+    from recommend.store import open_store
+
     config, report = first_run
     run = config.workdir + f"/runs/{report['run_id']}"
     import pyarrow.parquet as pq
 
-    emb = pq.read_table(f"{run}/embeddings.parquet")
-    vectors, item_ids = arrow_to_vectors(emb["vector"]), np.array(emb["item_id"].to_pylist(), dtype=object)
+    item_ids = np.array(pq.read_table(f"{run}/embeddings.parquet")["item_id"].to_pylist(), dtype=object)
     lists = pd.read_parquet(f"{run}/lists.parquet")
     events = pd.read_parquet(f"{run}/events.parquet")
     k = config.lists.k
     sizes = lists.groupby(["subject_kind", "subject_id"]).size()
     assert (sizes == k).all()  # exactly K for every item and every user
+    layout = Layout(**list_versions(open_store(None, config.workdir + "/qdrant"), "recs")[0].metadata["layout"])
+    items = _published_vectors(config, "item", ["blend", "blend_query"], item_ids.tolist())
+    queries = item_queries_from_raw(items["blend_query"], layout)
 
     item_lists = lists[lists.subject_kind == "item"]
     for i in (0, 17, 239):
-        sims = vectors @ vectors[i]
+        sims = items["blend"] @ queries[i]
         sims[i] = -np.inf
         expected = item_ids[np.argsort(-sims, kind="stable")[:k]]
         got = item_lists[item_lists.subject_id == item_ids[i]].sort_values("rank")["item_id"]
-        assert set(got) == set(expected)
+        assert list(got) == list(expected)
 
     user_lists = lists[lists.subject_kind == "user"]
     seen = events.groupby("user_id")["item_id"].apply(set)
-    for user, items in seen.items():
-        assert not items & set(user_lists[user_lists.subject_id == user]["item_id"])
+    users = [seen.index[0], seen.index[40], seen.index[-1]]
+    profiles = _published_vectors(config, "user", ["profile"], users)["profile"]
+    new = ~np.isin(item_ids, events["item_id"].unique())  # items with no events: one slot is kept for them
+    for user, profile in zip(users, profiles):
+        sims = items["blend"] @ profile
+        sims[np.isin(item_ids, list(seen[user]))] = -np.inf
+        ranking = np.argsort(-sims, kind="stable")
+        expected = ranking[:k]
+        if not new[expected].any():
+            expected = np.concatenate([ranking[~new[ranking]][:k - 1], ranking[new[ranking]][:1]])
+        got = user_lists[user_lists.subject_id == user].sort_values("rank")["item_id"]
+        assert list(got) == list(item_ids[expected])
+    for user, items_seen in seen.items():
+        assert not items_seen & set(user_lists[user_lists.subject_id == user]["item_id"])
     new_users = set(user_lists.subject_id) - set(seen.index)
     assert len(new_users) == 3
     assert set(user_lists[user_lists.subject_id.isin(new_users)]["source"]) == {"popular"}
@@ -139,3 +168,25 @@ def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_mo
     assert "the live version stays live" in message
     assert Recommender.from_config(config).live_version() == good["published_version"]
     assert not (tmp_path / "work" / "refresh.lock").exists()
+
+
+def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask_client):
+    """A run whose events lost their meaning (item ids shuffled across events) is stopped by the gate
+    before publishing, with its figures in the message; the good version stays live."""
+    from recommend.gate import GateFailed
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("items", "users", "events"):
+        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    config = load_config(write_config(tmp_path, data, tiny_model, lists={"k": 10}))
+    good = refresh(config, quiet=True, client=dask_client)
+    assert good["gate"]["ndcg"] > good["gate"]["popularity_ndcg"] > 0 and not good["gate"]["problems"]
+
+    events = pd.read_parquet(sample_dir / "events.parquet")
+    rng = np.random.default_rng(0)
+    events.assign(item_id=rng.permutation(events["item_id"].to_numpy())).to_parquet(data / "events.parquet", index=False)
+    with pytest.raises(GateFailed) as err:
+        refresh(config, quiet=True, client=dask_client)
+    assert "quality gate: nDCG@10" in str(err.value) and "the live version stays live" in str(err.value)
+    assert Recommender.from_config(config).live_version() == good["published_version"]

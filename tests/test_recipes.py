@@ -46,3 +46,12 @@ def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
     events = pd.read_parquet(run / "events.parquet")
     seen = set(zip(events["user_id"], events["item_id"]))
     assert not any((u, i) in seen for u, i in zip(users["subject_id"], users["item_id"]))
+
+    # issue 5's bar: the default blend, per-user stratified 75/25 random split, seed 42, K=10
+    from recommend.evaluate import evaluate_run
+
+    result = evaluate_run(config, split="random", test_ratio=0.25, seed=42, ks=(10,), plots=False)
+    ndcg = result["lists"]["at"]["10"]["ndcg"]
+    assert ndcg >= 0.36, result["lists"]
+    assert ndcg > 1.5 * result["baselines"]["popularity"]["at"]["10"]["ndcg"]
+    assert result["lists"]["cold_share"] > 0  # items with no training events reach users

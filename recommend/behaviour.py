@@ -1,0 +1,89 @@
+"""Behaviour vectors learned from the interactions: a low-rank EASE, fitted in one truncated SVD.
+
+EASE (Steck, 2019) scores a user's unseen items with x·B, where B = I - P·diag(1/diag P) and
+P = (XᵀX + λI)⁻¹. With the Gram matrix's top-r eigenpairs XᵀX ≈ V diag(s²) Vᵀ (the right singular
+vectors of X), P = V diag(1/(s²+λ)) Vᵀ + (I - VVᵀ)/λ, and for every item the user has NOT seen:
+
+    score(u, j) ∝ (x_u V diag(s²/(s²+λ))) · (V_j / P_jj)
+
+so a user is the vector x_u V diag(s²/(s²+λ)) and an item the vector V_j / P_jj, and one
+inner-product search ranks exactly like rank-r EASE. The query side of an item (for "similar items",
+the score a one-item history gives) is V_j diag(s²/(s²+λ)). On ml-latest-small (75/25 split, seed 42)
+this scored nDCG@10 0.410 at r=256, λ=200, against 0.411 for full EASE, in 0.3 s instead of 34 s
+(an n_items² inverse); it scales with the number of interactions, not the catalog squared.
+
+Items with no interactions have V_j = 0. `project_cold` gives them behaviour vectors from their text,
+with a ridge map learned on the items that have both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import Ridge
+from sklearn.utils.extmath import randomized_svd
+
+
+@dataclass
+class Behaviour:
+    """Fitted behaviour space. Rows follow the interaction matrix's columns (items)."""
+
+    item_vectors: np.ndarray   # (items, r) document side: V_j / P_jj, divided by `scale` so that norms are <= ~1
+    item_queries: np.ndarray   # (items, r) query side: V_j diag(s²/(s²+λ)); a user is the sum over their history
+    warm: np.ndarray           # (items,) bool: the item has interactions
+    scale: float               # the document-side divisor applied to item_vectors
+
+    def users(self, matrix: sp.csr_matrix) -> np.ndarray:
+        """User vectors (users, r), unnormalised, for rows of a binary user x item matrix over the same items."""
+        return np.asarray(matrix @ self.item_queries, dtype=np.float32)
+
+
+def behaviour_matrix(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """The matrix the model is fitted on: 1 for every (user, item) pair with an interaction.
+    Which items go together is in who touched them; weights and recency shape the popularity list
+    and the text profile instead (binary input is also the setting EASE's λ range was found for)."""
+    binary = matrix.copy().astype(np.float32)
+    binary.data[:] = 1.0
+    binary.eliminate_zeros()
+    return binary
+
+
+def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, seed: int = 0) -> Behaviour:
+    """Fit rank-`factors` EASE with regularisation `l2` on a binary user x item matrix."""
+    n_users, n_items = matrix.shape
+    r = max(1, min(factors, n_users, n_items))
+    warm = np.asarray(matrix.getnnz(axis=0) > 0).ravel()
+    if matrix.nnz == 0 or r < 1:
+        zeros = np.zeros((n_items, 1), dtype=np.float32)
+        return Behaviour(zeros, zeros.copy(), warm, 1.0)
+    _, s, vt = randomized_svd(matrix.astype(np.float64), r, n_iter=5, random_state=seed)
+    v = vt.T
+    s2 = s ** 2
+    shrink = s2 / (s2 + l2)
+    diag_p = (v ** 2 / (s2 + l2)).sum(axis=1) + np.clip(1.0 - (v ** 2).sum(axis=1), 0.0, None) / l2
+    docs = v / diag_p[:, None]
+    docs[~warm] = 0.0
+    norms = np.linalg.norm(docs[warm], axis=1)
+    scale = float(np.percentile(norms, 99)) if len(norms) else 1.0
+    return Behaviour((docs / scale).astype(np.float32), (v * shrink).astype(np.float32), warm, scale)
+
+
+def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 1.0, damping: float = 1.0) -> int:
+    """Give items without interactions behaviour vectors predicted from their text (in place).
+
+    A ridge regression from text space to both behaviour sides is fitted on the warm items (when
+    there are at least as many as text dimensions). Both sides are multiplied by `damping`: a prediction from text is less certain than observed
+    behaviour (on ml-latest-small, damping 1 / 0.5 / 0.25 gave nDCG@10 0.396 / 0.409 / 0.410 with cold
+    items in 2.4% / 0.5% / 0.15% of list slots). Returns the number of items projected."""
+    warm, cold = behaviour.warm, ~behaviour.warm
+    if not cold.any() or warm.sum() < text_vectors.shape[1]:
+        return 0  # fewer warm items than text dimensions: a map that can fit anything predicts nothing
+    targets = np.hstack([behaviour.item_vectors[warm], behaviour.item_queries[warm]])
+    model = Ridge(alpha=alpha, fit_intercept=True).fit(text_vectors[warm], targets)
+    predicted = model.predict(text_vectors[cold]).astype(np.float32)
+    r = behaviour.item_vectors.shape[1]
+    behaviour.item_vectors[cold] = damping * predicted[:, :r]
+    behaviour.item_queries[cold] = damping * predicted[:, r:]
+    return int(cold.sum())

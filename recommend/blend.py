@@ -1,0 +1,133 @@
+"""One vector space that blends behaviour, text and popularity, searched with one inner product.
+
+An item is [√w_b·behaviour, √w_t·text, √w_p·popularity] and a user [√w_b·b̂_u, √w_t·t̂_u, √w_p·α_u], so
+
+    user · item = w_b·(behaviour score) + w_t·(text cosine) + w_p·α_u·(popularity of the item)
+
+with w_t = 1 - w_b. b̂_u is the user's behaviour vector (sum of the query sides of their items,
+see behaviour.py) and t̂_u their text profile, both unit length. α_u = m / (m + n_u) for a user with
+n_u items in their history: a user with little history leans on popularity, a long history on its own.
+The item→item query of an item is [√w_b·q̂_j, √w_t·text_j, 0].
+
+`build_space` is the whole step from events to these vectors; the refresh and `recs eval` both call
+it, so what is evaluated is what is published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from recommend.behaviour import behaviour_matrix, fit_behaviour, project_cold
+from recommend.profiles import interactions, popularity, seen_items, user_profiles
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the blended vectors are laid out and weighted (published with the version, so that the
+    real-time path builds the same user vectors)."""
+
+    behaviour_dim: int
+    text_dim: int
+    behaviour_weight: float
+    popularity_weight: float
+    few_events: float  # m in α_u = m / (m + n_u)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def text_weight(self) -> float:
+        return 1.0 - self.behaviour_weight
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+
+
+def popularity_feature(pop: np.ndarray) -> np.ndarray:
+    """Popularity on a 0..1 log scale (the most popular item is 1)."""
+    top = np.log1p(pop.max()) if len(pop) and pop.max() > 0 else 1.0
+    return (np.log1p(np.maximum(pop, 0)) / top).astype(np.float32)
+
+
+def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np.ndarray, layout: Layout) -> np.ndarray:
+    return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_docs, np.sqrt(layout.text_weight) * text,
+                      np.sqrt(layout.popularity_weight) * pop_feature[:, None]]).astype(np.float32)
+
+
+def item_queries(behaviour_queries: np.ndarray, text: np.ndarray, layout: Layout) -> np.ndarray:
+    """Item→item queries. The behaviour part is divided by one constant (the 99th percentile of the
+    norms), not per item, so that an item with little evidence (a cold item's damped prediction) asks
+    with less weight on behaviour and more on its text."""
+    norms = np.linalg.norm(behaviour_queries, axis=1)
+    scale = float(np.percentile(norms[norms > 0], 99)) if (norms > 0).any() else 1.0
+    return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_queries / scale, np.sqrt(layout.text_weight) * text,
+                      np.zeros((len(text), 1), np.float32)]).astype(np.float32)
+
+
+def item_queries_from_raw(raw: np.ndarray, layout: Layout) -> np.ndarray:
+    """Item→item queries from the published raw query rows (`blend_query`): behaviour part, then text."""
+    return item_queries(raw[:, :layout.behaviour_dim], raw[:, layout.behaviour_dim:], layout)
+
+
+def user_vectors(behaviour_sum: np.ndarray, text_profile: np.ndarray, n_history: np.ndarray, layout: Layout) -> np.ndarray:
+    alpha = layout.few_events / (layout.few_events + np.asarray(n_history, dtype=np.float32))
+    return np.hstack([np.sqrt(layout.behaviour_weight) * _unit(behaviour_sum), np.sqrt(layout.text_weight) * _unit(text_profile),
+                      np.sqrt(layout.popularity_weight) * alpha[:, None]]).astype(np.float32)
+
+
+def user_from_items(query_rows: np.ndarray, layout: Layout) -> np.ndarray:
+    """The real-time path: a user vector from the published query-side rows (`blend_query` raw parts) of
+    the items they just touched, built as `user_vectors` builds a batch user."""
+    b, t = layout.behaviour_dim, layout.text_dim
+    behaviour_sum = query_rows[:, :b].sum(axis=0, keepdims=True)
+    text_profile = query_rows[:, b:b + t].sum(axis=0, keepdims=True)
+    return user_vectors(behaviour_sum, text_profile, np.array([len(query_rows)]), layout)[0]
+
+
+@dataclass
+class Space:
+    """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
+
+    item_docs: np.ndarray        # (items, D) what the index holds
+    item_queries: np.ndarray     # (items, D) queries for item -> item
+    item_raw_queries: np.ndarray  # (items, r + d) unweighted behaviour query side and text, for the real-time path
+    users: np.ndarray            # (users, D)
+    has_history: np.ndarray      # (users,) bool
+    few_events: np.ndarray       # (users,) bool: fewer than `layout.few_events` items of history
+    seen: list[np.ndarray]
+    popularity: np.ndarray       # (items,) decayed weights
+    warm: np.ndarray             # (items,) bool: the item has interactions
+    layout: Layout
+    cold_items_projected: int
+
+
+def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
+                weights: dict[str, float], half_life_days: float, behaviour_weight: float = 0.95,
+                popularity_weight: float = 0.3, factors: int = 256, l2: float = 200.0, few_events: float = 5.0,
+                cold_damping: float = 0.5) -> Space:
+    """From accepted events and item text vectors to the blended item and user vectors."""
+    item_row = {i: r for r, i in enumerate(item_ids)}
+    inter = interactions(events, item_row, len(item_ids), weights, half_life_days, user_ids)
+    binary = behaviour_matrix(inter.matrix)
+    model = fit_behaviour(binary, factors, l2)
+    projected = project_cold(model, text, damping=cold_damping)
+    text_profile, _ = user_profiles(inter.matrix, text)
+    n_history = np.diff(binary.indptr)
+    has_history = n_history > 0
+    text_profile[has_history & ~np.any(text_profile, axis=1)] = _unit(np.asarray(binary @ text))[
+        has_history & ~np.any(text_profile, axis=1)]  # weights that decayed to 0: fall back to the plain mean
+    layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(behaviour_weight),
+                    float(popularity_weight), float(few_events))
+    pop = popularity(inter.matrix)
+    return Space(
+        item_docs=item_documents(model.item_vectors, text, popularity_feature(pop), layout),
+        item_queries=item_queries(model.item_queries, text, layout),
+        item_raw_queries=np.hstack([model.item_queries, text]).astype(np.float32),
+        users=user_vectors(model.users(binary), text_profile, n_history, layout),
+        has_history=has_history, few_events=has_history & (n_history < few_events),
+        seen=seen_items(binary), popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)

@@ -1,0 +1,99 @@
+"""Offline evaluation and the behaviour model, checked against values computed by hand and against
+exact EASE (the oracle for the low-rank fit)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from recommend.behaviour import fit_behaviour, project_cold
+from recommend.gate import gate_problems
+from recommend.metrics import cold_share, coverage, ranking_metrics
+from recommend.splits import random_split, temporal_split
+
+
+def test_metrics_by_hand():
+    # user 0: relevant {1, 5}, list [3, 1, 2] -> one hit at rank 2
+    # user 1: relevant {7}, list [7, 8, 9] -> hit at rank 1
+    # user 2: nothing held out -> left out of every mean
+    ranked = np.array([[3, 1, 2], [7, 8, 9], [1, 2, 3]])
+    relevant = [np.array([1, 5]), np.array([7]), np.array([], dtype=np.int64)]
+    m = ranking_metrics(ranked, relevant)
+    ndcg0 = (1 / np.log2(3)) / (1 + 1 / np.log2(3))
+    assert m["users"] == 2
+    assert m["ndcg"] == pytest.approx((ndcg0 + 1.0) / 2)
+    assert m["precision"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert m["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["map"] == pytest.approx(((1 / 2) / 2 + 1.0) / 2)  # user 0: precision@2 = 1/2 over min(2, 3)
+    assert m["hit_rate"] == 1.0
+    assert ranking_metrics(ranked, relevant, k=1)["ndcg"] == pytest.approx(0.5)  # only user 1 hits at rank 1
+
+
+def test_no_hit_scores_zero_and_empty_slots_never_hit():
+    m = ranking_metrics(np.array([[4, -1, -1]]), [np.array([-1, 9])])
+    assert m == {"ndcg": 0.0, "precision": 0.0, "recall": 0.0, "map": 0.0, "hit_rate": 0.0, "users": 1}
+    assert coverage(np.array([[0, 1], [1, -1]]), 4) == 0.5
+    assert cold_share(np.array([[0, 1], [2, -1]]), np.array([True, False, False])) == pytest.approx(1 / 3)
+
+
+def _events(n_users=40, n_items=30, per_user=8, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [(f"u{u}", f"i{i}", pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(hours=int(h)))
+            for u in range(n_users) for i, h in zip(rng.choice(n_items, per_user, replace=False), rng.permutation(per_user))]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).assign(event_type="view")
+
+
+def test_splits_hold_out_a_share_per_user_and_never_split_a_pair():
+    events = _events()
+    events = pd.concat([events, events.iloc[:5].assign(event_type="purchase")])  # a pair with two events
+    train, held = random_split(events, 0.25, seed=42)
+    again, held_again = random_split(events, 0.25, seed=42)
+    assert held.equals(held_again) and not held.equals(random_split(events, 0.25, seed=7)[1])
+    assert (held.groupby("user_id").size() == 2).all()  # 25% of 8 items
+    pairs = set(zip(train.user_id, train.item_id))
+    assert not pairs & set(zip(held.user_id, held.item_id))
+    assert len(train) + 2 * 40 == len(events) - sum((u, i) in set(zip(held.user_id, held.item_id))
+                                                    for u, i in zip(events.user_id.iloc[:5], events.item_id.iloc[:5]))
+    train, held = temporal_split(events, 0.25)
+    last = events.groupby(["user_id", "item_id"])["ts"].max().reset_index()
+    for user, group in last.groupby("user_id"):
+        newest = set(group.nlargest(2, "ts")["item_id"])
+        assert set(held[held.user_id == user]["item_id"]) == newest
+
+
+def test_low_rank_ease_ranks_like_exact_ease():
+    """At full rank the fitted vectors give exact EASE's scores (times a constant) on unseen items."""
+    rng = np.random.default_rng(1)
+    x = sp.csr_matrix((rng.random((60, 25)) < 0.2).astype(np.float32))
+    l2 = 10.0
+    model = fit_behaviour(x, factors=25, l2=l2)
+    mine = model.users(x) @ model.item_vectors.T
+    g = (x.T @ x).toarray() + l2 * np.eye(25)
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0)
+    exact = x.toarray() @ b
+    unseen = x.toarray() == 0
+    ratio = mine[unseen & model.warm[None, :]] / exact[unseen & model.warm[None, :]]
+    assert np.allclose(ratio, ratio[0], rtol=1e-3) and ratio[0] > 0
+
+
+def test_cold_items_get_vectors_from_text():
+    rng = np.random.default_rng(2)
+    text = rng.normal(size=(500, 8)).astype(np.float32)
+    x = sp.csr_matrix((rng.random((300, 500)) < 0.05).astype(np.float32))
+    x = x.tolil(); x[:, 490:] = 0; x = x.tocsr()
+    x.eliminate_zeros()
+    model = fit_behaviour(x, factors=16, l2=5.0)
+    assert not model.warm[490:].any() and not model.item_vectors[490:].any()
+    assert project_cold(model, text, damping=0.5) == 10
+    assert np.abs(model.item_vectors[490:]).sum() > 0 and np.abs(model.item_queries[490:]).sum() > 0
+
+
+def test_gate_rules():
+    ok = {"ndcg": 0.30, "popularity_ndcg": 0.20, "k": 10, "users": 100, "holdout": 0.1}
+    assert gate_problems(ok, {"ndcg": 0.32, "run_id": "a"}, 0.0, 0.5, 0.2) == []
+    assert "min_ndcg" in gate_problems(ok, None, 0.35, 0.5, 0.2)[0]
+    assert "popularity" in gate_problems({**ok, "ndcg": 0.05}, None, 0.0, 0.5, 0.2)[0]
+    assert "live version" in gate_problems(ok, {"ndcg": 0.40, "run_id": "a"}, 0.0, 0.5, 0.2)[0]
+    assert gate_problems({**ok, "ndcg": None}, None, 0.5, 0.5, 0.2) == []
