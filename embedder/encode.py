@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from embedder.cache import EmbeddingCache, content_hashes
-from embedder.model import embedding_dim, load_model, model_fingerprint, resolve_model_path
+from embedder.cache import EmbeddingCache, as_stored, content_hashes
+from embedder.model import embedding_dim, load_model, model_fingerprint, pick_device, resolve_model_path
+from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve_precision
 
 
 @dataclass
@@ -29,22 +30,28 @@ class EmbedResult:
 
 
 def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_size: int = 64,
-                 torch_threads: int | None = None) -> np.ndarray:
+                 torch_threads: int | None = None, precision: str = "fp32") -> np.ndarray:
     """Encode one chunk on the current process (a Dask worker or the caller); the model is loaded once
-    per process. Threads are set here, inside the task: a setting made elsewhere does not reach it."""
+    per process. Threads are set here, inside the task: a setting made elsewhere does not reach it.
+    `precision`: fp32, bf16 or fp16 (resolved, see embedder/precision.py)."""
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
+    device = pick_device(device)
     model = load_model(model_path, device)
-    vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                           normalize_embeddings=True, show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32)
+    with autocast(precision, device):
+        vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if precision != "fp32":  # re-normalise in fp32: the half-precision norm is only close to 1
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
 
 
 def encode_texts(texts: list[str], model_path: str, client=None, device: str = "auto", batch_size: int = 64,
                  chunk_size: int = 1024, torch_threads: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+                 progress: Callable[[int], None] | None = None, precision: str = "fp32") -> np.ndarray:
     """Encode `texts` (order kept). With a Dask `client` the length-sorted chunks run on its workers;
     without one, in this process. `progress(n)` is called as each chunk of n texts finishes."""
     if not texts:
@@ -55,14 +62,14 @@ def encode_texts(texts: list[str], model_path: str, client=None, device: str = "
     out: list[np.ndarray | None] = [None] * len(chunks)
     if client is None:
         for i, rows in enumerate(chunks):
-            out[i] = encode_chunk([texts[r] for r in rows], model_path, device, batch_size, torch_threads)
+            out[i] = encode_chunk([texts[r] for r in rows], model_path, device, batch_size, torch_threads, precision)
             if progress:
                 progress(len(rows))
     else:
         from distributed import as_completed
 
         futures = [client.submit(encode_chunk, [texts[r] for r in rows], model_path, device, batch_size,
-                                 torch_threads, pure=False, key=f"encode-{i}-{time.time_ns()}")
+                                 torch_threads, precision, pure=False, key=f"encode-{i}-{time.time_ns()}")
                    for i, rows in enumerate(chunks)]
         index = {f.key: i for i, f in enumerate(futures)}
         for future in as_completed(futures):
@@ -76,11 +83,21 @@ def encode_texts(texts: list[str], model_path: str, client=None, device: str = "
     return vectors
 
 
+def check_precision(precision: str, device: str, model_path: str, sample: list[str]) -> dict:
+    """Compare `precision` with fp32 on `sample` (encoded here, in the calling process): mean and min
+    cosine, and `ok` when the mean reaches 0.99."""
+    reference = encode_chunk(sample, model_path, device, precision="fp32")
+    report = cosine_report(reference, encode_chunk(sample, model_path, device, precision=precision))
+    return {**report, "ok": report["mean_cosine"] >= MIN_MEAN_COSINE}
+
+
 def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, device: str = "auto",
                 batch_size: int = 64, chunk_size: int = 1024, torch_threads: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> EmbedResult:
+                progress: Callable[[int, int], None] | None = None, precision: str = "fp32",
+                check_sample: int = 64) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
+    `precision` other than fp32 is checked against fp32 on `check_sample` of the items' texts first.
 
     Example:
         result = embed_items(items, "all-MiniLM-L6-v2", ".recs/cache")
@@ -89,12 +106,26 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     """
     path = resolve_model_path(model)
     fingerprint = model_fingerprint(path)
-    hashes = content_hashes(fingerprint, items["text"])
+    chosen = resolve_precision(precision, pick_device(device))
+    precision_report = {"requested": precision, "chosen": chosen}
     cache = EmbeddingCache(cache_root)
     t0 = time.perf_counter()
-    found = cache.lookup(hashes)
+    while True:
+        # vectors made in another precision are other vectors: they get their own cache keys
+        hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
+        found = cache.lookup(hashes)
+        unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
+        if chosen == "fp32" or unique_missing.empty or "mean_cosine" in precision_report:
+            break
+        # texts to encode in reduced precision: check it against fp32 on a sample of them first
+        spread = np.linspace(0, len(unique_missing) - 1, min(check_sample, len(unique_missing))).astype(int)
+        check = check_precision(chosen, device, str(path), items["text"].iloc[unique_missing.index[spread]].tolist())
+        precision_report.update(check)
+        if check["ok"]:
+            break
+        chosen = precision_report["chosen"] = "fp32"  # and look the texts up again under fp32 keys
+        precision_report["fallback"] = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
     lookup_s = time.perf_counter() - t0
-    unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
     miss_texts = items["text"].iloc[unique_missing.index].tolist()
     done = 0
 
@@ -105,7 +136,7 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
             progress(done, len(miss_texts))
 
     t1 = time.perf_counter()
-    new = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick)
+    new = as_stored(encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick, chosen))
     encode_s = time.perf_counter() - t1
     cache.add(unique_missing.tolist(), new)
     found.update(zip(unique_missing.tolist(), new))
@@ -113,5 +144,6 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     vectors = np.stack([found[h] for h in hashes]).astype(np.float32) if len(hashes) else np.zeros((0, dim), np.float32)
     counts = {"items_encoded": len(miss_texts), "items_from_cache": int(len(hashes) - hashes.isin(unique_missing).sum()),
               "cache_lookup_seconds": round(lookup_s, 3), "encode_seconds": round(encode_s, 3),
-              "texts_per_second": round(len(miss_texts) / encode_s, 1) if miss_texts and encode_s > 0 else None}
+              "texts_per_second": round(len(miss_texts) / encode_s, 1) if miss_texts and encode_s > 0 else None,
+              "precision": precision_report}
     return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)

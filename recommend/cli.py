@@ -146,13 +146,13 @@ def evaluate(config: str = ConfigOpt,
     table = Table(title=f"run {result['run_id']}: {split} split, {test_ratio:.0%} held out, seed {seed}; "
                         f"{result['users']} users, {result['items']} items ({result['cold_items']} without training events)",
                   title_justify="left")
-    for col in ["lists / baseline", "K", "nDCG", "precision", "recall", "MAP", "hit rate", "coverage@10", "cold share@10"]:
+    for col in ["lists / baseline", "K", "nDCG", "precision", "recall", "MAP", "hit rate", "coverage", "cold share"]:
         table.add_column(col)
     for name, scored in {"lists": result["lists"], **result["baselines"]}.items():
         for kk in ks:
             m = scored["at"][str(kk)]
             table.add_row(name, str(kk), f"{m['ndcg']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
-                          f"{m['map']:.4f}", f"{m['hit_rate']:.3f}", f"{scored['coverage']:.3f}", f"{scored['cold_share']:.4f}")
+                          f"{m['map']:.4f}", f"{m['hit_rate']:.3f}", f"{m['coverage']:.3f}", f"{m['cold_share']:.4f}")
     Console(soft_wrap=True).print(table)
     if result.get("sweep"):
         pairs = ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(result["sweep"]["behaviour_weight"], result["sweep"]["value"]))

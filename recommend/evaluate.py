@@ -67,17 +67,23 @@ def _rank_by(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
     return out
 
 
+def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """User lists (len(rows), k) from a built space, searched exactly, made as the refresh makes them
+    (seen items excluded, popularity top-up, the last `new_slots` places for items with no events)."""
+    rows = np.arange(len(space.users)) if rows is None else rows
+    index = build_index(space.item_docs, kind="exact")
+    _, ids, _ = recommended_items(index, space.users[rows], space.has_history[rows], [space.seen[r] for r in rows], k,
+                                  space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
+                                  new_slots=new_slots)
+    return ids
+
+
 def lists_for(train: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
               weights: dict[str, float], settings: BlendSettings, k: int, rows: np.ndarray | None = None):
     """(ranked item rows (len(rows), k), space) built exactly as the refresh builds user lists;
     `rows`: the user rows to list (default all)."""
     space = space_for(train, item_ids, text, user_ids, weights, settings)
-    rows = np.arange(len(user_ids)) if rows is None else rows
-    index = build_index(space.item_docs, kind="exact")
-    _, ids, _ = recommended_items(index, space.users[rows], space.has_history[rows], [space.seen[r] for r in rows], k,
-                                  space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
-                                  new_slots=settings.new_item_slots)
-    return ids, space
+    return rank_users(space, k, settings.new_item_slots, rows), space
 
 
 def holdout_score(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, weights: dict[str, float],
@@ -103,31 +109,34 @@ def holdout_score(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, w
 def evaluate(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, weights: dict[str, float],
              settings: BlendSettings, split: str = "random", test_ratio: float = 0.25, seed: int = 42,
              ks: tuple[int, ...] = (1, 5, 10, 20), sweep: tuple[float, ...] = ()) -> dict:
-    """Score the lists and the baselines at every K in `ks`; with `sweep`, also nDCG@10 (or the
-    largest K below it) per behaviour weight. Returns a JSON-ready dict."""
+    """Score the lists and the baselines at every K in `ks`; coverage and cold share are also given
+    at `k_ref` (10, or the largest K below it); with `sweep`, nDCG@k_ref per behaviour weight.
+    Returns a JSON-ready dict."""
     train, held = split_events(events, split, test_ratio, seed)
     item_row = {i: r for r, i in enumerate(item_ids)}
     user_ids = sorted(events["user_id"].unique())
     relevant = _relevant(held, user_ids, item_row)
     k_max = max(ks)
-    ranked, space = lists_for(train, item_ids, text, user_ids, weights, settings, k_max)
+    space = space_for(train, item_ids, text, user_ids, weights, settings)
+    # a list of K is made for each K (the last places of a list are special: new items, top-ups)
+    lists = {k: rank_users(space, k, settings.new_item_slots) for k in ks}
     rng = np.random.default_rng(seed)
     baselines = {"popularity": _rank_by(space.popularity, space.seen, k_max),
                  "random": _rank_by(rng.random(len(item_ids)), space.seen, k_max)}
     cold = ~space.warm
+    k_ref = max([k for k in ks if k <= 10] or [min(ks)])
 
-    def scored(r: np.ndarray) -> dict:
-        return {"at": {str(k): ranking_metrics(r, relevant, k) for k in ks},
-                "coverage": coverage(r[:, :min(10, k_max)], len(item_ids)),
-                "cold_share": cold_share(r[:, :min(10, k_max)], cold)}
+    def scored(by_k: dict[int, np.ndarray]) -> dict:
+        at = {str(k): {**ranking_metrics(r, relevant, k), "coverage": coverage(r[:, :k], len(item_ids)),
+                       "cold_share": cold_share(r[:, :k], cold)} for k, r in by_k.items()}
+        return {"at": at, "coverage": at[str(k_ref)]["coverage"], "cold_share": at[str(k_ref)]["cold_share"]}
 
-    result = {"split": split, "test_ratio": test_ratio, "seed": seed, "k": list(ks),
+    result = {"split": split, "test_ratio": test_ratio, "seed": seed, "k": list(ks), "k_ref": k_ref,
               "train_events": len(train), "held_out_pairs": len(held), "users": len(user_ids), "items": len(item_ids),
               "cold_items": int(cold.sum()), "cold_items_projected": space.cold_items_projected,
-              "settings": settings.__dict__, "lists": scored(ranked),
-              "baselines": {name: scored(r) for name, r in baselines.items()}}
+              "settings": settings.__dict__, "lists": scored(lists),
+              "baselines": {name: scored({k: r for k in ks}) for name, r in baselines.items()}}
     if sweep:
-        k_ref = max([k for k in ks if k <= 10] or [min(ks)])
         result["sweep"] = {"k": k_ref, "metric": "ndcg", "behaviour_weight": [], "value": []}
         for w in sweep:
             r, _ = lists_for(train, item_ids, text, user_ids, weights, replace(settings, behaviour_weight=w), k_ref)

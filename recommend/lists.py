@@ -88,12 +88,15 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
                     block: int = 4096) -> np.ndarray:
     """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
     `slots` new items, the last slots go to the best-scoring new items for that row (in place).
+    Lists shorter than 5 get none, and at most one place in five is given.
     Returns a bool mask of the rows changed. Rows keep their order by score within the old items."""
     changed = np.zeros(len(ids), dtype=bool)
     if slots <= 0 or not len(new_items) or not len(rows):
         return changed
     k = ids.shape[1]
-    slots = min(slots, k)
+    slots = min(slots, k // 5)  # at most one place in five: a short list stays what the user is known to like
+    if slots <= 0:
+        return changed
     new_set = np.asarray(new_items, dtype=np.int64)
     for start in range(0, len(rows), block):
         part = rows[start:start + block]

@@ -16,6 +16,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -27,7 +28,8 @@ from embedder.encode import embed_items
 from embedder.errors import RecsError
 from embedder.ingest import (QUARANTINE_COLUMNS, ExtraText, ItemMapping, SourceSpec, accounting, check_bad_fraction,
                              ingest_events, ingest_items, ingest_user_ids)
-from embedder.model import resolve_model_path, ModelNotFound
+from embedder.model import ModelNotFound, pick_device, resolve_model_path
+from embedder.precision import resolve_precision
 from index.build import build_index, choose_factory, save_index
 from recommend.config import Config, ConfigError
 from recommend.lists import lists_frame, recommended_items, similar_items
@@ -46,7 +48,7 @@ class DaskUnavailable(RecsError):
 
 
 @contextmanager
-def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int):
+def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int, keep_malloc_trim: bool = False):
     """A distributed Client: to `address` when given, else to a LocalCluster of worker processes."""
     from distributed import Client, LocalCluster
 
@@ -60,9 +62,20 @@ def dask_client(address: str | None, n_workers: int | None, threads_per_worker: 
         return
     n = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
     # dashboard on a free port: a second cluster on the host (another refresh, a test run) never collides
-    with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(keep_malloc_trim)}), \
+            LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+                         dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
+
+
+def worker_environ(keep_malloc_trim: bool = False) -> dict:
+    """The environment the nanny sets before it starts a worker: Dask's, less MALLOC_TRIM_THRESHOLD_=65536.
+    That setting makes glibc hand memory back after every free; with it our encode ran at 0.81x raw
+    `model.encode`, without it at 1.02x (STACK-NOTES; tests/benchmarks/bench_encode.py measures it again)."""
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    if not keep_malloc_trim:
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return env
 
 
 class Reporter:
@@ -128,6 +141,10 @@ def refresh(config: Config, quiet: bool = False, client=None) -> dict:
         resolve_model_path(config.embed.model)
     except ModelNotFound as exc:
         raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
+    try:
+        resolve_precision(config.embed.precision, pick_device(config.embed.device))
+    except ValueError as exc:
+        raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
     workdir = Path(config.workdir)
     with RefreshLock(workdir):
         run_id = new_run_id()
@@ -190,7 +207,8 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         bar["done"] = done
 
     emb = embed_items(items.rows, config.embed.model, config.cache_root, client, config.embed.device,
-                      config.embed.batch_size, config.embed.chunk_size, torch_threads, encode_progress)
+                      config.embed.batch_size, config.embed.chunk_size, torch_threads, encode_progress,
+                      precision=config.embed.precision)
     write_parquet(pa.table({"item_id": pa.array(emb.item_ids, pa.string()),
                             "content_hash": pa.array(emb.content_hashes, pa.string()),
                             "vector": vectors_to_arrow(emb.vectors)}), run_dir / "embeddings.parquet")
@@ -296,7 +314,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
                        if r is not None},
         "published_version": run_id, "previous_version": previous,
         "gate": gate, "cold_items": {"count": int((~space.warm).sum()), "in_user_lists": cold_in_lists},
-        "encode_texts_per_second": emb.counts["texts_per_second"],
+        "encode_texts_per_second": emb.counts["texts_per_second"], "encode_precision": emb.counts["precision"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
 

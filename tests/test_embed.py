@@ -5,7 +5,9 @@ import numpy as np
 import pandas as pd
 
 from conftest import build_tiny_model
-from embedder.cache import EmbeddingCache, content_hash
+import pyarrow.parquet as pq
+
+from embedder.cache import EmbeddingCache, as_stored, content_hash
 from embedder.encode import embed_items, encode_texts
 from embedder.model import model_fingerprint
 
@@ -49,7 +51,28 @@ def test_cache_lookup_reads_back_what_was_added(tmp_path):
     cache.add(keys[:30], vectors[:30])
     found = cache.lookup(keys)
     assert set(found) == set(keys[:30]) and cache.size() == 30
-    np.testing.assert_array_equal(np.stack([found[k] for k in keys[:30]]), vectors[:30])
+    read = np.stack([found[k] for k in keys[:30]])
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(read, as_stored(vectors[:30]))  # stored as float16: half the bytes
+    np.testing.assert_allclose(read, vectors[:30], rtol=1e-3, atol=1e-3)
+    stored = pq.read_table(next((tmp_path / "c").rglob("*.parquet")))
+    assert str(stored.schema.field("vector").type) == "fixed_size_list<element: halffloat>[8]"
+
+
+def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
+    """bf16 vectors are compared with fp32 on a sample before use, and never mixed with fp32 in the cache."""
+    items = _items(30)
+    cache = str(tmp_path / "cache")
+    fp32 = embed_items(items, str(tiny_model), cache, device="cpu", precision="fp32")
+    bf16 = embed_items(items, str(tiny_model), cache, device="cpu", precision="bf16", check_sample=16)
+    report = bf16.counts["precision"]
+    assert report["chosen"] == "bf16" and report["sample"] == 16 and report["ok"]
+    assert report["mean_cosine"] >= 0.99 and report["min_cosine"] <= report["mean_cosine"]
+    assert bf16.counts["items_encoded"] == 30  # its own cache keys: the fp32 vectors are not reused
+    cos = (fp32.vectors * bf16.vectors).sum(axis=1) / np.linalg.norm(fp32.vectors, axis=1) / np.linalg.norm(bf16.vectors, axis=1)
+    assert cos.mean() >= 0.99
+    again = embed_items(items, str(tiny_model), cache, device="cpu", precision="bf16")
+    assert again.counts["items_encoded"] == 0 and "mean_cosine" not in again.counts["precision"]  # no check without work
 
 
 def test_dask_encode_equals_single_process(tiny_model, dask_client):

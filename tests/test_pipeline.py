@@ -112,11 +112,16 @@ def test_published_version_rereads_as_lists(first_run):
     assert len(found.items) == 3 and found.version == report["published_version"]
 
 
-def test_rerun_encodes_nothing_and_edits_encode_exactly_those(tmp_path, sample_dir, tiny_model, dask_client):
-    data = tmp_path / "data"
+def _copy_sample(sample_dir, data, names):
+    """A private copy of sample files, for a test that edits its inputs."""
     data.mkdir()
-    for name in ("items", "events", "users"):
+    for name in names:
         (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    return data
+
+
+def test_rerun_encodes_nothing_and_edits_encode_exactly_those(tmp_path, sample_dir, tiny_model, dask_client):
+    data = _copy_sample(sample_dir, tmp_path / "data", ("items", "events", "users"))
     config = load_config(write_config(tmp_path, data, tiny_model, publish={"keep_versions": 2}))
     first = refresh(config, quiet=True, client=dask_client)
     second = refresh(config, quiet=True, client=dask_client)
@@ -144,10 +149,7 @@ def test_lock_blocks_second_refresh_and_stale_lock_is_taken(tmp_path):
 
 
 def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_model, dask_client):
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("items", "users"):
-        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users"))
     events = pd.read_parquet(sample_dir / "events.parquet")
     events.to_parquet(data / "events.parquet", index=False)
     config = load_config(write_config(tmp_path, data, tiny_model, events={"path": str(data / "events.parquet"),
@@ -175,10 +177,7 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
     before publishing, with its figures in the message; the good version stays live."""
     from recommend.gate import GateFailed
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("items", "users", "events"):
-        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users", "events"))
     config = load_config(write_config(tmp_path, data, tiny_model, lists={"k": 10}))
     good = refresh(config, quiet=True, client=dask_client)
     assert good["gate"]["ndcg"] > good["gate"]["popularity_ndcg"] > 0 and not good["gate"]["problems"]
