@@ -1,7 +1,8 @@
 """Encode item texts: cache hits are read, misses are encoded in length-sorted chunks on Dask workers.
 
 Sorting all misses by length *before* cutting them into chunks keeps each batch's padding small even
-though the work is spread over workers (a partition that sorts only itself pads more).
+though the work is spread over workers (a partition that sorts only itself pads more). Chunks are
+small enough that every worker has about eight, and the longest go first, so no worker idles at the end.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def encode_texts(texts: list[str], model_path: str, client=None, device: str = "
         dim = embedding_dim(load_model(model_path, device))
         return np.zeros((0, dim), dtype=np.float32)
     order = np.argsort([len(t) for t in texts], kind="stable")
-    chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
+    if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
+        workers = max(1, len(client.scheduler_info()["workers"]))
+        chunk_size = max(64, min(chunk_size, -(-len(texts) // (workers * 8))))
+    chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
     out: list[np.ndarray | None] = [None] * len(chunks)
     if client is None:
         for i, rows in enumerate(chunks):

@@ -1,0 +1,85 @@
+"""Approximate against exact lists: FAISS indexes on N clustered synthetic vectors (like text
+embeddings: topics with spread), item->item top-K for a sample of queries, recall@K against the exact
+(Flat) search in the same run, and the search speed ratio.
+
+    .venv/bin/python tests/benchmarks/bench_index.py --items 100000 --queries 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import emit  # noqa: E402
+
+
+def clustered(n: int, d: int, topics: int, spread: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(topics, d)).astype(np.float32)
+    x = centers[rng.integers(0, topics, n)] + spread * rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--kinds", default="HNSW32:64,HNSW32:128,IVF1024,Flat:16,IVF1024,Flat:32")
+    args = parser.parse_args()
+    from index.build import build_index
+    from index.search import search_excluding
+
+    x = clustered(args.items, args.dim, topics=max(10, args.items // 100), spread=0.8)
+    rows = np.random.default_rng(1).choice(args.items, min(args.queries, args.items), replace=False)
+    exclude = [np.array([r]) for r in rows]
+    t = time.perf_counter()
+    exact = build_index(x, kind="exact")
+    build_exact = time.perf_counter() - t
+    t = time.perf_counter()
+    _, truth = search_excluding(exact, x[rows], args.k, exclude)
+    exact_s = time.perf_counter() - t
+    specs = [s.rsplit(":", 1) for s in _split_specs(args.kinds)]
+    for factory, knob in specs:
+        t = time.perf_counter()
+        index = build_index(x, kind=factory, hnsw_ef_search=int(knob))
+        if factory.startswith("IVF"):
+            import faiss
+
+            faiss.extract_index_ivf(index).nprobe = int(knob)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        _, got = search_excluding(index, x[rows], args.k, exclude)
+        search_s = time.perf_counter() - t
+        recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(got, truth)])
+        emit("index_approx_vs_exact", {
+            "items": args.items, "queries": len(rows), "k": args.k, "factory": factory,
+            "knob": ("efSearch" if factory.startswith("HNSW") else "nprobe") + f"={knob}",
+            f"recall_at_{args.k}": round(float(recall), 4), "exact_search_s": round(exact_s, 2),
+            "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_s": round(build_s, 2),
+            "exact_build_s": round(build_exact, 2),
+            "all_items_estimate": {"exact_s": round(exact_s * args.items / len(rows), 1),
+                                   "approx_s_with_build": round(build_s + search_s * args.items / len(rows), 1)}})
+
+
+def _split_specs(text: str) -> list[str]:
+    """'HNSW32:64,IVF1024,Flat:16' -> ['HNSW32:64', 'IVF1024,Flat:16'] (factory strings hold commas)."""
+    out, current = [], []
+    for part in text.split(","):
+        current.append(part)
+        if ":" in part:
+            out.append(",".join(current))
+            current = []
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Run every benchmark, each in a fresh process, and print their JSON lines (one per figure).
+
+    .venv/bin/python tests/benchmarks/run.py                 # all, default sizes (about 10 minutes on 2 cores)
+    .venv/bin/python tests/benchmarks/run.py encode index    # some of them
+
+Not part of the test suite: speed is measured here, with a baseline in the same run, not asserted in tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
+              "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"]}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(BENCHMARKS)
+    unknown = [c for c in chosen if c not in BENCHMARKS]
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for name in chosen:
+        print(f"# {name}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(HERE / f"bench_{name}.py"), *BENCHMARKS[name]], check=True,
+                       stderr=subprocess.DEVNULL)
