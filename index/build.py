@@ -29,7 +29,7 @@ def gpu_count() -> int:
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", exact_below: int = 50_000, use_gpu: bool | None = None,
-                hnsw_ef_search: int = 128):
+                hnsw_ef_search: int = 64):
     """Index `vectors` (n, d) for inner-product search; row i of `vectors` is id i.
 
     `use_gpu=None` moves a flat index to the GPUs when faiss has any. Example:

@@ -47,3 +47,20 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     k = min(k, sims.shape[1])
     ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, ids, axis=1), ids
+
+
+def sampled_recall(index, vectors: np.ndarray, queries: np.ndarray, got_ids: np.ndarray, k: int,
+                   sample: int = 1000, seed: int = 0, exclude_self: bool = True) -> dict:
+    """recall@k of lists an index produced (`got_ids`, rows aligned with `queries`) against exact
+    search over `vectors`, on a seeded sample of rows. Exact indexes are not sampled: recall is 1."""
+    import faiss
+
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)):
+        return {"recall": 1.0, "k": k, "sample": 0, "exact": True}
+    rows = np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    exclude = [np.array([r]) for r in rows] if exclude_self else None
+    _, truth = search_excluding(exact, queries[rows], k, exclude)
+    hits = [len(np.intersect1d(got_ids[r][got_ids[r] >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for r, t in zip(rows, truth)]
+    return {"recall": round(float(np.mean(hits)), 4), "k": k, "sample": int(len(rows)), "exact": False}

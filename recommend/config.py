@@ -119,7 +119,7 @@ class EmbedConfig(Section):
 class IndexConfig(Section):
     kind: str = Field("auto", description="auto | exact | a FAISS factory string such as HNSW32")
     exact_below: int = Field(50_000, ge=1)
-    hnsw_ef_search: int = Field(128, ge=1)
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search depth: 64 kept recall@20 >= 0.97 at 2-5x exact speed on 100k items (tests/benchmarks)")
 
 
 class ListsConfig(Section):

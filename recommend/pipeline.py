@@ -31,6 +31,7 @@ from embedder.ingest import (QUARANTINE_COLUMNS, ExtraText, ItemMapping, SourceS
 from embedder.model import ModelNotFound, pick_device, resolve_model_path
 from embedder.precision import resolve_precision
 from index.build import build_index, choose_factory, save_index
+from index.search import sampled_recall
 from recommend.config import Config, ConfigError
 from recommend.lists import lists_frame, recommended_items, similar_items
 from recommend.evaluate import BlendSettings, holdout_score, space_for
@@ -237,6 +238,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
                                                   space.popularity, progress=out.bar("index: user->item", int(has_history.sum())),
                                                   new_items=np.flatnonzero(~space.warm), new_slots=settings.new_item_slots)
     u_source = np.where((u_source == "history") & space.few_events, "few-events", u_source)
+    recall = sampled_recall(index, space.item_docs, space.item_queries, i_ids, k)  # item lists vs exact search
     i_source = np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text"))
     lists = pd.concat([lists_frame("item", item_ids, i_scores, i_ids, item_ids, i_source),
                        lists_frame("user", user_ids, u_scores, u_ids, item_ids, u_source)], ignore_index=True)
@@ -248,6 +250,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
                                       "users": len(user_ids), "users_with_history": int(has_history.sum()),
                                       "users_short_of_k": short_users, "k": k, "rows": "embeddings.parquet order",
                                       "layout": space.layout.to_dict(), "cold_items": int((~space.warm).sum()),
+                                      "item_lists_recall": recall,
                                       "cold_items_projected": space.cold_items_projected,
                                       "cold_items_in_user_lists": cold_in_lists,
                                       "seconds": seconds["index"], "config": {"index": xc.model_dump(), "lists": config.lists.model_dump(),
@@ -313,7 +316,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "accounting": {name: accounting(r.counts) for name, r in (("items", items), ("events", events), ("users", users))
                        if r is not None},
         "published_version": run_id, "previous_version": previous,
-        "gate": gate, "cold_items": {"count": int((~space.warm).sum()), "in_user_lists": cold_in_lists},
+        "item_lists_recall": recall, "gate": gate, "cold_items": {"count": int((~space.warm).sum()), "in_user_lists": cold_in_lists},
         "encode_texts_per_second": emb.counts["texts_per_second"], "encode_precision": emb.counts["precision"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

@@ -74,3 +74,19 @@ def test_user_lists_exactly_k_unseen(kind):
     assert (ids[3] >= 0).all() and not {0, 1} & set(ids[3]) and source[3] == "history"
     for u in range(4):
         assert not set(ids[u][ids[u] >= 0]) & set(seen[u].tolist())
+
+
+def test_sampled_recall_is_one_for_exact_and_measures_an_approximate_index():
+    from index.search import sampled_recall
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    exact = build_index(x, kind="exact")
+    _, ids = search_excluding(exact, x, 10, [np.array([i]) for i in range(len(x))])
+    assert sampled_recall(exact, x, x, ids, 10) == {"recall": 1.0, "k": 10, "sample": 0, "exact": True}
+    coarse = build_index(x, kind="IVF64,Flat")  # nprobe 1: looks in one cell of 64, misses many neighbours
+    _, approx = search_excluding(coarse, x, 10, [np.array([i]) for i in range(len(x))])
+    measured = sampled_recall(coarse, x, x, approx, 10, sample=500)
+    truth = np.mean([len(np.intersect1d(a[a >= 0], b)) / 10 for a, b in zip(approx, ids)])
+    assert measured["sample"] == 500 and not measured["exact"]
+    assert measured["recall"] < 0.9 and abs(measured["recall"] - truth) < 0.05
