@@ -139,7 +139,8 @@ def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:
         raise InputError(f"{spec.key}: cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
     lines = frame.attrs.get("line_numbers")
     frame = frame.astype(object)
-    frame.columns = [c.strip() if isinstance(c, str) else c for c in frame.columns]  # " item_id " -> "item_id"
+    # " item_id " -> "item_id"; a byte-order mark left on the first name by a fallback reader goes too
+    frame.columns = [c.lstrip("\ufeff").strip() if isinstance(c, str) else c for c in frame.columns]
     frame["_source"] = path
     frame["_row"] = lines if lines is not None else range(1, len(frame) + 1)
     return frame
@@ -159,8 +160,8 @@ def _read(path: str, spec: SourceSpec, fmt: str, errors: str) -> pd.DataFrame:
                                engine="python" if len(spec.delimiter) > 1 else "c",
                                header=None if spec.columns else "infer", names=list(spec.columns) if spec.columns else None)
         except pd.errors.ParserError:
-            return _read_ragged_csv(data.decode(spec.encoding, errors), spec)
-    return _read_json_lines(data.decode(spec.encoding, errors))
+            return _read_ragged_csv(data.decode(spec.encoding, errors).removeprefix("\ufeff"), spec)
+    return _read_json_lines(data.decode(spec.encoding, errors).removeprefix("\ufeff"))
 
 
 def _read_ragged_csv(text: str, spec: SourceSpec) -> pd.DataFrame:
@@ -473,7 +474,11 @@ def validate_events(part: pd.DataFrame, columns: dict[str, str], weights: dict[s
     users = as_id(part[columns["user_id"]])
     items = as_id(part[columns["item_id"]])
     ts = parse_timestamps(part[columns["timestamp"]], timezone)
-    kinds = as_id(part[columns["event_type"]]) if columns.get("event_type") else pd.Series("default", index=part.index, dtype=object)
+    if columns.get("event_type"):  # matched without regard to case: "VIEW" is a view
+        canonical = {str(k).casefold(): k for k in weights}
+        kinds = as_id(part[columns["event_type"]]).map(lambda v: canonical.get(v.casefold(), v) if isinstance(v, str) else v)
+    else:
+        kinds = pd.Series("default", index=part.index, dtype=object)
     ok, bad = _split(part, [
         *reader_checks(part),
         wrong_type(part, columns["user_id"]),

@@ -95,8 +95,10 @@ def refresh(config: str = ConfigOpt,
     if as_json:
         typer.echo(json.dumps(report))
     else:
-        typer.echo(f"published {report['published_version']}: {report['items_read']} items "
-                   f"({report['items_encoded']} encoded, {report['items_from_cache']} from cache), "
+        items = report["items_encoded"] + report["items_from_cache"]
+        typer.echo(f"published {report['published_version']}: {items} items "
+                   f"({report['items_encoded']} encoded, {report['items_from_cache']} from cache; "
+                   f"{report['items_quarantined']} of {report['items_read']} rows quarantined), "
                    f"{report['users']} users, {report['seconds']['total']:.1f}s; report: {report['run_dir']}/report.json")
 
 

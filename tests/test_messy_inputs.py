@@ -178,3 +178,20 @@ def test_missing_columns_get_the_exact_message(tmp_path, header, key, message):
         ingest_items(SourceSpec(str(path), "items.path"), ItemMapping("item_id", "{title}"))
     assert str(err.value) == message.replace("{path}", str(path))
     assert err.value.exit_code == 2
+
+
+def test_excel_style_export_with_bom_semicolons_crlf_and_a_ragged_row(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_bytes(b'\xef\xbb\xbfsku;name\r\n"007";Trail shoe\r\n44;"Big; ceramic mug"\r\n45;Mug;extra\r\n')
+    result = ingest_items(SourceSpec(str(path), "items.path", delimiter=";"), ItemMapping("sku", "{name}"))
+    assert result.rows.values.tolist() == [["007", "Trail shoe"], ["44", "Big; ceramic mug"]]
+    assert result.quarantine[["row", "reason"]].values.tolist() == [[3, "malformed_line"]]
+
+
+def test_event_types_match_without_regard_to_case(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("u,i,t,k\na,007,1700000000,VIEW\na,007,1700000001, Purchase \nb,007,1700000002,click\n")
+    result = ingest_events(SourceSpec(str(path), "events.path"), {"user_id": "u", "item_id": "i", "timestamp": "t",
+                                                                  "event_type": "k"}, WEIGHTS, CATALOG)
+    assert result.rows["event_type"].tolist() == ["view", "purchase"]
+    assert result.quarantine["reason"].tolist() == ["unknown_event_type"]
