@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from embedder.artifacts import arrow_to_vectors, vectors_to_arrow
+from embedder.errors import InputError
 from embedder.text import PREPROCESSING_VERSION
 
 BUCKET_CHARS = 1  # 16 buckets; a bucket is one unit of lookup work
@@ -54,7 +55,10 @@ class EmbeddingCache:
 
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
-        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        except (ImportError, ValueError) as exc:
+            raise InputError(f"embed.cache: cannot use {self.root!r}: {exc}") from None
 
     def _bucket_dir(self, bucket: str) -> str:
         return f"{self.base}/bucket={bucket}"

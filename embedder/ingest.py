@@ -97,6 +97,8 @@ def list_files(spec: SourceSpec) -> list[str]:
     """Expand a path, glob or fsspec URL to the files it names; raise if there are none."""
     try:
         fs, _, paths = fsspec.core.get_fs_token_paths(spec.path)
+    except ImportError as exc:  # e.g. s3:// without s3fs: fsspec names the package to install
+        raise InputError(f"{spec.key}: {spec.path!r} needs a package that is not installed: {exc}") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{spec.key}: cannot open {spec.path!r}: {exc}") from None
     files = []

@@ -165,6 +165,8 @@ def refresh(config: Config, quiet: bool = False, client=None) -> dict:
 def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> dict:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    if config.publish.url:  # a server that is down fails the run now, not after an hour of encoding
+        open_store(config.publish.url, None, config.publish.api_key_env)
 
     # ---- ingest ---------------------------------------------------------------------------------
     t = time.perf_counter()
