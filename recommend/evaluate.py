@@ -55,6 +55,13 @@ def _relevant(held: pd.DataFrame, user_ids: list[str], item_row: dict[str, int])
     return [np.asarray(x, dtype=np.int64) for x in out]
 
 
+def plain_popularity(train: pd.DataFrame, item_ids: list[str]) -> np.ndarray:
+    """Per item, how many users interacted with it in `train`: the popularity baseline (no weights,
+    no decay, so that it means the same whatever the config)."""
+    counts = train.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
+    return counts.reindex(item_ids, fill_value=0).to_numpy(dtype=np.float64)
+
+
 def _rank_by(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
     """Top-k item rows per user of a (users, items) score matrix or one shared (items,) ranking, seen removed."""
     shared = scores.ndim == 1
@@ -101,7 +108,7 @@ def holdout_score(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, w
         return {"ndcg": None, "popularity_ndcg": None, "users": 0, "holdout": holdout, "k": k}
     ranked, space = lists_for(train, item_ids, text, user_ids, weights, settings, k, rows)
     rel = [relevant[r] for r in rows]
-    popular = _rank_by(space.popularity, [space.seen[r] for r in rows], k)
+    popular = _rank_by(plain_popularity(train, item_ids), [space.seen[r] for r in rows], k)
     return {"ndcg": ranking_metrics(ranked, rel, k)["ndcg"], "popularity_ndcg": ranking_metrics(popular, rel, k)["ndcg"],
             "users": int(len(rows)), "holdout": holdout, "k": k}
 
@@ -121,7 +128,7 @@ def evaluate(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, weight
     # a list of K is made for each K (the last places of a list are special: new items, top-ups)
     lists = {k: rank_users(space, k, settings.new_item_slots) for k in ks}
     rng = np.random.default_rng(seed)
-    baselines = {"popularity": _rank_by(space.popularity, space.seen, k_max),
+    baselines = {"popularity": _rank_by(plain_popularity(train, item_ids), space.seen, k_max),
                  "random": _rank_by(rng.random(len(item_ids)), space.seen, k_max)}
     cold = ~space.warm
     k_ref = max([k for k in ks if k <= 10] or [min(ks)])

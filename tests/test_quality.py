@@ -97,3 +97,10 @@ def test_gate_rules():
     assert "popularity" in gate_problems({**ok, "ndcg": 0.05}, None, 0.0, 0.5, 0.2)[0]
     assert "live version" in gate_problems(ok, {"ndcg": 0.40, "run_id": "a"}, 0.0, 0.5, 0.2)[0]
     assert gate_problems({**ok, "ndcg": None}, None, 0.5, 0.5, 0.2) == []
+
+
+def test_popularity_baseline_counts_users_not_events_or_weights():
+    from recommend.evaluate import plain_popularity
+
+    train = pd.DataFrame({"user_id": ["a", "a", "a", "b"], "item_id": ["x", "x", "y", "y"]})
+    assert plain_popularity(train, ["x", "y", "z"]).tolist() == [1.0, 2.0, 0.0]
