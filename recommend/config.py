@@ -164,6 +164,8 @@ class PublishConfig(Section):
     prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     keep_versions: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
+    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
+    index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
 
 
 class Config(Section):

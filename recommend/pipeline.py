@@ -292,7 +292,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
                              "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
                             {"ids": user_ids, "vectors": space.users,
                              "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
-                            meta, pc.batch_size, tick)
+                            meta, pc.batch_size, tick, pc.parallel, pc.index_wait_s)
     previous = switch_live(store, pc.prefix, run_id)
     pruned = prune_versions(store, pc.prefix, pc.keep_versions)
     seconds["publish"] = time.perf_counter() - t

@@ -8,6 +8,7 @@ so a reader sees yesterday's version or today's, never a mix.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -22,6 +23,7 @@ NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
 # and "blend_query" (raw behaviour query side + text, for real-time user vectors). Users: "profile".
 ITEM_VECTOR, USER_VECTOR = "text", "profile"
 BLEND_VECTOR, BLEND_QUERY_VECTOR = "blend", "blend_query"
+INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment gets an HNSW index), restored after the load
 
 
 class PublishError(RecsError):
@@ -56,29 +58,47 @@ def _clean(value):
     return value
 
 
-def upload(client, name: str, ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict],
-           batch_size: int = 256, progress: Callable[[int], None] | None = None) -> None:
-    """Batched upserts of (id, named vectors, payload) points into collection `name`."""
-    batch = []
+def _points(ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict], batch_size: int,
+            progress: Callable[[int], None] | None):
+    """Points one at a time (nothing is materialised), ticking `progress` every `batch_size`."""
+    n = 0
     for row, (pid, payload) in enumerate(zip(ids, payloads)):
-        batch.append(models.PointStruct(id=pid, vector={n: v[row].tolist() for n, v in vectors.items()}, payload=payload))
-        if len(batch) == batch_size:
-            client.upsert(name, points=batch, wait=True)
-            if progress:
-                progress(len(batch))
-            batch = []
-    if batch:
-        client.upsert(name, points=batch, wait=True)
-        if progress:
-            progress(len(batch))
+        yield models.PointStruct(id=pid, vector={name: v[row].tolist() for name, v in vectors.items()}, payload=payload)
+        n += 1
+        if progress and n == batch_size:
+            progress(n)
+            n = 0
+    if progress and n:
+        progress(n)
+
+
+def upload(client, name: str, ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict],
+           batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1) -> None:
+    """Bulk upload of (id, named vectors, payload) points into collection `name`: batches of
+    `batch_size`, `parallel` upload processes on a server (local mode writes in this process)."""
+    client.upload_points(name, points=_points(ids, vectors, payloads, batch_size, progress), batch_size=batch_size,
+                         parallel=parallel, max_retries=3, wait=True)
+
+
+def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> None:
+    """Wait until Qdrant reports the collection optimised (status green), so that a version goes live
+    with its search index built. Local mode is always green."""
+    deadline = time.monotonic() + timeout_s
+    while client.get_collection(name).status != models.CollectionStatus.GREEN:
+        if time.monotonic() > deadline:
+            raise PublishError(f"collection {name}: not indexed after {timeout_s:.0f}s; not switching")
+        time.sleep(poll_s)
 
 
 def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, metadata: dict,
-                  batch_size: int = 256, progress: Callable[[int], None] | None = None) -> dict:
+                  batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
+                  index_wait_s: float = 600.0) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
 
     `items`/`users`: {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array (named "text"
-    for items, "profile" for users), "payloads": [dict, ...]}. Returns the counts written.
+    for items, "profile" for users), "payloads": [dict, ...]}. Indexing is deferred during the bulk
+    load (on a server; local mode has no index to defer) and the version is ready only once indexed.
+    Returns the counts written.
     """
     counts = {}
     for kind, data, default_name in (("items", items, ITEM_VECTOR), ("users", users, USER_VECTOR)):
@@ -89,9 +109,12 @@ def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, me
         client.create_collection(
             name, vectors_config={n: models.VectorParams(size=int(v.shape[1]), distance=models.Distance.DOT)
                                   for n, v in vectors.items()},
+            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
             metadata={**metadata, "kind": kind})
         ids = [point_id(kind[:-1], b) for b in data["ids"]]
-        upload(client, name, ids, vectors, data["payloads"], batch_size, progress)
+        upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
+        client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
+        wait_indexed(client, name, index_wait_s)
         found = client.count(name, exact=True).count
         if found != len(ids):
             raise PublishError(f"collection {name}: wrote {len(ids)} points, Qdrant counts {found}; not switching")

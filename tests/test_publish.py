@@ -82,3 +82,27 @@ def test_prune_keeps_newest_and_live_and_rollback(store):
     assert runs[3] in remaining and set(deleted) == {runs[0], runs[1]}
     with pytest.raises(PublishError, match="unknown version 'nope'"):
         rollback(store, "t", "nope")
+
+
+def test_a_version_still_indexing_is_not_switched_live(store):
+    """Fault injected: the target reports the new collection as still optimising (status yellow)."""
+    from qdrant_client import models
+
+    stage_version(store, "t", "20260101T000000-aaaa", *_version("20260101T000000-aaaa"), metadata={})
+    switch_live(store, "t", "20260101T000000-aaaa")
+
+    class StillIndexing:
+        def __init__(self, client):
+            self.client = client
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def get_collection(self, name):
+            info = self.client.get_collection(name)
+            return info.model_copy(update={"status": models.CollectionStatus.YELLOW})
+
+    with pytest.raises(PublishError, match="not indexed after 0s; not switching"):
+        stage_version(StillIndexing(store), "t", "20260102T000000-bbbb", *_version("20260102T000000-bbbb"),
+                      metadata={}, index_wait_s=0.01)
+    assert [v.run_id for v in list_versions(store, "t") if v.live] == ["20260101T000000-aaaa"]
