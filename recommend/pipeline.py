@@ -48,9 +48,36 @@ class DaskUnavailable(RecsError):
     pass
 
 
+def cuda_devices() -> int:
+    """GPUs torch can see (0 without torch's CUDA build)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver install means no GPU, not a failed run
+        return 0
+
+
+def worker_layout(device: str, n_workers: int | None, threads_per_worker: int, gpus: int | None = None) -> dict:
+    """How many local workers, and of which kind: one per GPU when encoding on GPUs (dask-cuda pins
+    each to its own GPU; without dask-cuda one worker uses the first GPU), else one single-threaded
+    worker per core. `dask.n_workers` overrides the count."""
+    gpus = cuda_devices() if gpus is None and device != "cpu" else (gpus or 0)
+    if device != "cpu" and gpus > 0:
+        try:
+            import dask_cuda  # noqa: F401
+            kind = "cuda"
+        except ImportError:
+            kind, gpus = "single-gpu", 1
+        return {"kind": kind, "n_workers": n_workers or gpus, "threads_per_worker": 1}
+    return {"kind": "cpu", "n_workers": n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker),
+            "threads_per_worker": threads_per_worker}
+
+
 @contextmanager
-def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int, keep_malloc_trim: bool = False):
-    """A distributed Client: to `address` when given, else to a LocalCluster of worker processes."""
+def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int, keep_malloc_trim: bool = False,
+                device: str = "cpu"):
+    """A distributed Client: to `address` when given, else to a local cluster laid out by `worker_layout`."""
     from distributed import Client, LocalCluster
 
     if address:
@@ -61,11 +88,16 @@ def dask_client(address: str | None, n_workers: int | None, threads_per_worker: 
         with client:
             yield client
         return
-    n = n_workers or max(1, (os.cpu_count() or 1) // threads_per_worker)
+    layout = worker_layout(device, n_workers, threads_per_worker)
     # dashboard on a free port: a second cluster on the host (another refresh, a test run) never collides
+    options = {"n_workers": layout["n_workers"], "threads_per_worker": layout["threads_per_worker"],
+               "dashboard_address": ":0", "silence_logs": logging.ERROR}
+    if layout["kind"] == "cuda":
+        from dask_cuda import LocalCUDACluster as Cluster  # one process per GPU, each seeing only its own
+    else:
+        Cluster, options["processes"] = LocalCluster, True
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(keep_malloc_trim)}), \
-            LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                         dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            Cluster(**options) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -154,7 +186,7 @@ def refresh(config: Config, quiet: bool = False, client=None) -> dict:
         out = Reporter(quiet)
         out.say(f"refresh: run {run_id} -> {run_dir}")
         ctx = nullcontext(client) if client is not None else dask_client(
-            config.dask.address, config.dask.n_workers, config.dask.threads_per_worker)
+            config.dask.address, config.dask.n_workers, config.dask.threads_per_worker, device=config.embed.device)
         with ctx as dask, out.bars:
             report = _run(config, run_id, run_dir, dask, out)
         write_json(report, run_dir / "report.json")

@@ -85,3 +85,20 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client):
     assert sum(done) == len(texts)
     np.testing.assert_allclose(spread, local, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(spread, axis=1), 1.0, atol=1e-5)
+
+
+def test_worker_layout_one_per_gpu_else_one_per_core():
+    import os
+
+    from recommend.pipeline import worker_layout
+
+    cores = os.cpu_count() or 1
+    assert worker_layout("cpu", None, 1, gpus=4) == {"kind": "cpu", "n_workers": cores, "threads_per_worker": 1}
+    assert worker_layout("auto", None, 1, gpus=0)["kind"] == "cpu"
+    on_gpus = worker_layout("auto", None, 1, gpus=2)
+    try:
+        import dask_cuda  # noqa: F401
+        assert on_gpus == {"kind": "cuda", "n_workers": 2, "threads_per_worker": 1}
+    except ImportError:  # without dask-cuda one worker drives the first GPU
+        assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 1}
+    assert worker_layout("cuda", 3, 1, gpus=2)["n_workers"] == 3
