@@ -16,6 +16,7 @@ import pandas as pd
 
 from embedder.cache import EmbeddingCache, as_stored, content_hashes
 from embedder.model import embedding_dim, load_model, model_fingerprint, pick_device, resolve_model_path
+from embedder.standin import is_standin
 from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve_precision
 
 
@@ -110,7 +111,7 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     """
     path = resolve_model_path(model)
     fingerprint = model_fingerprint(path)
-    chosen = resolve_precision(precision, pick_device(device))
+    chosen = "fp32" if is_standin(path) else resolve_precision(precision, pick_device(device))
     precision_report = {"requested": precision, "chosen": chosen}
     cache = EmbeddingCache(cache_root)
     t0 = time.perf_counter()

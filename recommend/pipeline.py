@@ -294,13 +294,13 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
 
     # ---- quality gate ---------------------------------------------------------------------------
     pc = config.publish
-    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env)
+    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env) if pc.enabled else None
     gate = {"enabled": config.gate.enabled}
     if config.gate.enabled:
         t = time.perf_counter()
         gc = config.gate
         gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users))
-        live = live_gate(store, pc.prefix)
+        live = live_gate(store, pc.prefix) if store is not None else None
         gate["live"] = live
         gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
         seconds["gate"] = time.perf_counter() - t
@@ -311,29 +311,33 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         check_gate(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
 
     # ---- publish --------------------------------------------------------------------------------
-    t = time.perf_counter()
-    metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = {"run_id": run_id, "created_at": created, "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
-            "dim": int(emb.vectors.shape[1]), "k": k, "layout": space.layout.to_dict(),
-            "gate": {key: gate.get(key) for key in ("ndcg", "popularity_ndcg", "users", "holdout", "k")}}
-    tick = out.bar("publish: upserting", len(item_ids) + len(user_ids))
-    written = stage_version(store, pc.prefix, run_id,
-                            {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
-                                                                   BLEND_QUERY_VECTOR: space.item_raw_queries},
-                             "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
-                            {"ids": user_ids, "vectors": space.users,
-                             "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
-                            meta, pc.batch_size, tick, pc.parallel, pc.index_wait_s)
-    previous = switch_live(store, pc.prefix, run_id)
-    pruned = prune_versions(store, pc.prefix, pc.keep_versions)
-    seconds["publish"] = time.perf_counter() - t
-    write_manifest(run_dir, "publish", {"target": pc.url or str(Path(config.workdir) / "qdrant"), "prefix": pc.prefix,
-                                        "points": written, "previous_version": previous, "pruned": pruned,
-                                        "points_per_second": round(sum(written.values()) / seconds["publish"], 1),
-                                        "seconds": seconds["publish"]})
-    out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}) "
-            f"({seconds['publish']:.1f}s)")
+    previous = None
+    if store is not None:
+        t = time.perf_counter()
+        metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta = {"run_id": run_id, "created_at": created, "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
+                "dim": int(emb.vectors.shape[1]), "k": k, "layout": space.layout.to_dict(),
+                "gate": {key: gate.get(key) for key in ("ndcg", "popularity_ndcg", "users", "holdout", "k")}}
+        tick = out.bar("publish: upserting", len(item_ids) + len(user_ids))
+        written = stage_version(store, pc.prefix, run_id,
+                                {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
+                                                                       BLEND_QUERY_VECTOR: space.item_raw_queries},
+                                 "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
+                                {"ids": user_ids, "vectors": space.users,
+                                 "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
+                                meta, pc.batch_size, tick, pc.parallel, pc.index_wait_s)
+        previous = switch_live(store, pc.prefix, run_id)
+        pruned = prune_versions(store, pc.prefix, pc.keep_versions)
+        seconds["publish"] = time.perf_counter() - t
+        write_manifest(run_dir, "publish", {"target": pc.url or str(Path(config.workdir) / "qdrant"), "prefix": pc.prefix,
+                                            "points": written, "previous_version": previous, "pruned": pruned,
+                                            "points_per_second": round(sum(written.values()) / seconds["publish"], 1),
+                                            "seconds": seconds["publish"]})
+        out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}) "
+                f"({seconds['publish']:.1f}s)")
+    else:
+        out.say("[publish] skipped: publish.enabled is false (lists and vectors are in the run folder)")
     seconds["total"] = time.perf_counter() - started
     return {
         "run_id": run_id, "run_dir": str(run_dir),
@@ -349,7 +353,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "quarantine_reasons": {"items": items.counts["quarantine_reasons"], "events": events.counts["quarantine_reasons"]},
         "accounting": {name: accounting(r.counts) for name, r in (("items", items), ("events", events), ("users", users))
                        if r is not None},
-        "published_version": run_id, "previous_version": previous,
+        "published_version": run_id if store is not None else None, "previous_version": previous,
         "item_lists_recall": recall, "gate": gate, "cold_items": {"count": int((~space.warm).sum()), "in_user_lists": cold_in_lists},
         "encode_texts_per_second": emb.counts["texts_per_second"], "encode_precision": emb.counts["precision"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

@@ -1,0 +1,137 @@
+"""Out-of-core check: a synthetic catalog and event log (default 1,000,000 items and 1,000,000 users)
+through the whole refresh, with the peak memory (RSS) of the driver and of each Dask worker.
+
+For this scale test only, items are encoded by the clearly named stand-in `stand-in:hashing-384`
+(feature hashing, not a language model; see embedder/standin.py): the data path is what is measured
+here, the model's encode rate is measured by bench_encode.py. Publishing is off unless --publish
+(Qdrant local mode is not meant for millions of points; use publish.url for that).
+
+    .venv/bin/python tests/benchmarks/bench_scale.py --items 1000000 --users 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from common import WORDS, emit  # noqa: E402
+
+
+def generate(out: Path, n_items: int, n_users: int, events_per_user: float, parts: int, seed: int = 0) -> dict:
+    """Parquet parts of items (id, title, description, category) and events (user, item, ts, type)."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    categories = 50
+    words = np.array(WORDS)
+    for p, rows in enumerate(np.array_split(np.arange(n_items), parts)):
+        cat = rows % categories
+        title = pd.Series(words[rng.integers(0, len(words), len(rows))]).str.cat(
+            [pd.Series(words[rng.integers(0, len(words), len(rows))]), pd.Series(words[cat])], sep=" ")
+        desc = pd.Series(words[rng.integers(0, len(words), len(rows))])
+        for _ in range(11):
+            desc = desc.str.cat(pd.Series(words[rng.integers(0, len(words), len(rows))]), sep=" ")
+        pd.DataFrame({"item_id": [f"I{r:07d}" for r in rows], "title": title, "description": desc,
+                      "category": [f"c{c}" for c in cat]}).to_parquet(out / f"items-{p:03d}.parquet", index=False)
+    start = pd.Timestamp("2026-10-01", tz="UTC").value // 10**9
+    per_cat = n_items // categories
+    for p, users in enumerate(np.array_split(np.arange(n_users), parts)):
+        counts = 1 + rng.poisson(events_per_user - 1, len(users))
+        user = np.repeat(users, counts)
+        taste = user % categories
+        in_taste = rng.random(len(user)) < 0.8
+        item = np.where(in_taste, taste + categories * rng.integers(0, per_cat, len(user)),
+                        np.minimum(rng.zipf(1.3, len(user)) - 1, n_items - 1))
+        kind = np.where(rng.random(len(user)) < 0.85, "view", np.where(rng.random(len(user)) < 0.7, "cart", "purchase"))
+        pd.DataFrame({"user_id": [f"U{u:07d}" for u in user], "item_id": [f"I{i:07d}" for i in item],
+                      "timestamp": start + rng.integers(0, 30 * 86400, len(user)), "event_type": kind}
+                     ).to_parquet(out / f"events-{p:03d}.parquet", index=False)
+    return {"items": n_items, "users": n_users}
+
+
+def run(data: Path, work: Path, publish: bool) -> dict:
+    """The refresh in this process, with a sampler of the RSS of this process and its children."""
+    import psutil
+    import yaml
+
+    from recommend.config import load_config
+    from recommend.pipeline import refresh
+
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "workdir": str(work / "work"),
+        "items": {"path": str(data / "items-*.parquet"), "text": "{title}. {description}", "metadata": ["category"]},
+        "events": {"path": str(data / "events-*.parquet")},
+        "embed": {"model": "stand-in:hashing-384"},
+        "publish": {"enabled": publish}}))
+    me = psutil.Process()
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    peaks[proc.pid] = max(peaks.get(proc.pid, 0), proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        report = refresh(load_config(config), quiet=True)
+        error = None
+    except Exception as exc:  # the figure to report is how far it got and with what memory
+        report, error = {}, f"{type(exc).__name__}: {exc}"[:500]
+    done.set()
+    thread.join()
+    driver = peaks.pop(me.pid, 0)
+    return {"driver_peak_rss_mb": round(driver / 2**20), "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
+            "seconds": report.get("seconds"), "items_encoded": report.get("items_encoded"), "users": report.get("users"),
+            "events_read": report.get("events_read"), "error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--events-per-user", type=float, default=10.0)
+    parser.add_argument("--parts", type=int, default=16)
+    parser.add_argument("--publish", action="store_true")
+    parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage == "generate":
+        generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
+        return
+    if args.stage == "run":
+        print(json.dumps(run(Path(args.dir) / "data", Path(args.dir), args.publish)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # each step in a fresh process: the driver's peak is the refresh's own
+        t = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--stage", "generate", "--dir", tmp, "--items", str(args.items),
+                        "--users", str(args.users), "--events-per-user", str(args.events_per_user),
+                        "--parts", str(args.parts)], check=True)
+        generate_s = time.perf_counter() - t
+        proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp] + (["--publish"] if args.publish else []),
+                              check=True, capture_output=True, text=True)
+        figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
+                               "encoder": "stand-in:hashing-384", "published": args.publish,
+                               "generate_s": round(generate_s, 1), "target_peak_rss_mb": 4096, **figures})
+
+
+if __name__ == "__main__":
+    main()
