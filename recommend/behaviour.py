@@ -58,8 +58,10 @@ def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, 
     if matrix.nnz == 0 or r < 1:
         zeros = np.zeros((n_items, 1), dtype=np.float32)
         return Behaviour(zeros, zeros.copy(), warm, 1.0)
-    _, s, vt = randomized_svd(matrix.astype(np.float64), r, n_iter=5, random_state=seed)
-    v = vt.T
+    # float32 halves the memory of the range finder's (items x r) blocks; U (users x r) is dropped at once
+    u, s, vt = randomized_svd(matrix.astype(np.float32), r, n_iter=5, random_state=seed)
+    del u
+    s, v = s.astype(np.float64), vt.T.astype(np.float64)
     s2 = s ** 2
     shrink = s2 / (s2 + l2)
     diag_p = (v ** 2 / (s2 + l2)).sum(axis=1) + np.clip(1.0 - (v ** 2).sum(axis=1), 0.0, None) / l2

@@ -84,39 +84,46 @@ def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen
 
 
 def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, item_vectors: np.ndarray,
-                    new_items: np.ndarray, seen: list[np.ndarray], rows: np.ndarray, slots: int = 1,
-                    block: int = 4096) -> np.ndarray:
+                    new_items: np.ndarray, seen: list[np.ndarray], rows: np.ndarray, slots: int = 1) -> np.ndarray:
     """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
-    `slots` new items, the last slots go to the best-scoring new items for that row (in place).
-    Lists shorter than 5 get none, and at most one place in five is given.
-    Returns a bool mask of the rows changed. Rows keep their order by score within the old items."""
+    `slots` new items, the last places go to the best-scoring new items for that row (in place).
+    Lists shorter than 5 get none, and at most one place in five is given. The best new items come
+    from one exact FAISS search over the new items only. Returns a bool mask of the rows changed."""
+    import faiss
+
     changed = np.zeros(len(ids), dtype=bool)
-    if slots <= 0 or not len(new_items) or not len(rows):
-        return changed
     k = ids.shape[1]
     slots = min(slots, k // 5)  # at most one place in five: a short list stays what the user is known to like
-    if slots <= 0:
+    if slots <= 0 or not len(new_items) or not len(rows):
         return changed
-    new_set = np.asarray(new_items, dtype=np.int64)
-    for start in range(0, len(rows), block):
-        part = rows[start:start + block]
-        cand = queries[part] @ item_vectors[new_set].T  # (rows, new items)
-        for j, row in enumerate(part):
-            have = np.isin(ids[row], new_set).sum()
-            need = slots - have
-            if need <= 0 or ids[row, k - 1] < 0:
-                continue
-            order = np.argsort(-cand[j], kind="stable")
-            picks = [c for c in new_set[order] if c not in ids[row] and c not in seen[row]][:need]
-            if picks:
-                # drop the lowest old items, keep the rest in order, then the new ones
-                keep = [i for i in ids[row] if i not in new_set][: k - have - len(picks)]
-                kept = [(s, i) for s, i in zip(scores[row], ids[row]) if i in keep or i in new_set]
-                tail = [(float(cand[j][np.flatnonzero(new_set == p)[0]]), p) for p in picks]
-                merged = kept + tail
-                ids[row] = [i for _, i in merged]
-                scores[row] = [s for s, _ in merged]
-                changed[row] = True
+    new_items = np.asarray(new_items, dtype=np.int64)
+    is_new = np.zeros(len(item_vectors), dtype=bool)
+    is_new[new_items] = True
+    rows = rows[ids[rows, k - 1] >= 0]  # only full lists give up places
+    have = is_new[np.where(ids[rows] >= 0, ids[rows], 0)].sum(axis=1)
+    rows = rows[have < slots]
+    if not len(rows):
+        return changed
+    index = faiss.IndexFlatIP(item_vectors.shape[1])
+    index.add(np.ascontiguousarray(item_vectors[new_items], dtype=np.float32))
+    position = {int(item): p for p, item in enumerate(new_items)}
+    exclude = [np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
+                        dtype=np.int64) for r in rows]
+    best_scores, best = search_excluding(index, queries[rows], slots, exclude)
+    for j, row in enumerate(rows):
+        picks = [(float(s), int(new_items[b])) for s, b in zip(best_scores[j], best[j]) if b >= 0]
+        need = slots - int(is_new[ids[row]].sum())
+        picks = picks[:need]
+        if not picks:
+            continue
+        # drop the lowest old items, keep the rest (and any new ones) in order, then the picks
+        old_positions = [p for p in range(k) if not is_new[ids[row, p]]]
+        dropped = set(old_positions[len(old_positions) - len(picks):])
+        kept = [(scores[row, p], ids[row, p]) for p in range(k) if p not in dropped]
+        merged = kept + picks
+        ids[row] = [i for _, i in merged]
+        scores[row] = [s for s, _ in merged]
+        changed[row] = True
     return changed
 
 

@@ -254,11 +254,30 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     out.say(f"[embed] {emb.counts['items_encoded']} encoded, {emb.counts['items_from_cache']} from cache "
             f"({seconds['embed']:.1f}s)")
 
+    # ---- quality gate: first, so that a bad run stops before the expensive lists ---------------
+    settings = blend_settings(config)
+    pc = config.publish
+    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env) if pc.enabled else None
+    gate = {"enabled": config.gate.enabled}
+    if config.gate.enabled:
+        t = time.perf_counter()
+        gc = config.gate
+        gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users,
+                                  index_kind=config.index.kind, exact_below=config.index.exact_below))
+        live = live_gate(store, pc.prefix) if store is not None else None
+        gate["live"] = live
+        gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
+        seconds["gate"] = time.perf_counter() - t
+        write_manifest(run_dir, "gate", {**gate, "seconds": seconds["gate"], "config": gc.model_dump()})
+        figure = "n/a" if gate["ndcg"] is None else f"{gate['ndcg']:.4f} (popularity {gate['popularity_ndcg']:.4f})"
+        out.say(f"[gate] nDCG@{gc.k} on the most recent {gc.holdout:.0%}: {figure} "
+                f"{'FAILED' if gate['problems'] else 'passed'} ({seconds['gate']:.1f}s)")
+        check_gate(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
+
     # ---- index & lists --------------------------------------------------------------------------
     t = time.perf_counter()
     item_ids = np.asarray(emb.item_ids, dtype=object)
     user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
-    settings = blend_settings(config)
     space = space_for(events.rows, emb.item_ids, emb.vectors, user_ids, weights, settings)
     has_history = space.has_history
     xc = config.index
@@ -268,11 +287,12 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
     i_scores, i_ids, i_filled = similar_items(index, space.item_queries, k, space.popularity,
                                               progress=out.bar("index: item->item", len(item_ids)),
                                               item_vectors=space.item_docs)
+    recall = sampled_recall(index, space.item_docs, space.item_queries, i_ids, k)  # item lists vs exact search
+    space.item_queries = None  # not needed again: free it before the user lists
     u_scores, u_ids, u_source = recommended_items(index, space.users, has_history, space.seen, k, space.item_docs,
                                                   space.popularity, progress=out.bar("index: user->item", int(has_history.sum())),
                                                   new_items=np.flatnonzero(~space.warm), new_slots=settings.new_item_slots)
     u_source = np.where((u_source == "history") & space.few_events, "few-events", u_source)
-    recall = sampled_recall(index, space.item_docs, space.item_queries, i_ids, k)  # item lists vs exact search
     i_source = np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text"))
     lists = pd.concat([lists_frame("item", item_ids, i_scores, i_ids, item_ids, i_source),
                        lists_frame("user", user_ids, u_scores, u_ids, item_ids, u_source)], ignore_index=True)
@@ -291,24 +311,6 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
                                                                               "blend": config.blend.model_dump()}})
     out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists ({int((~has_history).sum())} by popularity, "
             f"{int((~space.warm).sum())} items placed by text alone) ({seconds['index']:.1f}s)")
-
-    # ---- quality gate ---------------------------------------------------------------------------
-    pc = config.publish
-    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env) if pc.enabled else None
-    gate = {"enabled": config.gate.enabled}
-    if config.gate.enabled:
-        t = time.perf_counter()
-        gc = config.gate
-        gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users))
-        live = live_gate(store, pc.prefix) if store is not None else None
-        gate["live"] = live
-        gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
-        seconds["gate"] = time.perf_counter() - t
-        write_manifest(run_dir, "gate", {**gate, "seconds": seconds["gate"], "config": gc.model_dump()})
-        figure = "n/a" if gate["ndcg"] is None else f"{gate['ndcg']:.4f} (popularity {gate['popularity_ndcg']:.4f})"
-        out.say(f"[gate] nDCG@{gc.k} on the most recent {gc.holdout:.0%}: {figure} "
-                f"{'FAILED' if gate['problems'] else 'passed'} ({seconds['gate']:.1f}s)")
-        check_gate(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
 
     # ---- publish --------------------------------------------------------------------------------
     previous = None
