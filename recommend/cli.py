@@ -248,6 +248,35 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
     typer.echo(f"live: {after} (was {before})")
 
 
+@app.command()
+def serve(config: str = ConfigOpt,
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+          port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per request on stderr.")):
+    """Answer queries over HTTP from the live version: /users/<id>, /items/<id>/similar,
+    /search?q=..., /versions, /health (JSON; 404 unknown id, 400 bad parameter, 503 store unavailable).
+
+    \b
+    Example:
+        recs serve --config config.yaml --port 8000 &
+        curl 'http://127.0.0.1:8000/users/U00042?k=5'
+    """
+    from recommend.facade import Recommender
+    from recommend.serve import make_server
+
+    with user_errors():
+        server = make_server(Recommender.from_config(config), host, port)
+    server.quiet = quiet
+    host_, port_ = server.server_address[:2]
+    typer.echo(f"serving on http://{host_}:{port_} (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:
     app()
 

@@ -189,3 +189,42 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
         refresh(config, quiet=True, client=dask_client)
     assert "quality gate: nDCG@10" in str(err.value) and "the live version stays live" in str(err.value)
     assert Recommender.from_config(config).live_version() == good["published_version"]
+
+
+def test_http_service_answers_like_the_facade(first_run):
+    """`recs serve` over real HTTP: the same lists as the facade, with clear 404 and 400 answers."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from recommend.serve import make_server
+
+    config, report = first_run
+    rec = Recommender.from_config(config)
+    server = make_server(rec, "127.0.0.1", 0)
+    server.quiet = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = "http://127.0.0.1:%d" % server.server_address[1]
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(base + path, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        assert get("/health") == (200, {"status": "ok", "version": report["published_version"]})
+        status, body = get("/users/U00000?k=3")
+        assert status == 200 and body == rec.for_user("U00000", 3).to_dict()
+        status, body = get("/items/I00003/similar")
+        assert status == 200 and [i["item_id"] for i in body["items"]] == [r.item_id for r in rec.similar("I00003").items]
+        status, body = get("/users/nobody?recent=I00001,I00002")
+        assert status == 200 and body["source"] == "realtime" and not {"I00001", "I00002"} & {i["item_id"] for i in body["items"]}
+        assert get("/users/nobody")[0] == 404 and "unknown user 'nobody'" in get("/users/nobody")[1]["error"]
+        assert get("/users/U00000?k=zero") == (400, {"error": "k must be a whole number, got 'zero'"})
+        assert get("/nowhere")[0] == 404
+        assert get("/versions")[1][0]["run_id"] == report["published_version"]
+    finally:
+        server.shutdown()
+        server.server_close()
