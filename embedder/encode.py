@@ -16,8 +16,8 @@ import pandas as pd
 
 from embedder.cache import EmbeddingCache, as_stored, content_hashes
 from embedder.model import embedding_dim, load_model, model_fingerprint, pick_device, resolve_model_path
-from embedder.standin import is_standin
 from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve_precision
+from embedder.standin import is_standin
 
 
 @dataclass

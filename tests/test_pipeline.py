@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from conftest import write_config
-from embedder.artifacts import arrow_to_vectors
 from recommend.config import load_config
 from recommend.facade import Recommender
 from recommend.pipeline import refresh

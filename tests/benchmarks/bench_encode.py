@@ -41,7 +41,7 @@ def raw_encode(batch: list[str], precision: str) -> tuple[np.ndarray, float]:
 def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool) -> tuple[np.ndarray, float, dict]:
     from embedder.encode import embed_items, encode_chunk
     from embedder.model import resolve_model_path
-    from recommend.pipeline import dask_client
+    from recommend.cluster import dask_client
 
     path = str(resolve_model_path("all-MiniLM-L6-v2"))
     items = pd.DataFrame({"item_id": [str(i) for i in range(len(batch))], "text": batch})

@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--changed", type=float, default=0.01)
     args = parser.parse_args()
     from recommend.config import load_config
-    from recommend.pipeline import dask_client, refresh
+    from recommend.cluster import dask_client
+    from recommend.pipeline import refresh
     from recommend.sample import write_sample
 
     with tempfile.TemporaryDirectory() as tmp, dask_client(None, None, 1) as client:
