@@ -44,6 +44,11 @@ def content_hashes(model_fingerprint: str, texts) -> pd.Series:
     return pd.Series([content_hash(model_fingerprint, t) for t in texts], dtype=object)
 
 
+def _lookup_bucket(root: str, bucket: str, keys: list[str]) -> pa.Table | None:
+    """One bucket's share of a lookup, run on a Dask worker."""
+    return EmbeddingCache(root).lookup_bucket(bucket, keys)
+
+
 class EmbeddingCache:
     """Vectors by content hash under `root` (a path or fsspec URL).
 
@@ -63,16 +68,29 @@ class EmbeddingCache:
     def _bucket_dir(self, bucket: str) -> str:
         return f"{self.base}/bucket={bucket}"
 
-    def lookup(self, hashes) -> dict[str, np.ndarray]:
-        """Vectors for the given hashes that the cache holds; absent hashes are simply missing."""
+    def lookup(self, hashes, client=None) -> dict[str, np.ndarray]:
+        """Vectors for the given hashes that the cache holds; absent hashes are simply missing.
+
+        A partition-wise join: each bucket is read by one task that keeps only the wanted rows, so no
+        process ever holds the whole cache. With a Dask `client` the buckets are read on its workers
+        in parallel, and only the matches travel back."""
         wanted = pd.Series(list(hashes), dtype=object).drop_duplicates()
+        groups = [(bucket, keys.tolist()) for bucket, keys in wanted.groupby(wanted.str[:BUCKET_CHARS])]
+        if client is not None and len(groups) > 1:
+            futures = client.map(_lookup_bucket, [self.root] * len(groups), [b for b, _ in groups], [k for _, k in groups],
+                                 pure=False)
+            tables = client.gather(futures)
+        else:
+            tables = [self.lookup_bucket(bucket, keys) for bucket, keys in groups]
         found: dict[str, np.ndarray] = {}
-        for bucket, keys in wanted.groupby(wanted.str[:BUCKET_CHARS]):
-            table = self._read_bucket(bucket, pa.array(keys.tolist(), pa.string()))
+        for table in tables:
             if table is not None and table.num_rows:
-                vectors = arrow_to_vectors(table["vector"])
-                found.update(zip(table["content_hash"].to_pylist(), vectors))
+                found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"])))
         return found
+
+    def lookup_bucket(self, bucket: str, keys: list[str]) -> pa.Table | None:
+        """The rows of one bucket whose content hash is in `keys`."""
+        return self._read_bucket(bucket, pa.array(keys, pa.string()))
 
     def _read_bucket(self, bucket: str, keys: pa.Array) -> pa.Table | None:
         directory = self._bucket_dir(bucket)

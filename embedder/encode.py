@@ -118,7 +118,7 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     while True:
         # vectors made in another precision are other vectors: they get their own cache keys
         hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
-        found = cache.lookup(hashes)
+        found = cache.lookup(hashes, client)
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
         if chosen == "fp32" or unique_missing.empty or "mean_cosine" in precision_report:
             break

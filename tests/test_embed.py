@@ -102,3 +102,15 @@ def test_worker_layout_one_per_gpu_else_one_per_core():
     except ImportError:  # without dask-cuda one worker drives the first GPU
         assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 1}
     assert worker_layout("cuda", 3, 1, gpus=2)["n_workers"] == 3
+
+
+def test_cache_lookup_on_workers_equals_lookup_in_process(tmp_path, dask_client):
+    """Oracle: the bucket-by-bucket join run on the Dask workers finds what a single process finds."""
+    cache = EmbeddingCache(str(tmp_path / "c"))
+    keys = [content_hash("fp", f"text {i}") for i in range(200)]
+    vectors = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
+    cache.add(keys[:150], vectors[:150])
+    cache.add(keys[150:170], vectors[150:170])  # a second file in some buckets
+    local, remote = cache.lookup(keys), cache.lookup(keys, dask_client)
+    assert set(local) == set(remote) == set(keys[:170])
+    assert all(np.array_equal(local[k], remote[k]) for k in local)
