@@ -184,6 +184,7 @@ def _read_ragged_csv(text: str, spec: SourceSpec) -> pd.DataFrame:
 
 
 MALFORMED = "_malformed_line"
+ARROW_STRING = pd.StringDtype("pyarrow")
 UNDECODABLE = "_undecodable"  # set only on files that needed U+FFFD replacements: a U+FFFD already in valid text is kept
 
 
@@ -512,7 +513,8 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     result = _unpack(frame, ["user_id", "item_id", "ts", "event_type"])
     result.rows["ts"] = pd.to_datetime(result.rows["ts"], utc=True).astype("datetime64[ns, UTC]")
     dup = result.rows.duplicated(keep="first")
-    result.rows = result.rows[~dup].reset_index(drop=True)
+    # Arrow-backed strings: a quarter of the memory of Python str objects for millions of ids
+    result.rows = result.rows[~dup].reset_index(drop=True).astype({c: ARROW_STRING for c in ("user_id", "item_id", "event_type")})
     result.counts = {"rows_read": len(frame), "accepted": len(result.rows), "quarantined": len(result.quarantine),
                      "duplicates_dropped": int(dup.sum()),
                      "quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()}
