@@ -16,8 +16,7 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
     returns exactly min(k, n - excluded) results per query. Missing slots hold id -1 and score -inf.
     Returns ``(scores, ids)``, both shaped (len(queries), k).
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    n = len(queries)
+    n = len(queries)  # an array, or anything that gives arrays for row slices (recommend.blend.Rows)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     for start in range(0, n, block_size):
@@ -27,7 +26,7 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
         want = min(k + extra, index.ntotal)
         if want == 0:
             continue
-        found_scores, found_ids = index.search(queries[start:stop], want)
+        found_scores, found_ids = index.search(np.ascontiguousarray(queries[start:stop], dtype=np.float32), want)
         for row in range(stop - start):
             cand_ids, cand_scores = found_ids[row], found_scores[row]
             keep = cand_ids >= 0

@@ -89,14 +89,48 @@ def user_from_items(query_rows: np.ndarray, layout: Layout) -> np.ndarray:
     return user_vectors(behaviour_sum, text_profile, np.array([len(query_rows)]), layout)[0]
 
 
+class Rows:
+    """An (n, d) float32 array whose rows are computed on demand, a block at a time, and never held
+    whole: `rows[i]`, `rows[a:b]` and `rows[index_array]` work as on an array; `len` and `.shape` too.
+    User vectors (users x D) and the raw item query rows are such arrays: at a million users a
+    materialised (n, D) array alone would be 2.5 GB."""
+
+    def __init__(self, n: int, d: int, compute):
+        self.shape, self._compute = (n, d), compute
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._compute(np.array([key], dtype=np.int64))[0]
+        if isinstance(key, slice):
+            return self._compute(np.arange(*key.indices(self.shape[0]), dtype=np.int64))
+        key = np.asarray(key)
+        return self._compute(np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64))
+
+    def take(self, rows: np.ndarray) -> "Rows":
+        """A lazy view of some rows, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Rows(len(rows), self.shape[1], lambda idx: self._compute(rows[idx]))
+
+    def materialize(self) -> np.ndarray:
+        return self[:]
+
+
+def take_rows(x, rows: np.ndarray):
+    """`x[rows]`, lazily when `x` is a Rows."""
+    return x.take(rows) if isinstance(x, Rows) else x[rows]
+
+
 @dataclass
 class Space:
     """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
 
     item_docs: np.ndarray        # (items, D) what the index holds
     item_queries: np.ndarray     # (items, D) queries for item -> item
-    item_raw_queries: np.ndarray  # (items, r + d) unweighted behaviour query side and text, for the real-time path
-    users: np.ndarray            # (users, D)
+    item_raw_queries: Rows       # (items, r + d) unweighted behaviour query side and text, for the real-time path
+    users: Rows                  # (users, D), computed per block from the interaction matrix
     has_history: np.ndarray      # (users,) bool
     few_events: np.ndarray       # (users,) bool: fewer than `layout.few_events` items of history
     seen: list[np.ndarray]
@@ -116,18 +150,27 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
     binary = behaviour_matrix(inter.matrix)
     model = fit_behaviour(binary, factors, l2)
     projected = project_cold(model, text, damping=cold_damping)
-    text_profile, _ = user_profiles(inter.matrix, text)
     n_history = np.diff(binary.indptr)
     has_history = n_history > 0
-    text_profile[has_history & ~np.any(text_profile, axis=1)] = _unit(np.asarray(binary @ text))[
-        has_history & ~np.any(text_profile, axis=1)]  # weights that decayed to 0: fall back to the plain mean
     layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(behaviour_weight),
                     float(popularity_weight), float(few_events))
     pop = popularity(inter.matrix)
+    weighted, queries_r = inter.matrix, model.item_queries
+
+    def users(idx: np.ndarray) -> np.ndarray:
+        profile, _ = user_profiles(weighted[idx], text)
+        faded = has_history[idx] & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
+        if faded.any():
+            profile[faded] = _unit(np.asarray(binary[idx[faded]] @ text, dtype=np.float32))
+        return user_vectors(np.asarray(binary[idx] @ queries_r, dtype=np.float32), profile, n_history[idx], layout)
+
+    def raw_queries(idx: np.ndarray) -> np.ndarray:
+        return np.hstack([queries_r[idx], text[idx]]).astype(np.float32)
+
     return Space(
         item_docs=item_documents(model.item_vectors, text, popularity_feature(pop), layout),
         item_queries=item_queries(model.item_queries, text, layout),
-        item_raw_queries=np.hstack([model.item_queries, text]).astype(np.float32),
-        users=user_vectors(model.users(binary), text_profile, n_history, layout),
+        item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),
+        users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1), users),
         has_history=has_history, few_events=has_history & (n_history < few_events),
         seen=seen_items(binary), popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)

@@ -95,11 +95,11 @@ def refresh(config: str = ConfigOpt,
     if as_json:
         typer.echo(json.dumps(report))
     else:
-        items = report["items_encoded"] + report["items_from_cache"]
+        items = report["items_read"] - report["items_quarantined"] - report["items_duplicates_dropped"]
         what = (f"published {report['published_version']}" if report["published_version"]
                 else f"built {report['run_id']} (not published: publish.enabled is false)")
         typer.echo(f"{what}: {items} items "
-                   f"({report['items_encoded']} encoded, {report['items_from_cache']} from cache; "
+                   f"({report['items_encoded']} texts encoded, {report['items_from_cache']} from cache; "
                    f"{report['items_quarantined']} of {report['items_read']} rows quarantined), "
                    f"{report['users']} users, {report['seconds']['total']:.1f}s; report: {report['run_dir']}/report.json")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from index.build import build_index
-from recommend.blend import build_space
+from recommend.blend import build_space, take_rows
 from recommend.lists import recommended_items
 from recommend.metrics import cold_share, coverage, ranking_metrics
 from recommend.splits import random_split, temporal_split
@@ -81,7 +81,7 @@ def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None, in
     `index_kind`: exact for evaluation; the gate passes the refresh's own index setting."""
     rows = np.arange(len(space.users)) if rows is None else rows
     index = build_index(space.item_docs, kind=index_kind, exact_below=exact_below)
-    _, ids, _ = recommended_items(index, space.users[rows], space.has_history[rows], [space.seen[r] for r in rows], k,
+    _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], [space.seen[r] for r in rows], k,
                                   space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
                                   new_slots=new_slots)
     return ids

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from index.search import search_excluding
+from recommend.blend import take_rows
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
 
@@ -73,7 +74,7 @@ def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen
     ids = np.full((len(profiles), k), -1, dtype=np.int64)
     rows = np.flatnonzero(has_history)
     if len(rows):
-        s, i = search_excluding(index, profiles[rows], k, [seen[r] for r in rows], progress=progress)
+        s, i = search_excluding(index, take_rows(profiles, rows), k, [seen[r] for r in rows], progress=progress)
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
                                item_vectors, popular_scores)
@@ -109,7 +110,7 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
     position = {int(item): p for p, item in enumerate(new_items)}
     exclude = [np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
                         dtype=np.int64) for r in rows]
-    best_scores, best = search_excluding(index, queries[rows], slots, exclude)
+    best_scores, best = search_excluding(index, take_rows(queries, rows), slots, exclude)
     for j, row in enumerate(rows):
         picks = [(float(s), int(new_items[b])) for s, b in zip(best_scores[j], best[j]) if b >= 0]
         need = slots - int(is_new[ids[row]].sum())

@@ -60,16 +60,15 @@ def _clean(value):
 
 def _points(ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict], batch_size: int,
             progress: Callable[[int], None] | None):
-    """Points one at a time (nothing is materialised), ticking `progress` every `batch_size`."""
-    n = 0
-    for row, (pid, payload) in enumerate(zip(ids, payloads)):
-        yield models.PointStruct(id=pid, vector={name: v[row].tolist() for name, v in vectors.items()}, payload=payload)
-        n += 1
-        if progress and n == batch_size:
-            progress(n)
-            n = 0
-    if progress and n:
-        progress(n)
+    """Points one at a time, vectors read a block of `batch_size` rows at a time, ticking `progress` per block."""
+    payloads = iter(payloads)
+    for start in range(0, len(ids), batch_size):  # vectors fetched a block at a time: they may be computed on demand
+        stop = min(start + batch_size, len(ids))
+        block = {name: np.asarray(v[start:stop], dtype=np.float32) for name, v in vectors.items()}
+        for j, pid in enumerate(ids[start:stop]):
+            yield models.PointStruct(id=pid, vector={name: b[j].tolist() for name, b in block.items()}, payload=next(payloads))
+        if progress:
+            progress(stop - start)
 
 
 def upload(client, name: str, ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict],
