@@ -56,10 +56,20 @@ def sampled_recall(index, vectors: np.ndarray, queries: np.ndarray, got_ids: np.
 
     if isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)):
         return {"recall": 1.0, "k": k, "sample": 0, "exact": True}
-    rows = np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False)
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    exclude = [np.array([r]) for r in rows] if exclude_self else None
-    _, truth = search_excluding(exact, queries[rows], k, exclude)
+    rows = np.sort(np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False))
+    q = np.ascontiguousarray(queries[rows], dtype=np.float32)
+    # exact top-k by a blockwise matrix product: no second copy of all vectors in an index
+    best_s = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(rows), k), -1, dtype=np.int64)
+    for start in range(0, len(vectors), 65536):
+        sims = q @ np.asarray(vectors[start:start + 65536], dtype=np.float32).T
+        if exclude_self:
+            own = (rows >= start) & (rows < start + sims.shape[1])
+            sims[np.flatnonzero(own), rows[own] - start] = -np.inf
+        cand_s = np.concatenate([best_s, sims], axis=1)
+        cand_i = np.concatenate([best_i, np.arange(start, start + sims.shape[1])[None, :].repeat(len(rows), 0)], axis=1)
+        top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else np.arange(cand_s.shape[1])[None].repeat(len(rows), 0)
+        best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
+    truth = np.where(np.isfinite(best_s), best_i, -1)
     hits = [len(np.intersect1d(got_ids[r][got_ids[r] >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for r, t in zip(rows, truth)]
     return {"recall": round(float(np.mean(hits)), 4), "k": k, "sample": int(len(rows)), "exact": False}

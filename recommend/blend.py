@@ -59,12 +59,17 @@ def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np
                       np.sqrt(layout.popularity_weight) * pop_feature[:, None]]).astype(np.float32)
 
 
-def item_queries(behaviour_queries: np.ndarray, text: np.ndarray, layout: Layout) -> np.ndarray:
-    """Item→item queries. The behaviour part is divided by one constant (the 99th percentile of the
-    norms), not per item, so that an item with little evidence (a cold item's damped prediction) asks
-    with less weight on behaviour and more on its text."""
+def query_scale(behaviour_queries: np.ndarray) -> float:
+    """The 99th percentile of the non-zero behaviour query norms (see `item_queries`)."""
     norms = np.linalg.norm(behaviour_queries, axis=1)
-    scale = float(np.percentile(norms[norms > 0], 99)) if (norms > 0).any() else 1.0
+    return float(np.percentile(norms[norms > 0], 99)) if (norms > 0).any() else 1.0
+
+
+def item_queries(behaviour_queries: np.ndarray, text: np.ndarray, layout: Layout, scale: float | None = None) -> np.ndarray:
+    """Item→item queries. The behaviour part is divided by one constant (the 99th percentile of the
+    norms over all items, `query_scale`), not per item, so that an item with little evidence (a cold
+    item's damped prediction) asks with less weight on behaviour and more on its text."""
+    scale = query_scale(behaviour_queries) if scale is None else scale
     return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_queries / scale, np.sqrt(layout.text_weight) * text,
                       np.zeros((len(text), 1), np.float32)]).astype(np.float32)
 
@@ -128,7 +133,7 @@ class Space:
     """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
 
     item_docs: np.ndarray        # (items, D) what the index holds
-    item_queries: np.ndarray     # (items, D) queries for item -> item
+    item_queries: Rows           # (items, D) queries for item -> item, computed per block
     item_raw_queries: Rows       # (items, r + d) unweighted behaviour query side and text, for the real-time path
     users: Rows                  # (users, D), computed per block from the interaction matrix
     has_history: np.ndarray      # (users,) bool
@@ -156,6 +161,7 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
                     float(popularity_weight), float(few_events))
     pop = popularity(inter.matrix)
     weighted, queries_r = inter.matrix, model.item_queries
+    scale = query_scale(queries_r)
 
     def users(idx: np.ndarray) -> np.ndarray:
         profile, _ = user_profiles(weighted[idx], text)
@@ -169,7 +175,8 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
 
     return Space(
         item_docs=item_documents(model.item_vectors, text, popularity_feature(pop), layout),
-        item_queries=item_queries(model.item_queries, text, layout),
+        item_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim + 1,
+                          lambda idx: item_queries(queries_r[idx], text[idx], layout, scale)),
         item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),
         users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1), users),
         has_history=has_history, few_events=has_history & (n_history < few_events),

@@ -78,14 +78,29 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     me = psutil.Process()
     peaks: dict[int, int] = {}
     done = threading.Event()
+    stage = {"name": "start", "peaks": {}}  # the driver's peak per stage: which stage to shrink next
+
+    from recommend.progress import Reporter
+
+    say = Reporter.say
+
+    def tracking_say(self, text: str) -> None:  # stage lines end a stage: "[embed] ..."
+        if text.startswith("["):
+            stage["name"] = "after " + text[1:text.index("]")]
+        say(self, text)
+
+    Reporter.say = tracking_say
 
     def sample() -> None:
         while not done.is_set():
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    peaks[proc.pid] = max(peaks.get(proc.pid, 0), proc.memory_info().rss)
+                    rss = proc.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                peaks[proc.pid] = max(peaks.get(proc.pid, 0), rss)
+                if proc.pid == me.pid:
+                    stage["peaks"][stage["name"]] = max(stage["peaks"].get(stage["name"], 0), rss)
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -98,7 +113,8 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     done.set()
     thread.join()
     driver = peaks.pop(me.pid, 0)
-    return {"driver_peak_rss_mb": round(driver / 2**20), "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
+    return {"driver_peak_rss_mb": round(driver / 2**20),
+            "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
             "seconds": report.get("seconds"), "items_encoded": report.get("items_encoded"), "users": report.get("users"),
             "events_read": report.get("events_read"), "error": error}
 
