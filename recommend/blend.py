@@ -119,9 +119,6 @@ class Rows:
         rows = np.asarray(rows, dtype=np.int64)
         return Rows(len(rows), self.shape[1], lambda idx: self._compute(rows[idx]))
 
-    def materialize(self) -> np.ndarray:
-        return self[:]
-
 
 def take_rows(x, rows: np.ndarray):
     """`x[rows]`, lazily when `x` is a Rows."""

@@ -34,11 +34,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--kinds", default="HNSW32:64,HNSW32:128,IVF1024,Flat:16,IVF1024,Flat:32")
+    parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
     args = parser.parse_args()
     from index.build import build_index
     from index.search import search_excluding
 
-    x = clustered(args.items, args.dim, topics=max(10, args.items // 100), spread=0.8)
+    x = clustered(args.items, args.dim, topics=max(10, args.items // 100), spread=args.spread)
     rows = np.random.default_rng(1).choice(args.items, min(args.queries, args.items), replace=False)
     exclude = [np.array([r]) for r in rows]
     t = time.perf_counter()
@@ -61,7 +62,7 @@ def main() -> None:
         search_s = time.perf_counter() - t
         recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(got, truth)])
         emit("index_approx_vs_exact", {
-            "items": args.items, "queries": len(rows), "k": args.k, "factory": factory,
+            "items": args.items, "queries": len(rows), "k": args.k, "factory": factory, "spread": args.spread,
             "knob": ("efSearch" if factory.startswith("HNSW") else "nprobe") + f"={knob}",
             f"recall_at_{args.k}": round(float(recall), 4), "exact_search_s": round(exact_s, 2),
             "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_s": round(build_s, 2),
