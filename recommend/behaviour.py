@@ -55,7 +55,7 @@ def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, 
     n_users, n_items = matrix.shape
     r = max(1, min(factors, n_users, n_items))
     warm = np.asarray(matrix.getnnz(axis=0) > 0).ravel()
-    if matrix.nnz == 0 or r < 1:
+    if matrix.nnz == 0:
         zeros = np.zeros((n_items, 1), dtype=np.float32)
         return Behaviour(zeros, zeros.copy(), warm, 1.0)
     # float32 halves the memory of the range finder's (items x r) blocks; U (users x r) is dropped at once

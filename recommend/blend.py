@@ -165,7 +165,7 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
         faded = has_history[idx] & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
         if faded.any():
             profile[faded] = _unit(np.asarray(binary[idx[faded]] @ text, dtype=np.float32))
-        return user_vectors(np.asarray(binary[idx] @ queries_r, dtype=np.float32), profile, n_history[idx], layout)
+        return user_vectors(model.users(binary[idx]), profile, n_history[idx], layout)
 
     def raw_queries(idx: np.ndarray) -> np.ndarray:
         return np.hstack([queries_r[idx], text[idx]]).astype(np.float32)

@@ -7,7 +7,6 @@ precision against fp32 (speed and cosine).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from common import emit, texts, timed  # noqa: E402
+from common import emit, parser, texts, timed  # noqa: E402
 
 
 def raw_encode(batch: list[str], precision: str) -> tuple[np.ndarray, float]:
@@ -55,10 +54,10 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--texts", type=int, default=2000)
-    parser.add_argument("--skip-trim", action="store_true", help="skip the run with Dask's MALLOC_TRIM_THRESHOLD_")
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--texts", type=int, default=2000)
+    args_parser.add_argument("--skip-trim", action="store_true", help="skip the run with Dask's MALLOC_TRIM_THRESHOLD_")
+    args = args_parser.parse_args()
     batch = texts(args.texts)
     from embedder.precision import resolve_precision
 

@@ -7,7 +7,6 @@ model. Figures for the whole refresh and for its embed stage.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -18,14 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=3000)
-    parser.add_argument("--changed", type=float, default=0.01)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--items", type=int, default=3000)
+    args_parser.add_argument("--changed", type=float, default=0.01)
+    args = args_parser.parse_args()
     from recommend.config import load_config
     from recommend.cluster import dask_client
     from recommend.pipeline import refresh

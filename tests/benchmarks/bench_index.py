@@ -7,7 +7,6 @@ embeddings: topics with spread), item->item top-K for a sample of queries, recal
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, parser  # noqa: E402
 
 
 def clustered(n: int, d: int, topics: int, spread: float, seed: int = 0) -> np.ndarray:
@@ -28,14 +27,14 @@ def clustered(n: int, d: int, topics: int, spread: float, seed: int = 0) -> np.n
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--queries", type=int, default=10_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--kinds", default="HNSW32:64,HNSW32:128,IVF1024,Flat:16,IVF1024,Flat:32")
-    parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--items", type=int, default=100_000)
+    args_parser.add_argument("--queries", type=int, default=10_000)
+    args_parser.add_argument("--dim", type=int, default=384)
+    args_parser.add_argument("--k", type=int, default=20)
+    args_parser.add_argument("--kinds", default="HNSW32:64,HNSW32:128,IVF1024,Flat:16,IVF1024,Flat:32")
+    args_parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
+    args = args_parser.parse_args()
     from index.build import build_index
     from index.search import search_excluding
 

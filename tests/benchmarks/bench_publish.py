@@ -6,7 +6,6 @@ qdrant-client's own `upload_points` with its defaults, the same points, in the s
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -17,16 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, default=20_000)
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--url", default=None, help="a Qdrant server; default: local mode in a temp folder")
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--points", type=int, default=20_000)
+    args_parser.add_argument("--dim", type=int, default=384)
+    args_parser.add_argument("--batch-size", type=int, default=256)
+    args_parser.add_argument("--url", default=None, help="a Qdrant server; default: local mode in a temp folder")
+    args = args_parser.parse_args()
     from qdrant_client import QdrantClient, models
 
     from recommend.publish import item_payloads, point_id, stage_version

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from common import WORDS, emit  # noqa: E402
+from common import WORDS, emit, parser  # noqa: E402
 
 
 def generate(out: Path, n_items: int, n_users: int, events_per_user: float, parts: int, seed: int = 0) -> dict:
@@ -120,15 +120,15 @@ def run(data: Path, work: Path, publish: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--events-per-user", type=float, default=10.0)
-    parser.add_argument("--parts", type=int, default=16)
-    parser.add_argument("--publish", action="store_true")
-    parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
-    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--items", type=int, default=1_000_000)
+    args_parser.add_argument("--users", type=int, default=1_000_000)
+    args_parser.add_argument("--events-per-user", type=float, default=10.0)
+    args_parser.add_argument("--parts", type=int, default=16)
+    args_parser.add_argument("--publish", action="store_true")
+    args_parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
+    args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args = args_parser.parse_args()
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return

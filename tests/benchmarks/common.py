@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,11 @@ def texts(n: int, seed: int = 0, low: int = 10, high: int = 80) -> list[str]:
     """n texts of `low`..`high` words, the same for the same seed."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, rng.integers(low, high + 1))) + f". Item {i}." for i in range(n)]
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A command-line parser whose --help shows the benchmark's docstring (with its example command)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def machine() -> dict:
