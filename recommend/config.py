@@ -155,7 +155,7 @@ class GateConfig(Section):
 class DaskConfig(Section):
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
     n_workers: int | None = Field(None, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1, description="default: 1 on CPU workers, 2 on GPU workers")
 
 
 class PublishConfig(Section):

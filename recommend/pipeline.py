@@ -209,7 +209,7 @@ def _embed(run: _Run, items, client):
     """Item vectors: from the cache, the rest encoded on the workers."""
     config = run.config
     n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
-    torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if not config.dask.address else config.dask.threads_per_worker
+    torch_threads = max(1, (os.cpu_count() or 1) // max(1, n_workers)) if not config.dask.address else (config.dask.threads_per_worker or 1)
     bar = {}
 
     def encode_progress(done: int, total: int) -> None:

@@ -93,15 +93,16 @@ def test_worker_layout_one_per_gpu_else_one_per_core():
     from recommend.cluster import worker_layout
 
     cores = os.cpu_count() or 1
-    assert worker_layout("cpu", None, 1, gpus=4) == {"kind": "cpu", "n_workers": cores, "threads_per_worker": 1}
-    assert worker_layout("auto", None, 1, gpus=0)["kind"] == "cpu"
-    on_gpus = worker_layout("auto", None, 1, gpus=2)
+    assert worker_layout("cpu", None, None, gpus=4) == {"kind": "cpu", "n_workers": cores, "threads_per_worker": 1}
+    assert worker_layout("auto", None, None, gpus=0)["kind"] == "cpu"
+    on_gpus = worker_layout("auto", None, None, gpus=2)
     try:
         import dask_cuda  # noqa: F401
-        assert on_gpus == {"kind": "cuda", "n_workers": 2, "threads_per_worker": 1}
+        assert on_gpus == {"kind": "cuda", "n_workers": 2, "threads_per_worker": 2}
     except ImportError:  # without dask-cuda one worker drives the first GPU
-        assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 1}
-    assert worker_layout("cuda", 3, 1, gpus=2)["n_workers"] == 3
+        assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 2}
+    assert worker_layout("cuda", 3, 1, gpus=2) == {**on_gpus, "n_workers": 3, "threads_per_worker": 1}  # overrides
+    assert worker_layout("cpu", None, 2, gpus=0)["n_workers"] == max(1, cores // 2)
 
 
 def test_cache_lookup_on_workers_equals_lookup_in_process(tmp_path, dask_client):
