@@ -48,32 +48,51 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return np.take_along_axis(sims, ids, axis=1), ids
 
 
-def sampled_recall(index, vectors: np.ndarray, queries: np.ndarray, got_ids: np.ndarray, k: int,
-                   sample: int = 1000, seed: int = 0, exclude_self: bool = True) -> dict:
-    """recall@k of lists an index produced (`got_ids`, rows aligned with `queries`) against exact
-    search over `vectors`, on a seeded sample of rows. Exact indexes are not sampled: recall is 1."""
-    import faiss
-
-    if isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)):
-        return {"recall": 1.0, "k": k, "sample": 0, "exact": True}
-    rows = np.sort(np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False))
-    q = np.ascontiguousarray(queries[rows], dtype=np.float32)
-    # exact top-k by a blockwise matrix product: no second copy of all vectors in an index, and
-    # small blocks (a 1,000 x 65,536 block with its index arrays peaked at 1.7 GB at 100k items)
-    best_s = np.full((len(rows), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(rows), k), -1, dtype=np.int64)
-    block = 8192
+def exact_top_k(vectors, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
+                block: int = 8192) -> np.ndarray:
+    """Exact top-k ids (-1 where fewer exist) for a few `queries` over all `vectors` (an array or
+    recommend.blend.Rows), by a blockwise matrix product: no second copy of the vectors in an index,
+    and small blocks (a 1,000 x 65,536 block with its index arrays peaked at 1.7 GB at 100k items).
+    `query_rows`: the row of `vectors` each query is, excluded from its own results."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
     for start in range(0, len(vectors), block):
         sims = q @ np.asarray(vectors[start:start + block], dtype=np.float32).T
-        if exclude_self:
-            own = (rows >= start) & (rows < start + sims.shape[1])
-            sims[np.flatnonzero(own), rows[own] - start] = -np.inf
+        if query_rows is not None:
+            own = (query_rows >= start) & (query_rows < start + sims.shape[1])
+            sims[np.flatnonzero(own), query_rows[own] - start] = -np.inf
         take = min(k, sims.shape[1])
         top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
         cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], axis=1)
         cand_i = np.concatenate([best_i, top + start], axis=1)
         keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
         best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    truth = np.where(np.isfinite(best_s), best_i, -1)
-    hits = [len(np.intersect1d(got_ids[r][got_ids[r] >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for r, t in zip(rows, truth)]
-    return {"recall": round(float(np.mean(hits)), 4), "k": k, "sample": int(len(rows)), "exact": False}
+    return np.where(np.isfinite(best_s), best_i, -1)
+
+
+def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true ids (-1 = none) that `got` found."""
+    hits = [len(np.intersect1d(g[g >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for g, t in zip(got, truth)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def is_exact(index) -> bool:
+    import faiss
+
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP))
+
+
+def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+
+
+def sampled_recall(index, vectors: np.ndarray, queries: np.ndarray, got_ids: np.ndarray, k: int,
+                   sample: int = 1000, seed: int = 0, exclude_self: bool = True) -> dict:
+    """recall@k of lists an index produced (`got_ids`, rows aligned with `queries`) against exact
+    search over `vectors`, on a seeded sample of rows. Exact indexes are not sampled: recall is 1."""
+    if is_exact(index):
+        return {"recall": 1.0, "k": k, "sample": 0, "exact": True}
+    rows = sample_rows(len(queries), sample, seed)
+    truth = exact_top_k(vectors, queries[rows], k, rows if exclude_self else None)
+    return {"recall": round(recall_at_k(got_ids[rows], truth), 4), "k": k, "sample": int(len(rows)), "exact": False}

@@ -117,9 +117,11 @@ class EmbedConfig(Section):
 
 
 class IndexConfig(Section):
-    kind: str = Field("auto", description="auto | exact | a FAISS factory string such as HNSW32")
+    kind: str = Field("auto", description="auto | exact | a FAISS factory string such as HNSW32 or IVF4096,SQfp16")
     exact_below: int = Field(50_000, ge=1)
-    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search depth: 64 kept recall@20 >= 0.97 at 2-5x exact speed on 100k items (tests/benchmarks)")
+    target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW efSearch) "
+                                        "to this recall@k against exact search on a sample; null: use search_depth")
+    search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
 
 
 class ListsConfig(Section):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from index.build import build_index
+from index.tune import EXACT_INDEX, IndexSettings, build_tuned
 from recommend.blend import build_space, take_rows
 from recommend.lists import recommended_items
 from recommend.metrics import cold_share, coverage, ranking_metrics
@@ -74,13 +74,13 @@ def _rank_by(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
     return out
 
 
-def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None, index_kind: str = "exact",
-               exact_below: int = 50_000) -> np.ndarray:
+def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None,
+               index: IndexSettings = EXACT_INDEX) -> np.ndarray:
     """User lists (len(rows), k) from a built space, searched exactly, made as the refresh makes them
     (seen items excluded, popularity top-up, the last `new_slots` places for items with no events).
-    `index_kind`: exact for evaluation; the gate passes the refresh's own index setting."""
+    `index`: exact for evaluation; the gate passes the refresh's own index settings."""
     rows = np.arange(len(space.users)) if rows is None else rows
-    index = build_index(space.item_docs, kind=index_kind, exact_below=exact_below)
+    index, _ = build_tuned(space.item_docs, space.item_queries, k, index)
     _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], [space.seen[r] for r in rows], k,
                                   space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
                                   new_slots=new_slots)
@@ -89,16 +89,16 @@ def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None, in
 
 def lists_for(train: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
               weights: dict[str, float], settings: BlendSettings, k: int, rows: np.ndarray | None = None,
-              index_kind: str = "exact", exact_below: int = 50_000):
+              index: IndexSettings = EXACT_INDEX):
     """(ranked item rows (len(rows), k), space) built exactly as the refresh builds user lists;
     `rows`: the user rows to list (default all)."""
     space = space_for(train, item_ids, text, user_ids, weights, settings)
-    return rank_users(space, k, settings.new_item_slots, rows, index_kind, exact_below), space
+    return rank_users(space, k, settings.new_item_slots, rows, index), space
 
 
 def holdout_score(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, weights: dict[str, float],
                   settings: BlendSettings, holdout: float, k: int, max_users: int, seed: int = 42,
-                  index_kind: str = "exact", exact_below: int = 50_000) -> dict:
+                  index: IndexSettings = EXACT_INDEX) -> dict:
     """nDCG@k of the lists and of popularity on each user's most recent `holdout` share of items,
     the lists rebuilt without them (the quality gate's figures). At most `max_users` users are scored."""
     train, held = temporal_split(events, holdout)
@@ -110,7 +110,7 @@ def holdout_score(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, w
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_users, replace=False))
     if not len(rows):
         return {"ndcg": None, "popularity_ndcg": None, "users": 0, "holdout": holdout, "k": k}
-    ranked, space = lists_for(train, item_ids, text, user_ids, weights, settings, k, rows, index_kind, exact_below)
+    ranked, space = lists_for(train, item_ids, text, user_ids, weights, settings, k, rows, index)
     rel = [relevant[r] for r in rows]
     popular = _rank_by(plain_popularity(train, item_ids), [space.seen[r] for r in rows], k)
     return {"ndcg": ranking_metrics(ranked, rel, k)["ndcg"], "popularity_ndcg": ranking_metrics(popular, rel, k)["ndcg"],

@@ -37,8 +37,9 @@ from embedder.ingest import (
 )
 from embedder.model import ModelNotFound, pick_device, resolve_model_path
 from embedder.precision import resolve_precision
-from index.build import build_index, choose_factory, save_index
+from index.build import choose_factory, save_index
 from index.search import sampled_recall
+from index.tune import IndexSettings, build_tuned
 from recommend.cluster import dask_client
 from recommend.config import Config, ConfigError
 from recommend.evaluate import BlendSettings, holdout_score, space_for
@@ -79,6 +80,12 @@ def blend_settings(config: Config) -> BlendSettings:
     b = config.blend
     return BlendSettings(b.behaviour_weight, b.popularity_weight, b.factors, b.l2, b.few_events, b.cold_damping,
                          b.new_item_slots, config.lists.half_life_days)
+
+
+def index_settings(config: Config) -> IndexSettings:
+    """The index section of the config as the settings `build_tuned` takes."""
+    xc = config.index
+    return IndexSettings(xc.kind, xc.exact_below, xc.target_recall, xc.search_depth)
 
 
 def event_weights(ec) -> dict[str, float]:
@@ -166,7 +173,7 @@ def _run(config: Config, run_id: str, run_dir: Path, client, out: Reporter) -> d
         "accounting": {name: accounting(r.counts) for name, r in (("items", items), ("events", events), ("users", users))
                        if r is not None},
         "published_version": run_id if store is not None else None, "previous_version": previous,
-        "item_lists_recall": lists.recall, "gate": gate,
+        "item_lists_recall": lists.recall, "search_depth": lists.tuning, "gate": gate,
         "cold_items": {"count": int((~lists.space.warm).sum()), "in_user_lists": lists.cold_in_user_lists},
         "encode_texts_per_second": emb.counts["texts_per_second"], "encode_precision": emb.counts["precision"],
         "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
@@ -242,7 +249,7 @@ def _gate(run: _Run, store, events, emb, weights, settings: BlendSettings) -> di
     gc = config.gate
     with run.stage("gate"):
         gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users,
-                                  index_kind=config.index.kind, exact_below=config.index.exact_below))
+                                  index=index_settings(config)))
         live = live_gate(store, config.publish.prefix) if store is not None else None
         gate["live"] = live
         gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)
@@ -264,6 +271,7 @@ class _Lists:
     item_lists: tuple  # (scores, ids, source)
     user_lists: tuple
     recall: dict
+    tuning: dict
     cold_in_user_lists: int
 
 
@@ -274,7 +282,7 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
         item_ids = np.asarray(emb.item_ids, dtype=object)
         user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
         space = space_for(events.rows, emb.item_ids, emb.vectors, user_ids, weights, settings)
-        index = build_index(space.item_docs, xc.kind, xc.exact_below, hnsw_ef_search=xc.hnsw_ef_search)
+        index, tuning = build_tuned(space.item_docs, space.item_queries, k, index_settings(config))
         save_index(index, run.run_dir / "index.faiss")
         i_scores, i_ids, i_filled = similar_items(index, space.item_queries, k, space.popularity,
                                                   progress=run.out.bar("index: item->item", len(item_ids)),
@@ -296,14 +304,14 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
         "factory": choose_factory(len(item_ids), xc.kind, xc.exact_below), "items": len(item_ids),
         "users": len(user_ids), "users_with_history": int(space.has_history.sum()), "users_short_of_k": short_users,
         "k": k, "rows": "embeddings.parquet order", "layout": space.layout.to_dict(),
-        "cold_items": int((~space.warm).sum()), "item_lists_recall": recall,
+        "cold_items": int((~space.warm).sum()), "item_lists_recall": recall, "search_depth": tuning,
         "cold_items_projected": space.cold_items_projected, "cold_items_in_user_lists": cold_in_lists,
         "seconds": run.seconds["index"],
         "config": {"index": xc.model_dump(), "lists": config.lists.model_dump(), "blend": config.blend.model_dump()}})
     run.out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists "
                 f"({int((~space.has_history).sum())} by popularity, {int((~space.warm).sum())} items placed by text alone) "
                 f"({run.seconds['index']:.1f}s)")
-    return _Lists(space, item_ids, user_ids, (i_scores, i_ids, i_source), (u_scores, u_ids, u_source), recall, cold_in_lists)
+    return _Lists(space, item_ids, user_ids, (i_scores, i_ids, i_source), (u_scores, u_ids, u_source), recall, tuning, cold_in_lists)
 
 
 def _publish(run: _Run, store, items, emb, lists: _Lists, gate: dict) -> str | None:

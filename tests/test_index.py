@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from index.build import build_index, choose_factory, load_index, save_index
+from index.build import build_index, choose_factory, ivf_cells, load_index, save_index
 from index.search import exact_search, search_excluding
+from index.tune import IndexSettings, build_tuned
 from recommend.lists import recommended_items, similar_items
 
 
@@ -26,18 +27,36 @@ def test_exact_index_matches_brute_force_with_exclusions():
         np.testing.assert_allclose(np.sort(scores[q]), np.sort(sims[expected]), rtol=1e-5)
 
 
-def test_approximate_index_recall_against_exact():
-    items = _unit(2000, d=32)
-    _, truth = exact_search(items, items[:200], 10)
-    _, ids = search_excluding(build_index(items, kind="HNSW32"), items[:200], 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
-    assert recall >= 0.9
+@pytest.mark.parametrize("kind, target", [("HNSW8", 0.97), ("IVF64,Flat", 0.9)])
+def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target):
+    """The depth is tuned on one sample; recall on other queries, against the exact oracle, holds up."""
+    items = _unit(3000, d=32)
+    index, tuning = build_tuned(items, items, 10, IndexSettings(kind, target_recall=target))
+    tried = list(tuning["tried"].items())
+    assert tuning["reached"] and tried[-1] == (tuning["value"], tuning["recall"]) and tuning["recall"] >= target
+    assert all(recall < target for _, recall in tried[:-1])  # no shallower depth was enough
+    assert len(tried) > 1  # the first candidate was not already enough: the tuning did something
+    held_out = np.setdiff1d(np.arange(3000), np.arange(0, 3000, 6))[:300]
+    _, truth = exact_search(items, items[held_out], 11)
+    _, ids = search_excluding(index, items[held_out], 10, [np.array([r]) for r in held_out])
+    recall = np.mean([len(set(a) & set(b[b != r])) / 10 for a, b, r in zip(ids, truth, held_out)])
+    assert recall >= target - 0.05
+
+
+def test_fixed_depth_without_a_target():
+    import faiss
+
+    index, tuning = build_tuned(_unit(3000, d=32), None, 10, IndexSettings("IVF64,Flat", target_recall=None, depth=3))
+    assert faiss.extract_index_ivf(index).nprobe == 3 and tuning["value"] == 3
+    _, exact = build_tuned(_unit(100), None, 10, IndexSettings("auto"))
+    assert exact["exact"] and exact["knob"] is None
 
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
+    assert choose_factory(1000, "auto", exact_below=1000) == "IVF128,Flat"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
+    assert [ivf_cells(n) for n in (1000, 100_000, 1_000_000)] == [128, 1024, 4096]
 
 
 def test_save_and_load_round_trip(tmp_path):

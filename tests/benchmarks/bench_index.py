@@ -2,7 +2,12 @@
 embeddings: topics with spread), item->item top-K for a sample of queries, recall@K against the exact
 (Flat) search in the same run, and the search speed ratio.
 
+Each of --kinds is FACTORY:DEPTH (a fixed nprobe / efSearch), FACTORY:tuned (the depth tuned to
+--target recall on a sample, as the refresh does), or auto (the refresh's default index, tuned). The
+tuning sample is kept out of the measured queries.
+
     .venv/bin/python tests/benchmarks/bench_index.py --items 100000 --queries 10000
+    .venv/bin/python tests/benchmarks/bench_index.py --spread 2.0 --kinds auto,HNSW32:tuned,HNSW32:64
 """
 
 from __future__ import annotations
@@ -32,14 +37,18 @@ def main() -> None:
     args_parser.add_argument("--queries", type=int, default=10_000)
     args_parser.add_argument("--dim", type=int, default=384)
     args_parser.add_argument("--k", type=int, default=20)
-    args_parser.add_argument("--kinds", default="HNSW32:64,HNSW32:128,IVF1024,Flat:16,IVF1024,Flat:32")
+    args_parser.add_argument("--kinds", default="auto,HNSW32:tuned,IVF1024,SQfp16:tuned,HNSW32:64")
+    args_parser.add_argument("--target", type=float, default=0.95, help="recall target for tuned depths")
     args_parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
     args = args_parser.parse_args()
-    from index.build import build_index
-    from index.search import search_excluding
+    from index.build import build_index, choose_factory
+    from index.search import sample_rows, search_excluding
+    from index.tune import IndexSettings, build_tuned
 
     x = clustered(args.items, args.dim, topics=max(10, args.items // 100), spread=args.spread)
-    rows = np.random.default_rng(1).choice(args.items, min(args.queries, args.items), replace=False)
+    tuning_rows = sample_rows(args.items, 500, 1)  # what build_tuned samples: kept out of the measured queries
+    rows = np.random.default_rng(1).choice(np.setdiff1d(np.arange(args.items), tuning_rows),
+                                           min(args.queries, args.items - len(tuning_rows)), replace=False)
     exclude = [np.array([r]) for r in rows]
     t = time.perf_counter()
     exact = build_index(x, kind="exact")
@@ -47,35 +56,36 @@ def main() -> None:
     t = time.perf_counter()
     _, truth = search_excluding(exact, x[rows], args.k, exclude)
     exact_s = time.perf_counter() - t
-    specs = [s.rsplit(":", 1) for s in _split_specs(args.kinds)]
-    for factory, knob in specs:
+    specs = [s.rsplit(":", 1) if ":" in s else (s, "tuned") for s in _split_specs(args.kinds)]
+    for kind, knob in specs:
+        factory = choose_factory(args.items, kind, exact_below=1)
+        settings = IndexSettings(kind, 1, args.target if knob == "tuned" else None,
+                                 None if knob == "tuned" else int(knob))
         t = time.perf_counter()
-        index = build_index(x, kind=factory, hnsw_ef_search=int(knob))
-        if factory.startswith("IVF"):
-            import faiss
-
-            faiss.extract_index_ivf(index).nprobe = int(knob)
+        index, tuning = build_tuned(x, x, args.k, settings)
         build_s = time.perf_counter() - t
         t = time.perf_counter()
         _, got = search_excluding(index, x[rows], args.k, exclude)
         search_s = time.perf_counter() - t
         recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(got, truth)])
         emit("index_approx_vs_exact", {
-            "items": args.items, "queries": len(rows), "k": args.k, "factory": factory, "spread": args.spread,
-            "knob": ("efSearch" if factory.startswith("HNSW") else "nprobe") + f"={knob}",
+            "items": args.items, "queries": len(rows), "k": args.k, "kind": kind, "factory": factory,
+            "spread": args.spread, "depth": f"{tuning['knob']}={tuning['value']}",
+            "tuned": {key: tuning[key] for key in ("target", "recall", "reached") if key in tuning},
             f"recall_at_{args.k}": round(float(recall), 4), "exact_search_s": round(exact_s, 2),
-            "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_s": round(build_s, 2),
+            "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_and_tune_s": round(build_s, 2),
             "exact_build_s": round(build_exact, 2),
             "all_items_estimate": {"exact_s": round(exact_s * args.items / len(rows), 1),
                                    "approx_s_with_build": round(build_s + search_s * args.items / len(rows), 1)}})
 
 
 def _split_specs(text: str) -> list[str]:
-    """'HNSW32:64,IVF1024,Flat:16' -> ['HNSW32:64', 'IVF1024,Flat:16'] (factory strings hold commas)."""
+    """'auto,HNSW32:64,IVF1024,Flat:16' -> ['auto', 'HNSW32:64', 'IVF1024,Flat:16'] (factory strings
+    hold commas; a spec ends at its ':DEPTH', or is 'auto')."""
     out, current = [], []
     for part in text.split(","):
         current.append(part)
-        if ":" in part:
+        if ":" in part or part == "auto":
             out.append(",".join(current))
             current = []
     return out
