@@ -27,10 +27,16 @@ def test_exact_index_matches_brute_force_with_exclusions():
         np.testing.assert_allclose(np.sort(scores[q]), np.sort(sims[expected]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind, target", [("HNSW8", 0.97), ("IVF64,Flat", 0.9)])
-def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target):
+def _topics(n, d=32, topics=40, spread=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(topics, d))[rng.integers(0, topics, n)] + spread * rng.normal(size=(n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind, target, structured", [("HNSW8", 0.97, False), ("IVF64,Flat", 0.95, True)])
+def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target, structured):
     """The depth is tuned on one sample; recall on other queries, against the exact oracle, holds up."""
-    items = _unit(3000, d=32)
+    items = _topics(3000) if structured else _unit(3000, d=32)  # IVF needs cells to find; HNSW copes with noise
     index, tuning = build_tuned(items, items, 10, IndexSettings(kind, target_recall=target))
     tried = list(tuning["tried"].items())
     assert tuning["reached"] and tried[-1] == (tuning["value"], tuning["recall"]) and tuning["recall"] >= target
@@ -54,7 +60,7 @@ def test_fixed_depth_without_a_target():
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "IVF128,Flat"
+    assert choose_factory(1000, "auto", exact_below=1000) == "IVF128,SQfp16"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
     assert [ivf_cells(n) for n in (1000, 100_000, 1_000_000)] == [128, 1024, 4096]
 
@@ -109,3 +115,14 @@ def test_sampled_recall_is_one_for_exact_and_measures_an_approximate_index():
     truth = np.mean([len(np.intersect1d(a[a >= 0], b)) / 10 for a, b in zip(approx, ids)])
     assert measured["sample"] == 500 and not measured["exact"]
     assert measured["recall"] < 0.9 and abs(measured["recall"] - truth) < 0.05
+
+
+def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
+    """Uniform random vectors in 64 dimensions have no cells to speak of: IVF cannot reach 0.99 within
+    a 16th of its cells, so the lists are searched exactly (and say so)."""
+    from index.search import is_exact
+
+    items = _unit(4000, d=64)
+    index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99))
+    assert not tuning["reached"] and tuning["fallback"] == "exact" and is_exact(index)
+    assert max(tuning["tried"]) == 256 // 16

@@ -37,15 +37,17 @@ def main() -> None:
     args_parser.add_argument("--queries", type=int, default=10_000)
     args_parser.add_argument("--dim", type=int, default=384)
     args_parser.add_argument("--k", type=int, default=20)
-    args_parser.add_argument("--kinds", default="auto,HNSW32:tuned,IVF1024,SQfp16:tuned,HNSW32:64")
+    args_parser.add_argument("--kinds", default="auto,IVF1024,Flat:tuned,HNSW32:tuned,HNSW32:64")
     args_parser.add_argument("--target", type=float, default=0.95, help="recall target for tuned depths")
     args_parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
+    args_parser.add_argument("--per-topic", type=int, default=100, help="items per topic (100: about one topic per IVF "
+                             "cell at the default cell count; 10: ten topics per cell)")
     args = args_parser.parse_args()
     from index.build import build_index, choose_factory
     from index.search import sample_rows, search_excluding
     from index.tune import IndexSettings, build_tuned
 
-    x = clustered(args.items, args.dim, topics=max(10, args.items // 100), spread=args.spread)
+    x = clustered(args.items, args.dim, topics=max(10, args.items // args.per_topic), spread=args.spread)
     tuning_rows = sample_rows(args.items, 500, 1)  # what build_tuned samples: kept out of the measured queries
     rows = np.random.default_rng(1).choice(np.setdiff1d(np.arange(args.items), tuning_rows),
                                            min(args.queries, args.items - len(tuning_rows)), replace=False)
@@ -70,7 +72,7 @@ def main() -> None:
         recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(got, truth)])
         emit("index_approx_vs_exact", {
             "items": args.items, "queries": len(rows), "k": args.k, "kind": kind, "factory": factory,
-            "spread": args.spread, "depth": f"{tuning['knob']}={tuning['value']}",
+            "spread": args.spread, "per_topic": args.per_topic, "depth": f"{tuning['knob']}={tuning['value']}",
             "tuned": {key: tuning[key] for key in ("target", "recall", "reached") if key in tuning},
             f"recall_at_{args.k}": round(float(recall), 4), "exact_search_s": round(exact_s, 2),
             "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_and_tune_s": round(build_s, 2),
