@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from embedder.cache import EmbeddingCache, as_stored, content_hashes
+from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hashes
 from embedder.model import embedding_dim, load_model, model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve_precision
 from embedder.standin import is_standin
@@ -26,7 +26,7 @@ class EmbedResult:
 
     item_ids: list[str]
     content_hashes: list[str]
-    vectors: np.ndarray  # (n, dim) float32, L2-normalised
+    vectors: np.ndarray  # (n, dim) L2-normalised, float16 as stored in the cache (half the memory; cast where needed)
     model_fingerprint: str
     counts: dict = field(default_factory=dict)
 
@@ -53,23 +53,32 @@ def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_
 
 def encode_texts(texts: list[str], model_path: str, client=None, device: str = "auto", batch_size: int = 64,
                  chunk_size: int = 1024, torch_threads: int | None = None,
-                 progress: Callable[[int], None] | None = None, precision: str = "fp32") -> np.ndarray:
-    """Encode `texts` (order kept). With a Dask `client` the length-sorted chunks run on its workers;
-    without one, in this process. `progress(n)` is called as each chunk of n texts finishes."""
+                 progress: Callable[[int], None] | None = None, precision: str = "fp32",
+                 dtype=np.float32) -> np.ndarray:
+    """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
+    length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
+    the result as it arrives. `progress(n)` is called as each chunk of n texts finishes."""
     if not texts:
         dim = embedding_dim(load_model(model_path, device))
-        return np.zeros((0, dim), dtype=np.float32)
+        return np.zeros((0, dim), dtype=dtype)
     order = np.argsort([len(t) for t in texts], kind="stable")
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
         workers = max(1, len(client.scheduler_info()["workers"]))
         chunk_size = max(64, min(chunk_size, -(-len(texts) // (workers * 8))))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
-    out: list[np.ndarray | None] = [None] * len(chunks)
+    vectors: np.ndarray | None = None
+
+    def place(rows: np.ndarray, block: np.ndarray) -> None:
+        nonlocal vectors
+        if vectors is None:
+            vectors = np.empty((len(texts), block.shape[1]), dtype=dtype)
+        vectors[rows] = block
+        if progress:
+            progress(len(rows))
+
     if client is None:
-        for i, rows in enumerate(chunks):
-            out[i] = encode_chunk([texts[r] for r in rows], model_path, device, batch_size, torch_threads, precision)
-            if progress:
-                progress(len(rows))
+        for rows in chunks:
+            place(rows, encode_chunk([texts[r] for r in rows], model_path, device, batch_size, torch_threads, precision))
     else:
         from distributed import as_completed
 
@@ -78,13 +87,8 @@ def encode_texts(texts: list[str], model_path: str, client=None, device: str = "
                    for i, rows in enumerate(chunks)]
         index = {f.key: i for i, f in enumerate(futures)}
         for future in as_completed(futures):
-            i = index[future.key]
-            out[i] = future.result()
-            if progress:
-                progress(len(chunks[i]))
-    vectors = np.empty((len(texts), out[0].shape[1]), dtype=np.float32)
-    for rows, block in zip(chunks, out):
-        vectors[rows] = block
+            place(chunks[index[future.key]], future.result())
+            future.release()  # the chunk is in `vectors` now: let the worker drop it
     return vectors
 
 
@@ -141,12 +145,18 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
             progress(done, len(miss_texts))
 
     t1 = time.perf_counter()
-    new = as_stored(encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick, chosen))
+    # float16 as the cache stores it: a fresh run and a rerun from the cache rank with the same numbers
+    new = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick, chosen,
+                       dtype=STORED_DTYPE)
     encode_s = time.perf_counter() - t1
     cache.add(unique_missing.tolist(), new)
-    found.update(zip(unique_missing.tolist(), new))
     dim = new.shape[1] if len(new) else (len(next(iter(found.values()))) if found else 0)
-    vectors = np.stack([found[h] for h in hashes]).astype(np.float32) if len(hashes) else np.zeros((0, dim), np.float32)
+    vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)  # filled in place: no list of a million rows
+    new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
+    vectors[new_row >= 0] = new[new_row[new_row >= 0]]
+    del new
+    for row in np.flatnonzero(new_row < 0):
+        vectors[row] = found[hashes.iat[row]]
     counts = {"items_encoded": len(miss_texts), "items_from_cache": int(len(hashes) - hashes.isin(unique_missing).sum()),
               "cache_lookup_seconds": round(lookup_s, 3), "encode_seconds": round(encode_s, 3),
               "texts_per_second": round(len(miss_texts) / encode_s, 1) if miss_texts and encode_s > 0 else None,

@@ -50,9 +50,21 @@ def behaviour_matrix(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return binary
 
 
-def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, seed: int = 0) -> Behaviour:
-    """Fit rank-`factors` EASE with regularisation `l2` on a binary user x item matrix."""
+def affordable_factors(n_users: int, n_items: int, memory_mb: float) -> int:
+    """The largest rank whose float32 blocks fit in `memory_mb`: the SVD's range finder holds about
+    three (users x r) and three (items x r) blocks at once, and the fitted model two (items x r) sides.
+    With 1,024 MB: 335 at 100k users and items (so a rank of 256 stands), 111 at 300k, 33 at a million."""
+    per_factor = 4 * (3 * n_users + 5 * n_items)
+    return max(8, int(memory_mb * 2**20 // max(per_factor, 1)))
+
+
+def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, seed: int = 0,
+                  memory_mb: float | None = None) -> Behaviour:
+    """Fit rank-`factors` EASE with regularisation `l2` on a binary user x item matrix; with
+    `memory_mb`, the rank is lowered to what fits in it (`affordable_factors`)."""
     n_users, n_items = matrix.shape
+    if memory_mb is not None:
+        factors = min(factors, affordable_factors(n_users, n_items, memory_mb))
     r = max(1, min(factors, n_users, n_items))
     warm = np.asarray(matrix.getnnz(axis=0) > 0).ravel()
     if matrix.nnz == 0:
@@ -61,18 +73,28 @@ def fit_behaviour(matrix: sp.csr_matrix, factors: int = 256, l2: float = 200.0, 
     # float32 halves the memory of the range finder's (items x r) blocks; U (users x r) is dropped at once
     u, s, vt = randomized_svd(matrix.astype(np.float32), r, n_iter=5, random_state=seed)
     del u
-    s, v = s.astype(np.float64), vt.T.astype(np.float64)
-    s2 = s ** 2
-    shrink = s2 / (s2 + l2)
-    diag_p = (v ** 2 / (s2 + l2)).sum(axis=1) + np.clip(1.0 - (v ** 2).sum(axis=1), 0.0, None) / l2
+    # float32 throughout: (items x r) float64 copies were the largest blocks at scale
+    s2 = s.astype(np.float64) ** 2
+    shrink, inv = (s2 / (s2 + l2)).astype(np.float32), (1.0 / (s2 + l2)).astype(np.float32)
+    v = np.ascontiguousarray(vt.T, dtype=np.float32)
+    del vt
+    squared = v ** 2
+    diag_p = squared @ inv + np.clip(1.0 - squared.sum(axis=1), 0.0, None) / np.float32(l2)
+    del squared
     docs = v / diag_p[:, None]
     docs[~warm] = 0.0
     norms = np.linalg.norm(docs[warm], axis=1)
     scale = float(np.percentile(norms, 99)) if len(norms) else 1.0
-    return Behaviour((docs / scale).astype(np.float32), (v * shrink).astype(np.float32), warm, scale)
+    docs /= np.float32(scale)
+    v *= shrink
+    return Behaviour(docs, v, warm, scale)
 
 
-def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 1.0, damping: float = 1.0) -> int:
+RIDGE_SAMPLE = 50_000  # warm items the text -> behaviour map is fitted on, at most
+
+
+def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 1.0, damping: float = 1.0,
+                 seed: int = 0) -> int:
     """Give items without interactions behaviour vectors predicted from their text (in place).
 
     A ridge regression from text space to both behaviour sides is fitted on the warm items (when
@@ -82,10 +104,16 @@ def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 
     warm, cold = behaviour.warm, ~behaviour.warm
     if not cold.any() or warm.sum() < text_vectors.shape[1]:
         return 0  # fewer warm items than text dimensions: a map that can fit anything predicts nothing
-    targets = np.hstack([behaviour.item_vectors[warm], behaviour.item_queries[warm]])
-    model = Ridge(alpha=alpha, fit_intercept=True).fit(text_vectors[warm], targets)
-    predicted = model.predict(text_vectors[cold]).astype(np.float32)
+    fit_rows = np.flatnonzero(warm)
+    if len(fit_rows) > RIDGE_SAMPLE:  # a linear map from d text dimensions needs no million examples
+        fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, RIDGE_SAMPLE, replace=False))
+    targets = np.hstack([behaviour.item_vectors[fit_rows], behaviour.item_queries[fit_rows]])
+    model = Ridge(alpha=alpha, fit_intercept=True).fit(np.asarray(text_vectors[fit_rows], np.float32), targets)
     r = behaviour.item_vectors.shape[1]
-    behaviour.item_vectors[cold] = damping * predicted[:, :r]
-    behaviour.item_queries[cold] = damping * predicted[:, r:]
+    cold_rows = np.flatnonzero(cold)
+    for start in range(0, len(cold_rows), 65_536):  # predicted in blocks: no (cold x 2r) float64 array
+        rows = cold_rows[start:start + 65_536]
+        predicted = model.predict(np.asarray(text_vectors[rows], np.float32)).astype(np.float32)
+        behaviour.item_vectors[rows] = damping * predicted[:, :r]
+        behaviour.item_queries[rows] = damping * predicted[:, r:]
     return int(cold.sum())

@@ -129,7 +129,7 @@ def take_rows(x, rows: np.ndarray):
 class Space:
     """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
 
-    item_docs: np.ndarray        # (items, D) what the index holds
+    item_docs: Rows              # (items, D) what the index holds, computed per block
     item_queries: Rows           # (items, D) queries for item -> item, computed per block
     item_raw_queries: Rows       # (items, r + d) unweighted behaviour query side and text, for the real-time path
     users: Rows                  # (users, D), computed per block from the interaction matrix
@@ -145,19 +145,20 @@ class Space:
 def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
                 weights: dict[str, float], half_life_days: float, behaviour_weight: float = 0.95,
                 popularity_weight: float = 0.3, factors: int = 256, l2: float = 200.0, few_events: float = 5.0,
-                cold_damping: float = 0.5) -> Space:
+                cold_damping: float = 0.5, factor_memory_mb: float | None = None) -> Space:
     """From accepted events and item text vectors to the blended item and user vectors."""
     item_row = {i: r for r, i in enumerate(item_ids)}
     inter = interactions(events, item_row, len(item_ids), weights, half_life_days, user_ids)
     binary = behaviour_matrix(inter.matrix)
-    model = fit_behaviour(binary, factors, l2)
+    model = fit_behaviour(binary, factors, l2, memory_mb=factor_memory_mb)
     projected = project_cold(model, text, damping=cold_damping)
     n_history = np.diff(binary.indptr)
     has_history = n_history > 0
     layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(behaviour_weight),
                     float(popularity_weight), float(few_events))
     pop = popularity(inter.matrix)
-    weighted, queries_r = inter.matrix, model.item_queries
+    pop_feature = popularity_feature(pop)
+    weighted, docs_r, queries_r = inter.matrix, model.item_vectors, model.item_queries
     scale = query_scale(queries_r)
 
     def users(idx: np.ndarray) -> np.ndarray:
@@ -171,7 +172,8 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
         return np.hstack([queries_r[idx], text[idx]]).astype(np.float32)
 
     return Space(
-        item_docs=item_documents(model.item_vectors, text, popularity_feature(pop), layout),
+        item_docs=Rows(len(text), layout.behaviour_dim + layout.text_dim + 1,
+                       lambda idx: item_documents(docs_r[idx], text[idx], pop_feature[idx], layout)),
         item_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim + 1,
                           lambda idx: item_queries(queries_r[idx], text[idx], layout, scale)),
         item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),

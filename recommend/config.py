@@ -137,6 +137,8 @@ class BlendConfig(Section):
     popularity_weight: float = Field(0.3, ge=0, description="pull towards popular items for users with little history")
     few_events: float = Field(5.0, gt=0, description="a user with this many items leans half on popularity")
     factors: int = Field(256, ge=1, description="rank of the behaviour model (low-rank EASE)")
+    factor_memory_mb: float | None = Field(1024, gt=0, description="lower the rank to what fits in this much memory "
+                                           "(256 stands up to ~130k users and items); null: no limit")
     l2: float = Field(200.0, gt=0, description="the behaviour model's regularisation (EASE lambda)")
     cold_damping: float = Field(0.5, ge=0, le=1, description="weight of text-predicted behaviour for items with no events")
     new_item_slots: int = Field(1, ge=0, description="last places of a user's list kept for the best-matching items with no events yet")

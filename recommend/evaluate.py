@@ -29,6 +29,7 @@ class BlendSettings:
     cold_damping: float = 0.5
     new_item_slots: int = 1
     half_life_days: float = 14.0
+    factor_memory_mb: float | None = 1024
 
 
 def space_for(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
@@ -36,7 +37,7 @@ def space_for(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_
     """`blend.build_space` with the settings of a config (see `pipeline.blend_settings`)."""
     return build_space(events, item_ids, text, user_ids, weights, settings.half_life_days, settings.behaviour_weight,
                        settings.popularity_weight, settings.factors, settings.l2, settings.few_events,
-                       settings.cold_damping)
+                       settings.cold_damping, settings.factor_memory_mb)
 
 
 def split_events(events: pd.DataFrame, split: str, test_ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

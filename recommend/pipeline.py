@@ -79,7 +79,7 @@ def blend_settings(config: Config) -> BlendSettings:
     """The blend and lists sections of the config as the settings `build_space` and `recs eval` take."""
     b = config.blend
     return BlendSettings(b.behaviour_weight, b.popularity_weight, b.factors, b.l2, b.few_events, b.cold_damping,
-                         b.new_item_slots, config.lists.half_life_days)
+                         b.new_item_slots, config.lists.half_life_days, b.factor_memory_mb)
 
 
 def index_settings(config: Config) -> IndexSettings:

@@ -69,7 +69,9 @@ def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
     assert report["chosen"] == "bf16" and report["sample"] == 16 and report["ok"]
     assert report["mean_cosine"] >= 0.99 and report["min_cosine"] <= report["mean_cosine"]
     assert bf16.counts["items_encoded"] == 30  # its own cache keys: the fp32 vectors are not reused
-    cos = (fp32.vectors * bf16.vectors).sum(axis=1) / np.linalg.norm(fp32.vectors, axis=1) / np.linalg.norm(bf16.vectors, axis=1)
+    assert fp32.vectors.dtype == bf16.vectors.dtype == np.float16  # as the cache stores them
+    a, b = fp32.vectors.astype(np.float32), bf16.vectors.astype(np.float32)
+    cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.mean() >= 0.99
     again = embed_items(items, str(tiny_model), cache, device="cpu", precision="bf16")
     assert again.counts["items_encoded"] == 0 and "mean_cosine" not in again.counts["precision"]  # no check without work
