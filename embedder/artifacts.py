@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,27 @@ def write_parquet(table: pa.Table, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_parquet_blocks(tables: Iterable[pa.Table], path: Path | str) -> Path:
+    """Like `write_parquet`, for a table made a block at a time: each block is written as it comes
+    (all blocks share the first one's schema), so the whole table is never in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = None
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError(f"{path}: no blocks to write")
     os.replace(tmp, path)
     return path
 

@@ -13,12 +13,15 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from index.build import build_index
 from index.search import exact_top_k, is_exact, recall_at_k, sample_rows, search_excluding
+
+log = logging.getLogger("recs")
 
 IVF_DEPTHS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 HNSW_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -82,6 +85,7 @@ class IndexSettings:
     exact_below: int = 50_000        # auto: exact search below this many items
     target_recall: float | None = 0.95  # tune the depth to this recall@k; None: use `depth`
     depth: int | None = None         # a fixed nprobe / efSearch when target_recall is None
+    exact_fallback_below: int = 100_000  # target not reached: exact search below this many items, else the deepest depth
 
 
 EXACT_INDEX = IndexSettings(kind="exact")
@@ -90,7 +94,8 @@ EXACT_INDEX = IndexSettings(kind="exact")
 def build_tuned(vectors, queries, k: int, settings: IndexSettings = IndexSettings()):
     """`build_index`, then its search depth: tuned to `settings.target_recall` at k, or fixed. When
     no depth worth searching reaches the target (data with little structure), the index is exact
-    instead, and `tuning["fallback"]` says so. `queries` are the item->item queries (row i is item
+    instead below `exact_fallback_below` items; above it the deepest depth tried stays, with a
+    warning. `tuning["fallback"]` says which. `queries` are the item->item queries (row i is item
     i's). Returns ``(index, tuning)``."""
     index = build_index(vectors, settings.kind, settings.exact_below)
     if settings.target_recall is None or depth_knob(index) is None:
@@ -98,8 +103,13 @@ def build_tuned(vectors, queries, k: int, settings: IndexSettings = IndexSetting
             set_depth(index, settings.depth)
         return index, {"knob": (depth_knob(index) or (None,))[0], "value": settings.depth, "exact": is_exact(index)}
     tuning = tune_depth(index, vectors, queries, k, settings.target_recall)
-    if not tuning["reached"]:  # no depth that pays reaches the target on this data: search exactly instead
-        del index
+    if not tuning["reached"] and len(vectors) < settings.exact_fallback_below:
+        del index  # no depth that pays reaches the target on this data: search exactly instead
         index = build_index(vectors, "exact")
         tuning["fallback"] = "exact"
+    elif not tuning["reached"]:  # exact search of every item against every item would take hours
+        tuning["fallback"] = "deepest"
+        log.warning("index: recall@%d reached %.3f at %s=%s, below the target %.2f; exact search is not used "
+                    "above %d items (index.exact_fallback_below)", k, tuning["recall"], tuning["knob"],
+                    tuning["value"], settings.target_recall, settings.exact_fallback_below)
     return index, tuning

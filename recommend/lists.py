@@ -10,11 +10,14 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from index.search import search_excluding
 from recommend.blend import take_rows
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
+LIST_SCHEMA = pa.schema([("subject_kind", pa.string()), ("subject_id", pa.string()), ("rank", pa.int32()),
+                         ("item_id", pa.string()), ("score", pa.float32()), ("source", pa.string())])
 
 
 def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndarray], popular_order: np.ndarray,
@@ -126,6 +129,18 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
         scores[row] = [s for s, _ in merged]
         changed[row] = True
     return changed
+
+
+def lists_tables(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray, source=None,
+                 block: int = 65_536):
+    """`lists_frame` as Arrow tables of `block` subjects each: a million users' lists are 10 million
+    rows, which as one frame of Python strings took gigabytes."""
+    subject_ids = np.asarray(subject_ids, dtype=object)
+    source = np.asarray(source if source is not None else ["similar"] * len(ids), dtype=object)
+    for start in range(0, len(ids), block):
+        stop = start + block
+        frame = lists_frame(kind, subject_ids[start:stop], scores[start:stop], ids[start:stop], item_ids, source[start:stop])
+        yield pa.Table.from_pandas(frame, schema=LIST_SCHEMA, preserve_index=False)
 
 
 def lists_frame(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray,

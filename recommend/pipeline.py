@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from itertools import chain
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from embedder.artifacts import vectors_to_arrow, write_json, write_parquet
+from embedder.artifacts import vectors_to_arrow, write_json, write_parquet, write_parquet_blocks
 from embedder.encode import embed_items
 from embedder.errors import RecsError
 from embedder.ingest import (
@@ -37,14 +38,14 @@ from embedder.ingest import (
 )
 from embedder.model import ModelNotFound, pick_device, resolve_model_path
 from embedder.precision import resolve_precision
-from index.build import choose_factory, save_index
+from index.build import EXACT, choose_factory, save_index
 from index.search import sampled_recall
 from index.tune import IndexSettings, build_tuned
 from recommend.cluster import dask_client
 from recommend.config import Config, ConfigError
 from recommend.evaluate import BlendSettings, holdout_score, space_for
 from recommend.gate import check_gate, gate_problems
-from recommend.lists import lists_frame, recommended_items, similar_items
+from recommend.lists import lists_tables, recommended_items, similar_items
 from recommend.progress import Reporter
 from recommend.publish import (
     BLEND_QUERY_VECTOR,
@@ -85,7 +86,7 @@ def blend_settings(config: Config) -> BlendSettings:
 def index_settings(config: Config) -> IndexSettings:
     """The index section of the config as the settings `build_tuned` takes."""
     xc = config.index
-    return IndexSettings(xc.kind, xc.exact_below, xc.target_recall, xc.search_depth)
+    return IndexSettings(xc.kind, xc.exact_below, xc.target_recall, xc.search_depth, xc.exact_fallback_below)
 
 
 def event_weights(ec) -> dict[str, float]:
@@ -295,20 +296,23 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
             new_items=np.flatnonzero(~space.warm), new_slots=settings.new_item_slots)
         u_source = np.where((u_source == "history") & space.few_events, "few-events", u_source)
         i_source = np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text"))
-        frame = pd.concat([lists_frame("item", item_ids, i_scores, i_ids, item_ids, i_source),
-                           lists_frame("user", user_ids, u_scores, u_ids, item_ids, u_source)], ignore_index=True)
-        write_parquet(pa.Table.from_pandas(frame, preserve_index=False), run.run_dir / "lists.parquet")
+        write_parquet_blocks(chain(lists_tables("item", item_ids, i_scores, i_ids, item_ids, i_source),
+                                   lists_tables("user", user_ids, u_scores, u_ids, item_ids, u_source)),
+                             run.run_dir / "lists.parquet")
     short_users = int(((u_ids >= 0).sum(axis=1) < min(k, len(item_ids))).sum())
+    factory = EXACT if tuning.get("fallback") == "exact" else choose_factory(len(item_ids), xc.kind, xc.exact_below)
     cold_in_lists = int(np.isin(u_ids[u_ids >= 0], np.flatnonzero(~space.warm)).sum())
     write_manifest(run.run_dir, "index", {
-        "factory": choose_factory(len(item_ids), xc.kind, xc.exact_below), "items": len(item_ids),
+        "factory": factory, "items": len(item_ids),
         "users": len(user_ids), "users_with_history": int(space.has_history.sum()), "users_short_of_k": short_users,
         "k": k, "rows": "embeddings.parquet order", "layout": space.layout.to_dict(),
         "cold_items": int((~space.warm).sum()), "item_lists_recall": recall, "search_depth": tuning,
         "cold_items_projected": space.cold_items_projected, "cold_items_in_user_lists": cold_in_lists,
         "seconds": run.seconds["index"],
         "config": {"index": xc.model_dump(), "lists": config.lists.model_dump(), "blend": config.blend.model_dump()}})
-    run.out.say(f"[index] {len(item_ids)} item lists, {len(user_ids)} user lists "
+    depth = "exact" if tuning.get("exact") or tuning.get("fallback") == "exact" else f"{tuning['knob']}={tuning['value']}"
+    run.out.say(f"[index] {factory} searched at {depth}, "
+                f"item lists' recall@{k} {recall['recall']}; {len(item_ids)} item lists, {len(user_ids)} user lists "
                 f"({int((~space.has_history).sum())} by popularity, {int((~space.warm).sum())} items placed by text alone) "
                 f"({run.seconds['index']:.1f}s)")
     return _Lists(space, item_ids, user_ids, (i_scores, i_ids, i_source), (u_scores, u_ids, u_source), recall, tuning, cold_in_lists)

@@ -126,3 +126,28 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99))
     assert not tuning["reached"] and tuning["fallback"] == "exact" and is_exact(index)
     assert max(tuning["tried"]) == 256 // 16
+    # above exact_fallback_below, exact search would take hours: the deepest depth stays, reported
+    index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99, exact_fallback_below=1000))
+    assert tuning["fallback"] == "deepest" and not is_exact(index) and tuning["value"] == 256 // 16
+
+
+def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
+    """Oracle: the one-frame version. Blocks of 7 subjects, rows with empty slots, one all-empty block."""
+    import pandas as pd
+
+    from embedder.artifacts import write_parquet_blocks
+    from recommend.lists import lists_frame, lists_tables
+
+    rng = np.random.default_rng(0)
+    item_ids = np.array([f"i{j}" for j in range(50)], dtype=object)
+    ids = rng.integers(0, 50, (30, 5))
+    ids[3, 2:] = -1
+    ids[7:14] = -1  # a whole block with no listed item
+    scores = rng.random((30, 5)).astype(np.float32)
+    subjects = [f"u{u}" for u in range(30)]
+    source = np.where(np.arange(30) % 2, "history", "popular")
+    path = write_parquet_blocks(lists_tables("user", subjects, scores, ids, item_ids, source, block=7), tmp_path / "l.parquet")
+    expected = lists_frame("user", subjects, scores, ids, item_ids, source)
+    got = pd.read_parquet(path)
+    assert len(got) == (ids >= 0).sum() and not list(tmp_path.glob("*.tmp"))
+    pd.testing.assert_frame_equal(got.astype(object), expected.astype(object))

@@ -116,7 +116,9 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     return {"driver_peak_rss_mb": round(driver / 2**20),
             "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
             "seconds": report.get("seconds"), "items_encoded": report.get("items_encoded"), "users": report.get("users"),
-            "events_read": report.get("events_read"), "error": error}
+            "events_read": report.get("events_read"), "item_lists_recall": report.get("item_lists_recall"),
+            "search_depth": {k: v for k, v in (report.get("search_depth") or {}).items() if k != "tried"},
+            "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "error": error}
 
 
 def main() -> None:
