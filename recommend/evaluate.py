@@ -81,7 +81,7 @@ def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None,
     (seen items excluded, popularity top-up, the last `new_slots` places for items with no events).
     `index`: exact for evaluation; the gate passes the refresh's own index settings."""
     rows = np.arange(len(space.users)) if rows is None else rows
-    index, _ = build_tuned(space.item_docs, space.item_queries, k, index)
+    index, _ = build_tuned(space.item_docs, space.item_queries, k, index, space.users, np.flatnonzero(space.has_history))
     _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], [space.seen[r] for r in rows], k,
                                   space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
                                   new_slots=new_slots)

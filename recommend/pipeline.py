@@ -283,7 +283,8 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
         item_ids = np.asarray(emb.item_ids, dtype=object)
         user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
         space = space_for(events.rows, emb.item_ids, emb.vectors, user_ids, weights, settings)
-        index, tuning = build_tuned(space.item_docs, space.item_queries, k, index_settings(config))
+        index, tuning = build_tuned(space.item_docs, space.item_queries, k, index_settings(config),
+                                    space.users, np.flatnonzero(space.has_history))
         save_index(index, run.run_dir / "index.faiss")
         i_scores, i_ids, i_filled = similar_items(index, space.item_queries, k, space.popularity,
                                                   progress=run.out.bar("index: item->item", len(item_ids)),

@@ -151,3 +151,23 @@ def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
     got = pd.read_parquet(path)
     assert len(got) == (ids >= 0).sum() and not list(tmp_path.glob("*.tmp"))
     pd.testing.assert_frame_equal(got.astype(object), expected.astype(object))
+
+
+def test_depth_is_tuned_for_user_profiles_too():
+    """A profile that sums items from several topics falls between IVF cells: a depth tuned on item
+    queries alone leaves such users' recall far below the target; tuned on both, both reach it."""
+    from index.search import exact_top_k, recall_at_k
+    from index.tune import set_depth
+
+    items = _topics(4000, topics=40, spread=0.5)
+    rng = np.random.default_rng(5)
+    users = items[rng.integers(0, 4000, (600, 8))].sum(axis=1)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    settings = IndexSettings("IVF64,Flat", target_recall=0.95)
+    index, items_only = build_tuned(items, items, 10, settings)
+    truth = exact_top_k(items, users[300:], 10)
+    set_depth(index, items_only["value"])
+    assert recall_at_k(search_excluding(index, users[300:], 10)[1], truth) < 0.9
+    index, both = build_tuned(items, items, 10, settings, users[:300])
+    assert both["query_sets"] == 2 and both["reached"] and both["value"] > items_only["value"]
+    assert recall_at_k(search_excluding(index, users[300:], 10)[1], truth) >= 0.9  # held-out users
