@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from index.build import build_index, choose_factory, ivf_cells, load_index, save_index
+from index.build import build_index, choose_factory, load_index, save_index
 from index.search import exact_search, search_excluding
 from index.tune import IndexSettings, build_tuned
 from recommend.lists import recommended_items, similar_items
@@ -60,9 +60,8 @@ def test_fixed_depth_without_a_target():
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "IVF128,SQfp16"
+    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
-    assert [ivf_cells(n) for n in (1000, 100_000, 1_000_000)] == [128, 1024, 4096]
 
 
 def test_save_and_load_round_trip(tmp_path):
