@@ -37,7 +37,7 @@ def main() -> None:
     args_parser.add_argument("--queries", type=int, default=10_000)
     args_parser.add_argument("--dim", type=int, default=384)
     args_parser.add_argument("--k", type=int, default=20)
-    args_parser.add_argument("--kinds", default="auto,IVF1024,Flat:tuned,HNSW32:tuned,HNSW32:64")
+    args_parser.add_argument("--kinds", default="auto,IVF1024,SQfp16:tuned,HNSW32:64")
     args_parser.add_argument("--target", type=float, default=0.95, help="recall target for tuned depths")
     args_parser.add_argument("--spread", type=float, default=0.8, help="noise around each topic: higher is harder")
     args_parser.add_argument("--per-topic", type=int, default=100, help="items per topic (100: about one topic per IVF "
