@@ -39,13 +39,18 @@ def test_items_quarantine_keeps_file_row_and_reason(tmp_path):
     assert result.counts["rows_read"] == 5 and _identity(result.counts)
 
 
-def test_dask_ingest_matches_single_process(tmp_path, sample_dir):
-    """Oracle: one pandas pass over all rows gives the same accepted items as the partitioned read."""
+@pytest.mark.parametrize("on_cluster", [False, True])
+def test_dask_ingest_matches_single_process(tmp_path, sample_dir, request, on_cluster):
+    """Oracle: one pandas pass over all rows gives the same accepted items, in the same order, as the
+    partitioned read (on a Dask cluster the partitions are collected one at a time)."""
+    from contextlib import nullcontext
+
     items = pd.read_parquet(sample_dir / "items.parquet")
     for i, part in enumerate([items.iloc[:100], items.iloc[100:170], items.iloc[170:]]):
         part.to_parquet(tmp_path / f"part-{i}.parquet", index=False)
-    result = ingest_items(SourceSpec(str(tmp_path / "part-*.parquet"), "items.path"),
-                          ItemMapping("item_id", TEMPLATE, ("category",)))
+    with request.getfixturevalue("dask_client").as_current() if on_cluster else nullcontext():
+        result = ingest_items(SourceSpec(str(tmp_path / "part-*.parquet"), "items.path"),
+                              ItemMapping("item_id", TEMPLATE, ("category",)))
     whole = read_file(str(sample_dir / "items.parquet"), SourceSpec("x", "items.path"))
     single = validate_items(whole, ItemMapping("item_id", TEMPLATE, ("category",)))
     single = single[single["_reason"].isna()]
