@@ -1,6 +1,7 @@
 """Build a FAISS inner-product index: exact while it is cheap, approximate above a size threshold.
 
-The approximate default is HNSW32. IVF (e.g. `IVF1024,SQfp16`) searched item->item queries faster
+The approximate default is HNSW32 over float16 vectors (SQfp16): half the memory of float32, and
+on 20k vectors its build took 7.6 s and search 0.30 s against 10.5 s and 0.43 s for float32. IVF (e.g. `IVF1024,SQfp16`) searched item->item queries faster
 (15x exact at recall 0.96-0.97 on 100k synthetic items, against 2-5x for HNSW), but user profiles,
 which are sums over items, fall between its cells: on 60k synthetic items with a heavy popularity
 tail, IVF1024 found 18% of users' true top 10 at nprobe 64, HNSW32 81% at efSearch 64 and 94% at
@@ -17,7 +18,7 @@ import faiss
 import numpy as np
 
 EXACT = "Flat"
-APPROXIMATE = "HNSW32"
+APPROXIMATE = "HNSW32,SQfp16"  # float16 storage: half the memory; built and searched faster than float32
 # k-means for IVF cells (an IVF factory string): up to 256 points per cell (faiss's default) and 10 iterations instead of 25.
 # On 100k overlapping synthetic topics, 64 points per cell needed nprobe 32 for recall 0.95 where 256
 # needed 2; 25 iterations gained 0.009 recall at the same nprobe for twice the training time.
@@ -29,7 +30,7 @@ ADD_BLOCK = 32_768       # rows added at a time: the vectors may be computed on 
 
 def choose_factory(n_items: int, kind: str = "auto", exact_below: int = 50_000) -> str:
     """The FAISS factory string to build: 'exact' -> Flat; 'auto' -> Flat below `exact_below` items,
-    HNSW32 above; anything else is taken as a factory string (e.g. 'IVF1024,SQfp16')."""
+    HNSW32,SQfp16 above; anything else is taken as a factory string (e.g. 'IVF1024,SQfp16')."""
     if kind == "exact":
         return EXACT
     if kind == "auto":
@@ -54,7 +55,15 @@ def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu:
     """
     n, d = len(vectors), int(vectors.shape[1])
     factory = choose_factory(n, kind, exact_below)
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    padded = -(-d // 8) * 8
+    if "SQ" in factory and padded != d:
+        # faiss's scalar quantizer codes are vectorised for 8 dimensions at a time: at 641 dimensions an
+        # HNSW32,SQfp16 build of 20k vectors took 91 s, at 640 it took 7.6 s. Zero dimensions pad the
+        # vectors (and each query, inside the index) to a multiple of 8 without changing any score.
+        inner = faiss.index_factory(padded, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, False), inner)
+    else:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         try:
             ivf = faiss.extract_index_ivf(index)

@@ -36,6 +36,15 @@ def _ivf(index):
         return None
 
 
+def _hnsw(index):
+    """The HNSW graph of `index` (also inside a padding IndexPreTransform), or None."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return getattr(index, "hnsw", None)
+
+
 def depth_knob(index) -> tuple[str, tuple[int, ...]] | None:
     """('nprobe', candidates) for IVF, ('efSearch', candidates) for HNSW, None for others. IVF stops
     at a 16th of its cells: deeper, a scan of that many vectors one query at a time is no faster than
@@ -43,7 +52,7 @@ def depth_knob(index) -> tuple[str, tuple[int, ...]] | None:
     ivf = _ivf(index)
     if ivf is not None:
         return "nprobe", tuple(v for v in IVF_DEPTHS if v <= max(1, ivf.nlist // 16))
-    if hasattr(index, "hnsw"):
+    if _hnsw(index) is not None:
         return "efSearch", HNSW_DEPTHS
     return None
 
@@ -52,8 +61,8 @@ def set_depth(index, value: int) -> None:
     ivf = _ivf(index)
     if ivf is not None:
         ivf.nprobe = int(value)
-    elif hasattr(index, "hnsw"):
-        index.hnsw.efSearch = int(value)
+    elif _hnsw(index) is not None:
+        _hnsw(index).efSearch = int(value)
 
 
 def tune_depth(index, vectors, queries, k: int, target: float, sample: int = 500, seed: int = 1,

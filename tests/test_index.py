@@ -60,7 +60,7 @@ def test_fixed_depth_without_a_target():
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
+    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32,SQfp16"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
 
 
@@ -170,3 +170,20 @@ def test_depth_is_tuned_for_user_profiles_too():
     index, both = build_tuned(items, items, 10, settings, users[:300])
     assert both["query_sets"] == 2 and both["reached"] and both["value"] > items_only["value"]
     assert recall_at_k(search_excluding(index, users[300:], 10)[1], truth) >= 0.9  # held-out users
+
+
+def test_scalar_quantized_index_padded_to_a_multiple_of_8_keeps_the_scores(tmp_path):
+    """641 dimensions are padded with zeros inside the index: same neighbours as exact search, scores
+    within float16 rounding, and the index saves, loads and is tuned like any other."""
+    from index.tune import set_depth
+
+    items = _unit(1500, d=41)
+    index = build_index(items, kind="HNSW32,SQfp16")
+    set_depth(index, 128)
+    scores, ids = search_excluding(index, items[:100], 5)
+    exact_scores, exact_ids = exact_search(items, items[:100], 5)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, exact_ids)]) >= 0.95
+    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], atol=2e-3)
+    loaded = load_index(save_index(index, tmp_path / "sq.faiss"))
+    set_depth(loaded, 128)
+    np.testing.assert_array_equal(search_excluding(loaded, items[:100], 5)[1], ids)
