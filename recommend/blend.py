@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from recommend.behaviour import behaviour_matrix, fit_behaviour, project_cold
-from recommend.profiles import interactions, popularity, seen_items, user_profiles
+from recommend.profiles import interactions, popularity, rows_dot, seen_items, user_profiles
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
         profile, _ = user_profiles(weighted[idx], text)
         faded = has_history[idx] & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
         if faded.any():
-            profile[faded] = _unit(np.asarray(binary[idx[faded]] @ text, dtype=np.float32))
+            profile[faded] = _unit(rows_dot(binary[idx[faded]], text))
         return user_vectors(model.users(binary[idx]), profile, n_history[idx], layout)
 
     def raw_queries(idx: np.ndarray) -> np.ndarray:

@@ -105,3 +105,20 @@ def test_popularity_baseline_counts_users_not_events_or_weights():
 
     train = pd.DataFrame({"user_id": ["a", "a", "a", "b"], "item_id": ["x", "x", "y", "y"]})
     assert plain_popularity(train, ["x", "y", "z"]).tolist() == [1.0, 2.0, 0.0]
+
+
+def test_rows_dot_equals_the_sparse_product():
+    """Oracle: scipy's own product, in float64, for a float16 dense side and rows with no entries."""
+    import scipy.sparse as sp
+
+    from recommend.profiles import rows_dot
+
+    rng = np.random.default_rng(0)
+    m = sp.random(50, 400, density=0.02, format="lil", dtype=np.float32, random_state=1)
+    m[3, :] = 0  # a user with no history
+    m = m.tocsr()
+    m.eliminate_zeros()
+    dense = rng.normal(size=(400, 16)).astype(np.float16)
+    got = rows_dot(m, dense)
+    assert got.dtype == np.float32 and got.shape == (50, 16) and not got[3].any()
+    np.testing.assert_allclose(got, m.astype(np.float64) @ dense.astype(np.float64), rtol=1e-5, atol=1e-5)
