@@ -60,7 +60,7 @@ def test_fixed_depth_without_a_target():
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32,SQfp16"
+    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
 
 
@@ -187,3 +187,12 @@ def test_scalar_quantized_index_padded_to_a_multiple_of_8_keeps_the_scores(tmp_p
     loaded = load_index(save_index(index, tmp_path / "sq.faiss"))
     set_depth(loaded, 128)
     np.testing.assert_array_equal(search_excluding(loaded, items[:100], 5)[1], ids)
+
+
+def test_float16_index_refuses_values_beyond_its_range():
+    """A value over 65504 becomes inf in float16 and every query would score that item infinite."""
+    items = _unit(500, d=16)
+    items[3, 0] = 1e5
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        build_index(items, kind="HNSW32,SQfp16")
+    assert build_index(items, kind="HNSW32").ntotal == 500
