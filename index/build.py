@@ -3,8 +3,8 @@
 The approximate default is HNSW32 over float32 vectors. Float16 storage (`HNSW32,SQfp16`) halves the
 memory and on 20k vectors built in 7.6 s against 10.5 s, but the behaviour side of a few very popular
 items can exceed float16's range (65504) at a low rank: at 1M items (rank 33) such an index made the
-user lists near random and the quality gate stopped the run. build_index refuses such values. IVF (e.g. `IVF1024,SQfp16`) searched item->item queries faster
-(15x exact at recall 0.96-0.97 on 100k synthetic items, against 2-5x for HNSW), but user profiles,
+user lists near random and the quality gate stopped the run. build_index refuses such values.
+IVF (e.g. `IVF1024,SQfp16`) searched item->item queries faster (15x exact at recall 0.96-0.97 on 100k synthetic items, against 2-5x for HNSW), but user profiles,
 which are sums over items, fall between its cells: on 60k synthetic items with a heavy popularity
 tail, IVF1024 found 18% of users' true top 10 at nprobe 64, HNSW32 81% at efSearch 64 and 94% at
 256. How deep to search is tuned per run on both kinds of query (index/tune.py).
@@ -46,6 +46,14 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def ivf_of(index):
+    """The IVF part of `index` (also inside an IndexPreTransform), or None for other kinds."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu: bool | None = None,
                 seed: int = 0):
     """Index `vectors` (n, d) for inner-product search; row i of `vectors` is id i. `vectors` may be
@@ -68,11 +76,9 @@ def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu:
     else:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        try:
-            ivf = faiss.extract_index_ivf(index)
+        ivf = ivf_of(index)
+        if ivf is not None:
             ivf.cp.max_points_per_centroid, ivf.cp.niter, ivf.cp.seed = TRAIN_POINTS_PER_CELL, TRAIN_ITERATIONS, seed
-        except (RuntimeError, AttributeError):
-            pass  # not an IVF index
         rows = np.sort(np.random.default_rng(seed).choice(n, TRAIN_SAMPLE, replace=False)) if n > TRAIN_SAMPLE else slice(None)
         index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
     for start in range(0, n, ADD_BLOCK):

@@ -1,14 +1,14 @@
 """Tune an approximate index's search depth to a recall target, measured against exact search.
 
 An IVF index looks in `nprobe` of its cells and an HNSW graph keeps `efSearch` candidates: deeper is
-slower and finds more of the true neighbours. How deep is enough depends on the data (on our
-synthetic 100k items, IVF1024 needed nprobe 8 on well-separated topics and 16 on overlapping ones),
-so the refresh measures it: the smallest depth whose recall@k on a seeded sample of queries reaches
+slower and finds more of the true neighbours. How deep is enough depends on the data and on the
+queries (on synthetic 100k items, IVF1024 needed nprobe 1 for item queries on well-separated topics
+and 2 on overlapping ones; user profiles need more), so the refresh measures it: the smallest depth whose recall@k on a seeded sample of queries reaches
 the target. The sample is not the one `sampled_recall` reports on, so the reported recall is unbiased.
 
 Example:
     index, tuning = build_tuned(docs, queries, k=20, settings=IndexSettings(target_recall=0.95))
-    tuning   # {"knob": "nprobe", "value": 16, "recall": 0.962, "reached": True, ...}
+    tuning   # {"knob": "efSearch", "value": 64, "recall": 0.958, "reached": True, ...}
 """
 
 from __future__ import annotations
@@ -18,22 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.build import build_index
+from index.build import build_index, ivf_of
 from index.search import exact_top_k, is_exact, recall_at_k, sample_rows, search_excluding
 
 log = logging.getLogger("recs")
 
 IVF_DEPTHS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 HNSW_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-def _ivf(index):
-    import faiss
-
-    try:
-        return faiss.extract_index_ivf(index)
-    except (RuntimeError, AttributeError):
-        return None
 
 
 def _hnsw(index):
@@ -49,7 +40,7 @@ def depth_knob(index) -> tuple[str, tuple[int, ...]] | None:
     """('nprobe', candidates) for IVF, ('efSearch', candidates) for HNSW, None for others. IVF stops
     at a 16th of its cells: deeper, a scan of that many vectors one query at a time is no faster than
     exact search by matrix products (nprobe 512 of 1024 ran at 0.37x exact on 100k items)."""
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         return "nprobe", tuple(v for v in IVF_DEPTHS if v <= max(1, ivf.nlist // 16))
     if _hnsw(index) is not None:
@@ -58,7 +49,7 @@ def depth_knob(index) -> tuple[str, tuple[int, ...]] | None:
 
 
 def set_depth(index, value: int) -> None:
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         ivf.nprobe = int(value)
     elif _hnsw(index) is not None:

@@ -311,7 +311,8 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
         "cold_items_projected": space.cold_items_projected, "cold_items_in_user_lists": cold_in_lists,
         "seconds": run.seconds["index"],
         "config": {"index": xc.model_dump(), "lists": config.lists.model_dump(), "blend": config.blend.model_dump()}})
-    depth = "exact" if tuning.get("exact") or tuning.get("fallback") == "exact" else f"{tuning['knob']}={tuning['value']}"
+    depth = ("exact" if tuning.get("exact") or tuning.get("fallback") == "exact"
+             else f"{tuning['knob']}={tuning['value'] if tuning['value'] is not None else 'faiss default'}")
     run.out.say(f"[index] {factory} searched at {depth}, "
                 f"item lists' recall@{k} {recall['recall']}; {len(item_ids)} item lists, {len(user_ids)} user lists "
                 f"({int((~space.has_history).sum())} by popularity, {int((~space.warm).sum())} items placed by text alone) "
