@@ -20,6 +20,9 @@ from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve
 from embedder.standin import is_standin
 
 
+WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker: one running, the next ones already there
+
+
 @dataclass
 class EmbedResult:
     """Vectors aligned with the input items, and what it took."""
@@ -51,17 +54,19 @@ def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_
     return vectors
 
 
-def encode_texts(texts: list[str], model_path: str, client=None, device: str = "auto", batch_size: int = 64,
+def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, device: str = "auto", batch_size: int = 64,
                  chunk_size: int = 1024, torch_threads: int | None = None,
                  progress: Callable[[int], None] | None = None, precision: str = "fp32",
                  dtype=np.float32) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes."""
-    if not texts:
+    if len(texts) == 0:
         dim = embedding_dim(load_model(model_path, device))
         return np.zeros((0, dim), dtype=dtype)
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    texts = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
+    texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
+    order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
         workers = max(1, len(client.scheduler_info()["workers"]))
         chunk_size = max(64, min(chunk_size, -(-len(texts) // (workers * 8))))
@@ -78,17 +83,35 @@ def encode_texts(texts: list[str], model_path: str, client=None, device: str = "
 
     if client is None:
         for rows in chunks:
-            place(rows, encode_chunk([texts[r] for r in rows], model_path, device, batch_size, torch_threads, precision))
+            place(rows, encode_chunk(texts.iloc[rows].tolist(), model_path, device, batch_size, torch_threads, precision))
     else:
         from distributed import as_completed
 
-        futures = [client.submit(encode_chunk, [texts[r] for r in rows], model_path, device, batch_size,
-                                 torch_threads, precision, pure=False, key=f"encode-{i}-{time.time_ns()}")
-                   for i, rows in enumerate(chunks)]
-        index = {f.key: i for i, f in enumerate(futures)}
-        for future in as_completed(futures):
-            place(chunks[index[future.key]], future.result())
+        # A bounded window of chunks in flight: the texts of every submitted task wait in the scheduler
+        # (in this process on a LocalCluster), so submitting all of a million items at once held them
+        # all twice over (the driver peaked at 8.3 GB). A few chunks per worker keep each one busy.
+        window = max(2, WINDOW_PER_WORKER * len(client.scheduler_info()["workers"]))
+        stamp = time.time_ns()
+
+        def submit(i: int):
+            return client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, device, batch_size,
+                                 torch_threads, precision, pure=False, key=f"encode-{i}-{stamp}")
+
+        index = {}
+        pending = as_completed()
+        for i in range(min(window, len(chunks))):
+            future = submit(i)
+            index[future.key] = i
+            pending.add(future)
+        next_chunk = len(index)
+        for future in pending:
+            place(chunks[index.pop(future.key)], future.result())
             future.release()  # the chunk is in `vectors` now: let the worker drop it
+            if next_chunk < len(chunks):
+                new = submit(next_chunk)
+                index[new.key] = next_chunk
+                pending.add(new)
+                next_chunk += 1
     return vectors
 
 
@@ -135,7 +158,7 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
         chosen = precision_report["chosen"] = "fp32"  # and look the texts up again under fp32 keys
         precision_report["fallback"] = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
     lookup_s = time.perf_counter() - t0
-    miss_texts = items["text"].iloc[unique_missing.index].tolist()
+    miss_texts = items["text"].iloc[unique_missing.index]  # a Series: Arrow strings, not a million str objects
     done = 0
 
     def tick(n: int) -> None:
@@ -159,6 +182,6 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
         vectors[row] = found[hashes.iat[row]]
     counts = {"items_encoded": len(miss_texts), "items_from_cache": int(len(hashes) - hashes.isin(unique_missing).sum()),
               "cache_lookup_seconds": round(lookup_s, 3), "encode_seconds": round(encode_s, 3),
-              "texts_per_second": round(len(miss_texts) / encode_s, 1) if miss_texts and encode_s > 0 else None,
+              "texts_per_second": round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
               "precision": precision_report}
     return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)

@@ -77,13 +77,28 @@ def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
     assert again.counts["items_encoded"] == 0 and "mean_cosine" not in again.counts["precision"]  # no check without work
 
 
-def test_dask_encode_equals_single_process(tiny_model, dask_client):
+def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch):
+    import embedder.encode as encode
+
     texts = [("short" if i % 3 else "a much longer text about trail running shoes and mud " * 3) + f" {i}"
-             for i in range(101)]
+             for i in range(450)]
     local = encode_texts(texts, str(tiny_model), client=None, device="cpu", chunk_size=16)
+    # chunks are submitted a few per worker at a time, not all at once: count the encode tasks the
+    # client holds whenever it submits one (450 texts make 8 chunks of 64; the window is 1 per worker,
+    # and the chunk just placed may still be counted)
+    monkeypatch.setattr(encode, "WINDOW_PER_WORKER", 1)
+    workers = len(dask_client.scheduler_info()["workers"])
+    in_flight, submit = [], dask_client.submit
+
+    def counting_submit(*args, **kwargs):
+        in_flight.append(sum(str(key).startswith("encode-") for key in dask_client.futures))
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(dask_client, "submit", counting_submit)
     done = []
-    spread = encode_texts(texts, str(tiny_model), client=dask_client, device="cpu", chunk_size=16,
-                          progress=done.append)
+    spread = encode_texts(pd.Series(texts, dtype=pd.StringDtype("pyarrow")), str(tiny_model), client=dask_client,
+                          device="cpu", chunk_size=16, progress=done.append)
+    assert len(in_flight) == 8 and max(in_flight) <= max(2, workers) < 7  # all at once would reach 7
     assert sum(done) == len(texts)
     np.testing.assert_allclose(spread, local, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(spread, axis=1), 1.0, atol=1e-5)
