@@ -117,7 +117,7 @@ class EmbedConfig(Section):
 
 
 class IndexConfig(Section):
-    kind: str = Field("auto", description="auto | exact | a FAISS factory string such as HNSW32 or IVF1024,SQfp16")
+    kind: str = Field("auto", description="auto (exact below exact_below, HNSW32,SQbf16 above) | exact | a FAISS factory string such as HNSW32 or IVF1024,SQfp16")
     exact_below: int = Field(50_000, ge=1)
     target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW efSearch) "
                                         "to this recall@k against exact search on a sample; null: use search_depth")

@@ -1,11 +1,12 @@
 """FAISS search against exact brute force (the oracle), with exclusions; lists of exactly K."""
 
+import faiss
 import numpy as np
 import pytest
 
 from index.build import build_index, choose_factory, load_index, save_index
 from index.search import exact_search, search_excluding
-from index.tune import IndexSettings, build_tuned
+from index.tune import IndexSettings, build_tuned, set_depth
 from recommend.lists import recommended_items, similar_items
 
 
@@ -60,7 +61,7 @@ def test_fixed_depth_without_a_target():
 
 def test_auto_kind_switches_at_threshold():
     assert choose_factory(999, "auto", exact_below=1000) == "Flat"
-    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32"
+    assert choose_factory(1000, "auto", exact_below=1000) == "HNSW32,SQbf16"
     assert choose_factory(5, "IVF4,Flat") == "IVF4,Flat"
 
 
@@ -156,7 +157,6 @@ def test_depth_is_tuned_for_user_profiles_too():
     """A profile that sums items from several topics falls between IVF cells: a depth tuned on item
     queries alone leaves such users' recall far below the target; tuned on both, both reach it."""
     from index.search import exact_top_k, recall_at_k
-    from index.tune import set_depth
 
     items = _topics(4000, topics=40, spread=0.5)
     rng = np.random.default_rng(5)
@@ -175,7 +175,6 @@ def test_depth_is_tuned_for_user_profiles_too():
 def test_scalar_quantized_index_padded_to_a_multiple_of_8_keeps_the_scores(tmp_path):
     """641 dimensions are padded with zeros inside the index: same neighbours as exact search, scores
     within float16 rounding, and the index saves, loads and is tuned like any other."""
-    from index.tune import set_depth
 
     items = _unit(1500, d=41)
     index = build_index(items, kind="HNSW32,SQfp16")
@@ -196,3 +195,20 @@ def test_float16_index_refuses_values_beyond_its_range():
     with pytest.raises(ValueError, match="beyond float16's range"):
         build_index(items, kind="HNSW32,SQfp16")
     assert build_index(items, kind="HNSW32").ntotal == 500
+
+
+def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact():
+    """bfloat16 storage (the default above exact_below) has float32's range: items whose behaviour
+    side is 1e6 times the rest (popular items at a low rank) score finite, in exact search's order."""
+    items = _unit(2000, d=37)
+    items[:20, 0] *= np.geomspace(1e2, 1e6, 20)  # 20 very popular items, the largest above float16's range
+    index = build_index(items, kind="auto", exact_below=1000)
+    hnsw = faiss.downcast_index(faiss.downcast_index(index).index)  # inside the padding to 40 dimensions
+    assert faiss.downcast_index(hnsw.storage).sq.qtype == faiss.ScalarQuantizer.QT_bf16
+    set_depth(index, 128)
+    queries = _unit(200, d=37, seed=1)
+    scores, ids = search_excluding(index, queries, 10)
+    exact_scores, exact_ids = exact_search(items, queries, 10)
+    assert np.isfinite(scores).all()
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)]) >= 0.95
+    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
