@@ -85,7 +85,7 @@ class EmbeddingCache:
         found: dict[str, np.ndarray] = {}
         for table in tables:
             if table is not None and table.num_rows:
-                found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"])))
+                found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"], STORED_DTYPE)))
         return found
 
     def lookup_bucket(self, bucket: str, keys: list[str]) -> pa.Table | None:
@@ -103,16 +103,17 @@ class EmbeddingCache:
             parts.append(table.filter(pc.is_in(table["content_hash"], value_set=keys)))
         return pa.concat_tables(parts) if parts else None
 
-    def add(self, hashes, vectors: np.ndarray) -> int:
-        """Store new vectors (one file per touched bucket, written whole then renamed). Returns the count."""
+    def add(self, hashes, vectors: np.ndarray, rows: np.ndarray | None = None) -> int:
+        """Store new vectors (one file per touched bucket, written whole then renamed). Returns the count.
+        The vector of hashes[i] is vectors[i], or vectors[rows[i]] when `rows` is given."""
         hashes = pd.Series(list(hashes), dtype=object)
         if len(hashes) == 0:
             return 0
         token = uuid.uuid4().hex
         for bucket, idx in hashes.groupby(hashes.str[:BUCKET_CHARS]).groups.items():
-            rows = np.asarray(idx)
-            table = pa.table({"content_hash": pa.array(hashes.iloc[rows].tolist(), pa.string()),
-                              "vector": vectors_to_arrow(vectors[rows].astype(STORED_DTYPE))})
+            idx = np.asarray(idx)
+            table = pa.table({"content_hash": pa.array(hashes.iloc[idx].tolist(), pa.string()),
+                              "vector": vectors_to_arrow(vectors[idx if rows is None else rows[idx]].astype(STORED_DTYPE))})
             directory = self._bucket_dir(bucket)
             self.fs.makedirs(directory, exist_ok=True)
             final, tmp = f"{directory}/part-{token}.parquet", f"{directory}/.part-{token}.tmp"

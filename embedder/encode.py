@@ -57,13 +57,15 @@ def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_
 def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, device: str = "auto", batch_size: int = 64,
                  chunk_size: int = 1024, torch_threads: int | None = None,
                  progress: Callable[[int], None] | None = None, precision: str = "fp32",
-                 dtype=np.float32) -> np.ndarray:
+                 dtype=np.float32, out_rows: np.ndarray | None = None, n_out: int | None = None) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
-    the result as it arrives. `progress(n)` is called as each chunk of n texts finishes."""
+    the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
+    With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
+    that assembles a larger array gets it without a second copy (rows no text maps to are left unset)."""
     if len(texts) == 0:
         dim = embedding_dim(load_model(model_path, device))
-        return np.zeros((0, dim), dtype=dtype)
+        return np.zeros((n_out or 0, dim), dtype=dtype)
     texts = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
     texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
     order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
@@ -76,8 +78,8 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, dev
     def place(rows: np.ndarray, block: np.ndarray) -> None:
         nonlocal vectors
         if vectors is None:
-            vectors = np.empty((len(texts), block.shape[1]), dtype=dtype)
-        vectors[rows] = block
+            vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
+        vectors[rows if out_rows is None else out_rows[rows]] = block
         if progress:
             progress(len(rows))
 
@@ -168,16 +170,21 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
             progress(done, len(miss_texts))
 
     t1 = time.perf_counter()
-    # float16 as the cache stores it: a fresh run and a rerun from the cache rank with the same numbers
-    new = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick, chosen,
-                       dtype=STORED_DTYPE)
+    first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
+    if len(miss_texts):
+        # float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
+        # numbers), written straight into the items' array: no second (items x dim) copy
+        vectors = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick,
+                               chosen, dtype=STORED_DTYPE, out_rows=first, n_out=len(hashes))
+    else:
+        dim = len(next(iter(found.values()))) if found else 0
+        vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)
     encode_s = time.perf_counter() - t1
-    cache.add(unique_missing.tolist(), new)
-    dim = new.shape[1] if len(new) else (len(next(iter(found.values()))) if found else 0)
-    vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)  # filled in place: no list of a million rows
+    cache.add(unique_missing.tolist(), vectors, rows=first)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
-    vectors[new_row >= 0] = new[new_row[new_row >= 0]]
-    del new
+    repeat = np.flatnonzero(new_row >= 0)
+    repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
+    vectors[repeat] = vectors[first[new_row[repeat]]]
     for row in np.flatnonzero(new_row < 0):
         vectors[row] = found[hashes.iat[row]]
     counts = {"items_encoded": len(miss_texts), "items_from_cache": int(len(hashes) - hashes.isin(unique_missing).sum()),

@@ -27,12 +27,16 @@ def test_cache_counts_rerun_and_edits(tmp_path, tiny_model):
     np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)
 
     edited = items.copy()
-    edited.loc[[3, 7, 11], "text"] = ["a brand new text", "another new text", "a third new text"]
+    # item 20 repeats item 3's new text: encoded once, both rows get the vector
+    edited.loc[[3, 7, 11, 20], "text"] = ["a brand new text", "another new text", "a third new text", "a brand new text"]
     after = embed_items(edited, str(tiny_model), cache, device="cpu")
-    assert after.counts["items_encoded"] == 3 and after.counts["items_from_cache"] == 47
-    unchanged = np.setdiff1d(np.arange(50), [3, 7, 11])
+    assert after.counts["items_encoded"] == 3 and after.counts["items_from_cache"] == 46
+    unchanged = np.setdiff1d(np.arange(50), [3, 7, 11, 20])
     np.testing.assert_allclose(after.vectors[unchanged], first.vectors[unchanged], atol=1e-6)
     assert not np.allclose(after.vectors[3], first.vectors[3])
+    np.testing.assert_array_equal(after.vectors[20], after.vectors[3])
+    single = encode_texts(["a brand new text"], str(tiny_model), device="cpu").astype(np.float16)[0]
+    np.testing.assert_allclose(after.vectors[20], single, atol=2e-3)
 
 
 def test_changed_model_reuses_nothing(tmp_path, tiny_model):
@@ -52,7 +56,7 @@ def test_cache_lookup_reads_back_what_was_added(tmp_path):
     found = cache.lookup(keys)
     assert set(found) == set(keys[:30]) and cache.size() == 30
     read = np.stack([found[k] for k in keys[:30]])
-    assert read.dtype == np.float32
+    assert read.dtype == np.float16  # as stored: a million float32 rows would be twice the memory
     np.testing.assert_array_equal(read, as_stored(vectors[:30]))  # stored as float16: half the bytes
     np.testing.assert_allclose(read, vectors[:30], rtol=1e-3, atol=1e-3)
     stored = pq.read_table(next((tmp_path / "c").rglob("*.parquet")))
