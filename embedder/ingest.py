@@ -541,8 +541,9 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     result = _unpack(frame, ["user_id", "item_id", "ts", "event_type"])
     result.rows["ts"] = pd.to_datetime(result.rows["ts"], utc=True).astype("datetime64[ns, UTC]")
     dup = result.rows.duplicated(keep="first")
-    # Arrow-backed strings: a quarter of the memory of Python str objects for millions of ids
-    result.rows = result.rows[~dup].reset_index(drop=True).astype({c: ARROW_STRING for c in ("user_id", "item_id", "event_type")})
+    # ids as categories: a 4-byte code per event, and grouping, splitting and mapping ids to rows work
+    # on the distinct ids instead of hashing ten million strings each time
+    result.rows = result.rows[~dup].reset_index(drop=True).astype({c: "category" for c in ("user_id", "item_id", "event_type")})
     result.counts = {"rows_read": len(frame), "accepted": len(result.rows), "quarantined": len(result.quarantine),
                      "duplicates_dropped": int(dup.sum()),
                      "quarantine_reasons": result.quarantine["reason"].value_counts().to_dict()}
