@@ -45,6 +45,7 @@ from recommend.cluster import dask_client
 from recommend.config import Config, ConfigError
 from recommend.evaluate import BlendSettings, holdout_score, space_for
 from recommend.gate import check_gate, gate_problems
+from recommend.memory import release_freed_memory
 from recommend.lists import lists_tables, recommended_items, similar_items
 from recommend.progress import Reporter
 from recommend.publish import (
@@ -139,6 +140,7 @@ class _Run:
     def stage(self, name: str):
         start = time.perf_counter()
         yield
+        release_freed_memory()  # what the stage dropped goes back to the OS, not kept at its peak
         self.seconds[name] = time.perf_counter() - start
 
 

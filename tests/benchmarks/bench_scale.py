@@ -78,7 +78,7 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     me = psutil.Process()
     peaks: dict[int, int] = {}
     done = threading.Event()
-    stage = {"name": "start", "peaks": {}}  # the driver's peak per stage: which stage to shrink next
+    stage = {"name": "start", "peaks": {}, "ends": {}}  # the driver's peak per stage: which stage to shrink next
 
     from recommend.progress import Reporter
 
@@ -86,7 +86,9 @@ def run(data: Path, work: Path, publish: bool) -> dict:
 
     def tracking_say(self, text: str) -> None:  # stage lines end a stage: "[embed] ..."
         if text.startswith("["):
-            stage["name"] = "after " + text[1:text.index("]")]
+            name = text[1:text.index("]")]
+            stage["name"] = "after " + name
+            stage["ends"][name] = me.memory_info().rss  # what the stage left held (or not given back)
         say(self, text)
 
     Reporter.say = tracking_say
@@ -114,7 +116,8 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     thread.join()
     driver = peaks.pop(me.pid, 0)
     return {"driver_peak_rss_mb": round(driver / 2**20),
-            "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
+            "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()},
+            "driver_rss_mb_at_stage_end": {k: round(v / 2**20) for k, v in stage["ends"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
             "seconds": report.get("seconds"), "items_encoded": report.get("items_encoded"), "users": report.get("users"),
             "events_read": report.get("events_read"), "item_lists_recall": report.get("item_lists_recall"),
             "search_depth": {k: v for k, v in (report.get("search_depth") or {}).items() if k != "tried"},
