@@ -38,13 +38,18 @@ def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_
                  torch_threads: int | None = None, precision: str = "fp32") -> np.ndarray:
     """Encode one chunk on the current process (a Dask worker or the caller); the model is loaded once
     per process. Threads are set here, inside the task: a setting made elsewhere does not reach it.
-    `precision`: fp32, bf16 or fp16 (resolved, see embedder/precision.py)."""
+    `precision`: fp32, bf16, fp16 or int8 (resolved, see embedder/precision.py)."""
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
     device = pick_device(device)
-    model = load_model(model_path, device)
+    if precision == "int8":  # onnxruntime, with its own thread count
+        from embedder.quantized import load_quantized
+
+        model = load_quantized(model_path, torch_threads)
+    else:
+        model = load_model(model_path, device)
     with autocast(precision, device):
         vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                                normalize_embeddings=True, show_progress_bar=False)

@@ -1,4 +1,5 @@
-"""Encode precision: fp32, bf16 (CPU with bf16 instructions, or GPU) or fp16 (GPU), under autocast.
+"""Encode precision: fp32, bf16 (CPU with bf16 instructions, or GPU) or fp16 (GPU), under autocast;
+or int8, an ONNX export with int8 dense layers run by onnxruntime on the CPU (embedder/quantized.py).
 
 "auto" picks the fastest the hardware runs natively (fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or
 AMX, else fp32), and `check_precision` compares it with fp32 on a sample of the run's own texts: below
@@ -14,7 +15,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 MIN_MEAN_COSINE = 0.99
 
 
@@ -37,12 +38,20 @@ def resolve_precision(precision: str, device: str) -> str:
         return "fp16" if device.startswith("cuda") else "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("precision fp16 needs a GPU (embed.device: cuda); on a CPU use bf16 or fp32")
+    if precision == "int8":
+        from embedder.quantized import available
+
+        if device.startswith("cuda"):
+            raise ValueError("precision int8 runs on the CPU (onnxruntime); on a GPU use fp16 or fp32")
+        if not available():
+            raise ValueError("precision int8 needs onnx and onnxruntime: pip install -e '.[onnx]'")
     return precision
 
 
 def autocast(precision: str, device: str):
-    """The torch autocast context for `precision` on `device` (a no-op for fp32)."""
-    if precision == "fp32":
+    """The torch autocast context for `precision` on `device` (a no-op for fp32, and for int8,
+    which does not run in torch)."""
+    if precision in ("fp32", "int8"):
         return nullcontext()
     import torch
 

@@ -108,7 +108,7 @@ class UsersConfig(SourceConfig):
 class EmbedConfig(Section):
     model: str = "all-MiniLM-L6-v2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto", description="auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions, else fp32; checked "
                             "against fp32 on a sample (mean cosine >= 0.99) before use")
     batch_size: int = Field(64, ge=1)

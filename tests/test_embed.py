@@ -136,3 +136,20 @@ def test_cache_lookup_on_workers_equals_lookup_in_process(tmp_path, dask_client)
     local, remote = cache.lookup(keys), cache.lookup(keys, dask_client)
     assert set(local) == set(remote) == set(keys[:170])
     assert all(np.array_equal(local[k], remote[k]) for k in local)
+
+
+def test_precision_choices_name_what_they_need():
+    import pytest
+
+    from embedder.precision import resolve_precision
+    from embedder.quantized import available
+
+    assert resolve_precision("auto", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="int8 runs on the CPU"):
+        resolve_precision("int8", "cuda")
+    if available():
+        assert resolve_precision("int8", "cpu") == "int8"
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_precision("int4", "cpu")

