@@ -227,6 +227,13 @@ def read_source(spec: SourceSpec) -> dd.DataFrame:
     return dd.from_map(read_file, files, spec=spec, meta=first, enforce_metadata=False)
 
 
+def once_in_graph(value):
+    """`value` as one task that every partition's task refers to. Passed as is, a large argument (the
+    catalog's ids checked by every event partition) is copied into each task of the graph: at 1M items
+    and 16 partitions, 16 pickled copies of a million ids, held by the scheduler in the driver."""
+    return dask.delayed(value, pure=False, traverse=False)
+
+
 def collect(ddf: dd.DataFrame) -> pd.DataFrame:
     """The frame's partitions brought to this process one at a time, in order, and concatenated here.
     `.compute()` concatenates them on one worker first and ships the whole frame: at 300k items and
@@ -473,7 +480,7 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping) -> Ingested:
     for name, extra in mapping.extra_text.items():
         extras[name], extra_ignored[name] = read_extra_text(extra, f"items.extra_text.{name}")
     meta = validate_items(ddf._meta.assign(_source="", _row=0).head(0), mapping, {})
-    frame = collect(ddf.map_partitions(validate_items, mapping, extras, meta=meta))
+    frame = collect(ddf.map_partitions(validate_items, mapping, once_in_graph(extras), meta=meta))
     result = _unpack(frame, ["item_id", "text", *mapping.metadata, "_newest", "_truncated", "_source", "_row"])
     rows = result.rows
     if mapping.newest_by:  # stable sort: ties keep file order, and the last row wins
@@ -537,7 +544,7 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     require_columns(ddf.columns, {f"events.{k}": v for k, v in columns.items() if v}, spec)
     known = frozenset(known_items)
     meta = validate_events(ddf._meta.assign(_source="", _row=0).head(0), columns, weights, known, timezone)
-    frame = collect(ddf.map_partitions(validate_events, columns, weights, known, timezone, meta=meta))
+    frame = collect(ddf.map_partitions(validate_events, columns, weights, once_in_graph(known), timezone, meta=meta))
     result = _unpack(frame, ["user_id", "item_id", "ts", "event_type"])
     result.rows["ts"] = pd.to_datetime(result.rows["ts"], utc=True).astype("datetime64[ns, UTC]")
     dup = result.rows.duplicated(keep="first")
