@@ -61,9 +61,28 @@ def user_profiles(matrix: sp.csr_matrix, item_vectors: np.ndarray) -> tuple[np.n
     return profiles, has_history
 
 
-def seen_items(matrix: sp.csr_matrix) -> list[np.ndarray]:
-    """Per user, the item rows they interacted with (to exclude from their list)."""
-    return [matrix.indices[matrix.indptr[u]:matrix.indptr[u + 1]].astype(np.int64) for u in range(matrix.shape[0])]
+class SeenItems:
+    """Per user, the item rows they interacted with (to exclude from their list): `seen[u]` is a view
+    into the CSR matrix's index array. A list of a million small arrays cost about 190 MB."""
+
+    def __init__(self, matrix: sp.csr_matrix):
+        self.indptr, self.indices = matrix.indptr, matrix.indices
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, user):
+        if isinstance(user, slice):
+            return [self[u] for u in range(*user.indices(len(self)))]
+        return self.indices[self.indptr[user]:self.indptr[user + 1]]
+
+    def __iter__(self):
+        return (self[u] for u in range(len(self)))
+
+
+def seen_items(matrix: sp.csr_matrix) -> SeenItems:
+    """Per user, the item rows they interacted with (see SeenItems)."""
+    return SeenItems(matrix)
 
 
 def popularity(matrix: sp.csr_matrix) -> np.ndarray:
