@@ -123,7 +123,7 @@ class IndexConfig(Section):
                                         "to this recall@k against exact search on a sample; null: use search_depth")
     search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
     exact_fallback_below: int = Field(100_000, ge=1, description="when no depth reaches target_recall: exact search "
-                                      "below this many items, else the deepest depth tried (reported)")
+                                      "below this many items, else the depth where recall stops growing (reported)")
 
 
 class ListsConfig(Section):

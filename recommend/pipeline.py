@@ -287,8 +287,10 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
     config, xc, k = run.config, run.config.index, run.config.lists.k
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
-        user_ids = sorted(set(events.rows["user_id"]) | (set(users.rows["user_id"]) if users is not None else set()))
+        user_ids = sorted(set(events.rows["user_id"].unique()) | (set(users.rows["user_id"]) if users is not None else set()))
         space = space_for(events.rows, emb.item_ids, emb.vectors, user_ids, weights, settings)
+        events.rows = None  # in the space and in events.parquet now: not held beside the index (10M events)
+        release_freed_memory()
         index, tuning = build_tuned(space.item_docs, space.item_queries, k, index_settings(config),
                                     space.users, np.flatnonzero(space.has_history))
         save_index(index, run.run_dir / "index.faiss")

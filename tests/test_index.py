@@ -126,9 +126,17 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99))
     assert not tuning["reached"] and tuning["fallback"] == "exact" and is_exact(index)
     assert max(tuning["tried"]) == 256 // 16
-    # above exact_fallback_below, exact search would take hours: the deepest depth stays, reported
+    # above exact_fallback_below, exact search would take hours: the depth where recall stops growing
+    # stays (the smallest within 0.01 of the best tried), reported
     index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99, exact_fallback_below=1000))
-    assert tuning["fallback"] == "deepest" and not is_exact(index) and tuning["value"] == 256 // 16
+    best = max(tuning["tried"].values())
+    assert tuning["fallback"] == "plateau" and not is_exact(index) and faiss.extract_index_ivf(index).nprobe == tuning["value"]
+    assert tuning["value"] == min(v for v, r in tuning["tried"].items() if r >= best - 0.01)
+    assert tuning["recall"] == tuning["tried"][tuning["value"]] >= best - 0.01
+    # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach stops there
+    index, tuning = build_tuned(items, items, 10, IndexSettings("HNSW32", target_recall=1.01, exact_fallback_below=1000))
+    assert tuning["fallback"] == "plateau" and max(tuning["tried"].values()) >= 0.99
+    assert tuning["value"] < 512 and tuning["tried"][tuning["value"]] >= max(tuning["tried"].values()) - 0.01
 
 
 def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
