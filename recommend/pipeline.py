@@ -46,7 +46,7 @@ from recommend.config import Config, ConfigError
 from recommend.evaluate import BlendSettings, holdout_score, space_for
 from recommend.gate import check_gate, gate_problems
 from recommend.memory import release_freed_memory
-from recommend.lists import lists_tables, recommended_items, similar_items
+from recommend.lists import labels, lists_tables, recommended_items, similar_items
 from recommend.progress import Reporter
 from recommend.publish import (
     BLEND_QUERY_VECTOR,
@@ -303,8 +303,8 @@ def _lists(run: _Run, events, users, emb, weights, settings: BlendSettings) -> _
             index, space.users, space.has_history, space.seen, k, space.item_docs, space.popularity,
             progress=run.out.bar("index: user->item", int(space.has_history.sum())),
             new_items=np.flatnonzero(~space.warm), new_slots=settings.new_item_slots)
-        u_source = np.where((u_source == "history") & space.few_events, "few-events", u_source)
-        i_source = np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text"))
+        u_source = labels(np.where((u_source == "history") & space.few_events, "few-events", u_source))
+        i_source = labels(np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text")))
         write_parquet_blocks(chain(lists_tables("item", item_ids, i_scores, i_ids, item_ids, i_source),
                                    lists_tables("user", user_ids, u_scores, u_ids, item_ids, u_source)),
                              run.run_dir / "lists.parquet")

@@ -220,3 +220,16 @@ def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact
     assert np.isfinite(scores).all()
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)]) >= 0.95
     np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_picked_rows_and_labels_read_like_the_lists_they_replace():
+    from recommend.lists import Picked, labels
+
+    seen = [np.array([i, i + 1]) for i in range(10)]
+    rows = np.array([7, 2, 5])
+    picked = Picked(seen, rows)
+    assert len(picked) == 3 and picked[1].tolist() == [2, 3]
+    assert [p.tolist() for p in picked[1:]] == [[2, 3], [5, 6]]
+    names = labels(np.array(["history", "popular", "history"]))
+    assert names.dtype == object and names.tolist() == ["history", "popular", "history"]
+    assert names[0] is names[2]  # one str per distinct value
