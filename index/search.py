@@ -40,6 +40,31 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
     return scores, ids
 
 
+class StreamedExact:
+    """Exact inner-product search over `vectors` (an array or recommend.blend.Rows) read a block at a
+    time: each block is searched flat and the per-block top-k merged, so only one block is ever held.
+    It answers `search(queries, k)` like a FAISS index. For a few queries over many items (the
+    quality gate's 20k users over 1M items): a flat index would hold all items in float32 (1.7 GB
+    there), a tuned HNSW index 1.1 GB and minutes of building."""
+
+    def __init__(self, vectors, block: int = 65_536):
+        self.vectors, self.block = vectors, block
+        self.ntotal, self.d = len(vectors), int(vectors.shape[1])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        for start in range(0, self.ntotal, self.block):
+            flat = faiss.IndexFlatIP(self.d)
+            flat.add(np.ascontiguousarray(self.vectors[start:start + self.block], dtype=np.float32))
+            scores, ids = flat.search(queries, min(k, flat.ntotal))
+            heap.add_result(scores, np.where(ids >= 0, ids + start, -1))
+        heap.finalize()
+        return heap.D, heap.I
+
+
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k by inner product in numpy: the oracle for the index. Returns ``(scores, ids)``."""
     sims = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T
@@ -80,7 +105,7 @@ def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
 def is_exact(index) -> bool:
     import faiss
 
-    return isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP))
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP, StreamedExact))
 
 
 def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:

@@ -255,8 +255,7 @@ def _gate(run: _Run, store, events, emb, weights, settings: BlendSettings) -> di
         return gate
     gc = config.gate
     with run.stage("gate"):
-        gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users,
-                                  index=index_settings(config)))
+        gate.update(holdout_score(events.rows, emb.item_ids, emb.vectors, weights, settings, gc.holdout, gc.k, gc.max_users))
         live = live_gate(store, config.publish.prefix) if store is not None else None
         gate["live"] = live
         gate["problems"] = gate_problems(gate, live, gc.min_ndcg, gc.min_vs_popularity, gc.max_drop)

@@ -233,3 +233,21 @@ def test_picked_rows_and_labels_read_like_the_lists_they_replace():
     names = labels(np.array(["history", "popular", "history"]))
     assert names.dtype == object and names.tolist() == ["history", "popular", "history"]
     assert names[0] is names[2]  # one str per distinct value
+
+
+def test_streamed_exact_search_equals_brute_force_block_by_block():
+    """Oracle: numpy brute force. 1,000 items read in blocks of 96 (the last one short), with exclusions."""
+    from index.search import StreamedExact, is_exact
+    from recommend.blend import Rows
+
+    items, queries = _unit(1000, d=24), _unit(50, d=24, seed=3)
+    rows = Rows(len(items), 24, lambda idx: items[idx])  # computed on demand, as the refresh's item vectors
+    streamed = StreamedExact(rows, block=96)
+    assert is_exact(streamed) and streamed.ntotal == 1000
+    scores, ids = streamed.search(queries, 7)
+    exact_scores, exact_ids = exact_search(items, queries, 7)
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    exclude = [exact_ids[q, :3] for q in range(50)]  # each query's 3 best are excluded
+    _, kept = search_excluding(streamed, queries, 4, exclude)
+    np.testing.assert_array_equal(kept, exact_ids[:, 3:7])
