@@ -94,20 +94,26 @@ def labels(values: np.ndarray) -> np.ndarray:
     return np.asarray(distinct.tolist(), dtype=object)[codes.ravel()]
 
 
-class Picked:
-    """`seq[rows[i]]` on demand, also by slice (search_excluding reads a block at a time): the
-    exclusions of a million users without a list of a million array views."""
+class Computed:
+    """`fn(i)` for i in range(n), made on demand, also by slice (search_excluding reads a block at a
+    time): the exclusions of a million users without a list of a million arrays."""
 
-    def __init__(self, seq, rows: np.ndarray):
-        self.seq, self.rows = seq, np.asarray(rows)
+    def __init__(self, n: int, fn):
+        self.n, self.fn = n, fn
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.n
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            return [self.seq[r] for r in self.rows[key]]
-        return self.seq[self.rows[key]]
+            return [self.fn(i) for i in range(*key.indices(self.n))]
+        return self.fn(int(key))
+
+
+def Picked(seq, rows: np.ndarray) -> Computed:  # noqa: N802 (reads as the sequence it stands for)
+    """`seq[rows[i]]` on demand (see Computed)."""
+    rows = np.asarray(rows)
+    return Computed(len(rows), lambda i: seq[rows[i]])
 
 
 def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, item_vectors: np.ndarray,
@@ -134,9 +140,13 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
     index = faiss.IndexFlatIP(item_vectors.shape[1])
     index.add(np.ascontiguousarray(item_vectors[new_items], dtype=np.float32))
     position = {int(item): p for p, item in enumerate(new_items)}
-    exclude = [np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
-                        dtype=np.int64) for r in rows]
-    best_scores, best = search_excluding(index, take_rows(queries, rows), slots, exclude)
+
+    def exclude(j: int) -> np.ndarray:  # the new items already in row j's list or seen: made per block
+        r = rows[j]
+        return np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
+                        dtype=np.int64)
+
+    best_scores, best = search_excluding(index, take_rows(queries, rows), slots, Computed(len(rows), exclude))
     for j, row in enumerate(rows):
         picks = [(float(s), int(new_items[b])) for s, b in zip(best_scores[j], best[j]) if b >= 0]
         need = slots - int(is_new[ids[row]].sum())

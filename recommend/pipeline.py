@@ -239,6 +239,7 @@ def _embed(run: _Run, items, client):
                                         "content_hash": pa.array(emb.content_hashes[i:i + BLOCK], pa.string()),
                                         "vector": vectors_to_arrow(emb.vectors[i:i + BLOCK])})
                               for i in range(0, max(len(emb.item_ids), 1), BLOCK)), run.run_dir / "embeddings.parquet")
+        emb.content_hashes = None  # written: not needed again (1M hex strings, about 90 MB)
     write_manifest(run.run_dir, "embed", {"model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
                                           "cache": config.cache_root, **emb.counts, "seconds": run.seconds["embed"],
                                           "config": config.embed.model_dump()})
