@@ -28,7 +28,7 @@ class EmbedResult:
     """Vectors aligned with the input items, and what it took."""
 
     item_ids: list[str]
-    content_hashes: list[str]
+    content_hashes: list[str] | None  # None once the refresh has written them to embeddings.parquet
     vectors: np.ndarray  # (n, dim) L2-normalised, float16 as stored in the cache (half the memory; cast where needed)
     model_fingerprint: str
     counts: dict = field(default_factory=dict)
@@ -100,24 +100,22 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, dev
         window = max(2, WINDOW_PER_WORKER * len(client.scheduler_info()["workers"]))
         stamp = time.time_ns()
 
-        def submit(i: int):
-            return client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, device, batch_size,
-                                 torch_threads, precision, pure=False, key=f"encode-{i}-{stamp}")
+        index, pending = {}, as_completed()
 
-        index = {}
-        pending = as_completed()
-        for i in range(min(window, len(chunks))):
-            future = submit(i)
+        def launch(i: int) -> None:
+            future = client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, device, batch_size,
+                                   torch_threads, precision, pure=False, key=f"encode-{i}-{stamp}")
             index[future.key] = i
             pending.add(future)
+
+        for i in range(min(window, len(chunks))):
+            launch(i)
         next_chunk = len(index)
         for future in pending:
             place(chunks[index.pop(future.key)], future.result())
             future.release()  # the chunk is in `vectors` now: let the worker drop it
             if next_chunk < len(chunks):
-                new = submit(next_chunk)
-                index[new.key] = next_chunk
-                pending.add(new)
+                launch(next_chunk)
                 next_chunk += 1
     return vectors
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.model import load_model, model_fingerprint
+from embedder.model import embedding_dim, load_model, model_fingerprint
 
 _ENCODERS: dict[tuple[str, int], "QuantizedEncoder"] = {}
 KEEP_FLOAT = "/output/dense/"  # feed-forward down-projections (not attention/output/dense) stay float32
@@ -141,7 +141,5 @@ def load_quantized(model_path: Path | str, threads: int | None = None) -> Quanti
         if threads:
             options.intra_op_num_threads = int(threads)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
-                  else model.get_sentence_embedding_dimension())
-        _ENCODERS[key] = QuantizedEncoder(session, model[0].tokenizer, max_length, dim, normalize)
+        _ENCODERS[key] = QuantizedEncoder(session, model[0].tokenizer, max_length, embedding_dim(model), normalize)
     return _ENCODERS[key]

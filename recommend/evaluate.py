@@ -13,7 +13,7 @@ import pandas as pd
 from index.search import StreamedExact
 from index.tune import EXACT_INDEX, IndexSettings, build_tuned
 from recommend.blend import build_space, take_rows
-from recommend.lists import Picked, recommended_items
+from recommend.lists import picked, recommended_items
 from recommend.metrics import cold_share, coverage, ranking_metrics
 from recommend.splits import random_split, temporal_split
 
@@ -87,7 +87,7 @@ def rank_users(space, k: int, new_slots: int, rows: np.ndarray | None = None,
         index = StreamedExact(space.item_docs)
     else:
         index, _ = build_tuned(space.item_docs, space.item_queries, k, index, space.users, np.flatnonzero(space.has_history))
-    _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], Picked(space.seen, rows), k,
+    _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], picked(space.seen, rows), k,
                                   space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
                                   new_slots=new_slots)
     return ids

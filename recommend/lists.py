@@ -77,7 +77,7 @@ def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen
     ids = np.full((len(profiles), k), -1, dtype=np.int64)
     rows = np.flatnonzero(has_history)
     if len(rows):
-        s, i = search_excluding(index, take_rows(profiles, rows), k, Picked(seen, rows), progress=progress)
+        s, i = search_excluding(index, take_rows(profiles, rows), k, picked(seen, rows), progress=progress)
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
                                item_vectors, popular_scores)
@@ -110,7 +110,7 @@ class Computed:
         return self.fn(int(key))
 
 
-def Picked(seq, rows: np.ndarray) -> Computed:  # noqa: N802 (reads as the sequence it stands for)
+def picked(seq, rows: np.ndarray) -> Computed:
     """`seq[rows[i]]` on demand (see Computed)."""
     rows = np.asarray(rows)
     return Computed(len(rows), lambda i: seq[rows[i]])

@@ -223,13 +223,13 @@ def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact
 
 
 def test_picked_rows_and_labels_read_like_the_lists_they_replace():
-    from recommend.lists import Picked, labels
+    from recommend.lists import labels, picked
 
     seen = [np.array([i, i + 1]) for i in range(10)]
     rows = np.array([7, 2, 5])
-    picked = Picked(seen, rows)
-    assert len(picked) == 3 and picked[1].tolist() == [2, 3]
-    assert [p.tolist() for p in picked[1:]] == [[2, 3], [5, 6]]
+    view = picked(seen, rows)
+    assert len(view) == 3 and view[1].tolist() == [2, 3]
+    assert [p.tolist() for p in view[1:]] == [[2, 3], [5, 6]]
     names = labels(np.array(["history", "popular", "history"]))
     assert names.dtype == object and names.tolist() == ["history", "popular", "history"]
     assert names[0] is names[2]  # one str per distinct value
