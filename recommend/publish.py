@@ -17,6 +17,7 @@ import numpy as np
 from qdrant_client import models
 
 from embedder.errors import RecsError
+from recommend.store import bulk_load
 
 NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
 # Named vectors. Items: "text" (the embedding, for text queries), "blend" (what lists are ranked by)
@@ -111,7 +112,8 @@ def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, me
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
             metadata={**metadata, "kind": kind})
         ids = [point_id(kind[:-1], b) for b in data["ids"]]
-        upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
+        with bulk_load(client, name):
+            upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
         wait_indexed(client, name, index_wait_s)
         found = client.count(name, exact=True).count

@@ -6,12 +6,15 @@ Local mode allows one client per folder per process, so clients are shared throu
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from embedder.errors import RecsError
 
+log = logging.getLogger("recs")
 _CLIENTS: dict = {}
 
 
@@ -66,3 +69,48 @@ def close_store(url: str | None = None, local_path: str | Path | None = None) ->
     client = _CLIENTS.pop(key, None)
     if client is not None:
         client.close()
+
+
+def _local_sqlite(client, name: str):
+    """The SQLite connection behind local-mode collection `name`, or None (a server, in-memory mode, or
+    a qdrant-client whose local storage is laid out otherwise: then loads run at its default pace)."""
+    from qdrant_client.local.qdrant_local import QdrantLocal
+
+    local = getattr(client, "_client", None)
+    if not isinstance(local, QdrantLocal):
+        return None
+    try:
+        return local.collections[name].storage.storage
+    except (AttributeError, KeyError):
+        log.warning("qdrant-client's local storage is not where this version expects it; "
+                    "collection %s loads with a disk sync per point", name)
+        return None
+
+
+@contextmanager
+def bulk_load(client, name: str):
+    """Load many points into a new local-mode collection without a disk sync per point.
+
+    Local mode commits every point on its own, and SQLite's default then syncs the file to disk each
+    time (about 1 ms a point here: 391 points/s for 4,000 points of three 384-d vectors). For the load
+    the collection's file runs in WAL mode with synchronous=NORMAL (1,768 points/s, same run); at the
+    end a checkpoint writes the whole load into the database file and syncs it, and the file returns
+    to SQLite's default journal, before the caller counts the points and switches anything live.
+    A server (or in-memory mode): nothing changes.
+
+    Example:
+        with bulk_load(client, "recs_items_20261129T010000-ab12"):
+            client.upload_points("recs_items_20261129T010000-ab12", points)
+    """
+    storage = _local_sqlite(client, name)
+    if storage is None:
+        yield
+        return
+    storage.execute("PRAGMA journal_mode=WAL")
+    storage.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        storage.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        storage.execute("PRAGMA journal_mode=DELETE")
+        storage.execute("PRAGMA synchronous=FULL")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from recommend.facade import NotFound, Recommender
-from recommend.publish import (PublishError, collection, item_payloads, list_versions, prune_versions, rollback,
+from recommend.publish import (PublishError, collection, item_payloads, list_versions, point_id, prune_versions, rollback,
                                stage_version, switch_live, user_payloads)
 from recommend.store import open_store
 
@@ -106,3 +106,30 @@ def test_a_version_still_indexing_is_not_switched_live(store):
         stage_version(StillIndexing(store), "t", "20260102T000000-bbbb", *_version("20260102T000000-bbbb"),
                       metadata={}, index_wait_s=0.01)
     assert [v.run_id for v in list_versions(store, "t") if v.live] == ["20260101T000000-aaaa"]
+
+
+def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
+    """Local mode loads a version without a disk sync per point (WAL during the load); what a fresh
+    client reads back from disk afterwards is exactly what was written, in SQLite's default journal."""
+    from recommend.store import _local_sqlite, bulk_load, close_store
+
+    path, run = tmp_path / "qdrant", "20260101T000000-aaaa"
+    store = open_store(None, path)
+    items, users = _version(run, n_items=300, n_users=40)
+    stage_version(store, "t", run, items, users, metadata={})
+    name = collection("t", "items", run)
+    sqlite = _local_sqlite(store, name)
+    assert sqlite is not None, "qdrant-client's local storage moved: bulk_load would fall back to a sync per point"
+    with bulk_load(store, name):
+        assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    close_store(None, path)
+
+    reread = open_store(None, path)
+    points, _ = reread.scroll(name, limit=1000, with_vectors=True, with_payload=True)
+    assert len(points) == 300 and not list(path.rglob("*-wal"))
+    expected = {pid: row for row, pid in enumerate(point_id("item", i) for i in items["ids"])}
+    for p in points:
+        row = expected[str(p.id)]
+        assert p.payload == items["payloads"][row]
+        np.testing.assert_allclose(p.vector["text"], items["vectors"][row], rtol=1e-6)
