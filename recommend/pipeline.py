@@ -45,7 +45,7 @@ from recommend.cluster import dask_client
 from recommend.config import Config, ConfigError
 from recommend.evaluate import BlendSettings, holdout_score, space_for
 from recommend.gate import check_gate, gate_problems
-from recommend.memory import release_freed_memory
+from recommend.memory import release_freed_memory, survivors_frozen
 from recommend.lists import labels, lists_tables, recommended_items, similar_items
 from recommend.progress import Reporter
 from recommend.publish import (
@@ -119,7 +119,7 @@ def refresh(config: Config, quiet: bool = False, client=None) -> dict:
         out.say(f"refresh: run {run_id} -> {run_dir}")
         ctx = nullcontext(client) if client is not None else dask_client(
             config.dask.address, config.dask.n_workers, config.dask.threads_per_worker, device=config.embed.device)
-        with ctx as dask, out.bars:
+        with ctx as dask, out.bars, survivors_frozen():
             report = _run(config, run_id, run_dir, dask, out)
         write_json(report, run_dir / "report.json")
         (run_dir / "report.md").write_text(_human_report(report))
