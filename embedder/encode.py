@@ -120,12 +120,23 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, dev
     return vectors
 
 
-def check_precision(precision: str, device: str, model_path: str, sample: list[str]) -> dict:
-    """Compare `precision` with fp32 on `sample` (encoded here, in the calling process): mean and min
-    cosine, and `ok` when the mean reaches 0.99."""
-    reference = encode_chunk(sample, model_path, device, precision="fp32")
-    report = cosine_report(reference, encode_chunk(sample, model_path, device, precision=precision))
-    return {**report, "ok": report["mean_cosine"] >= MIN_MEAN_COSINE}
+def check_precision(precision: str, device: str, model_path: str, sample: list[str],
+                    torch_threads: int | None = None) -> dict:
+    """Compare `precision` with fp32 on `sample`, encoded in the calling process (a Dask worker in a
+    refresh): mean and min cosine. The caller accepts the precision when the mean reaches 0.99."""
+    reference = encode_chunk(sample, model_path, device, precision="fp32", torch_threads=torch_threads)
+    return cosine_report(reference, encode_chunk(sample, model_path, device, precision=precision,
+                                                 torch_threads=torch_threads))
+
+
+def _judge(check: dict, report: dict) -> bool:
+    """Record a precision check in `report`; on a failed one, fp32 becomes the chosen precision."""
+    ok = check["mean_cosine"] >= MIN_MEAN_COSINE
+    report.update(check, ok=ok)
+    if not ok:
+        report["chosen"] = "fp32"
+        report["fallback"] = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
+    return ok
 
 
 def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, device: str = "auto",
@@ -134,7 +145,9 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
                 check_sample: int = 64) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
-    `precision` other than fp32 is checked against fp32 on `check_sample` of the items' texts first.
+    `precision` other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
+    worker, beside the encode, when there is a Dask `client`); below a mean cosine of 0.99 the texts
+    are encoded in fp32 instead, and only vectors of an accepted precision are cached.
 
     Example:
         result = embed_items(items, "all-MiniLM-L6-v2", ".recs/cache")
@@ -146,43 +159,52 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     chosen = "fp32" if is_standin(path) else resolve_precision(precision, pick_device(device))
     precision_report = {"requested": precision, "chosen": chosen}
     cache = EmbeddingCache(cache_root)
-    t0 = time.perf_counter()
     while True:
+        t0 = time.perf_counter()
         # vectors made in another precision are other vectors: they get their own cache keys
         hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
         found = cache.lookup(hashes, client)
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
-        if chosen == "fp32" or unique_missing.empty or "mean_cosine" in precision_report:
-            break
-        # texts to encode in reduced precision: check it against fp32 on a sample of them first
-        spread = np.linspace(0, len(unique_missing) - 1, min(check_sample, len(unique_missing))).astype(int)
-        check = check_precision(chosen, device, str(path), items["text"].iloc[unique_missing.index[spread]].tolist())
-        precision_report.update(check)
-        if check["ok"]:
-            break
-        chosen = precision_report["chosen"] = "fp32"  # and look the texts up again under fp32 keys
-        precision_report["fallback"] = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
-    lookup_s = time.perf_counter() - t0
-    miss_texts = items["text"].iloc[unique_missing.index]  # a Series: Arrow strings, not a million str objects
-    done = 0
+        pending_check = None
+        if chosen != "fp32" and not unique_missing.empty and "mean_cosine" not in precision_report:
+            # texts to encode in reduced precision: compared with fp32 on a sample of them
+            spread = np.linspace(0, len(unique_missing) - 1, min(check_sample, len(unique_missing))).astype(int)
+            sample = items["text"].iloc[unique_missing.index[spread]].tolist()
+            if client is None:
+                if not _judge(check_precision(chosen, device, str(path), sample), precision_report):
+                    chosen = "fp32"
+                    continue  # look the texts up again under fp32 keys
+            else:
+                # on a worker, beside the encode: the driver loads no model and the workers do not
+                # wait for the check (about 2 s of a rerun with few new texts); a failed check throws
+                # the encoded vectors away before anything is cached
+                pending_check = client.submit(check_precision, chosen, device, str(path), sample, torch_threads,
+                                              pure=False)
+        lookup_s = time.perf_counter() - t0
+        miss_texts = items["text"].iloc[unique_missing.index]  # a Series: Arrow strings, not a million str objects
+        done = 0
 
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, len(miss_texts))
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, len(miss_texts))
 
-    t1 = time.perf_counter()
-    first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
-    if len(miss_texts):
-        # float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
-        # numbers), written straight into the items' array: no second (items x dim) copy
-        vectors = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick,
-                               chosen, dtype=STORED_DTYPE, out_rows=first, n_out=len(hashes))
-    else:
-        dim = len(next(iter(found.values()))) if found else 0
-        vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)
-    encode_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
+        if len(miss_texts):
+            # float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
+            # numbers), written straight into the items' array: no second (items x dim) copy
+            vectors = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick,
+                                   chosen, dtype=STORED_DTYPE, out_rows=first, n_out=len(hashes))
+        else:
+            dim = len(next(iter(found.values()))) if found else 0
+            vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)
+        encode_s = time.perf_counter() - t1
+        if pending_check is not None and not _judge(pending_check.result(), precision_report):
+            chosen = "fp32"
+            continue
+        break
     cache.add(unique_missing.tolist(), vectors, rows=first)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
     repeat = np.flatnonzero(new_row >= 0)

@@ -57,13 +57,28 @@ def test_int8_precision_is_close_to_fp32_and_cached_apart(tmp_path, monkeypatch,
     float model (mean cosine >= 0.99, checked by the run itself) and keeps its own cache keys."""
     import pytest
 
-    from embedder.encode import embed_items
     from embedder.quantized import available
 
     if not available():
         pytest.skip("onnx/onnxruntime not installed (the onnx extra)")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a fresh export, also on the workers
-    dask_client.run(os.environ.__setitem__, "XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    xdg = str(tmp_path / "xdg")
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)  # a fresh export, here and on the workers (the check runs there)
+    # a lambda: a bound method such as os.environ.__setitem__ would carry a pickled copy of this
+    # process's environ to the worker and set the key there, not in the worker's own environment
+    before = dask_client.run(lambda: os.environ.get("XDG_CACHE_HOME"))
+    dask_client.run(lambda: os.environ.__setitem__("XDG_CACHE_HOME", xdg))
+    assert set(dask_client.run(lambda: os.environ.get("XDG_CACHE_HOME")).values()) == {xdg}
+    try:
+        _int8_on_workers(tmp_path, dask_client)
+    finally:
+        previous = next(iter(before.values()))
+        dask_client.run(lambda: os.environ.pop("XDG_CACHE_HOME") if previous is None
+                        else os.environ.__setitem__("XDG_CACHE_HOME", previous))
+
+
+def _int8_on_workers(tmp_path, dask_client):
+    from embedder.encode import embed_items
+
     items = pd.DataFrame({"item_id": [c[0] for c in CATALOG] * 4,
                           "text": [f"{c[1]}. {c[2]} ({n})" for n in range(4) for c in CATALOG]})
     items["item_id"] = items["item_id"] + [f"-{n}" for n in range(4) for _ in CATALOG]
