@@ -83,6 +83,20 @@ def test_timestamps_to_utc():
     assert pd.isna(parsed[5]) and pd.isna(parsed[6])
 
 
+def test_datetime_values_to_utc_like_strings():
+    """Values that are already datetimes (a Parquet timestamp column read with other values) follow
+    the same rules as strings: an offset is kept, a naive time is read in the zone, and a naive time
+    that the zone repeats (the autumn clock change) cannot be placed."""
+    values = pd.Series([pd.Timestamp("2023-11-14T23:13:20+01:00"), pd.Timestamp("2023-11-14 22:13:20"),
+                        pd.Timestamp("2023-11-14T22:13:20", tz="UTC"), pd.Timestamp("2023-10-29 02:30:00"),
+                        "2023-11-14 22:13:20", 1_700_000_000], dtype=object)
+    parsed = parse_timestamps(values, timezone="Europe/Paris")
+    assert parsed[0] == parsed[2] == parsed[5] == pd.Timestamp("2023-11-14T22:13:20Z")
+    assert parsed[1] == parsed[4] == pd.Timestamp("2023-11-14T21:13:20Z")  # naive: Paris time
+    assert pd.isna(parsed[3])  # 02:30 happened twice in Paris that night
+    assert str(parsed.dtype) == "datetime64[ns, UTC]"
+
+
 def test_events_quarantine_and_duplicates(tmp_path):
     (tmp_path / "events.csv").write_text(
         "user,item,ts,kind\n"
