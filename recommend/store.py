@@ -80,7 +80,8 @@ def _local_sqlite(client, name: str):
     if not isinstance(local, QdrantLocal):
         return None
     try:
-        return local.collections[name].storage.storage
+        persistence = local.collections[name].storage  # None in in-memory mode: nothing to sync
+        return persistence.storage if persistence is not None else None
     except (AttributeError, KeyError):
         log.warning("qdrant-client's local storage is not where this version expects it; "
                     "collection %s loads with a disk sync per point", name)

@@ -133,3 +133,16 @@ def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
         row = expected[str(p.id)]
         assert p.payload == items["payloads"][row]
         np.testing.assert_allclose(p.vector["text"], items["vectors"][row], rtol=1e-6)
+
+
+def test_bulk_load_leaves_in_memory_mode_alone_and_quiet(caplog):
+    """In-memory local mode has no file to sync: the load runs as is, with no warning about internals."""
+    from qdrant_client import QdrantClient, models
+
+    from recommend.store import bulk_load
+
+    client = QdrantClient(":memory:")
+    client.create_collection("m", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+    with caplog.at_level("WARNING", logger="recs"), bulk_load(client, "m"):
+        client.upsert("m", [models.PointStruct(id=1, vector=[1.0, 0.0, 0.0, 0.0])])
+    assert client.count("m").count == 1 and not caplog.records
