@@ -226,8 +226,9 @@ def _embed(run: _Run, items, client):
     bar = {}
 
     def encode_progress(done: int, total: int) -> None:
-        if "tick" not in bar:
-            bar["tick"], bar["done"] = run.out.bar("embed: encoding", total), 0
+        if "tick" not in bar or done < bar["done"]:  # a new bar when a failed precision check starts over in fp32
+            name = "embed: encoding" if "tick" not in bar else "embed: encoding again in fp32 (precision check failed)"
+            bar["tick"], bar["done"] = run.out.bar(name, total), 0
         bar["tick"](done - bar["done"])
         bar["done"] = done
 
