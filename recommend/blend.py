@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from recommend.behaviour import behaviour_matrix, fit_behaviour, project_cold
-from recommend.profiles import SeenItems, interactions, popularity, rows_dot, seen_items, user_profiles
+from recommend.profiles import Computed, interactions, popularity, rows_dot, seen_items, user_profiles
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Space:
     users: Rows                  # (users, D), computed per block from the interaction matrix
     has_history: np.ndarray      # (users,) bool
     few_events: np.ndarray       # (users,) bool: fewer than `layout.few_events` items of history
-    seen: SeenItems              # (users,) item rows each user interacted with
+    seen: Computed               # (users,) item rows each user interacted with (views, see seen_items)
     popularity: np.ndarray       # (items,) decayed weights
     warm: np.ndarray             # (items,) bool: the item has interactions
     layout: Layout

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from index.search import search_excluding
 from recommend.blend import take_rows
+from recommend.profiles import Computed
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
 LIST_SCHEMA = pa.schema([("subject_kind", pa.string()), ("subject_id", pa.string()), ("rank", pa.int32()),
@@ -92,22 +93,6 @@ def labels(values: np.ndarray) -> np.ndarray:
     users '<U15' takes 60 MB, this 8 MB."""
     distinct, codes = np.unique(values, return_inverse=True)
     return np.asarray(distinct.tolist(), dtype=object)[codes.ravel()]
-
-
-class Computed:
-    """`fn(i)` for i in range(n), made on demand, also by slice (search_excluding reads a block at a
-    time): the exclusions of a million users without a list of a million arrays."""
-
-    def __init__(self, n: int, fn):
-        self.n, self.fn = n, fn
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            return [self.fn(i) for i in range(*key.indices(self.n))]
-        return self.fn(int(key))
 
 
 def picked(seq, rows: np.ndarray) -> Computed:

@@ -61,28 +61,30 @@ def user_profiles(matrix: sp.csr_matrix, item_vectors: np.ndarray) -> tuple[np.n
     return profiles, has_history
 
 
-class SeenItems:
-    """Per user, the item rows they interacted with (to exclude from their list): `seen[u]` is a view
-    into the CSR matrix's index array. A list of a million small arrays cost about 190 MB."""
+class Computed:
+    """`fn(i)` for i in range(n), made on demand, also by slice (search_excluding reads a block at a
+    time): per-user values for a million users without a list of a million arrays."""
 
-    def __init__(self, matrix: sp.csr_matrix):
-        self.indptr, self.indices = matrix.indptr, matrix.indices
+    def __init__(self, n: int, fn):
+        self.n, self.fn = n, fn
 
     def __len__(self) -> int:
-        return len(self.indptr) - 1
+        return self.n
 
-    def __getitem__(self, user):
-        if isinstance(user, slice):
-            return [self[u] for u in range(*user.indices(len(self)))]
-        return self.indices[self.indptr[user]:self.indptr[user + 1]]
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self.fn(i) for i in range(*key.indices(self.n))]
+        return self.fn(int(key))
 
     def __iter__(self):
-        return (self[u] for u in range(len(self)))
+        return (self.fn(i) for i in range(self.n))
 
 
-def seen_items(matrix: sp.csr_matrix) -> SeenItems:
-    """Per user, the item rows they interacted with (see SeenItems)."""
-    return SeenItems(matrix)
+def seen_items(matrix: sp.csr_matrix) -> Computed:
+    """Per user, the item rows they interacted with (to exclude from their list): `seen[u]` is a view
+    into the CSR matrix's index array. A list of a million small arrays cost about 190 MB."""
+    indptr, indices = matrix.indptr, matrix.indices
+    return Computed(matrix.shape[0], lambda u: indices[indptr[u]:indptr[u + 1]])
 
 
 def popularity(matrix: sp.csr_matrix) -> np.ndarray:
