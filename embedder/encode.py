@@ -139,6 +139,26 @@ def _judge(check: dict, report: dict) -> bool:
     return ok
 
 
+def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, client, device: str,
+                   batch_size: int, chunk_size: int, torch_threads: int | None,
+                   progress: Callable[[int, int], None] | None, precision: str) -> np.ndarray:
+    """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
+    float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
+    numbers), written straight into the items' array (no second items x dim copy)."""
+    if not len(texts):
+        return np.empty((n_out, len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, len(texts))
+
+    return encode_texts(texts, model_path, client, device, batch_size, chunk_size, torch_threads, tick, precision,
+                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out)
+
+
 def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, device: str = "auto",
                 batch_size: int = 64, chunk_size: int = 1024, torch_threads: int | None = None,
                 progress: Callable[[int, int], None] | None = None, precision: str = "fp32",
@@ -146,8 +166,9 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
     `precision` other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
-    worker, beside the encode, when there is a Dask `client`); below a mean cosine of 0.99 the texts
-    are encoded in fp32 instead, and only vectors of an accepted precision are cached.
+    worker, beside the encode, when there is a Dask `client`; after it in this process otherwise); below
+    a mean cosine of 0.99 the texts are encoded in fp32 instead, and only vectors of an accepted
+    precision are cached.
 
     Example:
         result = embed_items(items, "all-MiniLM-L6-v2", ".recs/cache")
@@ -165,45 +186,27 @@ def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, d
         hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
         found = cache.lookup(hashes, client)
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
-        pending_check = None
-        if chosen != "fp32" and not unique_missing.empty and "mean_cosine" not in precision_report:
-            # texts to encode in reduced precision: compared with fp32 on a sample of them
-            spread = np.linspace(0, len(unique_missing) - 1, min(check_sample, len(unique_missing))).astype(int)
-            sample = items["text"].iloc[unique_missing.index[spread]].tolist()
-            if client is None:
-                if not _judge(check_precision(chosen, device, str(path), sample), precision_report):
-                    chosen = "fp32"
-                    continue  # look the texts up again under fp32 keys
-            else:
-                # on a worker, beside the encode: the driver loads no model and the workers do not
-                # wait for the check (about 2 s of a rerun with few new texts); a failed check throws
-                # the encoded vectors away before anything is cached
-                pending_check = client.submit(check_precision, chosen, device, str(path), sample, torch_threads,
-                                              pure=False)
-        lookup_s = time.perf_counter() - t0
-        miss_texts = items["text"].iloc[unique_missing.index]  # a Series: Arrow strings, not a million str objects
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, len(miss_texts))
-
-        t1 = time.perf_counter()
         first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
-        if len(miss_texts):
-            # float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
-            # numbers), written straight into the items' array: no second (items x dim) copy
-            vectors = encode_texts(miss_texts, str(path), client, device, batch_size, chunk_size, torch_threads, tick,
-                                   chosen, dtype=STORED_DTYPE, out_rows=first, n_out=len(hashes))
-        else:
-            dim = len(next(iter(found.values()))) if found else 0
-            vectors = np.empty((len(hashes), dim), dtype=STORED_DTYPE)
+        sample = pending = None
+        if chosen != "fp32" and len(first) and "mean_cosine" not in precision_report:
+            # texts to encode in reduced precision: compared with fp32 on a sample of them, on a worker
+            # beside the encode (the driver loads no model, the workers do not wait for the check);
+            # a failed check throws the encoded vectors away before anything is cached
+            spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
+            sample = items["text"].iloc[first[spread]].tolist()
+            if client is not None:
+                pending = client.submit(check_precision, chosen, device, str(path), sample, torch_threads, pure=False)
+        lookup_s = time.perf_counter() - t0
+        miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
+        t1 = time.perf_counter()
+        vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client, device, batch_size,
+                                 chunk_size, torch_threads, progress, chosen)
         encode_s = time.perf_counter() - t1
-        if pending_check is not None and not _judge(pending_check.result(), precision_report):
-            chosen = "fp32"
-            continue
+        if sample is not None:
+            check = pending.result() if pending is not None else check_precision(chosen, device, str(path), sample)
+            if not _judge(check, precision_report):
+                chosen = "fp32"
+                continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         break
     cache.add(unique_missing.tolist(), vectors, rows=first)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)

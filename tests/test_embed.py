@@ -3,6 +3,7 @@ and encoding spread over Dask workers equals encoding in one process."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import build_tiny_model
 import pyarrow.parquet as pq
@@ -81,24 +82,27 @@ def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
     assert again.counts["items_encoded"] == 0 and "mean_cosine" not in again.counts["precision"]  # no check without work
 
 
+@pytest.mark.parametrize("on_cluster", [True, False])
 def test_a_failed_precision_check_falls_back_to_fp32_and_caches_nothing_of_it(tmp_path, tiny_model, dask_client,
-                                                                             monkeypatch):
-    """Fault injected: no precision passes (threshold above 1). The check runs on a worker beside the
-    encode; its bf16 vectors are thrown away, fp32 ones are made and cached, and bf16 is not cached."""
+                                                                             monkeypatch, on_cluster):
+    """Fault injected: no precision passes (threshold above 1). The check runs beside the encode (on a
+    worker) or after it (no cluster); its bf16 vectors are thrown away, fp32 ones are made and cached,
+    and bf16 is not cached."""
     import embedder.encode as encode
 
+    client = dask_client if on_cluster else None
     items, cache = _items(40), str(tmp_path / "cache")
     monkeypatch.setattr(encode, "MIN_MEAN_COSINE", 1.01)
-    failed = embed_items(items, str(tiny_model), cache, dask_client, device="cpu", precision="bf16", check_sample=8)
+    failed = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="bf16", check_sample=8)
     report = failed.counts["precision"]
     assert report["chosen"] == "fp32" and not report["ok"] and "below 1.01" in report["fallback"]
     assert report["sample"] == 8 and failed.counts["items_encoded"] == 40
     reference = embed_items(items, str(tiny_model), str(tmp_path / "other"), device="cpu", precision="fp32")
     np.testing.assert_array_equal(failed.vectors, reference.vectors)
     monkeypatch.undo()
-    passed = embed_items(items, str(tiny_model), cache, dask_client, device="cpu", precision="bf16", check_sample=8)
+    passed = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="bf16", check_sample=8)
     assert passed.counts["precision"]["ok"] and passed.counts["items_encoded"] == 40  # no bf16 vector was cached
-    again = embed_items(items, str(tiny_model), cache, dask_client, device="cpu", precision="fp32")
+    again = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="fp32")
     assert again.counts["items_encoded"] == 0  # the fallback's fp32 vectors were
 
 
