@@ -33,7 +33,7 @@ FLOAT16_MAX = 65504.0
 TRAIN_POINTS_PER_CELL = 256
 TRAIN_ITERATIONS = 10
 TRAIN_SAMPLE = 262_144   # rows trained on at most (all of them up to 1024 cells; 64 per cell at 4096)
-ADD_BLOCK = 32_768       # rows added at a time: the vectors may be computed on demand (recommend.blend.Rows)
+ADD_BLOCK = 32_768       # rows added at a time: the vectors may be computed on demand (recommend.ranking.blend.Rows)
 
 
 def choose_factory(n_items: int, kind: str = "auto", exact_below: int = 50_000) -> str:
@@ -62,7 +62,7 @@ def ivf_of(index):
 def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu: bool | None = None,
                 seed: int = 0):
     """Index `vectors` (n, d) for inner-product search; row i of `vectors` is id i. `vectors` may be
-    an array or rows computed on demand (recommend.blend.Rows): it is read a block at a time, and
+    an array or rows computed on demand (recommend.ranking.blend.Rows): it is read a block at a time, and
     trained on a seeded sample of at most TRAIN_SAMPLE rows, so that the index is the only full copy.
 
     `use_gpu=None` moves a flat index to the GPUs when faiss has any. Example:

@@ -16,7 +16,7 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
     returns exactly min(k, n - excluded) results per query. Missing slots hold id -1 and score -inf.
     Returns ``(scores, ids)``, both shaped (len(queries), k).
     """
-    n = len(queries)  # an array, or anything that gives arrays for row slices (recommend.blend.Rows)
+    n = len(queries)  # an array, or anything that gives arrays for row slices (recommend.ranking.blend.Rows)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     for start in range(0, n, block_size):
@@ -41,7 +41,7 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
 
 
 class StreamedExact:
-    """Exact inner-product search over `vectors` (an array or recommend.blend.Rows) read a block at a
+    """Exact inner-product search over `vectors` (an array or recommend.ranking.blend.Rows) read a block at a
     time: each block is searched flat and the per-block top-k merged, so only one block is ever held.
     It answers `search(queries, k)` like a FAISS index. For a few queries over many items (the
     quality gate's 20k users over 1M items): a flat index would hold all items in float32 (1.7 GB
@@ -76,7 +76,7 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
 def exact_top_k(vectors, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
                 block: int = 8192) -> np.ndarray:
     """Exact top-k ids (-1 where fewer exist) for a few `queries` over all `vectors` (an array or
-    recommend.blend.Rows), by a blockwise matrix product: no second copy of the vectors in an index,
+    recommend.ranking.blend.Rows), by a blockwise matrix product: no second copy of the vectors in an index,
     and small blocks (a 1,000 x 65,536 block with its index arrays peaked at 1.7 GB at 100k items).
     `query_rows`: the row of `vectors` each query is, excluded from its own results."""
     q = np.ascontiguousarray(queries, dtype=np.float32)

@@ -1,4 +1,4 @@
 """Stage 3 of nightly-recs: profiles, lists, publishing to Qdrant, the read path, the pipeline and the CLI.
 
-Apps and notebooks start from the facade: ``from recommend.facade import Recommender``.
+Apps and notebooks start from the facade: ``from recommend.serving.facade import Recommender``.
 """

@@ -35,7 +35,7 @@ def user_errors():
 
 
 def _recommender(config: str):
-    from recommend.facade import Recommender
+    from recommend.serving.facade import Recommender
 
     return Recommender.from_config(config)
 
@@ -67,7 +67,7 @@ def sample(out: Path = typer.Argument(Path("data/sample"), help="Folder to write
     Example:
         recs sample data/sample --items 3000 --users 1500
     """
-    from recommend.sample import write_sample
+    from recommend.run.sample import write_sample
 
     paths = write_sample(out, n_items=items, n_users=users, seed=seed)
     for name, path in paths.items():
@@ -88,7 +88,7 @@ def refresh(config: str = ConfigOpt,
         recs refresh --config config.yaml --json | tail -n 1 | jq .items_encoded
     """
     from recommend.config import load_config
-    from recommend.pipeline import refresh as run_refresh
+    from recommend.run.pipeline import refresh as run_refresh
 
     with user_errors():
         report = run_refresh(load_config(config), quiet=quiet)
@@ -133,7 +133,7 @@ def evaluate(config: str = ConfigOpt,
         recs eval --config config.yaml --split random --test-ratio 0.25 --seed 42 --json | jq .lists.at.\"10\".ndcg
     """
     from recommend.config import load_config
-    from recommend.evaluate import evaluate_run
+    from recommend.quality.evaluate import evaluate_run
 
     if split not in ("random", "temporal"):
         raise typer.BadParameter(f"--split must be random or temporal, got {split!r}")
@@ -238,8 +238,8 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
         recs rollback 20261128T020000-123456  # to a named one
     """
     from recommend.config import load_config
-    from recommend.publish import rollback as do_rollback
-    from recommend.store import open_store
+    from recommend.serving.publish import rollback as do_rollback
+    from recommend.serving.store import open_store
 
     with user_errors():
         cfg = load_config(config, check_inputs=False)
@@ -261,8 +261,8 @@ def serve(config: str = ConfigOpt,
         recs serve --config config.yaml --port 8000 &
         curl 'http://127.0.0.1:8000/users/U00042?k=5'
     """
-    from recommend.facade import Recommender
-    from recommend.serve import make_server
+    from recommend.serving.facade import Recommender
+    from recommend.serving.service import make_server
 
     with user_errors():
         server = make_server(Recommender.from_config(config), host, port)

@@ -136,7 +136,7 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch)
 def test_worker_layout_one_per_gpu_else_one_per_core():
     import os
 
-    from recommend.cluster import worker_layout
+    from recommend.run.cluster import worker_layout
 
     cores = os.cpu_count() or 1
     assert worker_layout("cpu", None, None, gpus=4) == {"kind": "cpu", "n_workers": cores, "threads_per_worker": 1}

@@ -7,7 +7,7 @@ import pytest
 from index.build import build_index, choose_factory, load_index, save_index
 from index.search import exact_search, search_excluding
 from index.tune import IndexSettings, build_tuned, set_depth
-from recommend.lists import recommended_items, similar_items
+from recommend.ranking.lists import recommended_items, similar_items
 
 
 def _unit(n, d=16, seed=0):
@@ -144,7 +144,7 @@ def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
     import pandas as pd
 
     from embedder.artifacts import write_parquet_blocks
-    from recommend.lists import lists_frame, lists_tables
+    from recommend.ranking.lists import lists_frame, lists_tables
 
     rng = np.random.default_rng(0)
     item_ids = np.array([f"i{j}" for j in range(50)], dtype=object)
@@ -223,7 +223,7 @@ def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact
 
 
 def test_picked_rows_and_labels_read_like_the_lists_they_replace():
-    from recommend.lists import labels, picked
+    from recommend.ranking.lists import labels, picked
 
     seen = [np.array([i, i + 1]) for i in range(10)]
     rows = np.array([7, 2, 5])
@@ -238,7 +238,7 @@ def test_picked_rows_and_labels_read_like_the_lists_they_replace():
 def test_streamed_exact_search_equals_brute_force_block_by_block():
     """Oracle: numpy brute force. 1,000 items read in blocks of 96 (the last one short), with exclusions."""
     from index.search import StreamedExact, is_exact
-    from recommend.blend import Rows
+    from recommend.ranking.blend import Rows
 
     items, queries = _unit(1000, d=24), _unit(50, d=24, seed=3)
     rows = Rows(len(items), 24, lambda idx: items[idx])  # computed on demand, as the refresh's item vectors

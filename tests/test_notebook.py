@@ -8,7 +8,7 @@ from nbclient import NotebookClient
 
 from conftest import write_config
 from recommend.config import load_config
-from recommend.pipeline import refresh
+from recommend.run.pipeline import refresh
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
@@ -18,7 +18,7 @@ def test_notebook_executes(name, expected, tmp_path, sample_dir, tiny_model, das
     path = write_config(tmp_path, sample_dir, tiny_model)
     refresh(load_config(path), quiet=True, client=dask_client)
     # the kernel is another process: release this process's hold on the local Qdrant folder
-    from recommend.store import close_store
+    from recommend.serving.store import close_store
     close_store(None, tmp_path / "work" / "qdrant")
     monkeypatch.setenv("RECS_CONFIG", str(path))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)

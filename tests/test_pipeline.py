@@ -8,9 +8,9 @@ import pytest
 
 from conftest import write_config
 from recommend.config import load_config
-from recommend.facade import Recommender
-from recommend.pipeline import refresh
-from recommend.runs import LockHeld, RefreshLock
+from recommend.serving.facade import Recommender
+from recommend.run.pipeline import refresh
+from recommend.run.workdir import LockHeld, RefreshLock
 
 REPORT_KEYS = {"run_id", "items_read", "items_quarantined", "items_encoded", "items_from_cache", "users",
                "events_read", "events_quarantined", "published_version", "seconds"}
@@ -41,8 +41,8 @@ def test_report_and_artifacts(first_run):
 
 def _published_vectors(config, kind, names, ids):
     """Oracle input: the vectors as Qdrant holds them (a reread of the publish)."""
-    from recommend.publish import alias, point_id
-    from recommend.store import open_store
+    from recommend.serving.publish import alias, point_id
+    from recommend.serving.store import open_store
 
     store = open_store(None, config.workdir + "/qdrant")
     points = store.retrieve(alias("recs", kind + "s"), ids=[point_id(kind, i) for i in ids], with_vectors=names)
@@ -52,9 +52,9 @@ def _published_vectors(config, kind, names, ids):
 
 def test_lists_match_exact_search_and_exclude_seen(first_run):
     """Oracle: brute force over the published blended vectors, seen items excluded."""
-    from recommend.blend import Layout, item_queries_from_raw
-    from recommend.publish import list_versions
-    from recommend.store import open_store
+    from recommend.ranking.blend import Layout, item_queries_from_raw
+    from recommend.serving.publish import list_versions
+    from recommend.serving.store import open_store
 
     config, report = first_run
     run = config.workdir + f"/runs/{report['run_id']}"
@@ -176,7 +176,7 @@ def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_mo
 def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask_client):
     """A run whose events lost their meaning (item ids shuffled across events) is stopped by the gate
     before publishing, with its figures in the message; the good version stays live."""
-    from recommend.gate import GateFailed
+    from recommend.quality.gate import GateFailed
 
     data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users", "events"))
     config = load_config(write_config(tmp_path, data, tiny_model, lists={"k": 10}))
@@ -198,7 +198,7 @@ def test_http_service_answers_like_the_facade(first_run):
     import urllib.error
     import urllib.request
 
-    from recommend.serve import make_server
+    from recommend.serving.service import make_server
 
     config, report = first_run
     rec = Recommender.from_config(config)
@@ -235,7 +235,7 @@ def test_freed_memory_goes_back_to_the_os_between_stages():
     """Many small freed blocks below a live one stay resident until trimmed (ingest's per-row values)."""
     import psutil
 
-    from recommend.memory import release_freed_memory
+    from recommend.run.memory import release_freed_memory
 
     me = psutil.Process()
     dropped = [np.ones(100) for _ in range(300_000)]  # ~250 MB in 300k heap blocks
@@ -254,7 +254,7 @@ def test_survivors_are_frozen_within_a_run_and_thawed_after():
     import gc
     import weakref
 
-    from recommend.memory import release_freed_memory, survivors_frozen
+    from recommend.run.memory import release_freed_memory, survivors_frozen
 
     class Node:
         pass

@@ -4,10 +4,10 @@ returns what was written, reruns are idempotent, pruning keeps the live version,
 import numpy as np
 import pytest
 
-from recommend.facade import NotFound, Recommender
-from recommend.publish import (PublishError, collection, item_payloads, list_versions, point_id, prune_versions, rollback,
+from recommend.serving.facade import NotFound, Recommender
+from recommend.serving.publish import (PublishError, collection, item_payloads, list_versions, point_id, prune_versions, rollback,
                                stage_version, switch_live, user_payloads)
-from recommend.store import open_store
+from recommend.serving.store import open_store
 
 
 def _version(run_id, n_items=20, n_users=5, seed=0):
@@ -111,7 +111,7 @@ def test_a_version_still_indexing_is_not_switched_live(store):
 def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
     """Local mode loads a version without a disk sync per point (WAL during the load); what a fresh
     client reads back from disk afterwards is exactly what was written, in SQLite's default journal."""
-    from recommend.store import _local_sqlite, bulk_load, close_store
+    from recommend.serving.store import _local_sqlite, bulk_load, close_store
 
     path, run = tmp_path / "qdrant", "20260101T000000-aaaa"
     store = open_store(None, path)
@@ -139,7 +139,7 @@ def test_bulk_load_leaves_in_memory_mode_alone_and_quiet(caplog):
     """In-memory local mode has no file to sync: the load runs as is, with no warning about internals."""
     from qdrant_client import QdrantClient, models
 
-    from recommend.store import bulk_load
+    from recommend.serving.store import bulk_load
 
     client = QdrantClient(":memory:")
     client.create_collection("m", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))

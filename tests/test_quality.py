@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from recommend.behaviour import fit_behaviour, project_cold
-from recommend.gate import gate_problems
-from recommend.metrics import cold_share, coverage, ranking_metrics
-from recommend.splits import random_split, temporal_split
+from recommend.ranking.behaviour import fit_behaviour, project_cold
+from recommend.quality.gate import gate_problems
+from recommend.quality.metrics import cold_share, coverage, ranking_metrics
+from recommend.quality.splits import random_split, temporal_split
 
 
 def test_metrics_by_hand():
@@ -101,7 +101,7 @@ def test_gate_rules():
 
 
 def test_popularity_baseline_counts_users_not_events_or_weights():
-    from recommend.evaluate import plain_popularity
+    from recommend.quality.evaluate import plain_popularity
 
     train = pd.DataFrame({"user_id": ["a", "a", "a", "b"], "item_id": ["x", "x", "y", "y"]})
     assert plain_popularity(train, ["x", "y", "z"]).tolist() == [1.0, 2.0, 0.0]
@@ -111,7 +111,7 @@ def test_rows_dot_equals_the_sparse_product():
     """Oracle: scipy's own product, in float64, for a float16 dense side and rows with no entries."""
     import scipy.sparse as sp
 
-    from recommend.profiles import rows_dot
+    from recommend.ranking.profiles import rows_dot
 
     rng = np.random.default_rng(0)
     m = sp.random(50, 400, density=0.02, format="lil", dtype=np.float32, random_state=1)
@@ -125,7 +125,7 @@ def test_rows_dot_equals_the_sparse_product():
 
 
 def test_seen_items_are_views_of_the_interaction_matrix():
-    from recommend.profiles import seen_items
+    from recommend.ranking.profiles import seen_items
 
     matrix = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 0, 0], [0, 3, 0, 1]], dtype=np.float32))
     seen = seen_items(matrix)

@@ -9,8 +9,8 @@ import pandas as pd
 from conftest import write_config
 from embedder.model import embedding_dim, load_model, resolve_model_path
 from recommend.config import load_config
-from recommend.facade import Recommender
-from recommend.pipeline import refresh
+from recommend.serving.facade import Recommender
+from recommend.run.pipeline import refresh
 
 CATALOG = [
     ("S1", "Lightweight running sneakers", "Cushioned trainers for road running and jogging.", "Shoes"),

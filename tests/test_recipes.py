@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from recommend.config import parse_config
-from recommend.pipeline import refresh
+from recommend.run.pipeline import refresh
 
 ROOT = Path(__file__).parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ml-latest-small"
@@ -48,7 +48,7 @@ def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
     assert not any((u, i) in seen for u, i in zip(users["subject_id"], users["item_id"]))
 
     # issue 5's bar: the default blend, per-user stratified 75/25 random split, seed 42, K=10
-    from recommend.evaluate import evaluate_run
+    from recommend.quality.evaluate import evaluate_run
 
     result = evaluate_run(config, split="random", test_ratio=0.25, seed=42, ks=(10,), plots=False)
     ndcg = result["lists"]["at"]["10"]["ndcg"]

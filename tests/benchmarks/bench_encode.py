@@ -46,7 +46,7 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool, de
                     threads_per_worker: int = 1) -> tuple[np.ndarray, float, dict]:
     from embedder.encode import embed_items, encode_chunk
     from embedder.model import resolve_model_path
-    from recommend.cluster import dask_client, worker_layout
+    from recommend.run.cluster import dask_client, worker_layout
 
     path = str(resolve_model_path(model))
     items = pd.DataFrame({"item_id": [str(i) for i in range(len(batch))], "text": batch})

@@ -45,9 +45,9 @@ def main() -> None:
     args_parser.add_argument("--changed", type=float, default=0.01)
     args = args_parser.parse_args()
     from recommend.config import load_config
-    from recommend.cluster import dask_client
-    from recommend.pipeline import refresh
-    from recommend.sample import write_sample
+    from recommend.run.cluster import dask_client
+    from recommend.run.pipeline import refresh
+    from recommend.run.sample import write_sample
 
     with tempfile.TemporaryDirectory() as tmp, dask_client(None, None, 1) as client:
         tmp = Path(tmp)

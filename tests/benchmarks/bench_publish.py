@@ -28,7 +28,7 @@ def main() -> None:
     args = args_parser.parse_args()
     from qdrant_client import QdrantClient, models
 
-    from recommend.publish import item_payloads, point_id, stage_version
+    from recommend.serving.publish import item_payloads, point_id, stage_version
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(args.points, args.dim)).astype(np.float32)

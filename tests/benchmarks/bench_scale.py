@@ -66,7 +66,7 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     import yaml
 
     from recommend.config import load_config
-    from recommend.pipeline import refresh
+    from recommend.run.pipeline import refresh
 
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -80,7 +80,7 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     done = threading.Event()
     stage = {"name": "start", "peaks": {}, "ends": {}}  # the driver's peak per stage: which stage to shrink next
 
-    from recommend.progress import Reporter
+    from recommend.run.progress import Reporter
 
     say = Reporter.say
 

@@ -13,7 +13,7 @@ what was made since. Reference counting still frees frozen objects; pandas frame
 hold no reference cycles, so nothing a stage drops waits for the end of the run.
 
 Example:
-    from recommend.memory import release_freed_memory, survivors_frozen
+    from recommend.run.memory import release_freed_memory, survivors_frozen
     with survivors_frozen():
         ...  # a stage
         release_freed_memory()

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from recommend.behaviour import behaviour_matrix, fit_behaviour, project_cold
-from recommend.profiles import Computed, interactions, popularity, rows_dot, seen_items, user_profiles
+from recommend.ranking.behaviour import behaviour_matrix, fit_behaviour, project_cold
+from recommend.ranking.profiles import Computed, interactions, popularity, rows_dot, seen_items, user_profiles
 
 
 @dataclass(frozen=True)

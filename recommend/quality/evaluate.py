@@ -12,10 +12,10 @@ import pandas as pd
 
 from index.search import StreamedExact
 from index.tune import EXACT_INDEX, IndexSettings, build_tuned
-from recommend.blend import build_space, take_rows
-from recommend.lists import picked, recommended_items
-from recommend.metrics import cold_share, coverage, ranking_metrics
-from recommend.splits import random_split, temporal_split
+from recommend.ranking.blend import build_space, take_rows
+from recommend.ranking.lists import picked, recommended_items
+from recommend.quality.metrics import cold_share, coverage, ranking_metrics
+from recommend.quality.splits import random_split, temporal_split
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ def evaluate_run(config, run_id: str | None = None, split: str = "random", test_
 
     from embedder.artifacts import arrow_to_vectors, write_json
     from embedder.errors import RecsError
-    from recommend.pipeline import blend_settings, event_weights
-    from recommend.runs import latest_report, runs_dir
+    from recommend.run.pipeline import blend_settings, event_weights
+    from recommend.run.workdir import latest_report, runs_dir
 
     report = latest_report(config.workdir, run_id)
     if report is None:
@@ -190,7 +190,7 @@ def evaluate_run(config, run_id: str | None = None, split: str = "random", test_
     result["run_id"] = report["run_id"]
     written = [str(write_json(result, run / f"eval-{split}.json"))]
     if plots:
-        from recommend.plots import plot_eval
+        from recommend.quality.plots import plot_eval
 
         written += plot_eval(result, run, prefix=f"eval-{split}")
     result["written"] = written

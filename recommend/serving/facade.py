@@ -21,8 +21,8 @@ import numpy as np
 from qdrant_client import models
 
 from embedder.errors import RecsError
-from recommend.blend import Layout, user_from_items
-from recommend.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, alias, list_versions, live_run_id, point_id
+from recommend.ranking.blend import Layout, user_from_items
+from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, alias, list_versions, live_run_id, point_id
 
 
 class NotFound(RecsError):
@@ -65,7 +65,7 @@ class Recommender:
     def from_config(cls, config, **kwargs) -> "Recommender":
         """From a Config or a config.yaml path: the same store and prefix the refresh publishes to."""
         from recommend.config import Config, load_config
-        from recommend.store import open_store
+        from recommend.serving.store import open_store
 
         if not isinstance(config, Config):
             config = load_config(config, check_inputs=False)

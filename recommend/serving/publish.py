@@ -17,7 +17,7 @@ import numpy as np
 from qdrant_client import models
 
 from embedder.errors import RecsError
-from recommend.store import bulk_load
+from recommend.serving.store import bulk_load
 
 NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
 # Named vectors. Items: "text" (the embedding, for text queries), "blend" (what lists are ranked by)

@@ -2,7 +2,7 @@
 
 Example:
     from recommend.config import load_config
-    from recommend.pipeline import refresh
+    from recommend.run.pipeline import refresh
     report = refresh(load_config("config.yaml"))
     report["published_version"], report["items_encoded"]
 """
@@ -41,14 +41,14 @@ from embedder.precision import resolve_precision
 from index.build import EXACT, choose_factory, save_index
 from index.search import sampled_recall
 from index.tune import IndexSettings, build_tuned
-from recommend.cluster import dask_client
+from recommend.run.cluster import dask_client
 from recommend.config import Config, ConfigError
-from recommend.evaluate import BlendSettings, holdout_score, space_for
-from recommend.gate import check_gate, gate_problems
-from recommend.memory import release_freed_memory, survivors_frozen
-from recommend.lists import labels, lists_tables, recommended_items, similar_items
-from recommend.progress import Reporter
-from recommend.publish import (
+from recommend.quality.evaluate import BlendSettings, holdout_score, space_for
+from recommend.quality.gate import check_gate, gate_problems
+from recommend.run.memory import release_freed_memory, survivors_frozen
+from recommend.ranking.lists import labels, lists_tables, recommended_items, similar_items
+from recommend.run.progress import Reporter
+from recommend.serving.publish import (
     BLEND_QUERY_VECTOR,
     BLEND_VECTOR,
     ITEM_VECTOR,
@@ -59,8 +59,8 @@ from recommend.publish import (
     switch_live,
     user_payloads,
 )
-from recommend.runs import RefreshLock, new_run_id, runs_dir, write_manifest
-from recommend.store import open_store
+from recommend.run.workdir import RefreshLock, new_run_id, runs_dir, write_manifest
+from recommend.serving.store import open_store
 
 log = logging.getLogger("recs")
 BLOCK = 65_536  # rows per block where an artifact is written a block at a time

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from embedder.errors import RecsError
-from recommend.facade import NotFound, Recommender
+from recommend.serving.facade import NotFound, Recommender
 
 
 class BadRequest(ValueError):

@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow as pa
 
 from index.search import search_excluding
-from recommend.blend import take_rows
-from recommend.profiles import Computed
+from recommend.ranking.blend import take_rows
+from recommend.ranking.profiles import Computed
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
 LIST_SCHEMA = pa.schema([("subject_kind", pa.string()), ("subject_id", pa.string()), ("rank", pa.int32()),
