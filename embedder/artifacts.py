@@ -1,16 +1,52 @@
-"""Run artifacts on disk: Parquet written to a temporary name and renamed, vectors as fixed-size lists."""
+"""Files a run writes: each one whole or not at all (`atomic_path`), vectors as fixed-size lists."""
 
 from __future__ import annotations
 
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+@contextmanager
+def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
+    """A temporary name beside `path` to write to; renamed to `path` when the block ends without an
+    error, removed when it raises. A crash never leaves a half file under the real name.
+
+    `fs`: an fsspec filesystem for a path that is not local (the embedding cache at a URL).
+
+    Example:
+        with atomic_path("run/index.faiss") as tmp:
+            faiss.write_index(index, tmp)
+    """
+    path = str(path)
+    head, _, name = path.rpartition("/")
+    tmp = f"{head}/.{name}.{uuid.uuid4().hex[:8]}.tmp" if head else f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    if fs is None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        fs.makedirs(head, exist_ok=True)
+    try:
+        yield tmp
+        if fs is None:
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs is None:
+                Path(tmp).unlink(missing_ok=True)
+            elif fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass  # the original error is the one to report
+        raise
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -29,40 +65,37 @@ def arrow_to_vectors(column, dtype=np.float32) -> np.ndarray:
 
 
 def write_parquet(table: pa.Table, path: Path | str) -> Path:
-    """Write to `<path>.<random>.tmp`, then rename: a crash never leaves a half file that looks whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    """The table as one Parquet file, written whole or not at all."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
 
 
 def write_parquet_blocks(tables: Iterable[pa.Table], path: Path | str) -> Path:
     """Like `write_parquet`, for a table made a block at a time: each block is written as it comes
     (all blocks share the first one's schema), so the whole table is never in memory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = None
-    try:
-        for table in tables:
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise ValueError(f"{path}: no blocks to write")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"{path}: no blocks to write")
+    return Path(path)
 
 
-def write_json(data: dict, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+def write_json(data, path: Path | str) -> Path:
+    """`data` (a dict, or a pydantic model) as indented JSON, written whole or not at all."""
+    text = data.model_dump_json(indent=2) if hasattr(data, "model_dump_json") else json.dumps(data, indent=2, default=str)
+    return write_text(text + "\n", path)
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)

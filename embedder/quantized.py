@@ -2,19 +2,18 @@
 by onnxruntime on the CPU (the `onnx` extra: `pip install -e ".[onnx]"`).
 
 Each process exports the installed weights once (no download) into
-`$XDG_CACHE_HOME/nightly-recs/onnx/<model fingerprint>/` (about 3 s; the file is written under a
-temporary name and renamed, so processes that export at once do not clash), then loads it. Pooling and
-normalisation follow the model's own modules; models other than mean pooling are refused.
+`$XDG_CACHE_HOME/nightly-recs/onnx/<model fingerprint>/` (written under a temporary name and renamed,
+so processes that export at once do not clash), then loads it. Pooling and normalisation follow the
+model's own modules; models other than mean pooling are refused.
 
 What is quantised (onnxruntime dynamic quantisation, weights per channel): every dense layer but the
-feed-forward down-projections (`layer.N/output/dense`). On 600 generated texts on our 2-core CPU,
-quantising those too gave mean cosine 0.991 (min 0.985) to fp32; leaving them in float32 gave 0.996
-(min 0.989) at 2.1x sentence-transformers' fp32 speed (per-tensor weights: 0.892). The run still
-checks the cosine on a sample of its own texts and falls back to fp32 below 0.99.
+feed-forward down-projections (`layer.N/output/dense`), whose int8 rounding cost the most cosine to
+fp32 (the README's encode section has the figures). The run still checks the cosine on a sample of
+its own texts and falls back to fp32 below 0.99.
 
 Example:
     encoder = load_quantized(resolve_model_path("all-MiniLM-L6-v2"), threads=2)
-    vectors = encoder.encode(["a red running shoe"], batch_size=64)   # (1, 384), unit length
+    encoder.encode(["a red running shoe"], batch_size=64).shape   # (1, 384), unit length
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.model import embedding_dim, load_model, model_fingerprint
+from embedder.artifacts import atomic_path
+from embedder.model import load_model, model_fingerprint
 
 _ENCODERS: dict[tuple[str, int], "QuantizedEncoder"] = {}
 KEEP_FLOAT = "/output/dense/"  # feed-forward down-projections (not attention/output/dense) stay float32
@@ -43,18 +43,13 @@ def export_dir(fingerprint: str) -> Path:
 
 
 class QuantizedEncoder:
-    """The `SentenceTransformer.encode` surface that encode_chunk uses, over an int8 ONNX session."""
+    """An `embedder.encoder.Encoder` over an int8 ONNX session."""
 
-    def __init__(self, session, tokenizer, max_length: int, dim: int, normalize: bool):
+    def __init__(self, session, tokenizer, max_length: int, dim: int):
         self.session, self.tokenizer, self.max_length, self.dim = session, tokenizer, max_length, dim
-        self.normalize = normalize
         self.inputs = {i.name for i in session.get_inputs()}
 
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-    def encode(self, texts, batch_size: int = 64, convert_to_numpy: bool = True, normalize_embeddings: bool = True,
-               show_progress_bar: bool = False) -> np.ndarray:
+    def encode(self, texts, batch_size: int = 64) -> np.ndarray:
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch's padding
@@ -66,13 +61,11 @@ class QuantizedEncoder:
             hidden = self.session.run(None, feed)[0]
             mask = enc["attention_mask"][..., None].astype(np.float32)
             out[rows] = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
-        if normalize_embeddings or self.normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def _pooling(model) -> tuple[bool, int]:
-    """(ends in Normalize, max sequence length); raises for pooling other than mean."""
+def _max_length(model) -> int:
+    """The model's max sequence length; raises for pooling other than mean (the only one exported)."""
     names = [type(module).__name__ for module in model]
     pooling = next((m for m in model if type(m).__name__ == "Pooling"), None)
     mode = getattr(pooling, "pooling_mode", None)  # sentence-transformers 6 (5 had get_pooling_mode_str())
@@ -81,7 +74,7 @@ def _pooling(model) -> tuple[bool, int]:
     if mode != "mean":
         raise ValueError(f"precision int8 supports mean-pooling models; this model's modules are {names} "
                          f"(pooling {mode!r}): use bf16 or fp32")
-    return names[-1] == "Normalize", int(model.max_seq_length)
+    return int(model.max_seq_length)
 
 
 def export_quantized(model_path: Path | str) -> Path:
@@ -94,7 +87,7 @@ def export_quantized(model_path: Path | str) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = load_model(model_path, "cpu")
-    _pooling(model)
+    _max_length(model)
     transformer, tokenizer = model[0].auto_model, model[0].tokenizer
     sample = tokenizer(["an example text", "a second, somewhat longer example text"], padding=True, return_tensors="pt")
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
@@ -107,24 +100,19 @@ def export_quantized(model_path: Path | str) -> Path:
         def forward(self, *inputs):
             return self.inner(**dict(zip(names, inputs))).last_hidden_state
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    plain, quantised = target.with_name(f"fp32-{token}.onnx"), target.with_name(f".int8-{token}.tmp")
+    plain = target.with_name(f".fp32-{uuid.uuid4().hex[:8]}.onnx")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), atomic_path(target) as quantised:
             torch.onnx.export(LastHidden(transformer).eval(), tuple(sample[n] for n in names), str(plain),
                               input_names=names, output_names=["last_hidden_state"], opset_version=17, dynamo=False,
                               dynamic_axes={n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]})
-        graph = onnx.load(str(plain)).graph
-        weights = {w.name for w in graph.initializer}
-        dense = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)
-                 and not (KEEP_FLOAT in n.name and "attention" not in n.name)]
-        quantize_dynamic(str(plain), str(quantised), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_quantize=dense)
-        os.replace(quantised, target)
+            graph = onnx.load(str(plain)).graph
+            weights = {w.name for w in graph.initializer}
+            dense = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)
+                     and not (KEEP_FLOAT in n.name and "attention" not in n.name)]
+            quantize_dynamic(str(plain), quantised, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=dense)
     finally:
-        for path in (plain, quantised):
-            path.unlink(missing_ok=True)
+        plain.unlink(missing_ok=True)
     return target
 
 
@@ -136,10 +124,11 @@ def load_quantized(model_path: Path | str, threads: int | None = None) -> Quanti
 
         path = export_quantized(model_path)
         model = load_model(model_path, "cpu")  # its tokenizer and pooling
-        normalize, max_length = _pooling(model)
+        max_length = _max_length(model)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        _ENCODERS[key] = QuantizedEncoder(session, model[0].tokenizer, max_length, embedding_dim(model), normalize)
+        dim = int((getattr(model, 'get_embedding_dimension', None) or model.get_sentence_embedding_dimension)())
+        _ENCODERS[key] = QuantizedEncoder(session, model[0].tokenizer, max_length, dim)
     return _ENCODERS[key]

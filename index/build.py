@@ -1,39 +1,35 @@
 """Build a FAISS inner-product index: exact while it is cheap, approximate above a size threshold.
 
 The approximate default is HNSW32 over vectors stored in bfloat16 (`HNSW32,SQbf16`): half the memory
-of float32 with float32's range. float16 has the precision but not the range: EASE's document side of a
-few very popular items reaches 1e5 times the typical norm at a low rank (96,108 times the 99th
-percentile at 300k items, rank 111), which float16 stores as infinite (at 1M items such an index made
-the user lists near random and the quality gate stopped the run; build_index refuses such values for
-SQfp16). Capping those norms instead cut the 300k gate's nDCG@10 from 0.084 to 0.001: they are how the
-model ranks popular items. On 100k synthetic items (bench_index.py, 10k queries, k=20) bfloat16 was
-tuned to the same efSearch as float32 (48) with recall@20 0.981 against 0.982, searched 1.34x faster
-and built and tuned in 7.5 s against 10.4 s.
-IVF (e.g. `IVF1024,SQfp16`) searched item->item queries faster (15x exact at recall 0.96-0.97 on 100k synthetic items, against 2-5x for HNSW), but user profiles,
-which are sums over items, fall between its cells: on 60k synthetic items with a heavy popularity
-tail, IVF1024 found 18% of users' true top 10 at nprobe 64, HNSW32 81% at efSearch 64 and 94% at
-256. How deep to search is tuned per run on both kinds of query (index/tune.py).
+of float32 with float32's range. float16 has the precision but not the range: the behaviour model's
+document side of a few very popular items can reach 1e5 times the typical norm, which float16 stores
+as infinite (build_index refuses such values for SQfp16). Capping those norms is no way out: they are
+how the model ranks popular items. IVF (e.g. `IVF1024,SQfp16`) is faster for item->item queries, but
+user profiles, which are sums over items, fall between its cells. How deep to search is tuned per run
+on both kinds of query (index/tune.py); the README's performance section has the measurements.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
 
+from embedder.artifacts import atomic_path
+from index.rows import RowSource
+
 EXACT = "Flat"
 APPROXIMATE = "HNSW32,SQbf16"
 FLOAT16_MAX = 65504.0
-# k-means for IVF cells (an IVF factory string): up to 256 points per cell (faiss's default) and 10 iterations instead of 25.
-# On 100k overlapping synthetic topics, 64 points per cell needed nprobe 32 for recall 0.95 where 256
-# needed 2; 25 iterations gained 0.009 recall at the same nprobe for twice the training time.
+# k-means for IVF cells (an IVF factory string): up to 256 points per cell (faiss's default; fewer
+# trained cells that needed a far deeper nprobe for the same recall) and 10 iterations instead of 25
+# (twice the training time for almost no recall).
 TRAIN_POINTS_PER_CELL = 256
 TRAIN_ITERATIONS = 10
 TRAIN_SAMPLE = 262_144   # rows trained on at most (all of them up to 1024 cells; 64 per cell at 4096)
-ADD_BLOCK = 32_768       # rows added at a time: the vectors may be computed on demand (recommend.ranking.blend.Rows)
+ADD_BLOCK = 32_768       # rows added at a time: the vectors may be computed on demand (index.rows.Rows)
 
 
 def choose_factory(n_items: int, kind: str = "auto", exact_below: int = 50_000) -> str:
@@ -59,11 +55,11 @@ def ivf_of(index):
         return None
 
 
-def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu: bool | None = None,
-                seed: int = 0):
-    """Index `vectors` (n, d) for inner-product search; row i of `vectors` is id i. `vectors` may be
-    an array or rows computed on demand (recommend.ranking.blend.Rows): it is read a block at a time, and
-    trained on a seeded sample of at most TRAIN_SAMPLE rows, so that the index is the only full copy.
+def build_index(vectors: RowSource, kind: str = "auto", exact_below: int = 50_000, use_gpu: bool | None = None,
+                seed: int = 0, progress: Callable[[int], None] | None = None):
+    """Index `vectors` (n, d) for inner-product search; row i of `vectors` is id i. `vectors` is a row
+    source (index/rows.py): it is read a block at a time, and trained on a seeded sample of at most
+    TRAIN_SAMPLE rows, so that the index is the only full copy. `progress(n)` ticks per block added.
 
     `use_gpu=None` moves a flat index to the GPUs when faiss has any. Example:
         index = build_index(item_vectors)                  # exact for small catalogs
@@ -73,9 +69,9 @@ def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu:
     factory = choose_factory(n, kind, exact_below)
     padded = -(-d // 8) * 8
     if "SQ" in factory and padded != d:
-        # faiss's scalar quantizer codes are vectorised for 8 dimensions at a time: at 641 dimensions an
-        # HNSW32,SQfp16 build of 20k vectors took 91 s, at 640 it took 7.6 s. Zero dimensions pad the
-        # vectors (and each query, inside the index) to a multiple of 8 without changing any score.
+        # faiss's scalar quantizer codes are vectorised for 8 dimensions at a time: at an odd dimension
+        # a build ran over ten times slower. Zero dimensions pad the vectors (and each query, inside
+        # the index) to a multiple of 8 without changing any score.
         inner = faiss.index_factory(padded, factory, faiss.METRIC_INNER_PRODUCT)
         index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, False), inner)
     else:
@@ -92,6 +88,8 @@ def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu:
             raise ValueError(f"index {factory}: a vector value {np.abs(block).max():.3g} is beyond float16's range "
                              f"({FLOAT16_MAX:g}) and would score as infinite; use HNSW32,SQbf16 (float32's range) or HNSW32")
         index.add(block)
+        if progress:
+            progress(len(block))
     if factory == EXACT and (use_gpu if use_gpu is not None else gpu_count() > 0) and gpu_count() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
     return index
@@ -100,15 +98,13 @@ def build_index(vectors, kind: str = "auto", exact_below: int = 50_000, use_gpu:
 def save_index(index, path: Path | str) -> Path:
     """Write the index (moved back to CPU if needed) to a temporary name, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(faiss, "index_gpu_to_cpu") and gpu_count() > 0:
         try:
             index = faiss.index_gpu_to_cpu(index)
         except (RuntimeError, AttributeError):
             pass  # already a CPU index
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
     return path
 
 

@@ -1,22 +1,30 @@
-"""k-NN in blocks, with per-query exclusions (the query item itself, items a user has seen)."""
+"""k-NN in blocks, with per-query exclusions (the query item itself, items a user has seen).
+
+Every search returns ``(scores, ids)``, both (n_queries, k); a slot with no result holds id -1 and
+score -inf. `exact_search` is the one exact search (faiss's own `knn`, a block of vectors at a time):
+the oracle for approximate indexes and the search wherever a few queries meet many vectors.
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import faiss
 import numpy as np
+from pydantic import BaseModel
+
+from index.rows import RowSource
 
 
-def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None,
+def search_excluding(index, queries: RowSource, k: int, exclude: Sequence[np.ndarray] | None = None,
                      block_size: int = 4096, progress: Callable[[int], None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k ids by inner product for each query, never returning an id in that query's `exclude`.
 
     Each block asks the index for k + (largest exclusion in the block) neighbours, so an exact index
-    returns exactly min(k, n - excluded) results per query. Missing slots hold id -1 and score -inf.
-    Returns ``(scores, ids)``, both shaped (len(queries), k).
+    returns exactly min(k, n - excluded) results per query. Returns ``(scores, ids)``.
     """
-    n = len(queries)  # an array, or anything that gives arrays for row slices (recommend.ranking.blend.Rows)
+    n = len(queries)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     for start in range(0, n, block_size):
@@ -40,60 +48,45 @@ def search_excluding(index, queries: np.ndarray, k: int, exclude: Sequence[np.nd
     return scores, ids
 
 
-class StreamedExact:
-    """Exact inner-product search over `vectors` (an array or recommend.ranking.blend.Rows) read a block at a
-    time: each block is searched flat and the per-block top-k merged, so only one block is ever held.
-    It answers `search(queries, k)` like a FAISS index. For a few queries over many items (the
-    quality gate's 20k users over 1M items): a flat index would hold all items in float32 (1.7 GB
-    there), a tuned HNSW index 1.1 GB and minutes of building."""
+class ExactIndex:
+    """Exact inner-product search over `vectors` (a row source), read a block at a time: faiss's
+    `knn` on each block, the per-block top-k merged. It answers `search(queries, k)` like a FAISS
+    index, and holds one block of vectors at a time, never a copy of all of them."""
 
-    def __init__(self, vectors, block: int = 65_536):
+    def __init__(self, vectors: RowSource, block: int = 65_536):
         self.vectors, self.block = vectors, block
         self.ntotal, self.d = len(vectors), int(vectors.shape[1])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.ntotal <= self.block:  # one block: faiss's answer as it is (the merge would reorder ties)
+            return self._knn(queries, np.ascontiguousarray(self.vectors[:], dtype=np.float32), k)
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)
         for start in range(0, self.ntotal, self.block):
-            flat = faiss.IndexFlatIP(self.d)
-            flat.add(np.ascontiguousarray(self.vectors[start:start + self.block], dtype=np.float32))
-            scores, ids = flat.search(queries, min(k, flat.ntotal))
+            scores, ids = self._knn(queries, np.ascontiguousarray(self.vectors[start:start + self.block], np.float32), k)
             heap.add_result(scores, np.where(ids >= 0, ids + start, -1))
         heap.finalize()
         return heap.D, heap.I
 
+    @staticmethod
+    def _knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        take = min(k, len(vectors))
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if take:
+            scores[:, :take], ids[:, :take] = faiss.knn(queries, vectors, take, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, ids
 
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k by inner product in numpy: the oracle for the index. Returns ``(scores, ids)``."""
-    sims = np.asarray(queries, np.float32) @ np.asarray(vectors, np.float32).T
-    k = min(k, sims.shape[1])
-    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims, ids, axis=1), ids
 
+def exact_search(vectors: RowSource, queries: RowSource, k: int, exclude: Sequence[np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product of each query over all `vectors`, `exclude[i]` left out of query
+    i's results. Returns ``(scores, ids)``.
 
-def exact_top_k(vectors, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
-                block: int = 8192) -> np.ndarray:
-    """Exact top-k ids (-1 where fewer exist) for a few `queries` over all `vectors` (an array or
-    recommend.ranking.blend.Rows), by a blockwise matrix product: no second copy of the vectors in an index,
-    and small blocks (a 1,000 x 65,536 block with its index arrays peaked at 1.7 GB at 100k items).
-    `query_rows`: the row of `vectors` each query is, excluded from its own results."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for start in range(0, len(vectors), block):
-        sims = q @ np.asarray(vectors[start:start + block], dtype=np.float32).T
-        if query_rows is not None:
-            own = (query_rows >= start) & (query_rows < start + sims.shape[1])
-            sims[np.flatnonzero(own), query_rows[own] - start] = -np.inf
-        take = min(k, sims.shape[1])
-        top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-        cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], axis=1)
-        cand_i = np.concatenate([best_i, top + start], axis=1)
-        keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    return np.where(np.isfinite(best_s), best_i, -1)
+    Example:
+        scores, ids = exact_search(item_vectors, item_vectors[:5], 10, exclude=[[0], [1], [2], [3], [4]])
+    """
+    return search_excluding(ExactIndex(vectors), queries, k, exclude)
 
 
 def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
@@ -103,21 +96,33 @@ def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
 
 
 def is_exact(index) -> bool:
-    import faiss
-
-    return isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP, StreamedExact))
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP, ExactIndex))
 
 
 def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
 
 
-def sampled_recall(index, vectors: np.ndarray, queries: np.ndarray, got_ids: np.ndarray, k: int,
-                   sample: int = 1000, seed: int = 0, exclude_self: bool = True) -> dict:
+def own_rows(rows: np.ndarray) -> list[np.ndarray]:
+    """Each row's own id as its exclusion: item i's neighbours leave item i out."""
+    return [np.array([r], dtype=np.int64) for r in rows]
+
+
+class Recall(BaseModel):
+    """recall@k of lists against exact search, measured on `sample` of them (0: the index is exact)."""
+
+    recall: float
+    k: int
+    sample: int
+    exact: bool
+
+
+def sampled_recall(index, vectors: RowSource, queries: RowSource, got_ids: np.ndarray, k: int,
+                   sample: int = 1000, seed: int = 0, exclude_self: bool = True) -> Recall:
     """recall@k of lists an index produced (`got_ids`, rows aligned with `queries`) against exact
     search over `vectors`, on a seeded sample of rows. Exact indexes are not sampled: recall is 1."""
     if is_exact(index):
-        return {"recall": 1.0, "k": k, "sample": 0, "exact": True}
+        return Recall(recall=1.0, k=k, sample=0, exact=True)
     rows = sample_rows(len(queries), sample, seed)
-    truth = exact_top_k(vectors, queries[rows], k, rows if exclude_self else None)
-    return {"recall": round(recall_at_k(got_ids[rows], truth), 4), "k": k, "sample": int(len(rows)), "exact": False}
+    _, truth = exact_search(vectors, queries[rows], k, own_rows(rows) if exclude_self else None)
+    return Recall(recall=round(recall_at_k(got_ids[rows], truth), 4), k=k, sample=int(len(rows)), exact=False)

@@ -17,12 +17,35 @@ import typer
 from embedder.errors import RecsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="nightly-recs: batch-computed recommendations. Start with `recs sample data/sample` "
                        "and `recs refresh`.")
 
 ConfigOpt = typer.Option("config.yaml", "--config", "-c", envvar="RECS_CONFIG", help="Path to config.yaml.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON (one line) instead of a table.")
-KOpt = typer.Option(None, "--k", "-k", min=1, help="How many items (default: lists.k from the config).")
+KOpt = typer.Option(None, "--k", "-k", min=1, max=1000, help="How many items, 1 to 1000 (default: lists.k from the config).")
+VerboseOpt = typer.Option(0, "--verbose", "-v", count=True, help="More log lines on stderr (-vv: debug).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress on stderr, and only errors from the log.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"nightly-recs {version('nightly-recs')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit.")):
+    """nightly-recs: batch-computed recommendations. Start with `recs sample data/sample` and `recs refresh`."""
+
+
+def _output(verbose: int, quiet: bool) -> None:
+    from recommend.run.progress import configure_logging
+
+    configure_logging(verbose, quiet)
 
 
 @contextmanager
@@ -76,32 +99,43 @@ def sample(out: Path = typer.Argument(Path("data/sample"), help="Folder to write
 
 @app.command()
 def refresh(config: str = ConfigOpt,
-            as_json: bool = typer.Option(False, "--json", help="Print the run report as JSON on the last line of stdout."),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")):
+            as_json: bool = typer.Option(False, "--json", help="Print the run report as JSON on the last line of "
+                                                               "stdout, a failed run's too."),
+            verbose: int = VerboseOpt, quiet: bool = QuietOpt):
     """Run the nightly refresh: ingest, embed (cached), index, publish a new live version.
 
     Exits 0 only when the new version is live; otherwise non-zero with a message, and the
-    previous version stays live.
+    previous version stays live. Every run writes <workdir>/runs/<run_id>/report.json, a failed one
+    too (status "failed", the stage and the error).
 
     \b
     Example:
-        recs refresh --config config.yaml --json | tail -n 1 | jq .items_encoded
+        recs refresh --config config.yaml --json | tail -n 1 | jq .embed.items_encoded
     """
-    from recommend.config import load_config
+    from recommend.config import ConfigError, load_config
     from recommend.run.pipeline import refresh as run_refresh
+    from recommend.run.report import RefreshReport
 
-    with user_errors():
+    _output(verbose, quiet)
+    try:
         report = run_refresh(load_config(config), quiet=quiet)
+    except RecsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if as_json:
+            failed = getattr(exc, "report", None) or RefreshReport(
+                status="failed", run_id=None, run_dir=None, failed_stage="config" if isinstance(exc, ConfigError) else "start",
+                error=str(exc), exit_code=exc.exit_code)
+            typer.echo(failed.model_dump_json())
+        raise typer.Exit(exc.exit_code) from None
     if as_json:
-        typer.echo(json.dumps(report))
-    else:
-        items = report["items_read"] - report["items_quarantined"] - report["items_duplicates_dropped"]
-        what = (f"published {report['published_version']}" if report["published_version"]
-                else f"built {report['run_id']} (not published: publish.enabled is false)")
-        typer.echo(f"{what}: {items} items "
-                   f"({report['items_encoded']} texts encoded, {report['items_from_cache']} from cache; "
-                   f"{report['items_quarantined']} of {report['items_read']} rows quarantined), "
-                   f"{report['users']} users, {report['seconds']['total']:.1f}s; report: {report['run_dir']}/report.json")
+        typer.echo(report.model_dump_json())
+        return
+    items, emb = report.items, report.embed
+    what = (f"published {report.published_version}" if report.published_version
+            else f"built {report.run_id} (not published: publish.enabled is false)")
+    typer.echo(f"{what}: {items.accepted} items ({emb.items_encoded} texts encoded, {emb.items_from_cache} from cache; "
+               f"{items.quarantined} of {items.rows_read} rows quarantined), {report.index.users} users, "
+               f"{report.seconds['total']:.1f}s; report: {report.run_dir}/report.json")
 
 
 def _numbers(text: str, kind, name: str) -> tuple:
@@ -123,7 +157,7 @@ def evaluate(config: str = ConfigOpt,
              sweep: str = typer.Option("0,0.5,0.8,0.9,0.95,1", help="blend.behaviour_weight values to score ('' for none)."),
              run: Optional[str] = typer.Option(None, help="Run id to evaluate (default: the newest completed run)."),
              plots: bool = typer.Option(True, help="Write metric-vs-K and weight-sweep plots beside the run report."),
-             as_json: bool = JsonOpt):
+             as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
     """Score the lists offline: split the run's events, rebuild the lists on the training part with
     the config's settings, and score the held-out part (nDCG, precision, recall, MAP, hit rate,
     coverage, cold-item share) beside popularity and random baselines from the same split.
@@ -133,35 +167,50 @@ def evaluate(config: str = ConfigOpt,
         recs eval --config config.yaml --split random --test-ratio 0.25 --seed 42 --json | jq .lists.at.\"10\".ndcg
     """
     from recommend.config import load_config
-    from recommend.quality.evaluate import evaluate_run
+    from recommend.run.evaluation import evaluate_run
 
+    _output(verbose, quiet)
     if split not in ("random", "temporal"):
         raise typer.BadParameter(f"--split must be random or temporal, got {split!r}")
     ks = _numbers(k, int, "--k")
     weights = _numbers(sweep, float, "--sweep") if sweep.strip() else ()
     with user_errors():
-        result = evaluate_run(load_config(config, check_inputs=False), run, split, test_ratio, seed, ks, weights, plots)
+        result = evaluate_run(load_config(config, check_inputs=False), run, split=split, test_ratio=test_ratio,
+                              seed=seed, ks=ks, sweep=weights, plots=plots)
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(result.model_dump_json())
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run {result['run_id']}: {split} split, {test_ratio:.0%} held out, seed {seed}; "
-                        f"{result['users']} users, {result['items']} items ({result['cold_items']} without training events)",
+    table = Table(title=f"run {result.run_id}: {split} split, {test_ratio:.0%} held out, seed {seed}; "
+                        f"{result.users} users, {result.items} items ({result.cold_items} without training events)",
                   title_justify="left")
     for col in ["lists / baseline", "K", "nDCG", "precision", "recall", "MAP", "hit rate", "coverage", "cold share"]:
         table.add_column(col)
-    for name, scored in {"lists": result["lists"], **result["baselines"]}.items():
+    for name, scored in {"lists": result.lists, **result.baselines}.items():
         for kk in ks:
-            m = scored["at"][str(kk)]
-            table.add_row(name, str(kk), f"{m['ndcg']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
-                          f"{m['map']:.4f}", f"{m['hit_rate']:.3f}", f"{m['coverage']:.3f}", f"{m['cold_share']:.4f}")
+            m = scored.at[str(kk)]
+            table.add_row(name, str(kk), f"{m.ndcg:.4f}", f"{m.precision:.4f}", f"{m.recall:.4f}",
+                          f"{m.map:.4f}", f"{m.hit_rate:.3f}", f"{m.coverage:.3f}", f"{m.cold_share:.4f}")
     Console(soft_wrap=True).print(table)
-    if result.get("sweep"):
-        pairs = ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(result["sweep"]["behaviour_weight"], result["sweep"]["value"]))
-        typer.echo(f"nDCG@{result['sweep']['k']} by blend.behaviour_weight: {pairs}")
-    typer.echo("written: " + ", ".join(result["written"]))
+    if result.sweep:
+        pairs = ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(result.sweep.behaviour_weight, result.sweep.value))
+        typer.echo(f"nDCG@{result.sweep.k} by blend.behaviour_weight: {pairs}")
+    typer.echo("written: " + ", ".join(result.written))
+
+
+@app.command()
+def schema():
+    """Print the JSON schema of report.json, the stage manifests and `recs eval --json`.
+
+    \b
+    Example:
+        recs schema | jq '.["$defs"].RefreshReport.properties | keys'
+    """
+    from recommend.run.report import schema as artifacts_schema
+
+    typer.echo(json.dumps(artifacts_schema(), indent=2))
 
 
 @app.command()

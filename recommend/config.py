@@ -1,19 +1,32 @@
 """config.yaml: validated once, at load. Every error names the file, the key and what is allowed.
 
-Relative paths are resolved against the config file's folder, so `recs` works from any directory.
+Each section is the settings model of the stage that uses it, defined there once (`embed`:
+embedder.encode.EmbedSettings, `index`: index.tune.IndexSettings, `blend` and `lists`:
+recommend.ranking.settings, `gate`: recommend.quality.gate, `publish`: recommend.serving.publish);
+the input sections and `dask` are defined here. `stage_settings` is the one adapter from the sections
+to what the stages take. Relative paths are resolved against the config file's folder, so `recs`
+works from any directory.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from embedder.encode import EmbedSettings
 from embedder.errors import RecsError
+from embedder.ingest import ExtraText, ItemMapping
+from embedder.sources import SourceSpec
+from index.tune import IndexSettings
+from recommend.quality.gate import GateSettings
+from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
+from recommend.serving.publish import PublishSettings
 
 
 class ConfigError(RecsError):
@@ -65,7 +78,7 @@ class ItemsConfig(SourceConfig):
     flags: dict[str, list[str]] = Field(default_factory=dict, description="field -> one-hot columns, rendered as the names of those set")
     extra_text: dict[str, ExtraTextConfig] = Field(default_factory=dict, description="field -> a one-to-many source folded into the text")
     newest_by: str | None = Field(None, description="when an id repeats, keep the row with the largest value here; default: the last row")
-    max_text_chars: int = Field(10_000, ge=100, description="longer item texts are cut to this many characters and counted in the report "
+    max_text_chars: int = Field(ItemMapping.max_text_chars, ge=100, description="longer item texts are cut to this many characters and counted in the report "
                                 "(the model reads only its first 256 tokens, about 1,000-1,500 characters)")
 
     @field_validator("text")
@@ -105,74 +118,12 @@ class UsersConfig(SourceConfig):
     id: str = "user_id"
 
 
-class EmbedConfig(Section):
-    model: str = "all-MiniLM-L6-v2"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions, else fp32; checked "
-                            "against fp32 on a sample (mean cosine >= 0.99) before use")
-    batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(1024, ge=1, description="texts per Dask task (sorted by length before cutting)")
-    cache: str | None = Field(None, description="embedding cache path or URL; default <workdir>/cache")
+class DaskSettings(Section):
+    """The cluster a refresh runs on (recommend/run/cluster.py)."""
 
-
-class IndexConfig(Section):
-    kind: str = Field("auto", description="auto (exact below exact_below, HNSW32,SQbf16 above) | exact | a FAISS factory string such as HNSW32 or IVF1024,SQfp16")
-    exact_below: int = Field(50_000, ge=1)
-    target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW efSearch) "
-                                        "to this recall@k against exact search on a sample; null: use search_depth")
-    search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
-    exact_fallback_below: int = Field(100_000, ge=1, description="when no depth reaches target_recall: exact search "
-                                      "below this many items, else the depth where recall stops growing (reported)")
-
-
-class ListsConfig(Section):
-    k: int = Field(10, ge=1, le=1000)
-    half_life_days: float = Field(14.0, gt=0)
-
-
-class BlendConfig(Section):
-    """How lists blend behaviour (learned from events), text and popularity; see recommend/blend.py.
-    The defaults come from `recs eval` on ml-latest-small (README, "Quality")."""
-
-    behaviour_weight: float = Field(0.95, ge=0, le=1, description="share of behaviour vs text in the score; 0 = text only")
-    popularity_weight: float = Field(0.3, ge=0, description="pull towards popular items for users with little history")
-    few_events: float = Field(5.0, gt=0, description="a user with this many items leans half on popularity")
-    factors: int = Field(256, ge=1, description="rank of the behaviour model (low-rank EASE)")
-    factor_memory_mb: float | None = Field(1024, gt=0, description="lower the rank to what fits in this much memory "
-                                           "(256 stands up to ~130k users and items); null: no limit")
-    l2: float = Field(200.0, gt=0, description="the behaviour model's regularisation (EASE lambda)")
-    cold_damping: float = Field(0.5, ge=0, le=1, description="weight of text-predicted behaviour for items with no events")
-    new_item_slots: int = Field(1, ge=0, description="last places of a user's list kept for the best-matching items with no events yet")
-
-
-class GateConfig(Section):
-    """Before publishing, lists rebuilt without each user's most recent events are scored on them."""
-
-    enabled: bool = True
-    holdout: float = Field(0.1, gt=0, lt=1, description="share of each user's most recent items held out")
-    k: int = Field(10, ge=1)
-    min_ndcg: float = Field(0.0, ge=0, le=1, description="the floor: below it nothing is published")
-    min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
-    max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")
-    max_users: int = Field(20_000, ge=1, description="users scored (a seeded sample above this)")
-
-
-class DaskConfig(Section):
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int | None = Field(None, ge=1, description="default: 1 on CPU workers, 2 on GPU workers")
-
-
-class PublishConfig(Section):
-    enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
-    url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
-    api_key_env: str = "QDRANT_API_KEY"
-    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    keep_versions: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=1)
-    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
-    index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
 
 
 class Config(Section):
@@ -180,13 +131,13 @@ class Config(Section):
     items: ItemsConfig
     events: EventsConfig
     users: UsersConfig | None = None
-    embed: EmbedConfig = EmbedConfig()
-    index: IndexConfig = IndexConfig()
-    lists: ListsConfig = ListsConfig()
-    blend: BlendConfig = BlendConfig()
-    gate: GateConfig = GateConfig()
-    dask: DaskConfig = DaskConfig()
-    publish: PublishConfig = PublishConfig()
+    embed: EmbedSettings = EmbedSettings()
+    index: IndexSettings = IndexSettings()
+    lists: ListsSettings = ListsSettings()
+    blend: BlendSettings = BlendSettings()
+    gate: GateSettings = GateSettings()
+    dask: DaskSettings = DaskSettings()
+    publish: PublishSettings = PublishSettings()
     source_file: str | None = Field(None, exclude=True)
 
     @property
@@ -267,3 +218,47 @@ def load_config(path: str | Path = "config.yaml", check_inputs: bool = True) -> 
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data or {}, str(path), path.resolve().parent, check_inputs)
+
+
+# ---- the adapter: config sections -> the settings each stage takes ------------------------------------
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What each stage takes, from one config. The sections that are a stage's own settings model
+    (embed, index, gate, publish, dask) are passed as they are."""
+
+    items: SourceSpec
+    item_mapping: ItemMapping
+    events: SourceSpec
+    event_columns: dict[str, str | None]  # user_id, item_id, timestamp, event_type -> source column
+    timezone: str
+    users: SourceSpec | None
+    user_id_column: str | None
+    ranking: RankingSettings
+
+
+def source_spec(section: FileConfig, key: str) -> SourceSpec:
+    """A file section as the embedder's SourceSpec; `key` names it in error messages."""
+    return SourceSpec(section.path, f"{key}.path", section.format, section.delimiter, section.encoding,
+                      tuple(section.columns) if section.columns else None, section.quotechar)
+
+
+def event_weights(events: EventsConfig) -> dict[str, float]:
+    """Weights by event type; without an event_type column every event is of type 'default'."""
+    return dict(events.weights) if events.event_type else {"default": events.weights.get("default", 1.0)}
+
+
+def stage_settings(config: Config) -> StageSettings:
+    """The one mapping from config sections to stage settings (the refresh, `recs eval`, notebooks)."""
+    ic, ec = config.items, config.events
+    extras = {name: ExtraText(source_spec(x, f"items.extra_text.{name}"), x.id, x.column, x.separator, x.max_values)
+              for name, x in ic.extra_text.items()}
+    mapping = ItemMapping(ic.id, ic.text, tuple(ic.metadata), dict(ic.list_separators), dict(ic.flags), extras,
+                          ic.newest_by, ic.max_text_chars)
+    return StageSettings(
+        items=source_spec(ic, "items"), item_mapping=mapping, events=source_spec(ec, "events"),
+        event_columns={"user_id": ec.user_id, "item_id": ec.item_id, "timestamp": ec.timestamp, "event_type": ec.event_type},
+        timezone=ec.timezone,
+        users=source_spec(config.users, "users") if config.users else None,
+        user_id_column=config.users.id if config.users else None,
+        ranking=RankingSettings(weights=event_weights(ec), half_life_days=config.lists.half_life_days, blend=config.blend))

@@ -63,7 +63,7 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["items_read"] == 240 and report["published_version"]
+    assert report["status"] == "ok" and report["items"]["rows_read"] == 240 and report["published_version"]
     assert "[publish]" in proc.stderr  # progress goes to stderr, stdout stays parseable
 
     events = pd.read_parquet(sample_dir / "events.parquet")

@@ -8,9 +8,14 @@ import pytest
 from conftest import build_tiny_model
 import pyarrow.parquet as pq
 
-from embedder.cache import EmbeddingCache, as_stored, content_hash
-from embedder.encode import embed_items, encode_texts
+from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hash
+from embedder.encode import EmbedSettings, embed_items, encode_texts
 from embedder.model import model_fingerprint
+
+
+def _embed(items, model, cache, client=None, check_sample=64, precision="fp32"):
+    return embed_items(items, EmbedSettings(model=str(model), device="cpu", precision=precision), cache_root=cache,
+                       client=client, check_sample=check_sample)
 
 
 def _items(n=50):
@@ -21,17 +26,17 @@ def _items(n=50):
 def test_cache_counts_rerun_and_edits(tmp_path, tiny_model):
     items = _items()
     cache = str(tmp_path / "cache")
-    first = embed_items(items, str(tiny_model), cache, device="cpu")
-    assert first.counts["items_encoded"] == 50 and first.counts["items_from_cache"] == 0
-    again = embed_items(items, str(tiny_model), cache, device="cpu")
-    assert again.counts["items_encoded"] == 0 and again.counts["items_from_cache"] == 50
+    first = _embed(items, tiny_model, cache)
+    assert first.counts.items_encoded == 50 and first.counts.items_from_cache == 0
+    again = _embed(items, tiny_model, cache)
+    assert again.counts.items_encoded == 0 and again.counts.items_from_cache == 50
     np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)
 
     edited = items.copy()
     # item 20 repeats item 3's new text: encoded once, both rows get the vector
     edited.loc[[3, 7, 11, 20], "text"] = ["a brand new text", "another new text", "a third new text", "a brand new text"]
-    after = embed_items(edited, str(tiny_model), cache, device="cpu")
-    assert after.counts["items_encoded"] == 3 and after.counts["items_from_cache"] == 46
+    after = _embed(edited, tiny_model, cache)
+    assert after.counts.items_encoded == 3 and after.counts.items_from_cache == 46
     unchanged = np.setdiff1d(np.arange(50), [3, 7, 11, 20])
     np.testing.assert_allclose(after.vectors[unchanged], first.vectors[unchanged], atol=1e-6)
     assert not np.allclose(after.vectors[3], first.vectors[3])
@@ -44,9 +49,9 @@ def test_changed_model_reuses_nothing(tmp_path, tiny_model):
     other = build_tiny_model(tmp_path / "other-model", seed=1)
     assert model_fingerprint(other) != model_fingerprint(tiny_model)
     cache = str(tmp_path / "cache")
-    embed_items(_items(), str(tiny_model), cache, device="cpu")
-    result = embed_items(_items(), str(other), cache, device="cpu")
-    assert result.counts["items_encoded"] == 50
+    _embed(_items(), tiny_model, cache)
+    result = _embed(_items(), other, cache)
+    assert result.counts.items_encoded == 50
 
 
 def test_cache_lookup_reads_back_what_was_added(tmp_path):
@@ -58,7 +63,7 @@ def test_cache_lookup_reads_back_what_was_added(tmp_path):
     assert set(found) == set(keys[:30]) and cache.size() == 30
     read = np.stack([found[k] for k in keys[:30]])
     assert read.dtype == np.float16  # as stored: a million float32 rows would be twice the memory
-    np.testing.assert_array_equal(read, as_stored(vectors[:30]))  # stored as float16: half the bytes
+    np.testing.assert_array_equal(read, vectors[:30].astype(STORED_DTYPE).astype(np.float32))  # stored as float16: half the bytes
     np.testing.assert_allclose(read, vectors[:30], rtol=1e-3, atol=1e-3)
     stored = pq.read_table(next((tmp_path / "c").rglob("*.parquet")))
     assert str(stored.schema.field("vector").type) == "fixed_size_list<element: halffloat>[8]"
@@ -68,18 +73,18 @@ def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
     """bf16 vectors are compared with fp32 on a sample before use, and never mixed with fp32 in the cache."""
     items = _items(30)
     cache = str(tmp_path / "cache")
-    fp32 = embed_items(items, str(tiny_model), cache, device="cpu", precision="fp32")
-    bf16 = embed_items(items, str(tiny_model), cache, device="cpu", precision="bf16", check_sample=16)
-    report = bf16.counts["precision"]
-    assert report["chosen"] == "bf16" and report["sample"] == 16 and report["ok"]
-    assert report["mean_cosine"] >= 0.99 and report["min_cosine"] <= report["mean_cosine"]
-    assert bf16.counts["items_encoded"] == 30  # its own cache keys: the fp32 vectors are not reused
+    fp32 = _embed(items, tiny_model, cache, precision="fp32")
+    bf16 = _embed(items, tiny_model, cache, precision="bf16", check_sample=16)
+    report = bf16.counts.precision
+    assert report.chosen == "bf16" and report.sample == 16 and report.ok
+    assert report.mean_cosine >= 0.99 and report.min_cosine <= report.mean_cosine
+    assert bf16.counts.items_encoded == 30  # its own cache keys: the fp32 vectors are not reused
     assert fp32.vectors.dtype == bf16.vectors.dtype == np.float16  # as the cache stores them
     a, b = fp32.vectors.astype(np.float32), bf16.vectors.astype(np.float32)
     cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.mean() >= 0.99
-    again = embed_items(items, str(tiny_model), cache, device="cpu", precision="bf16")
-    assert again.counts["items_encoded"] == 0 and "mean_cosine" not in again.counts["precision"]  # no check without work
+    again = _embed(items, tiny_model, cache, precision="bf16")
+    assert again.counts.items_encoded == 0 and again.counts.precision.mean_cosine is None  # no check without work
 
 
 @pytest.mark.parametrize("on_cluster", [True, False])
@@ -93,17 +98,17 @@ def test_a_failed_precision_check_falls_back_to_fp32_and_caches_nothing_of_it(tm
     client = dask_client if on_cluster else None
     items, cache = _items(40), str(tmp_path / "cache")
     monkeypatch.setattr(encode, "MIN_MEAN_COSINE", 1.01)
-    failed = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="bf16", check_sample=8)
-    report = failed.counts["precision"]
-    assert report["chosen"] == "fp32" and not report["ok"] and "below 1.01" in report["fallback"]
-    assert report["sample"] == 8 and failed.counts["items_encoded"] == 40
-    reference = embed_items(items, str(tiny_model), str(tmp_path / "other"), device="cpu", precision="fp32")
+    failed = _embed(items, tiny_model, cache, client, precision="bf16", check_sample=8)
+    report = failed.counts.precision
+    assert report.chosen == "fp32" and not report.ok and "below 1.01" in report.fallback
+    assert report.sample == 8 and failed.counts.items_encoded == 40
+    reference = _embed(items, tiny_model, str(tmp_path / "other"), precision="fp32")
     np.testing.assert_array_equal(failed.vectors, reference.vectors)
     monkeypatch.undo()
-    passed = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="bf16", check_sample=8)
-    assert passed.counts["precision"]["ok"] and passed.counts["items_encoded"] == 40  # no bf16 vector was cached
-    again = embed_items(items, str(tiny_model), cache, client, device="cpu", precision="fp32")
-    assert again.counts["items_encoded"] == 0  # the fallback's fp32 vectors were
+    passed = _embed(items, tiny_model, cache, client, precision="bf16", check_sample=8)
+    assert passed.counts.precision.ok and passed.counts.items_encoded == 40  # no bf16 vector was cached
+    again = _embed(items, tiny_model, cache, client, precision="fp32")
+    assert again.counts.items_encoded == 0  # the fallback's fp32 vectors were
 
 
 def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch):

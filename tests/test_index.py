@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from index.build import build_index, choose_factory, load_index, save_index
-from index.search import exact_search, search_excluding
+from conftest import brute_force
+from index.search import search_excluding
 from index.tune import IndexSettings, build_tuned, set_depth
 from recommend.ranking.lists import recommended_items, similar_items
 
@@ -38,13 +39,13 @@ def _topics(n, d=32, topics=40, spread=0.5, seed=0):
 def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target, structured):
     """The depth is tuned on one sample; recall on other queries, against the exact oracle, holds up."""
     items = _topics(3000) if structured else _unit(3000, d=32)  # IVF needs cells to find; HNSW copes with noise
-    index, tuning = build_tuned(items, items, 10, IndexSettings(kind, target_recall=target))
-    tried = list(tuning["tried"].items())
-    assert tuning["reached"] and tried[-1] == (tuning["value"], tuning["recall"]) and tuning["recall"] >= target
+    index, tuning = build_tuned(items, items, 10, IndexSettings(kind=kind, target_recall=target))
+    tried = list(tuning.tried.items())
+    assert tuning.reached and tried[-1] == (tuning.value, tuning.recall) and tuning.recall >= target
     assert all(recall < target for _, recall in tried[:-1])  # no shallower depth was enough
     assert len(tried) > 1  # the first candidate was not already enough: the tuning did something
     held_out = np.setdiff1d(np.arange(3000), np.arange(0, 3000, 6))[:300]
-    _, truth = exact_search(items, items[held_out], 11)
+    _, truth = brute_force(items, items[held_out], 11)
     _, ids = search_excluding(index, items[held_out], 10, [np.array([r]) for r in held_out])
     recall = np.mean([len(set(a) & set(b[b != r])) / 10 for a, b, r in zip(ids, truth, held_out)])
     assert recall >= target - 0.05
@@ -53,10 +54,10 @@ def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target
 def test_fixed_depth_without_a_target():
     import faiss
 
-    index, tuning = build_tuned(_unit(3000, d=32), None, 10, IndexSettings("IVF64,Flat", target_recall=None, depth=3))
-    assert faiss.extract_index_ivf(index).nprobe == 3 and tuning["value"] == 3
-    _, exact = build_tuned(_unit(100), None, 10, IndexSettings("auto"))
-    assert exact["exact"] and exact["knob"] is None
+    index, tuning = build_tuned(_unit(3000, d=32), None, 10, IndexSettings(kind="IVF64,Flat", target_recall=None, search_depth=3))
+    assert faiss.extract_index_ivf(index).nprobe == 3 and tuning.value == 3
+    _, exact = build_tuned(_unit(100), None, 10, IndexSettings(kind="auto"))
+    assert exact.exact and exact.knob is None
 
 
 def test_auto_kind_switches_at_threshold():
@@ -108,13 +109,13 @@ def test_sampled_recall_is_one_for_exact_and_measures_an_approximate_index():
     x = rng.normal(size=(2000, 16)).astype(np.float32)
     exact = build_index(x, kind="exact")
     _, ids = search_excluding(exact, x, 10, [np.array([i]) for i in range(len(x))])
-    assert sampled_recall(exact, x, x, ids, 10) == {"recall": 1.0, "k": 10, "sample": 0, "exact": True}
+    assert sampled_recall(exact, x, x, ids, 10).model_dump() == {"recall": 1.0, "k": 10, "sample": 0, "exact": True}
     coarse = build_index(x, kind="IVF64,Flat")  # nprobe 1: looks in one cell of 64, misses many neighbours
     _, approx = search_excluding(coarse, x, 10, [np.array([i]) for i in range(len(x))])
     measured = sampled_recall(coarse, x, x, approx, 10, sample=500)
     truth = np.mean([len(np.intersect1d(a[a >= 0], b)) / 10 for a, b in zip(approx, ids)])
-    assert measured["sample"] == 500 and not measured["exact"]
-    assert measured["recall"] < 0.9 and abs(measured["recall"] - truth) < 0.05
+    assert measured.sample == 500 and not measured.exact
+    assert measured.recall < 0.9 and abs(measured.recall - truth) < 0.05
 
 
 def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
@@ -123,20 +124,21 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     from index.search import is_exact
 
     items = _unit(4000, d=64)
-    index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99))
-    assert not tuning["reached"] and tuning["fallback"] == "exact" and is_exact(index)
-    assert max(tuning["tried"]) == 256 // 16
+    index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99))
+    assert not tuning.reached and tuning.fallback == "exact" and is_exact(index)
+    assert max(tuning.tried) == 256 // 16
     # above exact_fallback_below, exact search would take hours: the depth where recall stops growing
     # stays (the smallest within 0.01 of the best tried), reported
-    index, tuning = build_tuned(items, items, 10, IndexSettings("IVF256,Flat", target_recall=0.99, exact_fallback_below=1000))
-    best = max(tuning["tried"].values())
-    assert tuning["fallback"] == "plateau" and not is_exact(index) and faiss.extract_index_ivf(index).nprobe == tuning["value"]
-    assert tuning["value"] == min(v for v, r in tuning["tried"].items() if r >= best - 0.01)
-    assert tuning["recall"] == tuning["tried"][tuning["value"]] >= best - 0.01
-    # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach stops there
-    index, tuning = build_tuned(items, items, 10, IndexSettings("HNSW32", target_recall=1.01, exact_fallback_below=1000))
-    assert tuning["fallback"] == "plateau" and max(tuning["tried"].values()) >= 0.99
-    assert tuning["value"] < 512 and tuning["tried"][tuning["value"]] >= max(tuning["tried"].values()) - 0.01
+    index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99, exact_fallback_below=1000))
+    best = max(tuning.tried.values())
+    assert tuning.fallback == "plateau" and not is_exact(index) and faiss.extract_index_ivf(index).nprobe == tuning.value
+    assert tuning.value == min(v for v, r in tuning.tried.items() if r >= best - 0.01)
+    assert tuning.recall == tuning.tried[tuning.value] >= best - 0.01
+    # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach (one the config
+    # would refuse, so built unvalidated) stops there
+    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(kind="HNSW32", target_recall=1.01, exact_fallback_below=1000, exact_below=50_000, search_depth=None))
+    assert tuning.fallback == "plateau" and max(tuning.tried.values()) >= 0.99
+    assert tuning.value < 512 and tuning.tried[tuning.value] >= max(tuning.tried.values()) - 0.01
 
 
 def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
@@ -164,19 +166,19 @@ def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
 def test_depth_is_tuned_for_user_profiles_too():
     """A profile that sums items from several topics falls between IVF cells: a depth tuned on item
     queries alone leaves such users' recall far below the target; tuned on both, both reach it."""
-    from index.search import exact_top_k, recall_at_k
+    from index.search import recall_at_k
 
     items = _topics(4000, topics=40, spread=0.5)
     rng = np.random.default_rng(5)
     users = items[rng.integers(0, 4000, (600, 8))].sum(axis=1)
     users /= np.linalg.norm(users, axis=1, keepdims=True)
-    settings = IndexSettings("IVF64,Flat", target_recall=0.95)
+    settings = IndexSettings(kind="IVF64,Flat", target_recall=0.95)
     index, items_only = build_tuned(items, items, 10, settings)
-    truth = exact_top_k(items, users[300:], 10)
-    set_depth(index, items_only["value"])
+    _, truth = brute_force(items, users[300:], 10)
+    set_depth(index, items_only.value)
     assert recall_at_k(search_excluding(index, users[300:], 10)[1], truth) < 0.9
     index, both = build_tuned(items, items, 10, settings, users[:300])
-    assert both["query_sets"] == 2 and both["reached"] and both["value"] > items_only["value"]
+    assert both.query_sets == 2 and both.reached and both.value > items_only.value
     assert recall_at_k(search_excluding(index, users[300:], 10)[1], truth) >= 0.9  # held-out users
 
 
@@ -188,7 +190,7 @@ def test_scalar_quantized_index_padded_to_a_multiple_of_8_keeps_the_scores(tmp_p
     index = build_index(items, kind="HNSW32,SQfp16")
     set_depth(index, 128)
     scores, ids = search_excluding(index, items[:100], 5)
-    exact_scores, exact_ids = exact_search(items, items[:100], 5)
+    exact_scores, exact_ids = brute_force(items, items[:100], 5)
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, exact_ids)]) >= 0.95
     np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], atol=2e-3)
     loaded = load_index(save_index(index, tmp_path / "sq.faiss"))
@@ -216,7 +218,7 @@ def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact
     set_depth(index, 128)
     queries = _unit(200, d=37, seed=1)
     scores, ids = search_excluding(index, queries, 10)
-    exact_scores, exact_ids = exact_search(items, queries, 10)
+    exact_scores, exact_ids = brute_force(items, queries, 10)
     assert np.isfinite(scores).all()
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)]) >= 0.95
     np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
@@ -235,19 +237,27 @@ def test_picked_rows_and_labels_read_like_the_lists_they_replace():
     assert names[0] is names[2]  # one str per distinct value
 
 
-def test_streamed_exact_search_equals_brute_force_block_by_block():
-    """Oracle: numpy brute force. 1,000 items read in blocks of 96 (the last one short), with exclusions."""
-    from index.search import StreamedExact, is_exact
-    from recommend.ranking.blend import Rows
+def test_exact_search_equals_brute_force_block_by_block():
+    """Oracle: numpy brute force. 1,000 items read in blocks of 96 (the last one short), with exclusions;
+    and the one-block case, which must be faiss's answer as it is."""
+    from index.rows import Rows
+    from index.search import ExactIndex, exact_search, is_exact
 
     items, queries = _unit(1000, d=24), _unit(50, d=24, seed=3)
     rows = Rows(len(items), 24, lambda idx: items[idx])  # computed on demand, as the refresh's item vectors
-    streamed = StreamedExact(rows, block=96)
-    assert is_exact(streamed) and streamed.ntotal == 1000
-    scores, ids = streamed.search(queries, 7)
-    exact_scores, exact_ids = exact_search(items, queries, 7)
+    blocked = ExactIndex(rows, block=96)
+    assert is_exact(blocked) and blocked.ntotal == 1000
+    scores, ids = blocked.search(queries, 7)
+    exact_scores, exact_ids = brute_force(items, queries, 7)
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
     exclude = [exact_ids[q, :3] for q in range(50)]  # each query's 3 best are excluded
-    _, kept = search_excluding(streamed, queries, 4, exclude)
+    _, kept = search_excluding(blocked, queries, 4, exclude)
     np.testing.assert_array_equal(kept, exact_ids[:, 3:7])
+    _, one_block = exact_search(rows, queries, 4, exclude)
+    np.testing.assert_array_equal(one_block, exact_ids[:, 3:7])
+    flat = faiss.IndexFlatIP(24)
+    flat.add(items)
+    np.testing.assert_array_equal(ExactIndex(items).search(queries, 7)[1], flat.search(queries, 7)[1])
+    few_scores, few = ExactIndex(items[:3]).search(queries, 5)  # fewer vectors than k: -1 and -inf fill the rest
+    assert (few[:, 3:] == -1).all() and np.isneginf(few_scores[:, 3:]).all() and (few[:, :3] >= 0).all()

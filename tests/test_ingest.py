@@ -7,14 +7,16 @@ import pandas as pd
 import pytest
 
 from embedder.errors import BadDataError, InputError
-from embedder.ingest import (ExtraText, ItemMapping, SourceSpec, check_bad_fraction, ingest_events, ingest_items,
-                             ingest_user_ids, parse_timestamps, read_file, validate_items)
+from embedder.ingest import ExtraText, ItemMapping, ingest_events, ingest_items, ingest_user_ids, validate_items
+from embedder.parsing import parse_timestamps
+from embedder.quarantine import check_bad_fraction
+from embedder.sources import SourceSpec, read_file
 
 TEMPLATE = "{title}. {description}"
 
 
 def _identity(counts):
-    return counts["rows_read"] == counts["accepted"] + counts["quarantined"] + counts["duplicates_dropped"]
+    return counts.rows_read == counts.accepted + counts.quarantined + counts.duplicates_dropped
 
 
 def test_items_quarantine_keeps_file_row_and_reason(tmp_path):
@@ -35,8 +37,8 @@ def test_items_quarantine_keeps_file_row_and_reason(tmp_path):
     assert q["row"].tolist() == [2, 3]
     assert all(s.endswith("a.csv") for s in q["source"])
     assert json.loads(q.iloc[0]["record"])["title"] == "No id"
-    assert result.counts["duplicates_dropped"] == 1 and result.counts["conflicting_duplicates"] == 1
-    assert result.counts["rows_read"] == 5 and _identity(result.counts)
+    assert result.counts.duplicates_dropped == 1 and result.counts.conflicting_duplicates == 1
+    assert result.counts.rows_read == 5 and _identity(result.counts)
 
 
 @pytest.mark.parametrize("on_cluster", [False, True])
@@ -116,7 +118,7 @@ def test_events_quarantine_and_duplicates(tmp_path):
     assert reasons == {3: "bad_timestamp", 4: "unknown_item", 5: "unknown_event_type", 6: "missing_user_id",
                        7: "impossible_timestamp"}
     assert "allowed: view, cart" in result.quarantine.set_index("row").loc[5, "detail"]
-    assert result.counts["duplicates_dropped"] == 1 and _identity(result.counts)
+    assert result.counts.duplicates_dropped == 1 and _identity(result.counts)
 
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Comedy"]
@@ -150,7 +152,7 @@ def test_list_separators_and_folded_tags(tmp_path):
     texts = dict(zip(result.rows["item_id"], result.rows["text"]))
     assert texts["1"] == "Heat, Remastered (1995). Action, Crime, Thriller. Tags: heist, Al Pacino"
     assert texts["2"] == "Up (2009). Animation. Tags:"
-    assert result.counts["extra_text_rows_without_id_or_value"] == {"tags": 2}
+    assert result.counts.extra_text_rows_without_id_or_value == {"tags": 2}
 
 
 def test_newest_by_keeps_the_latest_version_and_reports_conflicts(tmp_path):
@@ -163,8 +165,8 @@ def test_newest_by_keeps_the_latest_version_and_reports_conflicts(tmp_path):
     result = ingest_items(SourceSpec(str(tmp_path / "items.jsonl"), "items.path"),
                           ItemMapping("id", "{title}", newest_by="updated"))
     assert dict(zip(result.rows["item_id"], result.rows["text"])) == {"A": "new", "B": "same"}
-    assert result.counts["duplicates_dropped"] == 2
-    assert result.counts["conflicting_duplicates"] == 1 and result.counts["conflicting_ids"] == ["A"]
+    assert result.counts.duplicates_dropped == 2
+    assert result.counts.conflicting_duplicates == 1 and result.counts.conflicting_ids == ["A"]
     assert result.quarantine["reason"].tolist() == ["wrong_type"] and _identity(result.counts)
 
 
@@ -208,7 +210,7 @@ def test_users_source_gets_the_same_row_checks(tmp_path):
     result = ingest_user_ids(SourceSpec(str(tmp_path / "users.csv"), "users.path"), "user_id")
     assert result.rows["user_id"].tolist() == ["U1", "U3"]
     assert result.quarantine[["row", "reason"]].values.tolist() == [[2, "undecodable_bytes"]]
-    assert result.counts["quarantine_reasons"] == {"undecodable_bytes": 1}
-    assert result.counts["duplicates_dropped"] == 1 and _identity(result.counts)
+    assert result.counts.quarantine_reasons == {"undecodable_bytes": 1}
+    assert result.counts.duplicates_dropped == 1 and _identity(result.counts)
     with pytest.raises(BadDataError, match="users: 25.0% of rows quarantined .* top reasons: undecodable_bytes 1"):
         check_bad_fraction("users", result.counts, 0.01)

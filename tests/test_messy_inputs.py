@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedder.errors import InputError
-from embedder.ingest import ItemMapping, SourceSpec, ingest_events, ingest_items
+from embedder.ingest import ItemMapping, ingest_events, ingest_items
+from embedder.sources import SourceSpec
 from embedder.text import normalize_text
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,8 +88,8 @@ def test_events_match_the_row_by_row_oracle(tmp_path_factory, rows, split, repea
         unique = list(dict.fromkeys(expected_ok))
         assert [tuple(r) for r in got[["user_id", "item_id", "ts", "event_type"]].itertuples(index=False)] == unique
         c = result.counts
-        assert c["rows_read"] == len(part) == c["accepted"] + c["quarantined"] + c["duplicates_dropped"]
-        assert c["duplicates_dropped"] == len(expected_ok) - len(unique)
+        assert c.rows_read == len(part) == c.accepted + c.quarantined + c.duplicates_dropped
+        assert c.duplicates_dropped == len(expected_ok) - len(unique)
         assert str(got["ts"].dtype) == "datetime64[ns, UTC]"
 
 
@@ -135,8 +136,8 @@ def test_items_match_the_row_by_row_oracle(tmp_path_factory, rows, as_json):
     assert all(unicodedata.is_normalized("NFC", t) and len(t) <= limit for t in got.values())
     assert sorted(result.quarantine["reason"]) == sorted(bad)
     c = result.counts
-    assert c["rows_read"] == len(rows) == c["accepted"] + c["quarantined"] + c["duplicates_dropped"]
-    assert c["texts_truncated"] == sum(len(t) > limit for t in full.values())
+    assert c.rows_read == len(rows) == c.accepted + c.quarantined + c.duplicates_dropped
+    assert c.texts_truncated == sum(len(t) > limit for t in full.values())
 
 
 def test_latin1_bytes_in_a_utf8_file_are_quarantined_by_row(tmp_path):
@@ -158,7 +159,7 @@ def test_ragged_rows_empty_files_folders_and_json_arrays(tmp_path):
     result = ingest_items(SourceSpec(str(tmp_path / "in"), "items.path"), ItemMapping("item_id", "{title}"))
     assert result.rows["text"].tolist() == ["One", "Three, quoted"]
     assert result.quarantine[["row", "reason"]].values.tolist() == [[2, "malformed_line"]]
-    assert result.counts["rows_read"] == 3
+    assert result.counts.rows_read == 3
 
     (tmp_path / "items.json").write_text('[{"item_id": 7, "title": ["Drama", "War"]}, {"item_id": "8", "title": " "}]')
     arr = ingest_items(SourceSpec(str(tmp_path / "items.json"), "items.path"), ItemMapping("item_id", "{title}"))

@@ -12,8 +12,8 @@ from recommend.serving.facade import Recommender
 from recommend.run.pipeline import refresh
 from recommend.run.workdir import LockHeld, RefreshLock
 
-REPORT_KEYS = {"run_id", "items_read", "items_quarantined", "items_encoded", "items_from_cache", "users",
-               "events_read", "events_quarantined", "published_version", "seconds"}
+REPORT_KEYS = {"status", "run_id", "run_dir", "items", "events", "users", "embed", "gate", "index",
+               "published_version", "previous_version", "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,16 @@ def first_run(tmp_path_factory, sample_dir, tiny_model, dask_client):
 
 def test_report_and_artifacts(first_run):
     config, report = first_run
-    assert REPORT_KEYS <= set(report)
-    assert set(report["seconds"]) >= {"ingest", "embed", "index", "publish", "total"}
-    assert report["items_read"] == 240 and report["users"] == 83 and report["users_with_history"] == 80
-    assert report["items_encoded"] + report["items_from_cache"] == 240
-    run = config.workdir + f"/runs/{report['run_id']}"
+    assert REPORT_KEYS <= set(report.model_dump()) and report.status == "ok"
+    assert set(report.seconds) >= {"ingest", "embed", "index", "publish", "total"}
+    assert report.items.rows_read == 240 and report.index.users == 83 and report.index.users_with_history == 80
+    assert report.embed.items_encoded + report.embed.items_from_cache == 240
+    run = config.workdir + f"/runs/{report.run_id}"
     for name in ("items", "events", "embeddings", "lists", "quarantine"):
         assert pd.read_parquet(f"{run}/{name}.parquet") is not None
     for stage in ("ingest", "embed", "index", "publish"):
         assert json.load(open(f"{run}/manifest-{stage}.json"))["stage"] == stage
-    assert json.load(open(f"{run}/report.json"))["run_id"] == report["run_id"]
+    assert json.load(open(f"{run}/report.json")) == json.loads(report.model_dump_json())
     import gc
     assert gc.get_freeze_count() == 0  # the run froze long-lived objects for its collections; it thaws them
 
@@ -57,7 +57,7 @@ def test_lists_match_exact_search_and_exclude_seen(first_run):
     from recommend.serving.store import open_store
 
     config, report = first_run
-    run = config.workdir + f"/runs/{report['run_id']}"
+    run = config.workdir + f"/runs/{report.run_id}"
     import pyarrow.parquet as pq
 
     item_ids = np.array(pq.read_table(f"{run}/embeddings.parquet")["item_id"].to_pylist(), dtype=object)
@@ -102,15 +102,15 @@ def test_lists_match_exact_search_and_exclude_seen(first_run):
 def test_published_version_rereads_as_lists(first_run):
     config, report = first_run
     rec = Recommender.from_config(config)
-    lists = pd.read_parquet(config.workdir + f"/runs/{report['run_id']}/lists.parquet")
+    lists = pd.read_parquet(config.workdir + f"/runs/{report.run_id}/lists.parquet")
     for user in ("U00000", "U00041", "U00082"):
         answer = rec.for_user(user)
-        assert answer.version == report["published_version"]
+        assert answer.version == report.published_version
         expected = lists[(lists.subject_kind == "user") & (lists.subject_id == user)].sort_values("rank")
         assert [r.item_id for r in answer.items] == expected["item_id"].tolist()
     assert rec.similar("I00003").items[0].metadata["category"]
     found = rec.search("trail running shoes", k=3)
-    assert len(found.items) == 3 and found.version == report["published_version"]
+    assert len(found.items) == 3 and found.version == report.published_version
 
 
 def _copy_sample(sample_dir, data, names):
@@ -126,16 +126,16 @@ def test_rerun_encodes_nothing_and_edits_encode_exactly_those(tmp_path, sample_d
     config = load_config(write_config(tmp_path, data, tiny_model, publish={"keep_versions": 2}))
     first = refresh(config, quiet=True, client=dask_client)
     second = refresh(config, quiet=True, client=dask_client)
-    assert second["items_encoded"] == 0 and second["items_from_cache"] == 240
-    assert second["previous_version"] == first["published_version"]
+    assert second.embed.items_encoded == 0 and second.embed.items_from_cache == 240
+    assert second.previous_version == first.published_version
 
     items = pd.read_parquet(data / "items.parquet")
     items.loc[:9, "description"] = [f"Completely rewritten description number {i}." for i in range(10)]
     items.to_parquet(data / "items.parquet", index=False)
     third = refresh(config, quiet=True, client=dask_client)
-    assert third["items_encoded"] == 10
+    assert third.embed.items_encoded == 10
     versions = Recommender.from_config(config).versions()
-    assert [v.run_id for v in versions] == [third["run_id"], second["run_id"]]  # keep_versions: 2
+    assert [v.run_id for v in versions] == [third.run_id, second.run_id]  # keep_versions: 2
     assert versions[0].live and not versions[1].live
 
 
@@ -156,7 +156,7 @@ def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_mo
     config = load_config(write_config(tmp_path, data, tiny_model, events={"path": str(data / "events.parquet"),
                                                                           "max_bad_fraction": 0.02}))
     good = refresh(config, quiet=True, client=dask_client)
-    assert good["accounting"]["events"]["balanced"] and good["accounting"]["items"]["balanced"]
+    assert good.events.balanced and good.items.balanced
 
     bad = events.sample(frac=0.05, random_state=0).assign(item_id="not-in-catalog")
     pd.concat([events, bad]).to_parquet(data / "events.parquet", index=False)
@@ -169,7 +169,7 @@ def test_too_many_bad_rows_stops_before_publishing(tmp_path, sample_dir, tiny_mo
     assert f"events: {len(bad) / total:.1%} of rows quarantined ({len(bad)} of {total})" in message
     assert "above events.max_bad_fraction 0.02; top reasons: unknown_item" in message
     assert "the live version stays live" in message
-    assert Recommender.from_config(config).live_version() == good["published_version"]
+    assert Recommender.from_config(config).live_version() == good.published_version
     assert not (tmp_path / "work" / "refresh.lock").exists()
 
 
@@ -181,7 +181,7 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
     data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users", "events"))
     config = load_config(write_config(tmp_path, data, tiny_model, lists={"k": 10}))
     good = refresh(config, quiet=True, client=dask_client)
-    assert good["gate"]["ndcg"] > good["gate"]["popularity_ndcg"] > 0 and not good["gate"]["problems"]
+    assert good.gate.ndcg > good.gate.popularity_ndcg > 0 and not good.gate.problems
 
     events = pd.read_parquet(sample_dir / "events.parquet")
     rng = np.random.default_rng(0)
@@ -189,7 +189,7 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
     with pytest.raises(GateFailed) as err:
         refresh(config, quiet=True, client=dask_client)
     assert "quality gate: nDCG@10" in str(err.value) and "the live version stays live" in str(err.value)
-    assert Recommender.from_config(config).live_version() == good["published_version"]
+    assert Recommender.from_config(config).live_version() == good.published_version
 
 
 def test_http_service_answers_like_the_facade(first_run):
@@ -215,7 +215,7 @@ def test_http_service_answers_like_the_facade(first_run):
             return err.code, json.loads(err.read())
 
     try:
-        assert get("/health") == (200, {"status": "ok", "version": report["published_version"]})
+        assert get("/health") == (200, {"status": "ok", "version": report.published_version})
         status, body = get("/users/U00000?k=3")
         assert status == 200 and body == rec.for_user("U00000", 3).to_dict()
         status, body = get("/items/I00003/similar")
@@ -225,7 +225,7 @@ def test_http_service_answers_like_the_facade(first_run):
         assert get("/users/nobody")[0] == 404 and "unknown user 'nobody'" in get("/users/nobody")[1]["error"]
         assert get("/users/U00000?k=zero") == (400, {"error": "k must be a whole number, got 'zero'"})
         assert get("/nowhere")[0] == 404
-        assert get("/versions")[1][0]["run_id"] == report["published_version"]
+        assert get("/versions")[1][0]["run_id"] == report.published_version
     finally:
         server.shutdown()
         server.server_close()

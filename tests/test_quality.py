@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from recommend.ranking.behaviour import fit_behaviour, project_cold
-from recommend.quality.gate import gate_problems
+from recommend.quality.gate import GateFigures, GateSettings, gate_problems
 from recommend.quality.metrics import cold_share, coverage, ranking_metrics
 from recommend.quality.splits import random_split, temporal_split
 
@@ -92,12 +92,13 @@ def test_cold_items_get_vectors_from_text():
 
 
 def test_gate_rules():
-    ok = {"ndcg": 0.30, "popularity_ndcg": 0.20, "k": 10, "users": 100, "holdout": 0.1}
-    assert gate_problems(ok, {"ndcg": 0.32, "run_id": "a"}, 0.0, 0.5, 0.2) == []
-    assert "min_ndcg" in gate_problems(ok, None, 0.35, 0.5, 0.2)[0]
-    assert "popularity" in gate_problems({**ok, "ndcg": 0.05}, None, 0.0, 0.5, 0.2)[0]
-    assert "live version" in gate_problems(ok, {"ndcg": 0.40, "run_id": "a"}, 0.0, 0.5, 0.2)[0]
-    assert gate_problems({**ok, "ndcg": None}, None, 0.5, 0.5, 0.2) == []
+    ok = GateFigures(ndcg=0.30, popularity_ndcg=0.20, k=10, users=100, holdout=0.1)
+    rules = GateSettings(min_ndcg=0.0, min_vs_popularity=0.5, max_drop=0.2)
+    assert gate_problems(ok, GateFigures(ndcg=0.32, run_id="a"), rules) == []
+    assert "min_ndcg" in gate_problems(ok, None, rules.model_copy(update={"min_ndcg": 0.35}))[0]
+    assert "popularity" in gate_problems(ok.model_copy(update={"ndcg": 0.05}), None, rules)[0]
+    assert "live version" in gate_problems(ok, GateFigures(ndcg=0.40, run_id="a"), rules)[0]
+    assert gate_problems(ok.model_copy(update={"ndcg": None}), None, rules.model_copy(update={"min_ndcg": 0.5})) == []
 
 
 def test_popularity_baseline_counts_users_not_events_or_weights():

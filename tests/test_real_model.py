@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from conftest import write_config
-from embedder.model import embedding_dim, load_model, resolve_model_path
+from embedder.encoder import load_encoder
+from embedder.model import load_model, resolve_model_path
 from recommend.config import load_config
 from recommend.serving.facade import Recommender
 from recommend.run.pipeline import refresh
@@ -26,7 +27,7 @@ CATALOG = [
 
 def test_real_model_makes_semantic_sense(tmp_path, dask_client):
     path = resolve_model_path("all-MiniLM-L6-v2")
-    assert embedding_dim(load_model(path, "cpu")) == 384
+    assert load_encoder(path, device="cpu").dim == 384
     data = tmp_path / "data"
     data.mkdir()
     pd.DataFrame(CATALOG, columns=["item_id", "title", "description", "category"]).to_parquet(data / "items.parquet")
@@ -37,7 +38,7 @@ def test_real_model_makes_semantic_sense(tmp_path, dask_client):
     config = load_config(write_config(tmp_path, data, "all-MiniLM-L6-v2", lists={"k": 3}, users=None,
                                       blend={"behaviour_weight": 0.0, "popularity_weight": 0.0}))
     report = refresh(config, quiet=True, client=dask_client)
-    assert report["items_encoded"] == len(CATALOG)
+    assert report.embed.items_encoded == len(CATALOG)
 
     rec = Recommender.from_config(config)
     ranked = [r.item_id for r in rec.search("trail running shoes", k=len(CATALOG)).items]
@@ -77,17 +78,17 @@ def test_int8_precision_is_close_to_fp32_and_cached_apart(tmp_path, monkeypatch,
 
 
 def _int8_on_workers(tmp_path, dask_client):
-    from embedder.encode import embed_items
+    from embedder.encode import EmbedSettings, embed_items
 
     items = pd.DataFrame({"item_id": [c[0] for c in CATALOG] * 4,
                           "text": [f"{c[1]}. {c[2]} ({n})" for n in range(4) for c in CATALOG]})
     items["item_id"] = items["item_id"] + [f"-{n}" for n in range(4) for _ in CATALOG]
     cache = str(tmp_path / "cache")
-    fp32 = embed_items(items, "all-MiniLM-L6-v2", cache, dask_client, "cpu", precision="fp32")
-    int8 = embed_items(items, "all-MiniLM-L6-v2", cache, dask_client, "cpu", precision="int8")
-    check = int8.counts["precision"]
-    assert check["chosen"] == "int8" and check["ok"] and check["mean_cosine"] >= 0.99, check
-    assert int8.counts["items_encoded"] == len(items)  # not the fp32 vectors from the cache
+    fp32 = embed_items(items, EmbedSettings(device="cpu", precision="fp32"), cache_root=cache, client=dask_client)
+    int8 = embed_items(items, EmbedSettings(device="cpu", precision="int8"), cache_root=cache, client=dask_client)
+    check = int8.counts.precision
+    assert check.chosen == "int8" and check.ok and check.mean_cosine >= 0.99, check
+    assert int8.counts.items_encoded == len(items)  # not the fp32 vectors from the cache
     assert list((tmp_path / "xdg").rglob("model-int8.onnx"))
     a, b = fp32.vectors.astype(np.float32), int8.vectors.astype(np.float32)
     cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

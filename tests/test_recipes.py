@@ -32,10 +32,10 @@ def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
     config = parse_config(recipe, "README.md#ml-latest-small", base=ROOT)
     report = refresh(config, quiet=True, client=dask_client)
 
-    assert report["items_read"] == 9742 and report["events_read"] == 100836
-    assert report["users"] == 610 and report["users_with_history"] == 610
-    assert all(a["balanced"] for a in report["accounting"].values())
-    run = Path(report["run_dir"])
+    assert report.items.rows_read == 9742 and report.events.rows_read == 100836
+    assert report.index.users == 610 and report.index.users_with_history == 610
+    assert report.items.balanced and report.events.balanced
+    run = Path(report.run_dir)
     items = pd.read_parquet(run / "items.parquet").set_index("item_id")
     # ids stay strings as given; genres re-joined; tags from tags.csv folded into the text
     assert items.loc["1", "text"].startswith("Toy Story (1995). Adventure, Animation, Children, Comedy, Fantasy.")
@@ -48,10 +48,10 @@ def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
     assert not any((u, i) in seen for u, i in zip(users["subject_id"], users["item_id"]))
 
     # issue 5's bar: the default blend, per-user stratified 75/25 random split, seed 42, K=10
-    from recommend.quality.evaluate import evaluate_run
+    from recommend.run.evaluation import evaluate_run
 
     result = evaluate_run(config, split="random", test_ratio=0.25, seed=42, ks=(10,), plots=False)
-    ndcg = result["lists"]["at"]["10"]["ndcg"]
-    assert ndcg >= 0.36, result["lists"]
-    assert ndcg > 1.5 * result["baselines"]["popularity"]["at"]["10"]["ndcg"]
-    assert result["lists"]["cold_share"] > 0  # items with no training events reach users
+    ndcg = result.lists.at["10"].ndcg
+    assert ndcg >= 0.36, result.lists
+    assert ndcg > 1.5 * result.baselines["popularity"].at["10"].ndcg
+    assert result.lists.cold_share > 0  # items with no training events reach users

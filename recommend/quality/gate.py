@@ -8,6 +8,8 @@ figure (stored with each published version).
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from embedder.errors import RecsError
 
 
@@ -15,25 +17,60 @@ class GateFailed(RecsError):
     """The new lists scored too low; nothing was published. Exit code 1."""
 
 
-def gate_problems(figures: dict, live: dict | None, min_ndcg: float, min_vs_popularity: float, max_drop: float) -> list[str]:
+class GateSettings(BaseModel):
+    """Before publishing, lists rebuilt without each user's most recent events are scored on them
+    (config: the `gate` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    holdout: float = Field(0.1, gt=0, lt=1, description="share of each user's most recent items held out")
+    k: int = Field(10, ge=1)
+    min_ndcg: float = Field(0.0, ge=0, le=1, description="the floor: below it nothing is published")
+    min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
+    max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")
+    max_users: int = Field(20_000, ge=1, description="users scored (a seeded sample above this)")
+
+
+class GateFigures(BaseModel):
+    """nDCG@k of the lists and of popularity on the held-out part; None when no user had any."""
+
+    ndcg: float | None = None
+    popularity_ndcg: float | None = None
+    users: int = 0
+    holdout: float | None = None
+    k: int | None = None
+    run_id: str | None = None  # the version these figures were published with (the live version's)
+
+
+class GateReport(GateFigures):
+    """The gate of one run: its figures, the live version's, and what was wrong (empty: passed)."""
+
+    enabled: bool = True
+    live: GateFigures | None = None
+    problems: list[str] = Field(default_factory=list)
+
+
+def gate_problems(figures: GateFigures, live: GateFigures | None, settings: GateSettings) -> list[str]:
     """What is wrong with `figures` (empty when the gate passes). `live`: the live version's figures."""
-    ndcg, pop, k = figures.get("ndcg"), figures.get("popularity_ndcg"), figures.get("k")
+    ndcg, pop, k = figures.ndcg, figures.popularity_ndcg, figures.k
     if ndcg is None:
         return []  # no user has a held-out item: nothing to judge by
     problems = []
-    if ndcg < min_ndcg:
-        problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_ndcg {min_ndcg:g}")
-    if pop and ndcg < min_vs_popularity * pop:
-        problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_vs_popularity {min_vs_popularity:g} x popularity's {pop:.4f}")
-    live_ndcg = (live or {}).get("ndcg")
-    if live_ndcg and ndcg < (1 - max_drop) * live_ndcg:
-        problems.append(f"nDCG@{k} {ndcg:.4f} is more than gate.max_drop {max_drop:.0%} below the live version's "
-                        f"{live_ndcg:.4f} ({live.get('run_id', '?')})")
+    if ndcg < settings.min_ndcg:
+        problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_ndcg {settings.min_ndcg:g}")
+    if pop and ndcg < settings.min_vs_popularity * pop:
+        problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_vs_popularity {settings.min_vs_popularity:g} "
+                        f"x popularity's {pop:.4f}")
+    live_ndcg = live.ndcg if live is not None else None
+    if live_ndcg and ndcg < (1 - settings.max_drop) * live_ndcg:
+        problems.append(f"nDCG@{k} {ndcg:.4f} is more than gate.max_drop {settings.max_drop:.0%} below the live "
+                        f"version's {live_ndcg:.4f} ({live.run_id or '?'})")
     return problems
 
 
-def check_gate(figures: dict, live: dict | None, min_ndcg: float, min_vs_popularity: float, max_drop: float) -> None:
-    problems = gate_problems(figures, live, min_ndcg, min_vs_popularity, max_drop)
-    if problems:
-        raise GateFailed("quality gate: " + "; ".join(problems) + f" (scored on {figures['users']} users' most recent "
-                         f"{figures['holdout']:.0%} of items). Nothing was published; the live version stays live.")
+def check_gate(report: GateReport) -> None:
+    """Raise GateFailed naming the figures when the report lists problems."""
+    if report.problems:
+        raise GateFailed("quality gate: " + "; ".join(report.problems) + f" (scored on {report.users} users' most "
+                         f"recent {report.holdout:.0%} of items). Nothing was published; the live version stays live.")

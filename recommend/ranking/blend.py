@@ -16,12 +16,15 @@ it, so what is evaluated is what is published.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from index.rows import Rows
 from recommend.ranking.behaviour import behaviour_matrix, fit_behaviour, project_cold
 from recommend.ranking.profiles import Computed, interactions, popularity, rows_dot, seen_items, user_profiles
+from recommend.ranking.settings import RankingSettings
 
 
 @dataclass(frozen=True)
@@ -94,37 +97,6 @@ def user_from_items(query_rows: np.ndarray, layout: Layout) -> np.ndarray:
     return user_vectors(behaviour_sum, text_profile, np.array([len(query_rows)]), layout)[0]
 
 
-class Rows:
-    """An (n, d) float32 array whose rows are computed on demand, a block at a time, and never held
-    whole: `rows[i]`, `rows[a:b]` and `rows[index_array]` work as on an array; `len` and `.shape` too.
-    User vectors (users x D) and the raw item query rows are such arrays: at a million users a
-    materialised (n, D) array alone would be 2.5 GB."""
-
-    def __init__(self, n: int, d: int, compute):
-        self.shape, self._compute = (n, d), compute
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return self._compute(np.array([key], dtype=np.int64))[0]
-        if isinstance(key, slice):
-            return self._compute(np.arange(*key.indices(self.shape[0]), dtype=np.int64))
-        key = np.asarray(key)
-        return self._compute(np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64))
-
-    def take(self, rows: np.ndarray) -> "Rows":
-        """A lazy view of some rows, in the given order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return Rows(len(rows), self.shape[1], lambda idx: self._compute(rows[idx]))
-
-
-def take_rows(x, rows: np.ndarray):
-    """`x[rows]`, lazily when `x` is a Rows."""
-    return x.take(rows) if isinstance(x, Rows) else x[rows]
-
-
 @dataclass
 class Space:
     """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
@@ -142,23 +114,26 @@ class Space:
     cold_items_projected: int
 
 
-def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, user_ids: list[str],
-                weights: dict[str, float], half_life_days: float, behaviour_weight: float = 0.95,
-                popularity_weight: float = 0.3, factors: int = 256, l2: float = 200.0, few_events: float = 5.0,
-                cold_damping: float = 0.5, factor_memory_mb: float | None = None) -> Space:
-    """From accepted events and item text vectors to the blended item and user vectors."""
+def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, user_ids: list[str],
+                settings: RankingSettings, bar: Callable[[str, int], Callable[[int], None]] | None = None) -> Space:
+    """From accepted events and item text vectors to the blended item and user vectors.
+    `bar(description, total)`, when given, makes a progress callback for the behaviour fit."""
+    blend = settings.blend
     item_row = {i: r for r, i in enumerate(item_ids)}
-    inter = interactions(events, item_row, len(item_ids), weights, half_life_days, user_ids)
-    binary = behaviour_matrix(inter.matrix)
-    model = fit_behaviour(binary, factors, l2, memory_mb=factor_memory_mb)
-    projected = project_cold(model, text, damping=cold_damping)
+    weighted = interactions(events, item_row, len(item_ids), settings.weights, settings.half_life_days, user_ids)
+    binary = behaviour_matrix(weighted)
+    tick = bar(f"behaviour fit ({binary.shape[0]} users x {binary.shape[1]} items)", 1) if bar else None
+    model = fit_behaviour(binary, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb)
+    if tick:
+        tick(1)
+    projected = project_cold(model, text, damping=blend.cold_damping)
     n_history = np.diff(binary.indptr)
     has_history = n_history > 0
-    layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(behaviour_weight),
-                    float(popularity_weight), float(few_events))
-    pop = popularity(inter.matrix)
+    layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(blend.behaviour_weight),
+                    float(blend.popularity_weight), float(blend.few_events))
+    pop = popularity(weighted)
     pop_feature = popularity_feature(pop)
-    weighted, docs_r, queries_r = inter.matrix, model.item_vectors, model.item_queries
+    docs_r, queries_r = model.item_vectors, model.item_queries
     scale = query_scale(queries_r)
 
     def users(idx: np.ndarray) -> np.ndarray:
@@ -178,5 +153,5 @@ def build_space(events: pd.DataFrame, item_ids: list[str], text: np.ndarray, use
                           lambda idx: item_queries(queries_r[idx], text[idx], layout, scale)),
         item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),
         users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1), users),
-        has_history=has_history, few_events=has_history & (n_history < few_events),
+        has_history=has_history, few_events=has_history & (n_history < blend.few_events),
         seen=seen_items(binary), popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)

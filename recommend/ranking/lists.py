@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from index.search import search_excluding
-from recommend.ranking.blend import take_rows
+from index.rows import take_rows
+from index.search import exact_search, search_excluding
 from recommend.ranking.profiles import Computed
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
@@ -106,9 +106,7 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
     """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
     `slots` new items, the last places go to the best-scoring new items for that row (in place).
     Lists shorter than 5 get none, and at most one place in five is given. The best new items come
-    from one exact FAISS search over the new items only. Returns a bool mask of the rows changed."""
-    import faiss
-
+    from one exact search over the new items only. Returns a bool mask of the rows changed."""
     changed = np.zeros(len(ids), dtype=bool)
     k = ids.shape[1]
     slots = min(slots, k // 5)  # at most one place in five: a short list stays what the user is known to like
@@ -122,8 +120,6 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
     rows = rows[have < slots]
     if not len(rows):
         return changed
-    index = faiss.IndexFlatIP(item_vectors.shape[1])
-    index.add(np.ascontiguousarray(item_vectors[new_items], dtype=np.float32))
     position = {int(item): p for p, item in enumerate(new_items)}
 
     def exclude(j: int) -> np.ndarray:  # the new items already in row j's list or seen: made per block
@@ -131,7 +127,8 @@ def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, it
         return np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
                         dtype=np.int64)
 
-    best_scores, best = search_excluding(index, take_rows(queries, rows), slots, Computed(len(rows), exclude))
+    new_vectors = np.ascontiguousarray(item_vectors[new_items], dtype=np.float32)  # computed once, searched per block
+    best_scores, best = exact_search(new_vectors, take_rows(queries, rows), slots, Computed(len(rows), exclude))
     for j, row in enumerate(rows):
         picks = [(float(s), int(new_items[b])) for s, b in zip(best_scores[j], best[j]) if b >= 0]
         need = slots - int(is_new[ids[row]].sum())

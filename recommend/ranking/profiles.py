@@ -7,43 +7,31 @@ gives the same lists).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 
-@dataclass
-class Interactions:
-    """The weighted user x item matrix and the ids of its rows and columns."""
-
-    user_ids: list[str]
-    matrix: sp.csr_matrix  # (users, items) summed decayed weights
-    reference_time: pd.Timestamp | None
-
-
 def interactions(events: pd.DataFrame, item_row: dict[str, int], n_items: int, weights: dict[str, float],
-                 half_life_days: float, user_ids: list[str] | None = None) -> Interactions:
-    """Build the matrix from events (user_id, item_id, ts, event_type). `user_ids` fixes the row order
-    and may hold users with no events (their rows are empty)."""
-    users = list(user_ids) if user_ids is not None else sorted(events["user_id"].unique())
-    user_row = {u: i for i, u in enumerate(users)}
+                 half_life_days: float, user_ids: list[str]) -> sp.csr_matrix:
+    """The (users, items) matrix of summed decayed weights, from events (user_id, item_id, ts,
+    event_type). `user_ids` fixes the row order and may hold users with no events (empty rows)."""
+    user_row = {u: i for i, u in enumerate(user_ids)}
     if events.empty:
-        return Interactions(users, sp.csr_matrix((len(users), n_items), dtype=np.float32), None)
+        return sp.csr_matrix((len(user_ids), n_items), dtype=np.float32)
     now = events["ts"].max()
     age_days = (now - events["ts"]).dt.total_seconds().to_numpy() / 86400.0
     w = events["event_type"].map(weights).to_numpy(dtype=np.float64) * 0.5 ** (age_days / half_life_days)
     rows = events["user_id"].map(user_row).to_numpy()
     cols = events["item_id"].map(item_row).to_numpy()
-    matrix = sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(len(users), n_items))
+    matrix = sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(len(user_ids), n_items))
     matrix.sum_duplicates()
-    return Interactions(users, matrix, now)
+    return matrix
 
 
 def rows_dot(matrix: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
-    """`matrix @ dense` in float32, reading only the rows of `dense` that `matrix` uses. scipy converts
-    a float16 `dense` to float32 whole for every product: 1.5 GB per block of users at a million items."""
+    """`matrix @ dense` in float32, reading only the rows of `dense` that `matrix` uses: scipy would
+    convert a float16 `dense` to float32 whole for every product (gigabytes at a million items)."""
     cols, inverse = np.unique(matrix.indices, return_inverse=True)
     used = sp.csr_matrix((matrix.data, inverse.astype(np.int64), matrix.indptr), shape=(matrix.shape[0], len(cols)))
     return np.asarray(used @ np.asarray(dense[cols], dtype=np.float32), dtype=np.float32)
@@ -82,7 +70,7 @@ class Computed:
 
 def seen_items(matrix: sp.csr_matrix) -> Computed:
     """Per user, the item rows they interacted with (to exclude from their list): `seen[u]` is a view
-    into the CSR matrix's index array. A list of a million small arrays cost about 190 MB."""
+    into the CSR matrix's index array, not one of a million small arrays."""
     indptr, indices = matrix.indptr, matrix.indices
     return Computed(matrix.shape[0], lambda u: indices[indptr[u]:indptr[u + 1]])
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import dask
 
 from embedder.errors import RecsError
+from recommend.config import DaskSettings
 
 
 class DaskUnavailable(RecsError):
@@ -27,9 +28,8 @@ def cuda_devices() -> int:
         return 0
 
 
-# Threads per GPU worker: a second thread tokenizes one chunk while the GPU encodes another. On an
-# H200 a MiniLM encode is bound by that CPU-side work: two threads ran the pipeline 1.16-1.43x faster
-# than one in each of four same-run comparisons (tests/benchmarks/bench_encode.py --device cuda).
+# Threads per GPU worker: a second thread tokenizes one chunk while the GPU encodes another (a MiniLM
+# encode on a GPU is bound by that CPU-side work; README, "Performance, GPU").
 GPU_WORKER_THREADS = 2
 
 
@@ -53,11 +53,12 @@ def worker_layout(device: str, n_workers: int | None, threads_per_worker: int | 
 
 
 @contextmanager
-def dask_client(address: str | None, n_workers: int | None, threads_per_worker: int | None, keep_malloc_trim: bool = False,
-                device: str = "cpu"):
-    """A distributed Client: to `address` when given, else to a local cluster laid out by `worker_layout`."""
+def dask_client(settings: DaskSettings, *, device: str = "cpu", keep_malloc_trim: bool = False):
+    """A distributed Client: to `settings.address` when given, else to a local cluster laid out by
+    `worker_layout`."""
     from distributed import Client, LocalCluster
 
+    address = settings.address
     if address:
         try:
             client = Client(address, timeout="30s")
@@ -66,7 +67,7 @@ def dask_client(address: str | None, n_workers: int | None, threads_per_worker: 
         with client:
             yield client
         return
-    layout = worker_layout(device, n_workers, threads_per_worker)
+    layout = worker_layout(device, settings.n_workers, settings.threads_per_worker)
     # dashboard on a free port: a second cluster on the host (another refresh, a test run) never collides
     options = {"n_workers": layout["n_workers"], "threads_per_worker": layout["threads_per_worker"],
                "dashboard_address": ":0", "silence_logs": logging.ERROR}
@@ -81,8 +82,8 @@ def dask_client(address: str | None, n_workers: int | None, threads_per_worker: 
 
 def worker_environ(keep_malloc_trim: bool = False) -> dict:
     """The environment the nanny sets before it starts a worker: Dask's, less MALLOC_TRIM_THRESHOLD_=65536.
-    That setting makes glibc hand memory back after every free; with it our encode ran at 0.81x raw
-    `model.encode`, without it at 1.02x (STACK-NOTES; tests/benchmarks/bench_encode.py measures it again)."""
+    That setting makes glibc hand memory back after every free, which slowed the encode measurably
+    (tests/benchmarks/bench_encode.py measures it; README, "Performance")."""
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     if not keep_malloc_trim:
         env.pop("MALLOC_TRIM_THRESHOLD_", None)

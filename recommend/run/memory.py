@@ -2,12 +2,11 @@
 
 glibc keeps freed heap memory for reuse instead of returning it, so a stage that made and dropped many
 small objects (ingest's per-row values, a split's temporary frames) leaves the process's resident size
-at its peak for the rest of the run. `malloc_trim(0)` returns what is free. Measured on the ingest of
-300k items and 3M events: 926 MB resident after the frames were freed, 603 MB after the trim.
-Elsewhere than glibc (macOS, musl) it does nothing.
+at its peak for the rest of the run. `malloc_trim(0)` returns what is free. Elsewhere than glibc
+(macOS, musl) it does nothing.
 
 A full collection walks every object the process holds, most of them modules' functions and types
-(about 560k once torch is imported: 0.36 s a collection here, 2 s a refresh). Within
+(hundreds of thousands once torch is imported, a noticeable pause each time). Within
 `survivors_frozen()`, what survives a collection is frozen (`gc.freeze`), so the next one walks only
 what was made since. Reference counting still frees frozen objects; pandas frames and numpy arrays
 hold no reference cycles, so nothing a stage drops waits for the end of the run.

@@ -1,14 +1,32 @@
-"""Progress on stderr (so stdout stays clean for --json): a line per stage and progress bars that
-print plain lines every 10% when stderr is not a terminal (cron, CI logs)."""
+"""Output on stderr (stdout stays clean for --json): stage lines, progress bars, and the `recs` logger.
+
+Off a terminal (cron, CI logs) a live bar draws nothing until the end, so a bar prints a plain line
+at every 10% instead.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """The `recs` logger on stderr: warnings by default, info with one -v, debug with two, errors
+    only with --quiet."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logger = logging.getLogger("recs")
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 class Reporter:
-    """Stage lines and progress bars on stderr, so stdout stays clean for --json."""
+    """Stage lines and progress bars on stderr."""
 
     def __init__(self, quiet: bool = False):
         self.console = Console(stderr=True, quiet=quiet, soft_wrap=True)  # whole lines in log files
@@ -19,8 +37,7 @@ class Reporter:
         self.console.print(text, highlight=False, markup=False)
 
     def bar(self, description: str, total: int):
-        """A progress callback `advance(n)`. Off a terminal (cron, CI logs) a live bar draws nothing
-        until the end, so a plain line is printed at every 10% instead."""
+        """A progress callback `advance(n)` for a bar of `total` steps."""
         task = self.bars.add_task(description, total=total)
         state = {"done": 0, "shown": 0}
         live = self.console.is_terminal

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from embedder.artifacts import write_json
 from embedder.errors import RecsError
+from recommend.run.report import Manifest, RefreshReport
 
 
 class LockHeld(RecsError):
@@ -33,18 +34,20 @@ def runs_dir(workdir: str | Path) -> Path:
     return Path(workdir) / "runs"
 
 
-def write_manifest(run_dir: Path, stage: str, data: dict) -> Path:
-    return write_json({"stage": stage, **data}, run_dir / f"manifest-{stage}.json")
+def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
+    return write_json(manifest, run_dir / f"manifest-{manifest.stage}.json")
 
 
-def latest_report(workdir: str | Path, run_id: str | None = None) -> dict | None:
-    """report.json of `run_id`, or of the newest run that wrote one."""
+def latest_report(workdir: str | Path, run_id: str | None = None) -> RefreshReport | None:
+    """report.json of `run_id`, or of the newest run that completed (status ok)."""
     root = runs_dir(workdir)
     candidates = [root / run_id] if run_id else sorted(root.glob("*"), reverse=True) if root.exists() else []
     for run in candidates:
-        report = run / "report.json"
-        if report.is_file():
-            return json.loads(report.read_text())
+        path = run / "report.json"
+        if path.is_file():
+            report = RefreshReport.model_validate_json(path.read_text())
+            if run_id or report.status == "ok":
+                return report
     return None
 
 

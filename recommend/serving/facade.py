@@ -138,7 +138,7 @@ class Recommender:
         if meta.get("model_fingerprint") and model_fingerprint(path) != meta["model_fingerprint"]:
             raise RecsError(f"the model at {path} is not the one version {meta.get('run_id')} was built with "
                             f"({meta.get('model')}); text queries would compare different vector spaces")
-        vector = encode_chunk([text], str(path), self.device)[0]
+        vector = encode_chunk([text], str(path), device=self.device)[0]
         return Answer(f"text {text!r}", meta.get("run_id", "?"), "text", self._search(vector, k))
 
     # ---- internals ------------------------------------------------------------------------------

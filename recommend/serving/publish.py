@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from qdrant_client import models
 
 from embedder.errors import RecsError
@@ -29,6 +30,21 @@ INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment 
 
 class PublishError(RecsError):
     pass
+
+
+class PublishSettings(BaseModel):
+    """Where and how versions are published (config: the `publish` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
+    url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
+    api_key_env: str = "QDRANT_API_KEY"
+    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    keep_versions: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=1)
+    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
+    index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
 
 
 def point_id(kind: str, business_id: str) -> str:
@@ -90,7 +106,7 @@ def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.
         time.sleep(poll_s)
 
 
-def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, metadata: dict,
+def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, *, metadata: dict,
                   batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
                   index_wait_s: float = 600.0) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
@@ -130,7 +146,8 @@ def live_run_id(client, prefix: str) -> str | None:
 
 
 def live_gate(client, prefix: str) -> dict | None:
-    """The quality-gate figures the live version was published with (None before the first publish)."""
+    """The quality-gate figures the live version was published with, and its run id (None before
+    the first publish)."""
     run_id = live_run_id(client, prefix)
     if run_id is None:
         return None

@@ -46,12 +46,13 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool, de
                     threads_per_worker: int = 1) -> tuple[np.ndarray, float, dict]:
     from embedder.encode import embed_items, encode_chunk
     from embedder.model import resolve_model_path
+    from recommend.config import DaskSettings
     from recommend.run.cluster import dask_client, worker_layout
 
     path = str(resolve_model_path(model))
     items = pd.DataFrame({"item_id": [str(i) for i in range(len(batch))], "text": batch})
     torch_threads = 1 if device == "cpu" else None
-    with dask_client(None, None, threads_per_worker, keep_malloc_trim=keep_malloc_trim, device=device) as client, \
+    with dask_client(DaskSettings(threads_per_worker=threads_per_worker), keep_malloc_trim=keep_malloc_trim, device=device) as client, \
             tempfile.TemporaryDirectory() as cache:
         n_workers = len(client.scheduler_info()["workers"])
         # each worker loads the model once, as in a refresh

@@ -44,12 +44,12 @@ def main() -> None:
     args_parser.add_argument("--items", type=int, default=3000)
     args_parser.add_argument("--changed", type=float, default=0.01)
     args = args_parser.parse_args()
-    from recommend.config import load_config
+    from recommend.config import DaskSettings, load_config
     from recommend.run.cluster import dask_client
     from recommend.run.pipeline import refresh
     from recommend.run.sample import write_sample
 
-    with tempfile.TemporaryDirectory() as tmp, dask_client(None, None, 1) as client:
+    with tempfile.TemporaryDirectory() as tmp, dask_client(DaskSettings(threads_per_worker=1)) as client:
         tmp = Path(tmp)
         paths = write_sample(tmp / "data", n_items=args.items, n_users=max(100, args.items // 2))
         config_path = tmp / "config.yaml"

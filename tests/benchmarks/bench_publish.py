@@ -40,7 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         client = QdrantClient(url=args.url) if args.url else QdrantClient(path=tmp)
         t = time.perf_counter()
-        stage_version(client, "bench", "a", {"ids": ids, "vectors": vectors, "payloads": payloads}, users, {},
+        stage_version(client, "bench", "a", {"ids": ids, "vectors": vectors, "payloads": payloads}, users, metadata={},
                       batch_size=args.batch_size)
         ours = time.perf_counter() - t
         client.create_collection("baseline", vectors_config={"text": models.VectorParams(size=args.dim, distance=models.Distance.DOT)})

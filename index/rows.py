@@ -1,0 +1,56 @@
+"""Row sources: what the index stage reads item vectors and queries from.
+
+A row source is an (n, d) float matrix read a block of rows at a time: a numpy array, or `Rows`,
+whose rows are computed on demand and never held whole (a million users' blended vectors would be
+gigabytes as one array). Everything in index/ that takes vectors or queries takes a row source.
+
+Example:
+    rows = Rows(1_000_000, 64, lambda idx: make_vectors(idx))   # make_vectors(idx) -> (len(idx), 64)
+    rows[0:4096]            # a block, computed now
+    rows.take(picked)[:10]  # a lazy view of some rows
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+class RowSource(Protocol):
+    """An (n, d) matrix read by rows: `len`, `.shape`, and `[slice]` or `[integer array]` give arrays."""
+
+    shape: tuple[int, int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key) -> np.ndarray: ...
+
+
+class Rows:
+    """A `RowSource` whose rows are `compute(row_indices)`: `rows[i]`, `rows[a:b]`, `rows[index_array]`
+    and `rows[bool_mask]` work as on an array; `len` and `.shape` too."""
+
+    def __init__(self, n: int, d: int, compute: Callable[[np.ndarray], np.ndarray]):
+        self.shape, self._compute = (n, d), compute
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._compute(np.array([key], dtype=np.int64))[0]
+        if isinstance(key, slice):
+            return self._compute(np.arange(*key.indices(self.shape[0]), dtype=np.int64))
+        key = np.asarray(key)
+        return self._compute(np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64))
+
+    def take(self, rows: np.ndarray) -> "Rows":
+        """A lazy view of some rows, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Rows(len(rows), self.shape[1], lambda idx: self._compute(rows[idx]))
+
+
+def take_rows(x: RowSource, rows: np.ndarray) -> RowSource:
+    """`x[rows]`, lazily when `x` is a `Rows`."""
+    return x.take(rows) if isinstance(x, Rows) else x[rows]
