@@ -23,12 +23,40 @@ def test_every_command_has_help_with_an_example():
         assert "Example:" in result.output and "recs " in result.output.split("Example:")[1], name
 
 
+def test_version_and_short_help():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"nightly-recs {version('nightly-recs')}"
+    for args in (["-h"], ["refresh", "-h"], ["schema", "-h"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage:" in result.output, args
+
+
+def test_verbose_and_quiet_set_the_recs_logger():
+    import logging
+
+    from recommend.run.progress import configure_logging
+
+    for verbose, quiet, level in ((0, False, logging.WARNING), (1, False, logging.INFO), (2, False, logging.DEBUG),
+                                  (1, True, logging.ERROR)):
+        configure_logging(verbose, quiet)
+        assert logging.getLogger("recs").level == level
+    assert len(logging.getLogger("recs").handlers) == 1  # configured again, not stacked
+    configure_logging()
+
+
 def test_unknown_config_key_exits_2_naming_key(tmp_path, sample_dir, tiny_model):
     path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": 5, "top_n": 3})
     result = runner.invoke(app, ["refresh", "--config", str(path)])
     assert result.exit_code == 2
     assert "unknown key 'lists.top_n' (allowed here: k, half_life_days)" in result.output
     assert "Traceback" not in result.output
+    # with --json a scheduler gets the failure as the last line of stdout too
+    result = runner.invoke(app, ["refresh", "--config", str(path), "--json"])
+    failed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.exit_code == 2 and failed["status"] == "failed" and failed["failed_stage"] == "config"
+    assert failed["exit_code"] == 2 and "unknown key 'lists.top_n'" in failed["error"] and failed["run_id"] is None
 
 
 def test_wrong_type_and_missing_input_exit_2(tmp_path, sample_dir, tiny_model):
@@ -43,10 +71,16 @@ def test_wrong_type_and_missing_input_exit_2(tmp_path, sample_dir, tiny_model):
 def test_missing_column_exits_2_naming_column_and_key(tmp_path, sample_dir, tiny_model):
     path = write_config(tmp_path, sample_dir, tiny_model, events={"path": str(sample_dir / "events.parquet"),
                                                                    "timestamp": "when"})
-    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    result = runner.invoke(app, ["refresh", "-c", str(path), "--json"])
     assert result.exit_code == 2
     assert "events.timestamp: column 'when' not found" in result.output
     assert "columns found: user_id, item_id, timestamp, event_type" in result.output
+    # the run started: its report.json says where it failed, and --json printed the same report last
+    failed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert failed["status"] == "failed" and failed["failed_stage"] == "ingest" and failed["exit_code"] == 2
+    assert "column 'when' not found" in failed["error"] and failed["published_version"] is None
+    assert json.loads((Path(failed["run_dir"]) / "report.json").read_text()) == failed
+    assert "failed in stage **ingest**" in (Path(failed["run_dir"]) / "report.md").read_text()
 
 
 def test_unknown_model_exits_2(tmp_path, sample_dir):
