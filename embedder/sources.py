@@ -11,7 +11,6 @@ import csv
 import functools
 import io
 import json
-from dataclasses import dataclass
 from typing import Callable
 
 import dask
@@ -20,22 +19,10 @@ import fsspec
 import pandas as pd
 
 from embedder.errors import InputError
+from embedder.specs import SourceSpec
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """Where one input lives and how to read it. `key` is its config key, used in error messages."""
-
-    path: str
-    key: str
-    format: str | None = None  # parquet | csv | jsonl; None: from the file extension
-    delimiter: str = ","
-    encoding: str = "utf-8"
-    columns: tuple[str, ...] | None = None  # names for a CSV without a header row
-    quotechar: str = '"'
 
 
 

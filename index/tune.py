@@ -17,10 +17,11 @@ import logging
 from typing import Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from index.build import build_index, ivf_of
 from index.rows import RowSource
+from index.settings import IndexSettings
 from index.search import exact_search, is_exact, own_rows, recall_at_k, sample_rows, search_excluding
 
 log = logging.getLogger("recs")
@@ -30,24 +31,6 @@ HNSW_DEPTHS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # No depth reaches the target: the smallest depth within this much recall@k of the best one tried
 # (searching every item and user at the deepest depth costs far more than the last hundredth buys).
 PLATEAU = 0.01
-
-
-class IndexSettings(BaseModel):
-    """Which index to build and how deep to search it (config: the `index` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field("auto", description="auto (exact below exact_below, HNSW32,SQbf16 above) | exact | a FAISS "
-                                          "factory string such as HNSW32 or IVF1024,SQfp16")
-    exact_below: int = Field(50_000, ge=1)
-    target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW "
-                                        "efSearch) to this recall@k against exact search on a sample; null: search_depth")
-    search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
-    exact_fallback_below: int = Field(100_000, ge=1, description="when no depth reaches target_recall: exact search "
-                                      "below this many items, else the depth where recall stops growing (reported)")
-
-
-EXACT_INDEX = IndexSettings(kind="exact")
 
 
 class Tuning(BaseModel):

@@ -113,15 +113,20 @@ def refresh(config: str = ConfigOpt,
         recs refresh --config config.yaml --json | tail -n 1 | jq .embed.items_encoded
     """
     from recommend.config import ConfigError, load_config
-    from recommend.run.pipeline import refresh as run_refresh
-    from recommend.run.report import RefreshReport
+    from recommend.run.lock import RefreshLock
 
     _output(verbose, quiet)
     try:
-        report = run_refresh(load_config(config), quiet=quiet)
+        cfg = load_config(config)
+        with RefreshLock(cfg.workdir):  # taken (or refused) before the heavy imports below
+            from recommend.run.pipeline import refresh as run_refresh
+
+            report = run_refresh(cfg, quiet=quiet)
     except RecsError as exc:
         typer.echo(f"error: {exc}", err=True)
         if as_json:
+            from recommend.run.report import RefreshReport
+
             failed = getattr(exc, "report", None) or RefreshReport(
                 status="failed", run_id=None, run_dir=None, failed_stage="config" if isinstance(exc, ConfigError) else "start",
                 error=str(exc), exit_code=exc.exit_code)

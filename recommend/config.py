@@ -1,8 +1,8 @@
 """config.yaml: validated once, at load. Every error names the file, the key and what is allowed.
 
 Each section is the settings model of the stage that uses it, defined there once (`embed`:
-embedder.encode.EmbedSettings, `index`: index.tune.IndexSettings, `blend` and `lists`:
-recommend.ranking.settings, `gate`: recommend.quality.gate, `publish`: recommend.serving.publish);
+embedder/settings.py, `index`: index/settings.py, `blend` and `lists`: recommend/ranking/settings.py,
+`gate`: recommend/quality/gate.py, `publish`: recommend/serving/settings.py);
 the input sections and `dask` are defined here. `stage_settings` is the one adapter from the sections
 to what the stages take. Relative paths are resolved against the config file's folder, so `recs`
 works from any directory.
@@ -19,14 +19,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from embedder.encode import EmbedSettings
 from embedder.errors import RecsError
-from embedder.ingest import ExtraText, ItemMapping
-from embedder.sources import SourceSpec
-from index.tune import IndexSettings
+from embedder.settings import EmbedSettings
+from embedder.specs import ExtraText, ItemMapping, SourceSpec
+from index.settings import IndexSettings
 from recommend.quality.gate import GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
-from recommend.serving.publish import PublishSettings
+from recommend.serving.settings import PublishSettings
 
 
 class ConfigError(RecsError):

@@ -9,7 +9,8 @@ from conftest import build_tiny_model
 import pyarrow.parquet as pq
 
 from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hash
-from embedder.encode import EmbedSettings, embed_items, encode_texts
+from embedder.encode import embed_items, encode_texts
+from embedder.settings import EmbedSettings
 from embedder.model import model_fingerprint
 
 

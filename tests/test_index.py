@@ -7,7 +7,8 @@ import pytest
 from index.build import build_index, choose_factory, load_index, save_index
 from conftest import brute_force
 from index.search import search_excluding
-from index.tune import IndexSettings, build_tuned, set_depth
+from index.settings import IndexSettings
+from index.tune import build_tuned, set_depth
 from recommend.ranking.lists import recommended_items, similar_items
 
 

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 
 from embedder.errors import BadDataError, InputError
-from embedder.ingest import ExtraText, ItemMapping, ingest_events, ingest_items, ingest_user_ids, validate_items
+from embedder.ingest import ingest_events, ingest_items, ingest_user_ids, validate_items
 from embedder.parsing import parse_timestamps
 from embedder.quarantine import check_bad_fraction
-from embedder.sources import SourceSpec, read_file
+from embedder.sources import read_file
+from embedder.specs import ExtraText, ItemMapping, SourceSpec
 
 TEMPLATE = "{title}. {description}"
 

@@ -13,7 +13,7 @@ MAY_IMPORT = {
     "recommend.ranking": ("embedder", "index", "recommend.ranking"),
     "recommend.quality": ("embedder", "index", "recommend.ranking", "recommend.quality"),
     "recommend.serving": ("embedder", "index", "recommend.ranking", "recommend.serving", "recommend.config"),
-    "recommend.config": ("embedder", "index", "recommend.ranking", "recommend.quality", "recommend.serving.publish"),
+    "recommend.config": ("embedder", "index", "recommend.ranking", "recommend.quality", "recommend.serving.settings"),
     "recommend.run": ("embedder", "index", "recommend.ranking", "recommend.quality", "recommend.serving",
                       "recommend.config", "recommend.run"),
     "recommend.cli": ("embedder", "index", "recommend"),

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedder.errors import InputError
-from embedder.ingest import ItemMapping, ingest_events, ingest_items
-from embedder.sources import SourceSpec
+from embedder.ingest import ingest_events, ingest_items
+from embedder.specs import ItemMapping, SourceSpec
 from embedder.text import normalize_text
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

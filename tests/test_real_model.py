@@ -78,7 +78,8 @@ def test_int8_precision_is_close_to_fp32_and_cached_apart(tmp_path, monkeypatch,
 
 
 def _int8_on_workers(tmp_path, dask_client):
-    from embedder.encode import EmbedSettings, embed_items
+    from embedder.encode import embed_items
+    from embedder.settings import EmbedSettings
 
     items = pd.DataFrame({"item_id": [c[0] for c in CATALOG] * 4,
                           "text": [f"{c[1]}. {c[2]} ({n})" for n in range(4) for c in CATALOG]})

@@ -14,7 +14,8 @@ from pydantic import BaseModel
 
 from index.rows import take_rows
 from index.search import ExactIndex
-from index.tune import EXACT_INDEX, IndexSettings, build_tuned
+from index.settings import EXACT_INDEX, IndexSettings
+from index.tune import build_tuned
 from recommend.quality.gate import GateFigures
 from recommend.quality.metrics import cold_share, coverage, ranking_metrics
 from recommend.quality.splits import random_split, temporal_split

@@ -27,7 +27,8 @@ from recommend.run.cluster import dask_client
 from recommend.run.memory import survivors_frozen
 from recommend.run.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
-from recommend.run.workdir import RefreshLock, new_run_id, runs_dir
+from recommend.run.lock import RefreshLock
+from recommend.run.workdir import new_run_id, runs_dir
 from recommend.serving.store import open_store
 
 
@@ -43,16 +44,16 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
     after writing the failed run's report; the live version then stays live. `client`: an existing
     Dask client to use instead of starting one.
     """
-    try:
-        resolve_model_path(config.embed.model)
-    except ModelNotFound as exc:
-        raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
-    try:
-        resolve_precision(config.embed.precision, pick_device(config.embed.device))
-    except ValueError as exc:
-        raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
-    settings = stage_settings(config)
-    with RefreshLock(config.workdir):
+    with RefreshLock(config.workdir):  # first: a second refresh is refused before anything slow
+        try:
+            resolve_model_path(config.embed.model)
+        except ModelNotFound as exc:
+            raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
+        try:
+            resolve_precision(config.embed.precision, pick_device(config.embed.device))
+        except ValueError as exc:
+            raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
+        settings = stage_settings(config)
         run_id = new_run_id()
         run_dir = runs_dir(config.workdir) / run_id
         run_dir.mkdir(parents=True)

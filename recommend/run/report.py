@@ -12,10 +12,12 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from embedder.encode import EmbedCounts, EmbedSettings
+from embedder.encode import EmbedCounts
+from embedder.settings import EmbedSettings
 from embedder.quarantine import SourceCounts
 from index.search import Recall
-from index.tune import IndexSettings, Tuning
+from index.settings import IndexSettings
+from index.tune import Tuning
 from recommend.quality.evaluate import EvalResult
 from recommend.quality.gate import GateReport, GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings

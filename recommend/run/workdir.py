@@ -3,25 +3,17 @@
     <workdir>/runs/<run_id>/    one folder per refresh: artifacts, manifest-<stage>.json, report.json
     <workdir>/cache/            the embedding cache (unless embed.cache says otherwise)
     <workdir>/qdrant/           Qdrant local mode (unless publish.url is set)
-    <workdir>/refresh.lock      held while a refresh runs
+    <workdir>/refresh.lock      flock-ed while a refresh runs (recommend/run/lock.py)
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from embedder.artifacts import write_json
 from embedder.errors import RecsError
 from recommend.run.report import Manifest, RefreshReport
-
-
-class LockHeld(RecsError):
-    """Another refresh is running on this workdir."""
 
 
 def new_run_id() -> str:
@@ -49,61 +41,6 @@ def latest_report(workdir: str | Path, run_id: str | None = None) -> RefreshRepo
             if run_id or report.status == "ok":
                 return report
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RefreshLock:
-    """An exclusive lock file (O_EXCL) with the holder's host and pid.
-
-    A lock left by a dead process on this host is stale and taken over; a live holder, or one on
-    another host, makes `acquire` raise LockHeld with who holds it.
-    """
-
-    def __init__(self, workdir: str | Path):
-        self.path = Path(workdir) / "refresh.lock"
-
-    def acquire(self) -> "RefreshLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise LockHeld(f"another refresh holds {self.path} (host {holder.get('host') if holder else '?'}, "
-                               f"pid {holder.get('pid') if holder else '?'}); wait for it, or delete the file if that "
-                               "process is gone") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            return self
-        raise LockHeld(f"could not take {self.path}")
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def load_run(workdir: str | Path, run_id: str) -> dict:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from qdrant_client import models
 
 from embedder.errors import RecsError
@@ -30,21 +29,6 @@ INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment 
 
 class PublishError(RecsError):
     pass
-
-
-class PublishSettings(BaseModel):
-    """Where and how versions are published (config: the `publish` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
-    url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
-    api_key_env: str = "QDRANT_API_KEY"
-    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    keep_versions: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=1)
-    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
-    index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
 
 
 def point_id(kind: str, business_id: str) -> str:

@@ -45,7 +45,8 @@ def main() -> None:
     args = args_parser.parse_args()
     from index.build import build_index, choose_factory
     from index.search import sample_rows, search_excluding
-    from index.tune import IndexSettings, build_tuned
+    from index.settings import IndexSettings
+    from index.tune import build_tuned
 
     x = clustered(args.items, args.dim, topics=max(10, args.items // args.per_topic), spread=args.spread)
     tuning_rows = sample_rows(args.items, 500, 1)  # what build_tuned samples: kept out of the measured queries
