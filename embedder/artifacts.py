@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 
 @contextmanager
@@ -47,6 +48,15 @@ def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
         except OSError:
             pass  # the original error is the one to report
         raise
+
+
+def file_digest(path: Path | str) -> str:
+    """xxh3-128 of a file's bytes, read in blocks: what a manifest records, so that damage is found."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return f"xxh3-128:{h.hexdigest()}"
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

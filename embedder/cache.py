@@ -9,7 +9,9 @@ only the buckets its keys fall in, one at a time.
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -23,6 +25,7 @@ from embedder.artifacts import arrow_to_vectors, atomic_path, vectors_to_arrow
 from embedder.errors import InputError
 from embedder.text import PREPROCESSING_VERSION
 
+log = logging.getLogger("recs")
 BUCKET_CHARS = 1  # 16 buckets; a bucket is one unit of lookup work
 # Vectors are stored in float16: half the bytes of float32; for unit vectors the rounding error is
 # below 1e-3 per component and the cosine to the float32 vector above 0.99999. Reads give float32.
@@ -38,7 +41,44 @@ def content_hashes(model_fingerprint: str, texts) -> pd.Series:
     return pd.Series([content_hash(model_fingerprint, t) for t in texts], dtype=object)
 
 
-def _lookup_bucket(root: str, bucket: str, keys: list[str]) -> pa.Table | None:
+# Each file carries xxh3-128 over its content hashes and vector bytes in its Parquet metadata; a read
+# checks it, and that every vector is finite and of unit length (within float16's rounding).
+CHECKSUM_KEY = b"nightly-recs:xxh3-128"
+NORM_TOLERANCE = 0.01
+DAMAGED = "damaged"  # <root>/damaged/: files set aside, kept for a look, never read again
+
+
+@dataclass
+class Lookup:
+    """What a lookup found, and the damaged files it set aside (their items are simply misses)."""
+
+    found: dict[str, np.ndarray]
+    set_aside: list[str] = field(default_factory=list)
+
+
+def _checksum(hashes: pa.Array, vectors: np.ndarray) -> bytes:
+    """Over the hashes' text (not Arrow's buffers, whose layout a reread may change) and the vector bytes."""
+    h = xxhash.xxh3_128("\n".join(hashes.to_pylist()).encode())
+    h.update(np.ascontiguousarray(vectors, dtype=STORED_DTYPE).tobytes())
+    return h.hexdigest().encode()
+
+
+def verify_table(table: pa.Table) -> str | None:
+    """What is wrong with a cache file's table, or None: its checksum (when it has one: files from
+    before checksums have none) and its vectors (finite, unit length)."""
+    hashes = table["content_hash"].combine_chunks()
+    vectors = arrow_to_vectors(table["vector"], STORED_DTYPE)
+    expected = (table.schema.metadata or {}).get(CHECKSUM_KEY)
+    if expected is not None and _checksum(hashes, vectors) != expected:
+        return "checksum mismatch: the file's bytes changed after it was written"
+    norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > NORM_TOLERANCE)
+    if bad.any():
+        return f"{int(bad.sum())} vector(s) not finite or not of unit length (first: row {int(np.flatnonzero(bad)[0])})"
+    return None
+
+
+def _lookup_bucket(root: str, bucket: str, keys: list[str]) -> tuple[pa.Table | None, list[str]]:
     """One bucket's share of a lookup, run on a Dask worker."""
     return EmbeddingCache(root).lookup_bucket(bucket, keys)
 
@@ -48,7 +88,7 @@ class EmbeddingCache:
 
     Example:
         cache = EmbeddingCache(".recs/cache")
-        found = cache.lookup(["3f2a...", ...])   # {hash: vector} for the hashes present
+        found = cache.lookup(["3f2a...", ...]).found   # {hash: vector} for the hashes present
         cache.add(hashes, vectors)
     """
 
@@ -62,56 +102,119 @@ class EmbeddingCache:
     def _bucket_dir(self, bucket: str) -> str:
         return f"{self.base}/bucket={bucket}"
 
-    def lookup(self, hashes, client=None) -> dict[str, np.ndarray]:
+    def lookup(self, hashes, client=None) -> Lookup:
         """Vectors for the given hashes that the cache holds; absent hashes are simply missing.
 
         A partition-wise join: each bucket is read by one task that keeps only the wanted rows, so no
         process ever holds the whole cache. With a Dask `client` the buckets are read on its workers
-        in parallel, and only the matches travel back."""
+        in parallel, and only the matches travel back. A file that fails its checks is moved aside
+        (`Lookup.set_aside`) and its items count as misses: they are encoded again."""
         wanted = pd.Series(list(hashes), dtype=object).drop_duplicates()
         groups = [(bucket, keys.tolist()) for bucket, keys in wanted.groupby(wanted.str[:BUCKET_CHARS])]
         if client is not None and len(groups) > 1:
             futures = client.map(_lookup_bucket, [self.root] * len(groups), [b for b, _ in groups], [k for _, k in groups],
                                  pure=False)
-            tables = client.gather(futures)
+            results = client.gather(futures)
         else:
-            tables = [self.lookup_bucket(bucket, keys) for bucket, keys in groups]
-        found: dict[str, np.ndarray] = {}
-        for table in tables:
+            results = [self.lookup_bucket(bucket, keys) for bucket, keys in groups]
+        lookup = Lookup({})
+        for table, set_aside in results:
+            lookup.set_aside += set_aside
             if table is not None and table.num_rows:
-                found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"], STORED_DTYPE)))
-        return found
+                lookup.found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"], STORED_DTYPE)))
+        return lookup
 
-    def lookup_bucket(self, bucket: str, keys: list[str]) -> pa.Table | None:
-        """The rows of one bucket whose content hash is in `keys`."""
-        return self._read_bucket(bucket, pa.array(keys, pa.string()))
+    def lookup_bucket(self, bucket: str, keys: list[str]) -> tuple[pa.Table | None, list[str]]:
+        """The rows of one bucket whose content hash is in `keys`, and the damaged files set aside."""
+        keys = pa.array(keys, pa.string())
+        parts, set_aside = [], []
+        for path, table in self._bucket_tables(bucket, set_aside):
+            parts.append(table.filter(pc.is_in(table["content_hash"], value_set=keys)))
+        return (pa.concat_tables(parts) if parts else None), set_aside
 
-    def _read_bucket(self, bucket: str, keys: pa.Array) -> pa.Table | None:
+    def _bucket_tables(self, bucket: str, set_aside: list[str], move: bool = True):
+        """(path, table) of each sound file of a bucket; damaged ones are named in `set_aside` and,
+        with `move`, moved aside."""
         directory = self._bucket_dir(bucket)
         if not self.fs.exists(directory):
-            return None
-        parts = []
+            return
         for path in sorted(self.fs.glob(f"{directory}/*.parquet")):
-            with self.fs.open(path, "rb") as fh:
-                table = pq.read_table(fh)
-            parts.append(table.filter(pc.is_in(table["content_hash"], value_set=keys)))
-        return pa.concat_tables(parts) if parts else None
+            try:
+                with self.fs.open(path, "rb") as fh:
+                    table = pq.read_table(fh)
+                problem = verify_table(table)
+            except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+                table, problem = None, f"unreadable: {type(exc).__name__}: {exc}"
+            if problem is None:
+                yield path, table
+            else:
+                set_aside.append(self.set_aside(path, problem) if move else f"embedding cache file {path}: {problem}")
+
+    def set_aside(self, path: str, problem: str) -> str:
+        """Move a damaged file to <root>/damaged/ (never read again) and say so. Returns a description."""
+        target = f"{self.base}/{DAMAGED}/{path.rsplit('/', 2)[-2]}-{path.rsplit('/', 1)[-1]}"
+        try:
+            self.fs.makedirs(f"{self.base}/{DAMAGED}", exist_ok=True)
+            self.fs.mv(path, target)
+            where = f"moved to {target}"
+        except OSError as exc:  # cannot move it (read-only storage): it is skipped on every lookup instead
+            where = f"could not be moved aside ({exc})"
+        message = f"embedding cache file {path}: {problem}; {where}, its items are encoded again"
+        log.warning(message)
+        return message
 
     def add(self, hashes, vectors: np.ndarray, rows: np.ndarray | None = None) -> int:
-        """Store new vectors (one file per touched bucket, written whole then renamed). Returns the count.
-        The vector of hashes[i] is vectors[i], or vectors[rows[i]] when `rows` is given."""
+        """Store new vectors (one file per touched bucket, written whole then renamed, with its
+        checksum). Returns the count. The vector of hashes[i] is vectors[i], or vectors[rows[i]]."""
         hashes = pd.Series(list(hashes), dtype=object)
         if len(hashes) == 0:
             return 0
         token = uuid.uuid4().hex
         for bucket, idx in hashes.groupby(hashes.str[:BUCKET_CHARS]).groups.items():
             idx = np.asarray(idx)
-            table = pa.table({"content_hash": pa.array(hashes.iloc[idx].tolist(), pa.string()),
-                              "vector": vectors_to_arrow(vectors[idx if rows is None else rows[idx]].astype(STORED_DTYPE))})
-            with atomic_path(f"{self._bucket_dir(bucket)}/part-{token}.parquet", self.fs) as tmp, \
-                    self.fs.open(tmp, "wb") as fh:
-                pq.write_table(table, fh)
+            self._write(bucket, token, pa.array(hashes.iloc[idx].tolist(), pa.string()),
+                        np.asarray(vectors[idx if rows is None else rows[idx]], dtype=STORED_DTYPE))
         return len(hashes)
+
+    def _write(self, bucket: str, token: str, hashes: pa.Array, vectors: np.ndarray) -> None:
+        table = pa.table({"content_hash": hashes, "vector": vectors_to_arrow(vectors)})
+        table = table.replace_schema_metadata({CHECKSUM_KEY: _checksum(hashes, vectors)})
+        with atomic_path(f"{self._bucket_dir(bucket)}/part-{token}.parquet", self.fs) as tmp, self.fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+
+    def compact(self, max_files: int = 16) -> int:
+        """Merge the files of each bucket that has more than `max_files` (encoded chunks reach the
+        cache as they finish, a few files each) into one. The merged file is written before the old
+        ones are removed, so a crash in between leaves duplicates, which a lookup reads as one.
+        Returns the number of files removed."""
+        removed = 0
+        for directory in self.fs.glob(f"{self.base}/bucket=*"):
+            paths = sorted(self.fs.glob(f"{directory}/*.parquet"))
+            if len(paths) <= max_files:
+                continue
+            bucket = directory.rsplit("=", 1)[-1]
+            set_aside: list[str] = []
+            tables = [table for _, table in self._bucket_tables(bucket, set_aside)]
+            if tables:
+                merged = pa.concat_tables(tables)
+                first = ~merged["content_hash"].to_pandas().duplicated().to_numpy()  # a hash written twice: once
+                merged = merged.filter(pa.array(first))
+                self._write(bucket, uuid.uuid4().hex, merged["content_hash"].combine_chunks(),
+                            arrow_to_vectors(merged["vector"], STORED_DTYPE))
+            for path in paths:
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+                    removed += 1
+        return removed
+
+    def check(self, repair: bool = False) -> tuple[int, list[str]]:
+        """Read and verify every file: (vectors in sound files, what is wrong with the others). With
+        `repair`, damaged files are moved aside (a refresh does that on its own when it meets one)."""
+        sound, damaged = 0, []
+        for directory in self.fs.glob(f"{self.base}/bucket=*"):
+            for _, table in self._bucket_tables(directory.rsplit("=", 1)[-1], damaged, move=repair):
+                sound += table.num_rows
+        return sound, damaged
 
     def size(self) -> int:
         """Number of cached vectors (reads only Parquet footers)."""

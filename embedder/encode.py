@@ -45,6 +45,7 @@ class EmbedCounts(BaseModel):
     encode_seconds: float
     texts_per_second: float | None
     precision: PrecisionCheck
+    cache_files_set_aside: list[str] = []  # damaged cache files moved aside (their items were encoded again)
 
 
 @dataclass
@@ -68,12 +69,13 @@ def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", 
 def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
                  device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | None = None,
                  progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
-                 n_out: int | None = None) -> np.ndarray:
+                 n_out: int | None = None, on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
     With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
-    that assembles a larger array gets it without a second copy (rows no text maps to are left unset)."""
+    that assembles a larger array gets it without a second copy (rows no text maps to are left unset).
+    `on_chunk(rows, result)` is called after each chunk is placed, with the result rows it filled."""
     options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads}
     if len(texts) == 0:
         dim = load_encoder(model_path, precision=precision, device=device).dim
@@ -91,7 +93,10 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
         nonlocal vectors
         if vectors is None:
             vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
-        vectors[rows if out_rows is None else out_rows[rows]] = block
+        placed = rows if out_rows is None else out_rows[rows]
+        vectors[placed] = block
+        if on_chunk:
+            on_chunk(placed, vectors)
         if progress:
             progress(len(rows))
 
@@ -134,6 +139,35 @@ def check_precision(precision: str, device: str, model_path: str, sample: list[s
     return cosine_report(reference, encode_chunk(sample, model_path, precision=precision, device=device, threads=threads))
 
 
+FLUSH_ROWS = 1024    # encoded texts written to the cache at least this often...
+FLUSH_SECONDS = 10.0  # ...or this often, whichever comes first: a crash loses at most that much work
+
+
+class _CacheWriter:
+    """Encoded chunks to the cache as they finish (a crash keeps what was done), a batch at a time;
+    held back until `confirmed()` says their precision passed its check against fp32."""
+
+    def __init__(self, cache: EmbeddingCache, hashes: pd.Series, confirmed: Callable[[], bool]):
+        self.cache, self.hashes, self.confirmed = cache, hashes, confirmed
+        self.pending: list[np.ndarray] = []
+        self.vectors: np.ndarray | None = None
+        self.last = time.monotonic()
+
+    def encoded(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        self.pending.append(np.asarray(rows))
+        self.vectors = vectors
+        due = sum(len(r) for r in self.pending) >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS
+        if due and self.confirmed():
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            rows = np.concatenate(self.pending)
+            self.cache.add(self.hashes.iloc[rows].tolist(), self.vectors, rows=rows)
+            self.pending.clear()
+        self.last = time.monotonic()
+
+
 def _judge(check: dict, report: PrecisionCheck) -> bool:
     """Record a precision check in `report`; on a failed one, fp32 becomes the chosen precision."""
     ok = check["mean_cosine"] >= MIN_MEAN_COSINE
@@ -153,7 +187,9 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     A precision other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
     worker, beside the encode, when there is a Dask `client`; after it in this process otherwise); below
     a mean cosine of 0.99 the texts are encoded in fp32 instead, and only vectors of an accepted
-    precision are cached.
+    precision are cached. Encoded vectors reach the cache as their chunks finish (`FLUSH_ROWS`,
+    `FLUSH_SECONDS`), so a crash keeps the work done; damaged cache files are moved aside and their
+    items encoded again (`counts.cache_files_set_aside`).
 
     Example:
         result = embed_items(items, EmbedSettings(), cache_root=".recs/cache")
@@ -166,35 +202,44 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     chosen = "fp32" if is_standin(path) else resolve_precision(settings.precision, pick_device(device))
     report = PrecisionCheck(requested=settings.precision, chosen=chosen)
     cache = EmbeddingCache(cache_root)
+    set_aside: list[str] = []
     while True:
         t0 = time.perf_counter()
         # vectors made in another precision are other vectors: they get their own cache keys
         hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
-        found = cache.lookup(hashes, client)
+        lookup = cache.lookup(hashes, client)
+        found = lookup.found
+        set_aside += lookup.set_aside
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
         first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
-        sample = pending = None
+        pending = check = None
         if chosen != "fp32" and len(first) and report.mean_cosine is None:
             # texts to encode in reduced precision: compared with fp32 on a sample of them, on a worker
-            # beside the encode (the driver loads no model, the workers do not wait for the check);
-            # a failed check throws the encoded vectors away before anything is cached
+            # beside the encode (the driver loads no model, the workers do not wait for the check), or
+            # first, in this process; nothing of a precision that fails its check is cached
             spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
             sample = items["text"].iloc[first[spread]].tolist()
             if client is not None:
                 pending = client.submit(check_precision, chosen, device, str(path), sample, threads, pure=False)
+            else:
+                check = check_precision(chosen, device, str(path), sample)
+                if not _judge(check, report):
+                    chosen = "fp32"
+                    continue
         lookup_s = time.perf_counter() - t0
         miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
+        writer = _CacheWriter(cache, hashes, lambda: pending is None or (
+            pending.done() and pending.result()["mean_cosine"] >= MIN_MEAN_COSINE))
         t1 = time.perf_counter()
         vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client=client, precision=chosen,
-                                 settings=settings, threads=threads, progress=progress)
+                                 settings=settings, threads=threads, progress=progress, on_chunk=writer.encoded)
         encode_s = time.perf_counter() - t1
-        if sample is not None:
-            check = pending.result() if pending is not None else check_precision(chosen, device, str(path), sample)
-            if not _judge(check, report):
-                chosen = "fp32"
-                continue  # look the texts up again under fp32 keys, and encode the misses in fp32
+        if pending is not None and not _judge(pending.result(), report):
+            chosen = "fp32"
+            continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         break
-    cache.add(unique_missing.tolist(), vectors, rows=first)
+    writer.flush()
+    cache.compact()
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
     repeat = np.flatnonzero(new_row >= 0)
     repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
@@ -205,13 +250,13 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
                          items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
                          cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
                          texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
-                         precision=report)
+                         precision=report, cache_files_set_aside=set_aside)
     return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)
 
 
 def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
                    precision: str, settings: EmbedSettings, threads: int | None,
-                   progress: Callable[[int, int], None] | None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None, on_chunk=None) -> np.ndarray:
     """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
     numbers), written straight into the items' array (no second items x dim copy)."""
@@ -227,4 +272,4 @@ def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, 
 
     return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
                         batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
-                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out)
+                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, on_chunk=on_chunk)

@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, computed_field
 
 from embedder.errors import BadDataError
-from embedder.sources import ARROW_STRING, MALFORMED, UNDECODABLE
+from embedder.sources import ARROW_STRING, MALFORMED, MAX_FIELD, OVERSIZED, UNDECODABLE
 from embedder.text import is_null
 
 QUARANTINE_COLUMNS = ["source", "row", "reason", "detail", "record"]
@@ -68,8 +68,12 @@ def with_columns(part: pd.DataFrame, names) -> pd.DataFrame:
 
 
 def malformed(part: pd.DataFrame) -> pd.Series:
-    """Rows that were JSON lines the reader could not parse into an object."""
-    return part[MALFORMED].notna() if MALFORMED in part else pd.Series(False, index=part.index)
+    """Rows that were JSON lines the reader could not parse into an object, or CSV rows it could not split."""
+    return _marked(part, MALFORMED)
+
+
+def _marked(part: pd.DataFrame, column: str) -> pd.Series:
+    return part[column].notna() if column in part else pd.Series(False, index=part.index)
 
 
 def undecodable(part: pd.DataFrame) -> pd.Series:
@@ -82,6 +86,7 @@ def undecodable(part: pd.DataFrame) -> pd.Series:
 def reader_checks(part: pd.DataFrame) -> list[tuple[pd.Series, str, str]]:
     """The checks every source shares, first in line: rows the reader could only half read."""
     return [(malformed(part), "malformed_line", "not a JSON object, or a CSV row with the wrong number of fields"),
+            (_marked(part, OVERSIZED), "field_too_long", f"a CSV field longer than {MAX_FIELD:,} characters"),
             (undecodable(part), "undecodable_bytes",
              "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)")]
 

@@ -117,18 +117,32 @@ def _read_ragged_csv(text: str, spec: SourceSpec) -> pd.DataFrame:
     if len(spec.delimiter) > 1:
         raise InputError(f"{spec.key}: rows with the wrong number of fields; a multi-character delimiter "
                          f"({spec.delimiter!r}) cannot be read row by row")
-    rows = csv.reader(io.StringIO(text, newline=""), delimiter=spec.delimiter, quotechar=spec.quotechar)
-    header = list(spec.columns) if spec.columns else next(rows)
-    records = []
-    for fields in rows:
-        if len(fields) == len(header):
-            records.append({h: (v if v != "" else None) for h, v in zip(header, fields)})
-        elif fields:
-            records.append({MALFORMED: spec.delimiter.join(fields)[:1000]})
-    return pd.DataFrame.from_records(records, columns=[*header, MALFORMED])
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_FIELD)  # pandas' own reader has no limit; Python's stops at 128 KB
+    try:
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=spec.delimiter, quotechar=spec.quotechar)
+        header = list(spec.columns) if spec.columns else next(rows)
+        records = []
+        while True:
+            try:
+                fields = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # the reader goes on at the next line: only this row is lost
+                records.append({OVERSIZED if "field larger" in str(exc) else MALFORMED: str(exc)})
+                continue
+            if len(fields) == len(header):
+                records.append({h: (v if v != "" else None) for h, v in zip(header, fields)})
+            elif fields:
+                records.append({MALFORMED: spec.delimiter.join(fields)[:1000]})
+    finally:
+        csv.field_size_limit(limit)
+    return pd.DataFrame.from_records(records, columns=[*header, MALFORMED, OVERSIZED])
 
 
 MALFORMED = "_malformed_line"
+OVERSIZED = "_field_too_long"  # a CSV field over MAX_FIELD: that row is quarantined, not the file
+MAX_FIELD = 16 * 2**20  # characters; the model reads about the first thousand of an item's text
 ARROW_STRING = pd.StringDtype("pyarrow")
 UNDECODABLE = "_undecodable"  # set only on files that needed U+FFFD replacements: a U+FFFD already in valid text is kept
 
@@ -202,7 +216,7 @@ def collect(ddf: dd.DataFrame, tick: Callable[[int], None] | None = None) -> pd.
 
 def require_columns(columns, required: dict[str, str], spec: SourceSpec) -> None:
     """Fail fast when a mapped column is absent, naming the column, its config key and what was found."""
-    found = [c for c in columns if c not in ("_source", "_row", MALFORMED, UNDECODABLE)]
+    found = [c for c in columns if c not in ("_source", "_row", MALFORMED, OVERSIZED, UNDECODABLE)]
     for key, column in required.items():
         if column not in columns:
             seen = f"columns found: {', '.join(map(str, found))}" if found else "no columns found: are the files empty?"

@@ -219,6 +219,38 @@ def schema():
 
 
 @app.command()
+def check(config: str = ConfigOpt,
+          repair: bool = typer.Option(False, "--repair", help="Move damaged cache files aside (their items are "
+                                                              "encoded again by the next refresh)."),
+          as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
+    """Verify the workdir: every embedding cache file (checksum, finite unit vectors), every run
+    folder (report, manifests, artifact digests) and the published versions. Exits 1 when something
+    is wrong and was not repaired.
+
+    \b
+    Example:
+        recs check --config config.yaml --repair
+    """
+    from recommend.config import load_config
+    from recommend.run.check import check_workdir
+
+    _output(verbose, quiet)
+    with user_errors():
+        report = check_workdir(load_config(config, check_inputs=False), repair=repair)
+    if as_json:
+        typer.echo(report.model_dump_json())
+    else:
+        typer.echo(f"cache: {report.cache_vectors} vectors in sound files; runs: {report.runs} checked; "
+                   f"versions: {report.versions if report.versions is not None else 'publishing is off'}")
+        for f in report.findings:
+            typer.echo(f"- {f.where}: {f.problem}" + (f" (repaired: {f.repaired})" if f.repaired else ""))
+        typer.echo("all sound" if not report.findings else "ok after repairs" if report.ok else
+                   "problems found" + ("" if repair else "; --repair moves damaged cache files aside"))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def recommend(user_id: str = typer.Argument(..., help="The user's id, as in the events."),
               k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
               recent: Optional[list[str]] = typer.Option(None, "--recent", help="For a user the batch has not seen: "
@@ -256,6 +288,8 @@ def search(text: str = typer.Argument(..., help="Free text to encode now and mat
     Example:
         recs search "trail running shoes"
     """
+    if not text.strip():
+        raise typer.BadParameter("search needs a text, e.g. recs search \"trail running shoes\"")
     with user_errors():
         _print_answer(_recommender(config).search(text, k), as_json)
 

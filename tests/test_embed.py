@@ -19,6 +19,10 @@ def _embed(items, model, cache, client=None, check_sample=64, precision="fp32"):
                        client=client, check_sample=check_sample)
 
 
+def _unit_rows(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def _items(n=50):
     return pd.DataFrame({"item_id": [f"i{i}" for i in range(n)],
                          "text": [f"item number {i} " + "word " * (i % 13) for i in range(n)]})
@@ -58,9 +62,9 @@ def test_changed_model_reuses_nothing(tmp_path, tiny_model):
 def test_cache_lookup_reads_back_what_was_added(tmp_path):
     cache = EmbeddingCache(str(tmp_path / "c"))
     keys = [content_hash("fp", f"text {i}") for i in range(40)]
-    vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    vectors = _unit_rows(np.random.default_rng(0).normal(size=(40, 8)))  # what encoders give: unit rows
     cache.add(keys[:30], vectors[:30])
-    found = cache.lookup(keys)
+    found = cache.lookup(keys).found
     assert set(found) == set(keys[:30]) and cache.size() == 30
     read = np.stack([found[k] for k in keys[:30]])
     assert read.dtype == np.float16  # as stored: a million float32 rows would be twice the memory
@@ -161,10 +165,10 @@ def test_cache_lookup_on_workers_equals_lookup_in_process(tmp_path, dask_client)
     """Oracle: the bucket-by-bucket join run on the Dask workers finds what a single process finds."""
     cache = EmbeddingCache(str(tmp_path / "c"))
     keys = [content_hash("fp", f"text {i}") for i in range(200)]
-    vectors = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
+    vectors = _unit_rows(np.random.default_rng(1).normal(size=(200, 8)))
     cache.add(keys[:150], vectors[:150])
     cache.add(keys[150:170], vectors[150:170])  # a second file in some buckets
-    local, remote = cache.lookup(keys), cache.lookup(keys, dask_client)
+    local, remote = cache.lookup(keys).found, cache.lookup(keys, dask_client).found
     assert set(local) == set(remote) == set(keys[:170])
     assert all(np.array_equal(local[k], remote[k]) for k in local)
 

@@ -41,3 +41,107 @@ def test_a_second_refresh_is_refused_before_anything_slow_and_a_dead_holders_loc
     with RefreshLock(workdir), RefreshLock(workdir):  # free now, and reentrant within one process
         assert (workdir / "refresh.lock.json").exists()
     assert not (workdir / "refresh.lock.json").exists()
+
+
+def _copy_sample(sample_dir, data):
+    data.mkdir()
+    for name in ("items", "events", "users"):
+        (data / f"{name}.parquet").write_bytes((sample_dir / f"{name}.parquet").read_bytes())
+    return data
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "garbled":  # eight bytes in the middle of the file (the vectors' data page)
+        middle = len(data) // 2
+        data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["garbled", "truncated"])
+def test_a_damaged_cache_file_is_set_aside_and_its_items_encoded_again(tmp_path, sample_dir, tiny_model, dask_client,
+                                                                       how):
+    """Oracle: the first run's embeddings and lists. The damaged file is named, moved aside, its items
+    encoded again, and the run publishes exactly what a sound cache gives."""
+    import pandas as pd
+
+    from embedder.cache import EmbeddingCache
+    from recommend.config import load_config
+    from recommend.run.pipeline import refresh
+
+    config = load_config(write_config(tmp_path, _copy_sample(sample_dir, tmp_path / "data"), tiny_model))
+    first = refresh(config, quiet=True, client=dask_client)
+    victim = sorted(Path(config.cache_root).glob("bucket=*/*.parquet"))[3]
+    rows = EmbeddingCache(config.cache_root).size()  # every text once
+    import pyarrow.parquet as pq
+
+    in_victim = pq.ParquetFile(victim).metadata.num_rows
+    _damage(victim, how)
+    second = refresh(config, quiet=True, client=dask_client)
+    assert second.status == "ok" and second.embed.items_encoded == in_victim and rows == 240
+    assert len(second.embed.cache_files_set_aside) == 1 and str(victim) in second.embed.cache_files_set_aside[0]
+    assert not victim.exists() and list((Path(config.cache_root) / "damaged").glob("*.parquet"))
+    run1, run2 = Path(first.run_dir), Path(second.run_dir)
+    for name in ("embeddings.parquet", "lists.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run1 / name), pd.read_parquet(run2 / name))
+
+
+def test_finished_encoding_survives_a_crash(tmp_path, tiny_model, monkeypatch):
+    """A crash half way through the encode: the chunks done before it are in the cache, so the rerun
+    encodes only the rest."""
+    import pandas as pd
+
+    import embedder.encode as encode
+    from embedder.settings import EmbedSettings
+
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(240)], "text": [f"item {i} " + "w " * (i % 9) for i in range(240)]})
+    settings = EmbedSettings(model=str(tiny_model), device="cpu", precision="fp32", chunk_size=16)
+    monkeypatch.setattr(encode, "FLUSH_ROWS", 16)
+    real, calls = encode.encode_chunk, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 8:
+            raise MemoryError("injected: the worker died")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_chunk", crashing)
+    with pytest.raises(MemoryError):
+        encode.embed_items(items, settings, cache_root=str(tmp_path / "cache"))
+    monkeypatch.setattr(encode, "encode_chunk", real)
+    rerun = encode.embed_items(items, settings, cache_root=str(tmp_path / "cache"))
+    assert rerun.counts.items_encoded == 240 - 8 * 16 and rerun.counts.items_from_cache == 8 * 16
+
+
+def test_check_names_damage_and_eval_refuses_a_damaged_run(tmp_path, sample_dir, tiny_model):
+    """`recs check` finds a damaged cache file, a truncated artifact and a truncated report; --repair
+    moves the cache file aside; `recs eval` names the damaged file instead of a traceback."""
+    import json as jsonlib
+
+    config = write_config(tmp_path, _copy_sample(sample_dir, tmp_path / "data"), tiny_model)
+
+    def recs(*args):
+        return subprocess.run([sys.executable, "-m", "recommend.cli", *args, "-c", str(config)], capture_output=True,
+                              text=True, env=ENV, timeout=300)
+
+    assert recs("refresh", "-q").returncode == 0
+    second = jsonlib.loads(recs("refresh", "-q", "--json").stdout.strip().splitlines()[-1])
+    assert recs("check").returncode == 0
+    run = Path(second["run_dir"])
+    _damage(run / "events.parquet", "truncated")
+    _damage(sorted((tmp_path / "work" / "cache").glob("bucket=*/*.parquet"))[0], "garbled")
+    found = recs("check", "--json")
+    report = jsonlib.loads(found.stdout)
+    problems = [f["problem"] for f in report["findings"]]
+    assert found.returncode == 1 and any("events.parquet is damaged" in p for p in problems)
+    assert any("embedding cache file" in p for p in problems) and "Traceback" not in found.stderr
+    evaluated = recs("eval", "--run", second["run_id"], "--no-plots")
+    assert evaluated.returncode == 1 and "events.parquet is damaged" in evaluated.stderr
+    assert "Traceback" not in evaluated.stderr
+    repaired = jsonlib.loads(recs("check", "--repair", "--json").stdout)
+    assert [f["repaired"] for f in repaired["findings"] if f["where"] == "cache"] == ["moved aside"]
+    (run / "report.json").write_text((run / "report.json").read_text()[:40])  # truncated
+    assert any("report.json is damaged" in f["problem"] for f in jsonlib.loads(recs("check", "--json").stdout)["findings"])
+    assert recs("refresh", "-q").returncode == 0  # and the workdir keeps working

@@ -258,3 +258,31 @@ def test_survivors_are_frozen_within_a_run_and_thawed_after():
         release_freed_memory()
         assert alive() is None
     assert gc.get_freeze_count() == 0
+
+
+def test_empty_sources_stop_the_run_and_an_unjudged_run_does_not_replace_a_judged_one(tmp_path, sample_dir, tiny_model,
+                                                                                      dask_client):
+    from embedder.errors import InputError
+    from recommend.quality.gate import GateFailed
+
+    data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users", "events"))
+    config = load_config(write_config(tmp_path, data, tiny_model))
+    good = refresh(config, quiet=True, client=dask_client)
+    events = pd.read_parquet(sample_dir / "events.parquet")
+
+    events.head(0).to_parquet(data / "events.parquet", index=False)  # the columns, no rows
+    with pytest.raises(InputError, match=f"events.path: {data / 'events.parquet'} holds no data rows") as err:
+        refresh(config, quiet=True, client=dask_client)
+    assert err.value.exit_code == 2
+    (data / "items.csv").write_text("item_id,title,description,category\n")  # a header only
+    with pytest.raises(InputError, match="items.path: .*items.csv holds no data rows"):
+        refresh(load_config(write_config(tmp_path, data, tiny_model, items={"path": str(data / "items.csv")})),
+                quiet=True, client=dask_client)
+
+    # one item per user: the gate holds nothing out, so it has no figure to judge this run by
+    events.drop_duplicates("user_id").to_parquet(data / "events.parquet", index=False)
+    with pytest.raises(GateFailed, match="an unjudged run does not replace a judged one"):
+        refresh(config, quiet=True, client=dask_client)
+    assert Recommender.from_config(config).live_version() == good.published_version
+    allowed = load_config(write_config(tmp_path, data, tiny_model, gate={"allow_unjudged": True}))
+    assert refresh(allowed, quiet=True, client=dask_client).published_version is not None

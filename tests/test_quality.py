@@ -99,6 +99,9 @@ def test_gate_rules():
     assert "popularity" in gate_problems(ok.model_copy(update={"ndcg": 0.05}), None, rules)[0]
     assert "live version" in gate_problems(ok, GateFigures(ndcg=0.40, run_id="a"), rules)[0]
     assert gate_problems(ok.model_copy(update={"ndcg": None}), None, rules.model_copy(update={"min_ndcg": 0.5})) == []
+    unjudged = GateFigures(ndcg=None, users=0, k=10, holdout=0.1)
+    assert "unjudged run does not replace a judged one" in gate_problems(unjudged, GateFigures(ndcg=0.3, run_id="a"), rules)[0]
+    assert gate_problems(unjudged, GateFigures(ndcg=0.3, run_id="a"), rules.model_copy(update={"allow_unjudged": True})) == []
 
 
 def test_popularity_baseline_counts_users_not_events_or_weights():

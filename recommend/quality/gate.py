@@ -30,6 +30,8 @@ class GateSettings(BaseModel):
     min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
     max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")
     max_users: int = Field(20_000, ge=1, description="users scored (a seeded sample above this)")
+    allow_unjudged: bool = Field(False, description="publish a run the gate could not score (too few users with "
+                                 "held-out items) over a live version that has a figure")
 
 
 class GateFigures(BaseModel):
@@ -54,15 +56,19 @@ class GateReport(GateFigures):
 def gate_problems(figures: GateFigures, live: GateFigures | None, settings: GateSettings) -> list[str]:
     """What is wrong with `figures` (empty when the gate passes). `live`: the live version's figures."""
     ndcg, pop, k = figures.ndcg, figures.popularity_ndcg, figures.k
-    if ndcg is None:
-        return []  # no user has a held-out item: nothing to judge by
+    live_ndcg = live.ndcg if live is not None else None
+    if ndcg is None:  # no user has a held-out item: nothing to judge by
+        if live_ndcg is not None and not settings.allow_unjudged:
+            return [f"the gate could not score this run ({figures.users} users with held-out items), and the live "
+                    f"version {live.run_id or '?'} scored nDCG@{live.k or k} {live_ndcg:.4f}: an unjudged run does "
+                    "not replace a judged one (gate.allow_unjudged: true to publish anyway)"]
+        return []
     problems = []
     if ndcg < settings.min_ndcg:
         problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_ndcg {settings.min_ndcg:g}")
     if pop and ndcg < settings.min_vs_popularity * pop:
         problems.append(f"nDCG@{k} {ndcg:.4f} is below gate.min_vs_popularity {settings.min_vs_popularity:g} "
                         f"x popularity's {pop:.4f}")
-    live_ndcg = live.ndcg if live is not None else None
     if live_ndcg and ndcg < (1 - settings.max_drop) * live_ndcg:
         problems.append(f"nDCG@{k} {ndcg:.4f} is more than gate.max_drop {settings.max_drop:.0%} below the live "
                         f"version's {live_ndcg:.4f} ({live.run_id or '?'})")
@@ -73,4 +79,4 @@ def check_gate(report: GateReport) -> None:
     """Raise GateFailed naming the figures when the report lists problems."""
     if report.problems:
         raise GateFailed("quality gate: " + "; ".join(report.problems) + f" (scored on {report.users} users' most "
-                         f"recent {report.holdout:.0%} of items). Nothing was published; the live version stays live.")
+                         f"recent {report.holdout or 0:.0%} of items). Nothing was published; the live version stays live.")

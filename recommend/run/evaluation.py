@@ -17,6 +17,7 @@ from embedder.errors import RecsError
 from recommend.config import Config, stage_settings
 from recommend.quality.evaluate import EvalResult, Split, evaluate
 from recommend.quality.plots import plot_eval
+from recommend.run.check import verify_artifacts
 from recommend.run.workdir import latest_report, runs_dir
 
 
@@ -31,6 +32,7 @@ def evaluate_run(config: Config, run_id: str | None = None, *, split: Split = "r
         raise RecsError(f"no completed refresh run in {runs_dir(config.workdir)}"
                         + (f" with id {run_id!r}" if run_id else "") + "; run `recs refresh` first")
     run = Path(report.run_dir)
+    verify_artifacts(run, "embeddings.parquet", "events.parquet")
     emb = pq.read_table(run / "embeddings.parquet")
     events = pd.read_parquet(run / "events.parquet")
     result = evaluate(events, item_ids=emb["item_id"].to_pylist(), text=arrow_to_vectors(emb["vector"]),

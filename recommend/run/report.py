@@ -64,6 +64,7 @@ class RefreshReport(BaseModel):
 
 class IngestManifest(BaseModel):
     stage: Literal["ingest"] = "ingest"
+    files: dict[str, str] = Field(default_factory=dict)  # artifact -> digest (embedder.artifacts.file_digest)
     inputs: dict[str, str | None]
     items: SourceCounts
     events: SourceCounts
@@ -74,6 +75,7 @@ class IngestManifest(BaseModel):
 
 class EmbedManifest(BaseModel):
     stage: Literal["embed"] = "embed"
+    files: dict[str, str] = Field(default_factory=dict)
     model: str
     model_fingerprint: str
     cache: str
@@ -91,6 +93,7 @@ class GateManifest(BaseModel):
 
 class IndexManifest(IndexSummary):
     stage: Literal["index"] = "index"
+    files: dict[str, str] = Field(default_factory=dict)
     rows: Literal["embeddings.parquet order"] = "embeddings.parquet order"
     seconds: float
     index_config: IndexSettings
@@ -110,6 +113,17 @@ class PublishManifest(BaseModel):
 
 
 Manifest = IngestManifest | EmbedManifest | GateManifest | IndexManifest | PublishManifest
+
+
+def read_report(path) -> RefreshReport | None:
+    """A run's report.json; None when an earlier nightly-recs wrote it (its format had no `status`).
+    Raises ValueError when the file is damaged (not JSON, or not a report)."""
+    import json
+
+    data = json.loads(open(path).read())
+    if isinstance(data, dict) and "status" not in data and "run_id" in data:
+        return None
+    return RefreshReport.model_validate(data)
 
 
 def schema() -> dict:

@@ -7,6 +7,7 @@ cannot go on (recommend/run/pipeline.py then records the failure; nothing is pub
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -19,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from embedder.artifacts import vectors_to_arrow, write_parquet, write_parquet_blocks
+from embedder.artifacts import file_digest, vectors_to_arrow, write_parquet, write_parquet_blocks
 from embedder.encode import EmbedResult, embed_items
-from embedder.errors import RecsError
+from embedder.errors import InputError, RecsError
 from embedder.ingest import ingest_events, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import EXACT, choose_factory, save_index
@@ -57,6 +58,7 @@ from recommend.serving.publish import (
 )
 
 BLOCK = 65_536  # rows per block where an artifact is written a block at a time
+log = logging.getLogger("recs")
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Run:
     @contextmanager
     def stage(self, name: str):
         self.current = name
+        log.info("stage %s started (run %s)", name, self.run_id)
         start = time.perf_counter()
         yield
         release_freed_memory()  # what the stage dropped goes back to the OS, not kept at its peak
@@ -100,8 +103,10 @@ def ingest(run: Run) -> Inputs:
     config, s, run_dir = run.config, run.settings, run.run_dir
     with run.stage("ingest"):
         items = ingest_items(s.items, s.item_mapping, bar=run.bar("ingest"))
+        _require_rows("items", config.items.path, items)
         events = ingest_events(s.events, s.event_columns, s.ranking.weights, items.rows["item_id"], s.timezone,
                                bar=run.bar("ingest"))
+        _require_rows("events", config.events.path, events)
         users = ingest_user_ids(s.users, s.user_id_column) if s.users else None
         quarantine = pd.concat([q.assign(input=name) for name, q in
                                 (("items", items.quarantine), ("events", events.quarantine),
@@ -113,7 +118,7 @@ def ingest(run: Run) -> Inputs:
     run.report.items, run.report.events = items.counts, events.counts
     run.report.users = users.counts if users else None
     write_manifest(run_dir, IngestManifest(
-        inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
+        files=digests(run_dir, "quarantine.parquet", "items.parquet", "events.parquet"), inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
         items=items.counts, events=events.counts, users=users.counts if users else None, seconds=run.report.seconds["ingest"],
         config={"items": config.items.model_dump(), "events": config.events.model_dump(),
                 "users": config.users.model_dump() if config.users else None}))
@@ -128,6 +133,19 @@ def ingest(run: Run) -> Inputs:
         raise RecsError(f"no usable items in {config.items.path}: all {items.counts.rows_read} rows quarantined "
                         f"(reasons: {items.counts.quarantine_reasons}); see {run_dir / 'quarantine.parquet'}")
     return Inputs(items, events, users)
+
+
+def digests(run_dir: Path, *names: str) -> dict[str, str]:
+    """The digests of artifacts just written, for the stage's manifest (`recs check` verifies them)."""
+    return {name: file_digest(run_dir / name) for name in names}
+
+
+def _require_rows(name: str, path: str, result: Ingested) -> None:
+    """A source with no data rows at all (empty files, a header only) stops the run: nothing could be
+    judged, and publishing it would replace good lists with popularity."""
+    if result.counts.rows_read == 0:
+        raise InputError(f"{name}.path: {path} holds no data rows (empty, or a header only); "
+                         "nothing was published, the live version stays live")
 
 
 def embed(run: Run, items: Ingested) -> EmbedResult:
@@ -154,7 +172,7 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
                               for i in range(0, max(len(emb.item_ids), 1), BLOCK)), run.run_dir / "embeddings.parquet")
         emb.content_hashes = None  # written: not needed again
     run.report.embed = emb.counts
-    write_manifest(run.run_dir, EmbedManifest(model=config.embed.model, model_fingerprint=emb.model_fingerprint,
+    write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model, model_fingerprint=emb.model_fingerprint,
                                               cache=config.cache_root, counts=emb.counts,
                                               seconds=run.report.seconds["embed"], config=config.embed))
     run.out.say(f"[embed] {emb.counts.items_encoded} encoded, {emb.counts.items_from_cache} from cache "
@@ -232,7 +250,8 @@ def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) 
         cold_items_in_user_lists=int(np.isin(u_ids[u_ids >= 0], np.flatnonzero(~space.warm)).sum()),
         item_lists_recall=recall, search_depth=tuning, layout=space.layout.to_dict())
     run.report.index = summary
-    write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), seconds=run.report.seconds["index"],
+    write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), files=digests(run.run_dir, "index.faiss", "lists.parquet"),
+                                              seconds=run.report.seconds["index"],
                                               index_config=config.index, lists_config=config.lists,
                                               blend_config=config.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"

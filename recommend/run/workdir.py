@@ -8,12 +8,17 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from embedder.artifacts import write_json
 from embedder.errors import RecsError
-from recommend.run.report import Manifest, RefreshReport
+from recommend.run.report import Manifest, RefreshReport, read_report
+
+log = logging.getLogger("recs")
 
 
 def new_run_id() -> str:
@@ -31,15 +36,28 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
 
 
 def latest_report(workdir: str | Path, run_id: str | None = None) -> RefreshReport | None:
-    """report.json of `run_id`, or of the newest run that completed (status ok)."""
+    """report.json of `run_id`, or of the newest run that completed (status ok). A damaged report is
+    named: as an error for `run_id`, with a warning (and skipped) when looking for the newest."""
     root = runs_dir(workdir)
     candidates = [root / run_id] if run_id else sorted(root.glob("*"), reverse=True) if root.exists() else []
     for run in candidates:
         path = run / "report.json"
-        if path.is_file():
-            report = RefreshReport.model_validate_json(path.read_text())
-            if run_id or report.status == "ok":
-                return report
+        if not path.is_file():
+            continue
+        try:
+            report = read_report(path)
+        except (ValidationError, ValueError) as exc:
+            message = f"{path} is damaged ({str(exc).splitlines()[0]})"
+            if run_id:
+                raise RecsError(message + "; pick another run (--run) or refresh again") from None
+            log.warning("%s; skipped", message)
+            continue
+        if report is None:  # written by an earlier nightly-recs: its artifacts are not described the same way
+            if run_id:
+                raise RecsError(f"run {run_id} was made by an earlier nightly-recs; refresh again to evaluate")
+            continue
+        if run_id or report.status == "ok":
+            return report
     return None
 
 

@@ -34,10 +34,10 @@ def raw_encode(batch: list[str], precision: str, device: str = "cpu", batch_size
     torch.set_num_threads(os.cpu_count() or 1)
     path = str(resolve_model_path(model))
     warm = batch[:8] if device == "cpu" else batch[:256]  # a GPU also compiles its kernels on first use
-    encode_chunk(warm, path, device, precision=precision)  # load and warm up outside the clock
+    encode_chunk(warm, path, device=device, precision=precision)  # load and warm up outside the clock
     t = {}
     with timed(t, "s"):
-        vectors = encode_chunk(batch, path, device, batch_size=batch_size, precision=precision)
+        vectors = encode_chunk(batch, path, device=device, batch_size=batch_size, precision=precision)
     return vectors, t["s"]
 
 
@@ -46,6 +46,7 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool, de
                     threads_per_worker: int = 1) -> tuple[np.ndarray, float, dict]:
     from embedder.encode import embed_items, encode_chunk
     from embedder.model import resolve_model_path
+    from embedder.settings import EmbedSettings
     from recommend.config import DaskSettings
     from recommend.run.cluster import dask_client, worker_layout
 
@@ -56,14 +57,15 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool, de
             tempfile.TemporaryDirectory() as cache:
         n_workers = len(client.scheduler_info()["workers"])
         # each worker loads the model once, as in a refresh
-        client.run(encode_chunk, batch[:8] if device == "cpu" else batch[:256], path, device, batch_size, torch_threads)
+        client.run(encode_chunk, batch[:8] if device == "cpu" else batch[:256], path, device=device,
+                   batch_size=batch_size, threads=torch_threads)
         t = {}
         with timed(t, "s"):
-            result = embed_items(items, model, cache, client, device, batch_size, 1024, torch_threads,
-                                 precision=precision)
+            result = embed_items(items, EmbedSettings(model=model, device=device, batch_size=batch_size, precision=precision),
+                                 cache_root=cache, client=client, threads=torch_threads)
     layout = worker_layout(device, None, threads_per_worker)
     return result.vectors, t["s"], {"workers": n_workers, "layout": layout["kind"],
-                                    "threads_per_worker": layout["threads_per_worker"], **result.counts}
+                                    "threads_per_worker": layout["threads_per_worker"], **result.counts.model_dump()}
 
 
 def cosines(reference: np.ndarray, other: np.ndarray) -> dict:

@@ -1,0 +1,127 @@
+"""`recs check`: verify what a workdir holds (the embedding cache, the run folders, the published
+versions), say what is wrong, and with `repair` mend what can be mended.
+
+- cache: every file's checksum and vectors (embedder/cache.py); a damaged file is moved aside, its
+  items are encoded again by the next refresh.
+- runs: each run's report.json and manifests parse, and every artifact a manifest lists still has
+  the digest it was written with. A damaged run is not repaired (its lists were published or not;
+  the next refresh makes new ones): it is named, so that `recs eval --run` can avoid it.
+- store: the published versions can be listed, each with both collections.
+
+Example:
+    report = check_workdir(load_config("config.yaml"), repair=True)
+    report.ok, [f.problem for f in report.findings]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from embedder.artifacts import file_digest
+from embedder.cache import EmbeddingCache
+from embedder.errors import RecsError
+from recommend.config import Config
+from recommend.run.lock import LockHeld, RefreshLock
+from recommend.run.report import read_report
+from recommend.run.workdir import runs_dir
+
+
+class Finding(BaseModel):
+    where: str                    # cache | run <id> | store
+    problem: str
+    repaired: str | None = None   # what was done about it
+
+
+class CheckReport(BaseModel):
+    cache_vectors: int            # vectors in sound cache files
+    runs: int                     # run folders checked
+    versions: int | None          # published versions listed (None: publishing is off)
+    findings: list[Finding]
+
+    @property
+    def ok(self) -> bool:
+        return not [f for f in self.findings if f.repaired is None]
+
+
+class DamagedArtifact(RecsError):
+    """A run artifact does not hold what was written (truncated, changed). Exit code 1."""
+
+
+def run_problems(run_dir: Path) -> list[str]:
+    """What is wrong with one run folder (empty: nothing)."""
+    problems = []
+    path = run_dir / "report.json"
+    if not path.is_file():
+        problems.append("no report.json: the run was stopped before it could write one (killed)")
+    else:
+        try:
+            read_report(path)  # None (an earlier version's format) is not a problem
+        except (ValidationError, ValueError) as exc:
+            problems.append(f"report.json is damaged ({str(exc).splitlines()[0]})")
+    for manifest in sorted(run_dir.glob("manifest-*.json")):
+        try:
+            files = json.loads(manifest.read_text()).get("files", {})
+        except ValueError as exc:
+            problems.append(f"{manifest.name} is damaged ({exc})")
+            continue
+        for name, digest in files.items():
+            problem = artifact_problem(run_dir, name, digest)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def artifact_problem(run_dir: Path, name: str, digest: str) -> str | None:
+    path = run_dir / name
+    if not path.is_file():
+        return f"{name} is missing"
+    if file_digest(path) != digest:
+        return f"{name} is damaged: its bytes are not those written ({path.stat().st_size} bytes now)"
+    return None
+
+
+def verify_artifacts(run_dir: Path, *names: str) -> None:
+    """Raise DamagedArtifact naming the file when an artifact no longer matches its manifest."""
+    listed = {}
+    for manifest in run_dir.glob("manifest-*.json"):
+        try:
+            listed.update(json.loads(manifest.read_text()).get("files", {}))
+        except ValueError:
+            continue
+    for name in names:
+        problem = artifact_problem(run_dir, name, listed[name]) if name in listed else None
+        if problem:
+            raise DamagedArtifact(f"run {run_dir.name}: {problem}; pick another run (--run) or refresh again")
+
+
+def check_workdir(config: Config, repair: bool = False) -> CheckReport:
+    """Check the cache, every run folder and the published versions of one config's workdir."""
+    findings = []
+    vectors, damaged = EmbeddingCache(config.cache_root).check(repair=repair)
+    findings += [Finding(where="cache", problem=d, repaired="moved aside" if repair else None) for d in damaged]
+    runs = sorted(p for p in runs_dir(config.workdir).glob("*") if p.is_dir()) if runs_dir(config.workdir).exists() else []
+    try:
+        RefreshLock(config.workdir).acquire().release()
+        running = None
+    except LockHeld:  # a refresh is running: its folder has no report yet, and that is fine
+        running = runs[-1] if runs else None
+    for run in runs:
+        if run != running:
+            findings += [Finding(where=f"run {run.name}", problem=p) for p in run_problems(run)]
+    versions = None
+    if config.publish.enabled:
+        from recommend.serving.publish import list_versions
+        from recommend.serving.store import open_store
+
+        try:
+            listed = list_versions(open_store(config.publish.url, Path(config.workdir) / "qdrant",
+                                              config.publish.api_key_env), config.publish.prefix)
+            versions = len(listed)
+            findings += [Finding(where="store", problem=f"version {v.run_id} is incomplete (items {v.items}, users {v.users})")
+                         for v in listed if not v.items or v.users is None]
+        except RecsError as exc:
+            findings.append(Finding(where="store", problem=str(exc)))
+    return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings)
