@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -13,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
+
+from embedder.errors import StorageError
 
 
 @contextmanager
@@ -39,7 +42,7 @@ def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
             os.replace(tmp, path)
         else:
             fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             if fs is None:
                 Path(tmp).unlink(missing_ok=True)
@@ -47,6 +50,9 @@ def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
                 fs.rm(tmp)
         except OSError:
             pass  # the original error is the one to report
+        problem = storage_problem(exc)
+        if problem:
+            raise StorageError(f"cannot write {path}: {problem}; nothing was left half-written") from exc
         raise
 
 
@@ -57,6 +63,24 @@ def file_digest(path: Path | str) -> str:
         while block := fh.read(1 << 22):
             h.update(block)
     return f"xxh3-128:{h.hexdigest()}"
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                   errno.EROFS: "read-only file system", errno.EIO: "input/output error (a failing device?)"}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """What a failed write says about the storage, in words, or None when it is some other error.
+    pyarrow raises OSError with an errno; faiss a RuntimeError whose text carries the system's."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[exc.errno]
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc)
+        for code, words in _STORAGE_ERRNOS.items():
+            if os.strerror(code) in text:
+                return words
+    return None
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

@@ -16,5 +16,10 @@ class InputError(RecsError):
     exit_code = 2
 
 
+class StorageError(RecsError):
+    """A file could not be written (a full disk, no permission, a read-only or failing device). The
+    message names the path; nothing half-written is left under the real name. Exit code 1."""
+
+
 class BadDataError(RecsError):
     """Too many rows of a source were quarantined: the run stops before publishing. Exit code 1."""

@@ -117,6 +117,13 @@ class UsersConfig(SourceConfig):
     id: str = "user_id"
 
 
+class RunsSettings(Section):
+    """What is kept of past runs under <workdir>/runs/."""
+
+    keep: int = Field(10, ge=1, description="run folders kept: the newest N (failed ones too), plus every run "
+                                            "behind a published version")
+
+
 class DaskSettings(Section):
     """The cluster a refresh runs on (recommend/run/cluster.py)."""
 
@@ -127,6 +134,7 @@ class DaskSettings(Section):
 
 class Config(Section):
     workdir: str = ".recs"
+    runs: RunsSettings = RunsSettings()
     items: ItemsConfig
     events: EventsConfig
     users: UsersConfig | None = None

@@ -145,3 +145,87 @@ def test_check_names_damage_and_eval_refuses_a_damaged_run(tmp_path, sample_dir,
     (run / "report.json").write_text((run / "report.json").read_text()[:40])  # truncated
     assert any("report.json is damaged" in f["problem"] for f in jsonlib.loads(recs("check", "--json").stdout)["findings"])
     assert recs("refresh", "-q").returncode == 0  # and the workdir keeps working
+
+
+def _cli(config, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "recommend.cli", *args, "-c", str(config)], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def _live_and_versions(config):
+    """(the live version a query answers from, the versions `recs versions` lists) in a fresh process."""
+    import json as jsonlib
+
+    import pandas as pd
+
+    user = pd.read_parquet(Path(str(config)).parent / "data" / "events.parquet")["user_id"].iloc[0]
+    answer = _cli(config, "recommend", str(user), "--json")
+    listed = _cli(config, "versions", "--json")
+    assert answer.returncode == 0 and listed.returncode == 0, answer.stderr + listed.stderr
+    return jsonlib.loads(answer.stdout)["version"], jsonlib.loads(listed.stdout)
+
+
+def test_a_refresh_killed_in_any_stage_leaves_the_live_version_answering(tmp_path, sample_dir, tiny_model):
+    """kill -9 (the whole process group: the driver and its Dask workers) as each stage starts; after
+    each, the live version still answers, nothing incomplete is listed, and the next refresh completes."""
+    import json as jsonlib
+    import signal
+
+    config = write_config(tmp_path, _copy_sample(sample_dir, tmp_path / "data"), tiny_model)
+    good = jsonlib.loads(_cli(config, "refresh", "-q", "--json").stdout.strip().splitlines()[-1])
+    for stage in ("ingest", "embed", "gate", "index"):
+        proc = subprocess.Popen([sys.executable, "-m", "recommend.cli", "refresh", "-v", "-c", str(config)],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV,
+                                start_new_session=True)
+        for line in proc.stderr:
+            if f"stage {stage} started" in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL, f"the refresh ended before stage {stage}"
+        live, versions = _live_and_versions(config)
+        assert live == good["published_version"], stage
+        assert [v["run_id"] for v in versions] == [good["run_id"]] and all(v["items"] and v["users"] for v in versions)
+    check = jsonlib.loads(_cli(config, "check", "--json").stdout)
+    killed = [f for f in check["findings"] if "no report.json" in f["problem"]]
+    assert len(killed) == 4
+    repaired = jsonlib.loads(_cli(config, "check", "--repair", "--json").stdout)
+    assert sum(f["repaired"] == "removed" for f in repaired["findings"]) == 4
+    final = _cli(config, "refresh", "-q", "--json")
+    assert final.returncode == 0 and "Traceback" not in final.stderr
+    assert _live_and_versions(config)[0] == jsonlib.loads(final.stdout.strip().splitlines()[-1])["published_version"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KB filesystem (tmpfs) mounted for the test, where the machine allows it."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({proc.stderr.decode().strip() or proc.returncode})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_ends_in_one_message_naming_the_path(tmp_path, sample_dir, tiny_model, dask_client, tiny_disk):
+    """The run folders on a full filesystem: the refresh stops with a message naming the file it could
+    not write, leaves no temporary file, publishes nothing; the live version still answers."""
+    from embedder.errors import StorageError
+    from recommend.config import load_config
+    from recommend.run.pipeline import refresh
+    from recommend.serving.facade import Recommender
+
+    config = load_config(write_config(tmp_path, _copy_sample(sample_dir, tmp_path / "data"), tiny_model))
+    good = refresh(config, quiet=True, client=dask_client)
+    runs = Path(config.workdir) / "runs"
+    subprocess.run(["mount", "--bind", str(tiny_disk), str(runs)], check=True)  # runs/ is now 64 KB
+    try:
+        with pytest.raises(StorageError, match=f"cannot write {runs}/.*: no space left on the device"):
+            refresh(config, quiet=True, client=dask_client)
+        assert not list(runs.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(runs)], capture_output=True)
+    assert Recommender.from_config(config).live_version() == good.published_version
+    assert refresh(config, quiet=True, client=dask_client).status == "ok"

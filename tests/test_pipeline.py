@@ -286,3 +286,17 @@ def test_empty_sources_stop_the_run_and_an_unjudged_run_does_not_replace_a_judge
     assert Recommender.from_config(config).live_version() == good.published_version
     allowed = load_config(write_config(tmp_path, data, tiny_model, gate={"allow_unjudged": True}))
     assert refresh(allowed, quiet=True, client=dask_client).published_version is not None
+
+
+def test_old_run_folders_are_pruned_but_never_one_behind_a_published_version(tmp_path, sample_dir, tiny_model,
+                                                                           dask_client):
+    data = _copy_sample(sample_dir, tmp_path / "data", ("items", "users", "events"))
+    config = load_config(write_config(tmp_path, data, tiny_model, runs={"keep": 1}, publish={"keep_versions": 2}))
+    reports = [refresh(config, quiet=True, client=dask_client) for _ in range(3)]
+    runs = tmp_path / "work" / "runs"
+    kept = sorted(p.name for p in runs.iterdir())
+    assert kept == sorted(r.run_id for r in reports[1:])  # the two behind the kept versions; the first is gone
+    pd.DataFrame(columns=["user_id", "item_id", "timestamp", "event_type"]).to_parquet(data / "events.parquet")
+    with pytest.raises(Exception):
+        refresh(config, quiet=True, client=dask_client)  # a failed run is pruned like any other, but kept as newest
+    assert len(list(runs.iterdir())) == 3 and {r.run_id for r in reports[1:]} <= {p.name for p in runs.iterdir()}

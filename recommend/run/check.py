@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -108,10 +109,7 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
         running = None
     except LockHeld:  # a refresh is running: its folder has no report yet, and that is fine
         running = runs[-1] if runs else None
-    for run in runs:
-        if run != running:
-            findings += [Finding(where=f"run {run.name}", problem=p) for p in run_problems(run)]
-    versions = None
+    versions, published = None, None
     if config.publish.enabled:
         from recommend.serving.publish import list_versions
         from recommend.serving.store import open_store
@@ -119,9 +117,20 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
         try:
             listed = list_versions(open_store(config.publish.url, Path(config.workdir) / "qdrant",
                                               config.publish.api_key_env), config.publish.prefix)
-            versions = len(listed)
+            versions, published = len(listed), {v.run_id for v in listed}
             findings += [Finding(where="store", problem=f"version {v.run_id} is incomplete (items {v.items}, users {v.users})")
                          for v in listed if not v.items or v.users is None]
         except RecsError as exc:
             findings.append(Finding(where="store", problem=str(exc)))
+    for run in runs:
+        if run == running:
+            continue
+        problems = run_problems(run)
+        # a killed run's folder (no report) behind no published version holds nothing anyone reads
+        removable = repair and published is not None and run.name not in published and \
+            any(p.startswith("no report.json") for p in problems)
+        if removable:
+            shutil.rmtree(run, ignore_errors=True)
+        findings += [Finding(where=f"run {run.name}", problem=p, repaired="removed" if removable else None)
+                     for p in problems[:1 if removable else None]]
     return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings)

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from embedder.artifacts import write_json, write_text
-from embedder.errors import RecsError
+from embedder.errors import RecsError, StorageError
 from embedder.model import ModelNotFound, pick_device, resolve_model_path
 from embedder.precision import resolve_precision
 from recommend.config import Config, ConfigError, stage_settings
@@ -28,7 +28,7 @@ from recommend.run.memory import survivors_frozen
 from recommend.run.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
 from recommend.run.lock import RefreshLock
-from recommend.run.workdir import new_run_id, runs_dir
+from recommend.run.workdir import new_run_id, prune_runs, runs_dir
 from recommend.serving.store import open_store
 
 
@@ -56,7 +56,10 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
         settings = stage_settings(config)
         run_id = new_run_id()
         run_dir = runs_dir(config.workdir) / run_id
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the run folder {run_dir}: {exc.strerror}") from None
         out = Reporter(quiet)
         out.say(f"refresh: run {run_id} -> {run_dir}")
         run = stages.Run(config, settings, run_dir, out, RefreshReport(run_id=run_id, run_dir=str(run_dir)))
@@ -80,6 +83,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             raise error from exc
         run.report.seconds["total"] = round(time.perf_counter() - started, 3)
         _write_report(run)
+        _prune_runs(run)
         return run.report
 
 
@@ -111,8 +115,27 @@ def _failed(run: stages.Run, exc: BaseException, seconds: float) -> None:
     report.seconds["total"] = round(seconds, 3)
     try:
         _write_report(run)
-    except OSError:
+        _prune_runs(run)
+    except (OSError, RecsError):
         pass  # e.g. the disk is full: the error itself is still raised to the caller
+
+
+def _prune_runs(run: stages.Run) -> None:
+    """Old run folders go (`runs.keep`), never one behind a published version. When the published
+    versions cannot be listed, nothing is deleted."""
+    config = run.config
+    protect = {run.run_id}
+    if config.publish.enabled:
+        try:
+            from recommend.serving.publish import list_versions
+
+            store = open_store(config.publish.url, Path(config.workdir) / "qdrant", config.publish.api_key_env)
+            protect |= {v.run_id for v in list_versions(store, config.publish.prefix)}
+        except RecsError:
+            return
+    deleted = prune_runs(config.workdir, config.runs.keep, protect)
+    if deleted:
+        run.out.say(f"refresh: {len(deleted)} old run folder(s) removed (runs.keep: {config.runs.keep})")
 
 
 def _write_report(run: stages.Run) -> None:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def new_run_id() -> str:
 
 def runs_dir(workdir: str | Path) -> Path:
     return Path(workdir) / "runs"
+
+
+def prune_runs(workdir: str | Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete run folders beyond the newest `keep`, except those in `protect` (runs behind published
+    versions). Returns the run ids deleted, oldest first."""
+    root = runs_dir(workdir)
+    runs = sorted(p for p in root.glob("*") if p.is_dir()) if root.exists() else []
+    deleted = []
+    for run in runs[:-keep] if keep else runs:
+        if run.name not in protect:
+            shutil.rmtree(run, ignore_errors=True)
+            deleted.append(run.name)
+    return deleted
 
 
 def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
