@@ -11,41 +11,111 @@ from typing import Callable, Sequence
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 from pydantic import BaseModel
 
 from index.rows import RowSource
 
 
-def search_excluding(index, queries: RowSource, k: int, exclude: Sequence[np.ndarray] | None = None,
+Exclusions = "sp.csr_matrix | Sequence[np.ndarray] | None"
+# A query that excludes more ids than this is searched exactly with its exclusions masked out,
+# instead of asking the index for k + that many neighbours (a user with thousands of items seen).
+HEAVY = 256
+
+
+def search_excluding(index, queries: RowSource, k: int, exclude=None, *, vectors: RowSource | None = None,
                      block_size: int = 4096, progress: Callable[[int], None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ids by inner product for each query, never returning an id in that query's `exclude`.
+    """Top-k ids by inner product for each query, never returning an id in that query's exclusions.
 
-    Each block asks the index for k + (largest exclusion in the block) neighbours, so an exact index
-    returns exactly min(k, n - excluded) results per query. Returns ``(scores, ids)``.
+    `exclude`: a CSR matrix (row i: the ids query i excludes) or a sequence of id arrays. Each block
+    asks the index for k + (the block's largest exclusion) neighbours and drops the excluded ones for
+    the whole block at once, so an exact index returns exactly min(k, n - excluded) results per query.
+    Queries that exclude more than HEAVY ids are searched exactly over `vectors` (default: a flat
+    index's own vectors) with their exclusions masked. Returns ``(scores, ids)``.
     """
-    n = len(queries)
+    n, ntotal = len(queries), index.ntotal
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
+    vectors = vectors if vectors is not None else flat_vectors(index)
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
-        block_exclude = exclude[start:stop] if exclude is not None else [()] * (stop - start)
-        extra = max((len(e) for e in block_exclude), default=0)
-        want = min(k + extra, index.ntotal)
-        if want == 0:
-            continue
-        found_scores, found_ids = index.search(np.ascontiguousarray(queries[start:stop], dtype=np.float32), want)
-        for row in range(stop - start):
-            cand_ids, cand_scores = found_ids[row], found_scores[row]
-            keep = cand_ids >= 0
-            if len(block_exclude[row]):
-                keep &= ~np.isin(cand_ids, block_exclude[row])
-            cand_ids, cand_scores = cand_ids[keep][:k], cand_scores[keep][:k]
-            ids[start + row, :len(cand_ids)] = cand_ids
-            scores[start + row, :len(cand_ids)] = cand_scores
+        q = np.ascontiguousarray(queries[start:stop], dtype=np.float32)
+        excluded = exclusions(exclude, start, stop, ntotal)
+        counts = np.diff(excluded.indptr)
+        heavy = counts > HEAVY if vectors is not None else np.zeros(len(q), dtype=bool)
+        light = np.flatnonzero(~heavy)
+        if len(light) and ntotal:
+            want = min(k + int(counts[light].max(initial=0)), ntotal)
+            found_scores, found_ids = index.search(q[light] if heavy.any() else q, want)
+            block = excluded[light] if heavy.any() else excluded
+            s, i = keep_allowed(found_scores, found_ids, block, k, ntotal)
+            scores[start + light], ids[start + light] = s, i
+        for row in np.flatnonzero(heavy):  # few: at most one per HEAVY+1 excluded ids
+            scores[start + row], ids[start + row] = masked_top_k(q[row], vectors, k, excluded.indices[
+                excluded.indptr[row]:excluded.indptr[row + 1]])
         if progress:
             progress(stop - start)
     return scores, ids
+
+
+def exclusions(exclude, start: int, stop: int, n_cols: int) -> sp.csr_matrix:
+    """Rows start..stop of `exclude` as a CSR matrix (empty rows when there is none)."""
+    if exclude is None:
+        return sp.csr_matrix((stop - start, n_cols), dtype=np.int8)
+    if sp.issparse(exclude):
+        return sp.csr_matrix(exclude[start:stop])
+    rows = [np.asarray(r, dtype=np.int64) for r in exclude[start:stop]]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.int8), indices, indptr), shape=(stop - start, n_cols))
+
+
+def keep_allowed(found_scores: np.ndarray, found_ids: np.ndarray, excluded: sp.csr_matrix, k: int, n_cols: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The first k candidates of each row (already in score order) that are found and not excluded,
+    for a whole block at once; -1 / -inf where fewer remain."""
+    b, width = found_ids.shape
+    valid = found_ids >= 0
+    if excluded.nnz:
+        rows = np.repeat(np.arange(b, dtype=np.int64), np.diff(excluded.indptr))
+        codes = np.arange(b, dtype=np.int64)[:, None] * n_cols + np.where(valid, found_ids, 0)
+        valid &= ~np.isin(codes, rows * n_cols + excluded.indices)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # the valid ones first, in their order
+    kept_ids, kept_scores, kept = (np.take_along_axis(a, order, 1) for a in (found_ids, found_scores, valid))
+    ids = np.full((b, k), -1, dtype=np.int64)
+    scores = np.full((b, k), -np.inf, dtype=np.float32)
+    ids[:, :order.shape[1]] = np.where(kept, kept_ids, -1)
+    scores[:, :order.shape[1]] = np.where(kept, kept_scores, -np.inf)
+    return scores, ids
+
+
+def masked_top_k(query: np.ndarray, vectors: RowSource, k: int, excluded: np.ndarray, block: int = 1 << 18
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of one query over `vectors` with the `excluded` ids left out, a block at a time."""
+    best_scores = np.full(k, -np.inf, dtype=np.float32)
+    best_ids = np.full(k, -1, dtype=np.int64)
+    for start in range(0, len(vectors), block):
+        sims = np.asarray(vectors[start:start + block], dtype=np.float32) @ query
+        mine = excluded[(excluded >= start) & (excluded < start + len(sims))] - start
+        sims[mine] = -np.inf
+        take = min(k, len(sims))
+        top = np.argpartition(-sims, take - 1)[:take]
+        cand_s = np.concatenate([best_scores, sims[top]])
+        cand_i = np.concatenate([best_ids, top + start])
+        order = np.argsort(-cand_s, kind="stable")[:k]
+        best_scores, best_ids = cand_s[order], cand_i[order]
+    return best_scores, np.where(np.isfinite(best_scores), best_ids, -1)
+
+
+def flat_vectors(index) -> np.ndarray | None:
+    """The vectors a flat (exact) FAISS index holds, as a numpy view (no copy); None for other kinds."""
+    if isinstance(index, ExactIndex):
+        return index.vectors
+    flat = faiss.downcast_index(index) if hasattr(index, "this") else None
+    if isinstance(flat, faiss.IndexFlat) and flat.ntotal:
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    return None
 
 
 class ExactIndex:

@@ -30,6 +30,13 @@ def test_exact_index_matches_brute_force_with_exclusions():
         np.testing.assert_allclose(np.sort(scores[q]), np.sort(sims[expected]), rtol=1e-5)
 
 
+def _csr(rows, n_cols):
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((np.ones(sum(len(r) for r in rows), np.int8), np.concatenate(rows).astype(np.int64),
+                          np.concatenate([[0], np.cumsum([len(r) for r in rows])])), shape=(len(rows), n_cols))
+
+
 def _topics(n, d=32, topics=40, spread=0.5, seed=0):
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(topics, d))[rng.integers(0, topics, n)] + spread * rng.normal(size=(n, d))
@@ -88,7 +95,7 @@ def test_user_lists_exactly_k_unseen(kind):
     gets the most popular; a user who has seen 37 gets the 3 that exist."""
     items = _unit(40)
     pop = np.arange(40, 0, -1).astype(np.float32)  # item 0 most popular
-    seen = [np.arange(34), np.array([], np.int64), np.arange(37), np.array([0, 1])]
+    seen = _csr([np.arange(34), np.array([], np.int64), np.arange(37), np.array([0, 1])], 40)
     profiles = np.stack([items[:34].mean(0), np.zeros(16), items[:37].mean(0), items[5]]).astype(np.float32)
     profiles[[0, 2, 3]] /= np.linalg.norm(profiles[[0, 2, 3]], axis=1, keepdims=True)
     has_history = np.array([True, False, True, True])
@@ -100,7 +107,7 @@ def test_user_lists_exactly_k_unseen(kind):
     assert sorted(ids[2][ids[2] >= 0]) == [37, 38, 39] and (ids[2] == -1).sum() == 2
     assert (ids[3] >= 0).all() and not {0, 1} & set(ids[3]) and source[3] == "history"
     for u in range(4):
-        assert not set(ids[u][ids[u] >= 0]) & set(seen[u].tolist())
+        assert not set(ids[u][ids[u] >= 0]) & set(seen[u].indices.tolist())
 
 
 def test_sampled_recall_is_one_for_exact_and_measures_an_approximate_index():
@@ -225,14 +232,9 @@ def test_default_approximate_index_keeps_huge_values_finite_and_ranks_like_exact
     np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
 
 
-def test_picked_rows_and_labels_read_like_the_lists_they_replace():
-    from recommend.ranking.lists import labels, picked
+def test_labels_share_one_str_per_value():
+    from recommend.ranking.lists import labels
 
-    seen = [np.array([i, i + 1]) for i in range(10)]
-    rows = np.array([7, 2, 5])
-    view = picked(seen, rows)
-    assert len(view) == 3 and view[1].tolist() == [2, 3]
-    assert [p.tolist() for p in view[1:]] == [[2, 3], [5, 6]]
     names = labels(np.array(["history", "popular", "history"]))
     assert names.dtype == object and names.tolist() == ["history", "popular", "history"]
     assert names[0] is names[2]  # one str per distinct value
@@ -262,3 +264,94 @@ def test_exact_search_equals_brute_force_block_by_block():
     np.testing.assert_array_equal(ExactIndex(items).search(queries, 7)[1], flat.search(queries, 7)[1])
     few_scores, few = ExactIndex(items[:3]).search(queries, 5)  # fewer vectors than k: -1 and -inf fill the rest
     assert (few[:, 3:] == -1).all() and np.isneginf(few_scores[:, 3:]).all() and (few[:, :3] >= 0).all()
+
+
+def _rowwise_fill(scores, ids, exclude, popular_order, queries, item_vectors, popular_scores):
+    """Oracle: the row-by-row top-up the block version replaced (c7dac01's lists.fill_from_popular)."""
+    k = ids.shape[1]
+    short = (ids < 0).any(axis=1)
+    top = float(popular_scores.max()) if len(popular_scores) and popular_scores.max() > 0 else 1.0
+    for row in np.flatnonzero(short):
+        have = ids[row][ids[row] >= 0]
+        n = len(have)
+        taken = np.concatenate([have, exclude[row]]) if len(exclude[row]) else have
+        cands = popular_order[: k + len(taken)]
+        cands = cands[~np.isin(cands, taken)][: k - n]
+        ids[row, n:n + len(cands)] = cands
+        if queries is not None and np.any(queries[row]):
+            scores[row, n:n + len(cands)] = item_vectors[cands] @ queries[row]
+        else:
+            scores[row, n:n + len(cands)] = popular_scores[cands] / top
+    return short
+
+
+def _rowwise_reserve(scores, ids, queries, item_vectors, new_items, seen, rows, slots=1):
+    """Oracle: c7dac01's lists.reserve_for_new, a Python loop over the rows."""
+    changed = np.zeros(len(ids), dtype=bool)
+    k = ids.shape[1]
+    slots = min(slots, k // 5)
+    if slots <= 0 or not len(new_items) or not len(rows):
+        return changed
+    is_new = np.zeros(len(item_vectors), dtype=bool)
+    is_new[new_items] = True
+    for row in rows:
+        if ids[row, k - 1] < 0 or is_new[ids[row]].sum() >= slots:
+            continue
+        sims = item_vectors[new_items] @ queries[row]
+        sims[np.isin(new_items, np.concatenate([ids[row], seen[row]]))] = -np.inf
+        order = np.argsort(-sims, kind="stable")
+        picks = [(float(sims[o]), int(new_items[o])) for o in order if np.isfinite(sims[o])][:slots - int(is_new[ids[row]].sum())]
+        if not picks:
+            continue
+        old_positions = [p for p in range(k) if not is_new[ids[row, p]]]
+        dropped = set(old_positions[len(old_positions) - len(picks):])
+        merged = [(scores[row, p], ids[row, p]) for p in range(k) if p not in dropped] + picks
+        ids[row] = [i for _, i in merged]
+        scores[row] = [s for s, _ in merged]
+        changed[row] = True
+    return changed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monkeypatch):
+    """Oracle: the per-row loops the block versions replaced, on random lists with short rows, users
+    without history, heavy users (searched exactly with a mask) and new items."""
+    import index.search as search
+    from recommend.ranking.lists import fill_from_popular, recommended_items, reserve_for_new
+
+    monkeypatch.setattr(search, "HEAVY", 12)  # some users exclude more than this: the masked path runs too
+    rng = np.random.default_rng(seed)
+    n_items, n_users, k = 60, 40, 10
+    items, profiles = _unit(n_items, seed=seed), _unit(n_users, seed=seed + 9)
+    profiles[:5] = 0  # no history
+    seen_rows = [rng.choice(n_items, int(rng.integers(0, 50 if u % 7 == 0 else 12)), replace=False) for u in range(n_users)]
+    seen_rows[:5] = [np.array([], np.int64)] * 5
+    seen = _csr(seen_rows, n_items)
+    pop = rng.random(n_items).astype(np.float32)
+    new = np.sort(rng.choice(n_items, 8, replace=False))
+    s, i, source = recommended_items(build_index(items, kind="exact"), profiles, np.arange(n_users) >= 5, seen, k,
+                                     items, pop, new_items=new, new_slots=2)
+    # oracle: brute force without exclusions beyond seen, then the row-by-row fill and reserve
+    exp_s = np.full((n_users, k), -np.inf, np.float32)
+    exp_i = np.full((n_users, k), -1, np.int64)
+    for u in range(5, n_users):
+        sims = items @ profiles[u]
+        sims[seen_rows[u]] = -np.inf
+        order = np.argsort(-sims, kind="stable")[:k]
+        order = order[np.isfinite(sims[order])]
+        exp_i[u, :len(order)], exp_s[u, :len(order)] = order, sims[order]
+    _rowwise_fill(exp_s, exp_i, seen_rows, np.argsort(-pop, kind="stable"), profiles, items, pop)
+    _rowwise_reserve(exp_s, exp_i, profiles, items, new, seen_rows, np.arange(5, n_users), slots=2)
+    np.testing.assert_array_equal(i, exp_i)
+    np.testing.assert_allclose(s, exp_s, rtol=1e-5)
+    assert (source[:5] == "popular").all() and "history+new" in set(source)
+    # and each alone, from the same starting point
+    start_s, start_i = exp_s.copy(), exp_i.copy()
+    start_i[5:, 7:] = -1
+    got_s, got_i, want_s, want_i = start_s.copy(), start_i.copy(), start_s.copy(), start_i.copy()
+    assert (fill_from_popular(got_s, got_i, seen, np.argsort(-pop), profiles, items, pop) ==
+            _rowwise_fill(want_s, want_i, seen_rows, np.argsort(-pop), profiles, items, pop)).all()
+    np.testing.assert_array_equal(got_i, want_i)
+    changed = reserve_for_new(got_s, got_i, profiles, items, new, seen, np.arange(5, n_users), 2)
+    assert (changed == _rowwise_reserve(want_s, want_i, profiles, items, new, seen_rows, np.arange(5, n_users), 2)).all()
+    np.testing.assert_array_equal(got_i, want_i)

@@ -126,14 +126,3 @@ def test_rows_dot_equals_the_sparse_product():
     got = rows_dot(m, dense)
     assert got.dtype == np.float32 and got.shape == (50, 16) and not got[3].any()
     np.testing.assert_allclose(got, m.astype(np.float64) @ dense.astype(np.float64), rtol=1e-5, atol=1e-5)
-
-
-def test_seen_items_are_views_of_the_interaction_matrix():
-    from recommend.ranking.profiles import seen_items
-
-    matrix = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 0, 0], [0, 3, 0, 1]], dtype=np.float32))
-    seen = seen_items(matrix)
-    assert len(seen) == 3
-    assert [s.tolist() for s in seen] == [[0, 2], [], [1, 3]]
-    assert [s.tolist() for s in seen[1:]] == [[], [1, 3]]
-    assert np.shares_memory(seen[2], matrix.indices)  # no copy per user

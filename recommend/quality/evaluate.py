@@ -10,17 +10,18 @@ from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from pydantic import BaseModel
 
 from index.rows import take_rows
-from index.search import ExactIndex
+from index.search import ExactIndex, keep_allowed
 from index.settings import EXACT_INDEX, IndexSettings
 from index.tune import build_tuned
 from recommend.quality.gate import GateFigures
 from recommend.quality.metrics import cold_share, coverage, ranking_metrics
 from recommend.quality.splits import random_split, temporal_split
 from recommend.ranking.blend import Space, build_space
-from recommend.ranking.lists import picked, recommended_items
+from recommend.ranking.lists import recommended_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
 
 Split = Literal["random", "temporal"]
@@ -100,16 +101,13 @@ def plain_popularity(train: pd.DataFrame, item_ids: list[str]) -> np.ndarray:
     return counts.reindex(item_ids, fill_value=0).to_numpy(dtype=np.float64)
 
 
-def _rank_by(scores: np.ndarray, seen: list[np.ndarray], k: int) -> np.ndarray:
-    """Top-k item rows per user of a (users, items) score matrix or one shared (items,) ranking, seen removed."""
-    shared = scores.ndim == 1
-    order = np.argsort(-scores, kind="stable") if shared else None
-    out = np.full((len(seen), k), -1, dtype=np.int64)
-    for u, s in enumerate(seen):
-        ranking = order if shared else np.argsort(-scores[u], kind="stable")
-        ranking = ranking[~np.isin(ranking, s)] if len(s) else ranking
-        out[u, :min(k, len(ranking))] = ranking[:k]
-    return out
+def _rank_by(scores: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
+    """Top-k item rows per user of one shared (items,) ranking, each user's seen items removed."""
+    order = np.argsort(-scores, kind="stable")
+    seen = sp.csr_matrix(seen)
+    depth = min(k + int(np.diff(seen.indptr).max(initial=0)), len(order))
+    candidates = np.broadcast_to(order[:depth], (seen.shape[0], depth))
+    return keep_allowed(np.zeros(candidates.shape, np.float32), candidates, seen, k, len(order))[1]
 
 
 def rank_users(space: Space, k: int, new_slots: int, rows: np.ndarray | None = None,
@@ -123,7 +121,7 @@ def rank_users(space: Space, k: int, new_slots: int, rows: np.ndarray | None = N
         index = ExactIndex(space.item_docs)
     else:
         index, _ = build_tuned(space.item_docs, space.item_queries, k, index, space.users, np.flatnonzero(space.has_history))
-    _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], picked(space.seen, rows), k,
+    _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], space.seen[rows], k,
                                   space.item_docs, space.popularity, progress=progress,
                                   new_items=np.flatnonzero(~space.warm), new_slots=new_slots)
     return ids
@@ -157,7 +155,7 @@ def holdout_score(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray
     ranked = rank_users(space, k, settings.blend.new_item_slots, rows, index,
                         progress=bar("lists of the scored users", int(space.has_history[rows].sum())) if bar else None)
     rel = [relevant[r] for r in rows]
-    popular = _rank_by(plain_popularity(train, item_ids), [space.seen[r] for r in rows], k)
+    popular = _rank_by(plain_popularity(train, item_ids), space.seen[rows], k)
     return GateFigures(ndcg=ranking_metrics(ranked, rel, k)["ndcg"], popularity_ndcg=ranking_metrics(popular, rel, k)["ndcg"],
                        users=int(len(rows)), holdout=holdout, k=k)
 

@@ -20,10 +20,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from index.rows import Rows
 from recommend.ranking.behaviour import behaviour_matrix, fit_behaviour, project_cold
-from recommend.ranking.profiles import Computed, interactions, popularity, rows_dot, seen_items, user_profiles
+from recommend.ranking.profiles import interactions, popularity, rows_dot, user_profiles
 from recommend.ranking.settings import RankingSettings
 
 
@@ -107,7 +108,7 @@ class Space:
     users: Rows                  # (users, D), computed per block from the interaction matrix
     has_history: np.ndarray      # (users,) bool
     few_events: np.ndarray       # (users,) bool: fewer than `layout.few_events` items of history
-    seen: Computed               # (users,) item rows each user interacted with (views, see seen_items)
+    seen: sp.csr_matrix          # (users, items) binary: what each user interacted with (excluded from their list)
     popularity: np.ndarray       # (items,) decayed weights
     warm: np.ndarray             # (items,) bool: the item has interactions
     layout: Layout
@@ -154,4 +155,4 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
         item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),
         users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1), users),
         has_history=has_history, few_events=has_history & (n_history < blend.few_events),
-        seen=seen_items(binary), popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)
+        seen=binary, popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)

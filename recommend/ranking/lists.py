@@ -2,6 +2,8 @@
 
 Exactly K per subject whenever K eligible items exist: a row the index leaves short (an approximate
 index, a user with no history) is filled from the popularity ranking, and says so in `source`.
+Everything here works on a block of rows at once: exclusions are CSR matrices (row i: the items
+subject i must not get), not a Python loop over subjects.
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 
-from index.rows import take_rows
-from index.search import exact_search, search_excluding
-from recommend.ranking.profiles import Computed
+from index.rows import RowSource, take_rows
+from index.search import exact_search, exclusions, keep_allowed, search_excluding
 
 LIST_COLUMNS = ["subject_kind", "subject_id", "rank", "item_id", "score", "source"]
 LIST_SCHEMA = pa.schema([("subject_kind", pa.string()), ("subject_id", pa.string()), ("rank", pa.int32()),
                          ("item_id", pa.string()), ("score", pa.float32()), ("source", pa.string())])
+BLOCK = 4096  # rows per block in the fills
 
 
-def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndarray], popular_order: np.ndarray,
-                      queries: np.ndarray | None, item_vectors: np.ndarray, popular_scores: np.ndarray) -> np.ndarray:
+def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: sp.csr_matrix, popular_order: np.ndarray,
+                      queries: RowSource | None, item_vectors: RowSource, popular_scores: np.ndarray) -> np.ndarray:
     """Fill the -1 slots of each row in place with the most popular items not excluded and not listed.
 
     A filled slot's score is query . item when the row has a query vector, else the item's popularity
@@ -31,54 +34,67 @@ def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndar
     k = ids.shape[1]
     short = (ids < 0).any(axis=1)
     top = float(popular_scores.max()) if len(popular_scores) and popular_scores.max() > 0 else 1.0
-    for row in np.flatnonzero(short):
-        have = ids[row][ids[row] >= 0]
-        n = len(have)
-        taken = np.concatenate([have, exclude[row]]) if len(exclude[row]) else have
-        # popular_order is long; only look as deep as needed
-        cands = popular_order[: k + len(taken)]
-        cands = cands[~np.isin(cands, taken)][: k - n]
-        ids[row, n:n + len(cands)] = cands
-        if queries is not None and np.any(queries[row]):
-            scores[row, n:n + len(cands)] = item_vectors[cands] @ queries[row]
-        else:
-            scores[row, n:n + len(cands)] = popular_scores[cands] / top
+    n_items = len(popular_order)
+    for start in range(0, int(short.sum()), BLOCK):
+        rows = np.flatnonzero(short)[start:start + BLOCK]
+        excluded = sp.csr_matrix(exclude[rows]) if exclude is not None else exclusions(None, 0, len(rows), n_items)
+        listed = ids[rows]  # valid ids first, -1 after (search order)
+        have = (listed >= 0).sum(axis=1)
+        depth = min(k + int(np.diff(excluded.indptr).max(initial=0)), n_items)
+        candidates = np.broadcast_to(popular_order[:depth], (len(rows), depth))
+        taken = sp.csr_matrix((np.ones(int(have.sum()), np.int8), listed[listed >= 0],
+                               np.concatenate([[0], np.cumsum(have)])), shape=(len(rows), n_items))
+        _, picks = keep_allowed(np.zeros(candidates.shape, np.float32), candidates, excluded + taken, k, n_items)
+        slot = np.arange(k)[None, :]
+        need = slot >= have[:, None]  # the slots to fill, in order
+        fill = np.where(need, np.take_along_axis(picks, np.maximum(slot - have[:, None], 0), axis=1), -1)
+        ids[rows] = np.where(need, fill, listed)
+        filled = need & (fill >= 0)
+        relative = popular_scores[np.maximum(fill, 0)] / top
+        if queries is not None:
+            q = np.asarray(take_rows(queries, rows)[:], dtype=np.float32)
+            dots = np.einsum("rkd,rd->rk", np.asarray(item_vectors[np.maximum(fill, 0).ravel()], np.float32)
+                             .reshape(len(rows), k, -1), q)
+            relative = np.where(np.any(q, axis=1)[:, None], dots, relative)
+        scores[rows] = np.where(filled, relative, scores[rows])
     return short
 
 
-def similar_items(index, queries: np.ndarray, k: int, popular_scores: np.ndarray,
+def similar_items(index, queries: RowSource, k: int, popular_scores: np.ndarray,
                   progress: Callable[[int], None] | None = None,
-                  item_vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  item_vectors: RowSource | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every item, the k nearest other items. `queries[i]` is item i's query vector (its indexed
     vector when the space is symmetric); `item_vectors`: the indexed vectors (default: `queries`).
     Returns (scores, ids, filled-from-popular mask)."""
     item_vectors = queries if item_vectors is None else item_vectors
     n = len(queries)
     k = min(k, max(n - 1, 0))
-    exclude = [np.array([i], dtype=np.int64) for i in range(n)]
-    scores, ids = search_excluding(index, queries, k, exclude, progress=progress)
-    filled = fill_from_popular(scores, ids, exclude, np.argsort(-popular_scores, kind="stable"), queries,
+    itself = sp.identity(n, dtype=np.int8, format="csr")
+    scores, ids = search_excluding(index, queries, k, itself, vectors=item_vectors, progress=progress)
+    filled = fill_from_popular(scores, ids, itself, np.argsort(-popular_scores, kind="stable"), queries,
                                item_vectors, popular_scores)
     return scores, ids, filled
 
 
-def recommended_items(index, profiles: np.ndarray, has_history: np.ndarray, seen: list[np.ndarray], k: int,
-                      item_vectors: np.ndarray, popular_scores: np.ndarray,
+def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen: sp.csr_matrix, k: int,
+                      item_vectors: RowSource, popular_scores: np.ndarray,
                       progress: Callable[[int], None] | None = None, new_items: np.ndarray | None = None,
                       new_slots: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
-    Users without history get the most popular items. With `new_slots`, each user with history gets
-    up to that many of the best-matching `new_items` (items without events) at the end of the list.
-    Returns (scores, ids, source) where source is 'history', 'history+new' (a new item let in),
-    'history+popular' (topped up) or 'popular' per user.
+    `seen`: (users, items) CSR, the items each user interacted with. Users without history get the
+    most popular items. With `new_slots`, each user with history gets up to that many of the
+    best-matching `new_items` (items without events) at the end of the list. Returns (scores, ids,
+    source) where source is 'history', 'history+new' (a new item let in), 'history+popular' (topped
+    up) or 'popular' per user.
     """
     k = min(k, len(item_vectors))
+    seen = sp.csr_matrix(seen)
     scores = np.full((len(profiles), k), -np.inf, dtype=np.float32)
     ids = np.full((len(profiles), k), -1, dtype=np.int64)
     rows = np.flatnonzero(has_history)
     if len(rows):
-        s, i = search_excluding(index, take_rows(profiles, rows), k, picked(seen, rows), progress=progress)
+        s, i = search_excluding(index, take_rows(profiles, rows), k, seen[rows], vectors=item_vectors, progress=progress)
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
                                item_vectors, popular_scores)
@@ -95,54 +111,49 @@ def labels(values: np.ndarray) -> np.ndarray:
     return np.asarray(distinct.tolist(), dtype=object)[codes.ravel()]
 
 
-def picked(seq, rows: np.ndarray) -> Computed:
-    """`seq[rows[i]]` on demand (see Computed)."""
-    rows = np.asarray(rows)
-    return Computed(len(rows), lambda i: seq[rows[i]])
-
-
-def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: np.ndarray, item_vectors: np.ndarray,
-                    new_items: np.ndarray, seen: list[np.ndarray], rows: np.ndarray, slots: int = 1) -> np.ndarray:
+def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: RowSource, item_vectors: RowSource,
+                    new_items: np.ndarray, seen: sp.csr_matrix, rows: np.ndarray, slots: int = 1) -> np.ndarray:
     """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
-    `slots` new items, the last places go to the best-scoring new items for that row (in place).
-    Lists shorter than 5 get none, and at most one place in five is given. The best new items come
-    from one exact search over the new items only. Returns a bool mask of the rows changed."""
+    `slots` new items, the last places go to the best-scoring new items for that row (in place): the
+    lowest items that are not new make way, the rest keep their order. Lists shorter than 5 get none,
+    and at most one place in five is given. The best new items come from one exact search over the
+    new items only. Returns a bool mask of the rows changed."""
     changed = np.zeros(len(ids), dtype=bool)
     k = ids.shape[1]
     slots = min(slots, k // 5)  # at most one place in five: a short list stays what the user is known to like
     if slots <= 0 or not len(new_items) or not len(rows):
         return changed
     new_items = np.asarray(new_items, dtype=np.int64)
-    is_new = np.zeros(len(item_vectors), dtype=bool)
-    is_new[new_items] = True
+    position = np.full(len(item_vectors), -1, dtype=np.int64)
+    position[new_items] = np.arange(len(new_items))
     rows = rows[ids[rows, k - 1] >= 0]  # only full lists give up places
-    have = is_new[np.where(ids[rows] >= 0, ids[rows], 0)].sum(axis=1)
-    rows = rows[have < slots]
+    rows = rows[(position[ids[rows]] >= 0).sum(axis=1) < slots]
     if not len(rows):
         return changed
-    position = {int(item): p for p, item in enumerate(new_items)}
-
-    def exclude(j: int) -> np.ndarray:  # the new items already in row j's list or seen: made per block
-        r = rows[j]
-        return np.array([position[int(i)] for i in ids[r] if is_new[i]] + [position[int(i)] for i in seen[r] if is_new[i]],
-                        dtype=np.int64)
-
     new_vectors = np.ascontiguousarray(item_vectors[new_items], dtype=np.float32)  # computed once, searched per block
-    best_scores, best = exact_search(new_vectors, take_rows(queries, rows), slots, Computed(len(rows), exclude))
-    for j, row in enumerate(rows):
-        picks = [(float(s), int(new_items[b])) for s, b in zip(best_scores[j], best[j]) if b >= 0]
-        need = slots - int(is_new[ids[row]].sum())
-        picks = picks[:need]
-        if not picks:
-            continue
-        # drop the lowest old items, keep the rest (and any new ones) in order, then the picks
-        old_positions = [p for p in range(k) if not is_new[ids[row, p]]]
-        dropped = set(old_positions[len(old_positions) - len(picks):])
-        kept = [(scores[row, p], ids[row, p]) for p in range(k) if p not in dropped]
-        merged = kept + picks
-        ids[row] = [i for _, i in merged]
-        scores[row] = [s for s, _ in merged]
-        changed[row] = True
+    listed_new = position[ids[rows]]
+    in_list = sp.csr_matrix((np.ones((listed_new >= 0).sum(), np.int8), listed_new[listed_new >= 0],
+                             np.concatenate([[0], np.cumsum((listed_new >= 0).sum(axis=1))])),
+                            shape=(len(rows), len(new_items)))
+    excluded = sp.csr_matrix(seen[rows][:, new_items]) + in_list  # seen, or already in the list
+    best_scores, best = exact_search(new_vectors, take_rows(queries, rows), slots, excluded)
+    is_new = position[ids[rows]] >= 0
+    need = slots - is_new.sum(axis=1)
+    valid = (best >= 0) & (np.arange(slots)[None, :] < need[:, None])
+    n_picks = valid.sum(axis=1)
+    # the lowest n_picks items that are not new make way; the others keep their order, then the picks
+    old_from_end = np.cumsum((~is_new)[:, ::-1], axis=1)[:, ::-1]
+    dropped = ~is_new & (old_from_end <= n_picks[:, None])
+    order = np.argsort(dropped, axis=1, kind="stable")
+    new_ids = np.take_along_axis(ids[rows], order, axis=1)
+    new_scores = np.take_along_axis(scores[rows], order, axis=1)
+    slot_of_pick = np.arange(k)[None, :] - (k - n_picks)[:, None]  # the last n_picks places
+    takes = slot_of_pick >= 0
+    pick_ids = np.take_along_axis(np.where(valid, new_items[np.maximum(best, 0)], -1), np.maximum(slot_of_pick, 0), axis=1)
+    pick_scores = np.take_along_axis(best_scores, np.maximum(slot_of_pick, 0), axis=1)
+    ids[rows] = np.where(takes, pick_ids, new_ids)
+    scores[rows] = np.where(takes, pick_scores, new_scores)
+    changed[rows[n_picks > 0]] = True
     return changed
 
 

@@ -49,32 +49,6 @@ def user_profiles(matrix: sp.csr_matrix, item_vectors: np.ndarray) -> tuple[np.n
     return profiles, has_history
 
 
-class Computed:
-    """`fn(i)` for i in range(n), made on demand, also by slice (search_excluding reads a block at a
-    time): per-user values for a million users without a list of a million arrays."""
-
-    def __init__(self, n: int, fn):
-        self.n, self.fn = n, fn
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            return [self.fn(i) for i in range(*key.indices(self.n))]
-        return self.fn(int(key))
-
-    def __iter__(self):
-        return (self.fn(i) for i in range(self.n))
-
-
-def seen_items(matrix: sp.csr_matrix) -> Computed:
-    """Per user, the item rows they interacted with (to exclude from their list): `seen[u]` is a view
-    into the CSR matrix's index array, not one of a million small arrays."""
-    indptr, indices = matrix.indptr, matrix.indices
-    return Computed(matrix.shape[0], lambda u: indices[indptr[u]:indptr[u + 1]])
-
-
 def popularity(matrix: sp.csr_matrix) -> np.ndarray:
     """Per item, the sum of decayed weights over all users: the fallback ranking."""
     return np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
