@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+RETIRED = {"exact_below", "exact_fallback_below"}
 
 
 class IndexSettings(BaseModel):
@@ -10,14 +13,27 @@ class IndexSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field("auto", description="auto (exact below exact_below, HNSW32,SQbf16 above) | exact | a FAISS "
-                                          "factory string such as HNSW32 or IVF1024,SQfp16")
-    exact_below: int = Field(50_000, ge=1)
+    kind: str = Field("auto", description="auto: exact search, or HNSW32 over bfloat16 where it costs less at "
+                                          "target_recall (both measured); exact; or a FAISS factory string such as "
+                                          "HNSW32 or IVF1024,SQfp16")
     target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW "
                                         "efSearch) to this recall@k against exact search on a sample; null: search_depth")
     search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
-    exact_fallback_below: int = Field(100_000, ge=1, description="when no depth reaches target_recall: exact search "
-                                      "below this many items, else the depth where recall stops growing (reported)")
+    exact_budget_s: float = Field(7200, gt=0, description="when no depth reaches target_recall: exact search if it "
+                                  "costs (by a timed sample) at most this many seconds, else the depth where recall "
+                                  "stops growing (reported)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        """exact_below and exact_fallback_below (fixed item counts) gave way to measured costs."""
+        if isinstance(data, dict) and RETIRED & set(data):
+            import logging
+
+            logging.getLogger("recs").warning("index.%s no longer used: exact or approximate search is chosen by "
+                                              "their measured cost", " and index.".join(sorted(RETIRED & set(data))))
+            data = {k: v for k, v in data.items() if k not in RETIRED}
+        return data
 
 
 EXACT_INDEX = IndexSettings(kind="exact")

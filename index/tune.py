@@ -14,15 +14,16 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from index.build import build_index, ivf_of
+from index.build import APPROXIMATE, build_index, ivf_of
 from index.rows import RowSource
 from index.settings import IndexSettings
-from index.search import exact_search, is_exact, own_rows, recall_at_k, sample_rows, search_excluding
+from index.search import exact_search, flat_vectors, is_exact, own_rows, recall_at_k, sample_rows, search_excluding
 
 log = logging.getLogger("recs")
 
@@ -45,7 +46,11 @@ class Tuning(BaseModel):
     sample: int | None = None      # queries the recall was measured on
     query_sets: int | None = None  # 1: item queries; 2: and user profiles
     tried: dict[int, float] = Field(default_factory=dict)  # depth -> recall@k, in the order tried
-    fallback: Literal["exact", "plateau"] | None = None    # the target was not reached: what was done instead
+    fallback: Literal["exact", "plateau"] | None = None    # the approximate index did not pay: what was done instead
+    seconds_per_query: float | None = None  # search time at `value`, measured on the tuning sample
+    exact_estimate_s: float | None = None   # exact search of every query, estimated from a timed sample
+    approx_estimate_s: float | None = None  # the approximate index's build, tuning and search of every query
+    decision: str | None = None             # what was chosen, and why
 
 
 def _hnsw(index):
@@ -79,13 +84,14 @@ def set_depth(index, value: int) -> None:
 
 def tune_depth(index, vectors: RowSource, queries: RowSource, k: int, target: float, sample: int = 500, seed: int = 1,
                other_queries: RowSource | None = None, other_rows: np.ndarray | None = None,
-               progress: Callable[[int], None] | None = None) -> Tuning:
+               progress: Callable[[int], None] | None = None, slowest: float | None = None) -> Tuning:
     """Set the smallest search depth whose recall@k reaches `target` on a sample of `queries` (each
     query's own row excluded, as in the item lists) and, when given, on a sample of `other_queries`
     (user profiles, from `other_rows`, no exclusion). When none does, the smallest depth within
     PLATEAU of the best recall tried. Both query sets matter: a user's profile is a sum over items and
     falls in other cells than any one item does, so a depth tuned on items alone can leave the user
-    lists near random. `progress(1)` ticks per depth tried."""
+    lists near random. `progress(1)` ticks per depth tried. `slowest`: seconds per query beyond which
+    deeper depths are not tried (exact search's): the index would only be slower than exact search."""
     knob = depth_knob(index)
     if is_exact(index) or knob is None:
         return Tuning(exact=is_exact(index))
@@ -99,48 +105,115 @@ def tune_depth(index, vectors: RowSource, queries: RowSource, k: int, target: fl
             sets.append((np.ascontiguousarray(other_queries[picked], dtype=np.float32), None))
     truths = [exact_search(vectors, q, k, exclude)[1] for q, exclude in sets]
     tried: dict[int, float] = {}
+    seconds: dict[int, float] = {}
+    n_sample = sum(len(q) for q, _ in sets)
     for value in candidates:
         set_depth(index, value)
-        tried[value] = round(min(recall_at_k(search_excluding(index, q, k, exclude)[1], truth)
-                                 for (q, exclude), truth in zip(sets, truths)), 4)
+        start = time.perf_counter()
+        found = [search_excluding(index, q, k, exclude)[1] for q, exclude in sets]
+        seconds[value] = (time.perf_counter() - start) / max(n_sample, 1)
+        tried[value] = round(min(recall_at_k(got, truth) for got, truth in zip(found, truths)), 4)
         if progress:
             progress(1)
-        if tried[value] >= target:
+        if tried[value] >= target or (slowest is not None and seconds[value] > slowest):
             break
     if tried[value] < target:  # not reached: deeper than the plateau costs time and buys almost nothing
         best = max(tried.values())
         value = min(v for v, r in tried.items() if r >= best - PLATEAU)
         set_depth(index, value)
     return Tuning(knob=name, value=value, recall=tried[value], target=target, reached=tried[value] >= target,
-                  sample=int(sum(len(q) for q, _ in sets)), query_sets=len(sets), tried=tried)
+                  sample=int(n_sample), query_sets=len(sets), tried=tried, seconds_per_query=seconds[value])
+
+
+EXACT_SAMPLE = 2048   # queries timed to estimate what exact search of all of them costs
+BUILD_SAMPLE = 20_000  # vectors an approximate index is built on first, to estimate its full build
 
 
 def build_tuned(vectors: RowSource, queries: RowSource | None, k: int, settings: IndexSettings = IndexSettings(),
                 other_queries: RowSource | None = None, other_rows: np.ndarray | None = None,
-                progress: Callable[[str, int], Callable[[int], None]] | None = None):
-    """`build_index`, then its search depth: tuned to `settings.target_recall` at k, or fixed. When
-    no depth worth searching reaches the target (data with little structure), the index is exact
-    instead below `exact_fallback_below` items; above it the depth where recall stops growing (within
-    PLATEAU of the best tried) stays, with a warning. `queries` are the item->item queries (row i is
-    item i's); `other_queries` (rows `other_rows`), the user profiles, are tuned for too: the recall
-    is the lower of the two. `progress(description, total)` makes a progress callback for each step.
-    Returns ``(index, Tuning)``."""
+                progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                n_searches: int | None = None):
+    """The index the lists will be searched with, exact or approximate, decided by measuring.
+
+    Exact search (a flat index) is built first and timed on a sample of the real queries; its cost for
+    all `n_searches` queries (default: every item query and every user profile) is the baseline. With
+    `kind: auto` an approximate index (HNSW32 over bfloat16) is built only when its estimated build
+    alone costs less than exact search would, and kept only when it reaches `target_recall` and its
+    build, tuning and search together cost less. When no depth reaches the target, exact search is
+    used if it fits `exact_budget_s`; otherwise the depth where recall stops growing stays, with a
+    warning. A factory string in `kind` is built and tuned the same way. `queries` are the item->item
+    queries (row i is item i's); `other_queries` (rows `other_rows`) the user profiles: the recall is
+    the lower of the two. `progress(description, total)` makes a progress callback for each step.
+    Returns ``(index, Tuning)``; `Tuning.decision` says what was chosen and why."""
     bar = progress or (lambda description, total: None)
-    index = build_index(vectors, settings.kind, settings.exact_below, progress=bar("building", len(vectors)))
+    n_other = len(other_rows) if other_rows is not None else (len(other_queries) if other_queries is not None else 0)
+    n_searches = n_searches if n_searches is not None else (len(queries) if queries is not None else 0) + n_other
+    flat = build_index(vectors, "exact", progress=bar("building", len(vectors)))
+    if settings.kind == "exact":
+        return flat, Tuning(exact=True, decision="exact: index.kind is exact")
+    exact_s = _exact_seconds(flat, queries, other_queries, other_rows, k) * n_searches
+    factory = APPROXIMATE if settings.kind == "auto" else settings.kind
+    stored = flat_vectors(flat)
+    if settings.kind == "auto":
+        build_estimate = _build_seconds(stored, factory)
+        if build_estimate >= exact_s:
+            return flat, Tuning(exact=True, exact_estimate_s=round(exact_s, 1), decision=(
+                f"exact: searching all {n_searches} queries exactly (about {exact_s:.0f} s) costs less than "
+                f"building {factory} alone (about {build_estimate:.0f} s)"))
+    started = time.perf_counter()
+    index = build_index(stored, factory)
     if settings.target_recall is None or depth_knob(index) is None:
         if settings.search_depth is not None:
             set_depth(index, settings.search_depth)
-        return index, Tuning(knob=(depth_knob(index) or (None,))[0], value=settings.search_depth, exact=is_exact(index))
+        del flat
+        return index, Tuning(knob=(depth_knob(index) or (None,))[0], value=settings.search_depth, exact=is_exact(index),
+                             decision=f"{factory} at a fixed depth (index.target_recall is null)")
     name, candidates = depth_knob(index)
-    tuning = tune_depth(index, vectors, queries, k, settings.target_recall, other_queries=other_queries,
-                        other_rows=other_rows, progress=bar(f"tuning {name}", len(candidates)))
-    if not tuning.reached and len(vectors) < settings.exact_fallback_below:
-        del index  # no depth that pays reaches the target on this data: search exactly instead
-        index = build_index(vectors, "exact")
+    tuning = tune_depth(index, stored, queries, k, settings.target_recall, other_queries=other_queries,
+                        other_rows=other_rows, progress=bar(f"tuning {name}", len(candidates)),
+                        slowest=exact_s / max(n_searches, 1) if settings.kind == "auto" else None)
+    approx_s = time.perf_counter() - started + tuning.seconds_per_query * n_searches
+    tuning.exact_estimate_s, tuning.approx_estimate_s = round(exact_s, 1), round(approx_s, 1)
+    if tuning.reached and (approx_s < exact_s or settings.kind != "auto"):
+        del flat
+        tuning.decision = (f"{factory} at {name}={tuning.value}: recall {tuning.recall} for about {approx_s:.0f} s "
+                           f"with its build, against about {exact_s:.0f} s exactly")
+        return index, tuning
+    if exact_s <= settings.exact_budget_s:
         tuning.fallback = "exact"
-    elif not tuning.reached:  # exact search of every item against every item would take hours
-        tuning.fallback = "plateau"
-        log.warning("index: recall@%d reached %.3f at %s=%s, below the target %.2f; exact search is not used "
-                    "above %d items (index.exact_fallback_below)", k, tuning.recall, tuning.knob,
-                    tuning.value, settings.target_recall, settings.exact_fallback_below)
+        tuning.decision = ("exact: " + (f"{factory} reached recall {tuning.recall}, short of {settings.target_recall}" if not tuning.reached
+                                        else f"{factory} would cost about {approx_s:.0f} s") +
+                           f"; exact search costs about {exact_s:.0f} s, within index.exact_budget_s")
+        return flat, tuning
+    del flat  # exact search of every query would take longer than the budget allows
+    tuning.fallback = "plateau"
+    tuning.decision = (f"{factory} at {name}={tuning.value}, recall {tuning.recall} (target {settings.target_recall}): exact "
+                       f"search would cost about {exact_s:.0f} s, over index.exact_budget_s {settings.exact_budget_s:.0f}")
+    log.warning("index: %s", tuning.decision)
     return index, tuning
+
+
+def _exact_seconds(flat, queries, other_queries, other_rows, k: int) -> float:
+    """Seconds per query of exact search, timed on a sample of the real queries (items' and users')."""
+    parts = []
+    if queries is not None and len(queries):
+        parts.append(np.ascontiguousarray(queries[sample_rows(len(queries), EXACT_SAMPLE // 2, 2)], dtype=np.float32))
+    if other_queries is not None:
+        pool = np.arange(len(other_queries)) if other_rows is None else np.asarray(other_rows)
+        if len(pool):
+            parts.append(np.ascontiguousarray(other_queries[pool[sample_rows(len(pool), EXACT_SAMPLE // 2, 2)]],
+                                              dtype=np.float32))
+    sample = np.concatenate(parts) if parts else np.zeros((1, flat.d), np.float32)
+    start = time.perf_counter()
+    flat.search(sample, k + 1)
+    return (time.perf_counter() - start) / len(sample)
+
+
+def _build_seconds(vectors: np.ndarray, factory: str) -> float:
+    """The full build's cost, from a build on a sample of a quarter of the vectors (at most
+    BUILD_SAMPLE), scaled as HNSW's grows: n log n."""
+    n = len(vectors)
+    m = max(2, min(BUILD_SAMPLE, n // 4))
+    start = time.perf_counter()
+    build_index(np.ascontiguousarray(vectors[sample_rows(n, m, 3)]), factory)
+    return (time.perf_counter() - start) * n / m * np.log(n) / np.log(m)

@@ -155,49 +155,73 @@ def _numbers(text: str, kind, name: str) -> tuple:
 
 @app.command(name="eval")
 def evaluate(config: str = ConfigOpt,
-             split: str = typer.Option("random", help="random: per-user seeded share held out; temporal: each user's most recent."),
+             split: str = typer.Option("both", help="random: per-user seeded share held out; temporal: each user's "
+                                                    "most recent; both (the default)."),
              test_ratio: float = typer.Option(0.25, min=0.01, max=0.9, help="Share of each user's items held out."),
              seed: int = typer.Option(42, help="Seed of the random split and the random baseline."),
              k: str = typer.Option("1,5,10,20", "--k", "-k", help="Cut-offs K, comma-separated."),
-             sweep: str = typer.Option("0,0.5,0.8,0.9,0.95,1", help="blend.behaviour_weight values to score ('' for none)."),
+             sweep: str = typer.Option("0,0.5,0.7,0.9,1", help="blend.behaviour_weight values to score ('' for none)."),
+             tune: bool = typer.Option(False, "--tune", help="Score a grid of blend settings (weight, l2, text in the "
+                                                             "fit, fit input) on both splits and print the best."),
              run: Optional[str] = typer.Option(None, help="Run id to evaluate (default: the newest completed run)."),
              plots: bool = typer.Option(True, help="Write metric-vs-K and weight-sweep plots beside the run report."),
              as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
     """Score the lists offline: split the run's events, rebuild the lists on the training part with
     the config's settings, and score the held-out part (nDCG, precision, recall, MAP, hit rate,
-    coverage, cold-item share) beside popularity and random baselines from the same split.
+    coverage, the reach and hit rate of items with no training events) beside popularity, random,
+    item-kNN and, with implicit installed, ALS baselines from the same split.
 
     \b
     Example:
-        recs eval --config config.yaml --split random --test-ratio 0.25 --seed 42 --json | jq .lists.at.\"10\".ndcg
+        recs eval --config config.yaml --split random --json | jq .lists.at.\"10\".ndcg
+        recs eval --tune      # which blend settings suit these events best
     """
     from recommend.config import load_config
-    from recommend.run.evaluation import evaluate_run
+    from recommend.run.evaluation import evaluate_run, tune_run
 
     _output(verbose, quiet)
-    if split not in ("random", "temporal"):
-        raise typer.BadParameter(f"--split must be random or temporal, got {split!r}")
+    if split not in ("random", "temporal", "both"):
+        raise typer.BadParameter(f"--split must be random, temporal or both, got {split!r}")
+    cfg = load_config(config, check_inputs=False)
+    if tune:
+        with user_errors():
+            tried = tune_run(cfg, run, test_ratio=test_ratio, seed=seed)
+        if as_json:
+            typer.echo(json.dumps([t.model_dump() for t in tried]))
+            return
+        for t in tried[:5]:
+            typer.echo(f"nDCG@10 {t.ndcg}: {t.settings}")
+        typer.echo("best, for config.yaml:\nblend:\n" + "".join(f"  {key}: {value}\n" for key, value in tried[0].settings.items()))
+        return
     ks = _numbers(k, int, "--k")
     weights = _numbers(sweep, float, "--sweep") if sweep.strip() else ()
-    with user_errors():
-        result = evaluate_run(load_config(config, check_inputs=False), run, split=split, test_ratio=test_ratio,
-                              seed=seed, ks=ks, sweep=weights, plots=plots)
+    results = []
+    for one in (("random", "temporal") if split == "both" else (split,)):
+        with user_errors():
+            results.append(evaluate_run(cfg, run, split=one, test_ratio=test_ratio, seed=seed, ks=ks, sweep=weights,
+                                        plots=plots))
     if as_json:
-        typer.echo(result.model_dump_json())
+        typer.echo(results[0].model_dump_json() if len(results) == 1 else
+                   json.dumps({r.split: r.model_dump(mode="json") for r in results}))
         return
+    for result in results:
+        _eval_table(result, ks)
+
+
+def _eval_table(result, ks) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run {result.run_id}: {split} split, {test_ratio:.0%} held out, seed {seed}; "
+    table = Table(title=f"run {result.run_id}: {result.split} split, {result.test_ratio:.0%} held out, seed {result.seed}; "
                         f"{result.users} users, {result.items} items ({result.cold_items} without training events)",
                   title_justify="left")
-    for col in ["lists / baseline", "K", "nDCG", "precision", "recall", "MAP", "hit rate", "coverage", "cold share"]:
+    for col in ["lists / baseline", "K", "nDCG", "precision", "recall", "MAP", "hit rate", "coverage", "new-item reach"]:
         table.add_column(col)
     for name, scored in {"lists": result.lists, **result.baselines}.items():
         for kk in ks:
             m = scored.at[str(kk)]
-            table.add_row(name, str(kk), f"{m.ndcg:.4f}", f"{m.precision:.4f}", f"{m.recall:.4f}",
-                          f"{m.map:.4f}", f"{m.hit_rate:.3f}", f"{m.coverage:.3f}", f"{m.cold_share:.4f}")
+            table.add_row(name, str(kk), f"{m.ndcg:.4f}", f"{m.precision:.4f}", f"{m.recall:.4f}", f"{m.map:.4f}",
+                          f"{m.hit_rate:.3f}", f"{m.coverage:.3f}", f"{m.cold_reach:.3f} (hits {m.cold_hit_rate:.3f})")
     Console(soft_wrap=True).print(table)
     if result.sweep:
         pairs = ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(result.sweep.behaviour_weight, result.sweep.value))

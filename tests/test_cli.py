@@ -118,7 +118,10 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     # offline evaluation of that run: metrics beside baselines, a sweep, plots beside the report
     result = runner.invoke(app, ["eval", "-c", str(path), "--json", "--k", "5,10", "--sweep", "0,1"])
     assert result.exit_code == 0, result.output
-    scored = json.loads(result.output)
+    both = json.loads(result.output)  # random and temporal by default
+    assert set(both) == {"random", "temporal"} and both["temporal"]["split"] == "temporal"
+    scored = both["random"]
+    assert {"item-knn", "popularity", "random"} <= set(scored["baselines"])
     assert scored["run_id"] == report["run_id"] and scored["split"] == "random" and scored["seed"] == 42
     lists, pop, rnd = (s["at"]["10"]["ndcg"] for s in (scored["lists"], scored["baselines"]["popularity"],
                                                         scored["baselines"]["random"]))
@@ -126,4 +129,4 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     assert scored["sweep"]["behaviour_weight"] == [0.0, 1.0] and len(scored["sweep"]["value"]) == 2
     assert all(Path(p).is_file() for p in scored["written"]) and any(p.endswith("weight-sweep.png") for p in scored["written"])
     result = runner.invoke(app, ["eval", "-c", str(path), "--split", "sideways"])
-    assert result.exit_code == 2 and "--split must be random or temporal" in result.output
+    assert result.exit_code == 2 and "--split must be random, temporal or both" in result.output

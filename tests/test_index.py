@@ -135,16 +135,16 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99))
     assert not tuning.reached and tuning.fallback == "exact" and is_exact(index)
     assert max(tuning.tried) == 256 // 16
-    # above exact_fallback_below, exact search would take hours: the depth where recall stops growing
+    # when exact search would cost more than index.exact_budget_s: the depth where recall stops growing
     # stays (the smallest within 0.01 of the best tried), reported
-    index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99, exact_fallback_below=1000))
+    index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99, exact_budget_s=1e-9))
     best = max(tuning.tried.values())
     assert tuning.fallback == "plateau" and not is_exact(index) and faiss.extract_index_ivf(index).nprobe == tuning.value
     assert tuning.value == min(v for v, r in tuning.tried.items() if r >= best - 0.01)
     assert tuning.recall == tuning.tried[tuning.value] >= best - 0.01
     # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach (one the config
     # would refuse, so built unvalidated) stops there
-    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(kind="HNSW32", target_recall=1.01, exact_fallback_below=1000, exact_below=50_000, search_depth=None))
+    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(kind="HNSW32", target_recall=1.01, exact_budget_s=1e-9, search_depth=None))
     assert tuning.fallback == "plateau" and max(tuning.tried.values()) >= 0.99
     assert tuning.value < 512 and tuning.tried[tuning.value] >= max(tuning.tried.values()) - 0.01
 
@@ -285,30 +285,24 @@ def _rowwise_fill(scores, ids, exclude, popular_order, queries, item_vectors, po
     return short
 
 
-def _rowwise_reserve(scores, ids, queries, item_vectors, new_items, seen, rows, slots=1):
-    """Oracle: c7dac01's lists.reserve_for_new, a Python loop over the rows."""
+def _rowwise_earn(scores, ids, queries, item_vectors, new_items, seen, rows, slots=1, boost=1.0):
+    """Oracle: earning a place, one row and one new item at a time."""
     changed = np.zeros(len(ids), dtype=bool)
     k = ids.shape[1]
-    slots = min(slots, k // 5)
-    if slots <= 0 or not len(new_items) or not len(rows):
-        return changed
-    is_new = np.zeros(len(item_vectors), dtype=bool)
-    is_new[new_items] = True
     for row in rows:
-        if ids[row, k - 1] < 0 or is_new[ids[row]].sum() >= slots:
+        if ids[row, k - 1] < 0:
             continue
-        sims = item_vectors[new_items] @ queries[row]
-        sims[np.isin(new_items, np.concatenate([ids[row], seen[row]]))] = -np.inf
-        order = np.argsort(-sims, kind="stable")
-        picks = [(float(sims[o]), int(new_items[o])) for o in order if np.isfinite(sims[o])][:slots - int(is_new[ids[row]].sum())]
-        if not picks:
-            continue
-        old_positions = [p for p in range(k) if not is_new[ids[row, p]]]
-        dropped = set(old_positions[len(old_positions) - len(picks):])
-        merged = [(scores[row, p], ids[row, p]) for p in range(k) if p not in dropped] + picks
-        ids[row] = [i for _, i in merged]
-        scores[row] = [s for s, _ in merged]
-        changed[row] = True
+        allowed = [n for n in new_items if n not in set(ids[row]) and n not in set(seen[row])]
+        sims = item_vectors[allowed] @ queries[row] if allowed else np.zeros(0)
+        for j in np.argsort(-sims, kind="stable")[:slots]:
+            raw = sims[j]
+            boosted = raw * boost if raw > 0 else raw / boost
+            if boosted <= scores[row, k - 1]:
+                continue
+            at = int((scores[row] > boosted).sum())
+            ids[row] = np.concatenate([ids[row, :at], [allowed[j]], ids[row, at:k - 1]])
+            scores[row] = np.concatenate([scores[row, :at], [boosted], scores[row, at:k - 1]])
+            changed[row] = True
     return changed
 
 
@@ -317,7 +311,7 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
     """Oracle: the per-row loops the block versions replaced, on random lists with short rows, users
     without history, heavy users (searched exactly with a mask) and new items."""
     import index.search as search
-    from recommend.ranking.lists import fill_from_popular, recommended_items, reserve_for_new
+    from recommend.ranking.lists import earn_places, fill_from_popular, recommended_items
 
     monkeypatch.setattr(search, "HEAVY", 12)  # some users exclude more than this: the masked path runs too
     rng = np.random.default_rng(seed)
@@ -330,7 +324,7 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
     pop = rng.random(n_items).astype(np.float32)
     new = np.sort(rng.choice(n_items, 8, replace=False))
     s, i, source = recommended_items(build_index(items, kind="exact"), profiles, np.arange(n_users) >= 5, seen, k,
-                                     items, pop, new_items=new, new_slots=2)
+                                     items, pop, new_items=new, new_slots=2, new_boost=1.5)
     # oracle: brute force without exclusions beyond seen, then the row-by-row fill and reserve
     exp_s = np.full((n_users, k), -np.inf, np.float32)
     exp_i = np.full((n_users, k), -1, np.int64)
@@ -341,7 +335,7 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
         order = order[np.isfinite(sims[order])]
         exp_i[u, :len(order)], exp_s[u, :len(order)] = order, sims[order]
     _rowwise_fill(exp_s, exp_i, seen_rows, np.argsort(-pop, kind="stable"), profiles, items, pop)
-    _rowwise_reserve(exp_s, exp_i, profiles, items, new, seen_rows, np.arange(5, n_users), slots=2)
+    _rowwise_earn(exp_s, exp_i, profiles, items, new, seen_rows, np.arange(5, n_users), slots=2, boost=1.5)
     np.testing.assert_array_equal(i, exp_i)
     np.testing.assert_allclose(s, exp_s, rtol=1e-5)
     assert (source[:5] == "popular").all() and "history+new" in set(source)
@@ -352,6 +346,29 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
     assert (fill_from_popular(got_s, got_i, seen, np.argsort(-pop), profiles, items, pop) ==
             _rowwise_fill(want_s, want_i, seen_rows, np.argsort(-pop), profiles, items, pop)).all()
     np.testing.assert_array_equal(got_i, want_i)
-    changed = reserve_for_new(got_s, got_i, profiles, items, new, seen, np.arange(5, n_users), 2)
-    assert (changed == _rowwise_reserve(want_s, want_i, profiles, items, new, seen_rows, np.arange(5, n_users), 2)).all()
+    changed = earn_places(got_s, got_i, profiles, items, new, seen, np.arange(5, n_users), 2, 1.5)
+    assert (changed == _rowwise_earn(want_s, want_i, profiles, items, new, seen_rows, np.arange(5, n_users), 2, 1.5)).all()
     np.testing.assert_array_equal(got_i, want_i)
+
+
+def test_the_search_that_pays_is_chosen_by_its_measured_cost(monkeypatch):
+    """Exact search is timed on a sample of the real queries; HNSW is built only when its estimated
+    build costs less than exact search of every query, and kept only when it reaches the target
+    recall for less. Exact search made expensive (as for millions of users) by injecting its timing."""
+    import index.tune as tune
+    from index.search import is_exact
+
+    items = _topics(3000)
+    index, tuning = build_tuned(items, items, 10, IndexSettings())
+    assert is_exact(index) and tuning.exact and "costs less than building HNSW32,SQbf16 alone" in tuning.decision
+    monkeypatch.setattr(tune, "_exact_seconds", lambda *args: 0.01)  # 10 ms a query: 10,000 s for a million
+    index, tuning = build_tuned(items, items, 10, IndexSettings(), n_searches=10**6)
+    assert not is_exact(index) and tuning.reached and tuning.knob == "efSearch"
+    assert tuning.approx_estimate_s < tuning.exact_estimate_s == 10_000 and tuning.decision.startswith("HNSW32,SQbf16 at efSearch=")
+    unreachable = dict(kind="auto", target_recall=1.01, search_depth=None)  # a target no depth reaches
+    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(**unreachable, exact_budget_s=1e5),
+                                n_searches=10**6)
+    assert is_exact(index) and tuning.fallback == "exact" and "within index.exact_budget_s" in tuning.decision
+    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(**unreachable, exact_budget_s=100),
+                                n_searches=10**6)
+    assert not is_exact(index) and tuning.fallback == "plateau" and "over index.exact_budget_s 100" in tuning.decision

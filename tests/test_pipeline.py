@@ -81,16 +81,22 @@ def test_lists_match_exact_search_and_exclude_seen(first_run):
     seen = events.groupby("user_id")["item_id"].apply(set)
     users = [seen.index[0], seen.index[40], seen.index[-1]]
     profiles = _published_vectors(config, "user", ["profile"], users)["profile"]
-    new = ~np.isin(item_ids, events["item_id"].unique())  # items with no events: one slot is kept for them
+    new = ~np.isin(item_ids, events["item_id"].unique())  # items with no events: they may earn a place
+    boost = config.blend.new_item_boost
     for user, profile in zip(users, profiles):
         sims = items["blend"] @ profile
         sims[np.isin(item_ids, list(seen[user]))] = -np.inf
-        ranking = np.argsort(-sims, kind="stable")
-        expected = ranking[:k]
-        if not new[expected].any():
-            expected = np.concatenate([ranking[~new[ranking]][:k - 1], ranking[new[ranking]][:1]])
+        ranking = list(np.argsort(-sims, kind="stable")[:k])
+        scores = [float(sims[r]) for r in ranking]
+        candidates = [j for j in np.argsort(-sims, kind="stable") if new[j] and j not in ranking and np.isfinite(sims[j])]
+        if candidates:  # the best new item enters where its boosted score beats the last one, at its rank
+            raw = float(sims[candidates[0]])
+            boosted = raw * boost if raw > 0 else raw / boost
+            if boosted > scores[-1]:
+                at = sum(s > boosted for s in scores)
+                ranking = ranking[:at] + [candidates[0]] + ranking[at:k - 1]
         got = user_lists[user_lists.subject_id == user].sort_values("rank")["item_id"]
-        assert list(got) == list(item_ids[expected])
+        assert list(got) == list(item_ids[ranking])
     for user, items_seen in seen.items():
         assert not items_seen & set(user_lists[user_lists.subject_id == user]["item_id"])
     new_users = set(user_lists.subject_id) - set(seen.index)

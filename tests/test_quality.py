@@ -99,6 +99,8 @@ def test_gate_rules():
     assert "popularity" in gate_problems(ok.model_copy(update={"ndcg": 0.05}), None, rules)[0]
     assert "live version" in gate_problems(ok, GateFigures(ndcg=0.40, run_id="a"), rules)[0]
     assert gate_problems(ok.model_copy(update={"ndcg": None}), None, rules.model_copy(update={"min_ndcg": 0.5})) == []
+    # a live figure made another way (older versions, another sample) is not compared
+    assert gate_problems(ok, GateFigures(ndcg=0.40, run_id="a", method="other"), rules) == []
     unjudged = GateFigures(ndcg=None, users=0, k=10, holdout=0.1)
     assert "unjudged run does not replace a judged one" in gate_problems(unjudged, GateFigures(ndcg=0.3, run_id="a"), rules)[0]
     assert gate_problems(unjudged, GateFigures(ndcg=0.3, run_id="a"), rules.model_copy(update={"allow_unjudged": True})) == []
@@ -126,3 +128,43 @@ def test_rows_dot_equals_the_sparse_product():
     got = rows_dot(m, dense)
     assert got.dtype == np.float32 and got.shape == (50, 16) and not got[3].any()
     np.testing.assert_allclose(got, m.astype(np.float64) @ dense.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_the_gate_sample_is_chosen_by_id_and_stays_put():
+    """The gate's users: the same ids give the same sample, whatever the order or the other users;
+    a user joining changes it by at most one."""
+    from recommend.quality.evaluate import hash_sample
+
+    ids = [f"U{i:05d}" for i in range(10_000)]
+    sample = set(hash_sample(ids, 500))
+    assert len(sample) == 500 and set(hash_sample(ids[::-1], 500)) == sample
+    grown = set(hash_sample(ids + ["a-new-user"], 500))
+    assert len(grown - sample) <= 1 and set(hash_sample(ids[:300], 500)) == set(ids[:300])
+
+
+def test_tuning_scores_every_combination_and_ranks_them(tmp_path, sample_dir, tiny_model):
+    """`recs eval --tune`'s search: every combination of the grid, each scored as the refresh would
+    list (oracle: the same settings scored alone), best first."""
+    from recommend.quality.evaluate import lists_for, ranking_metrics, split_events, tune, _relevant
+    from recommend.ranking.settings import RankingSettings
+
+    events = pd.read_parquet(sample_dir / "events.parquet")
+    events["ts"] = pd.to_datetime(events.pop("timestamp"), utc=True)
+    items = pd.read_parquet(sample_dir / "items.parquet")
+    text = np.random.default_rng(0).normal(size=(len(items), 16)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    settings = RankingSettings(weights={"view": 1.0, "cart": 3.0, "purchase": 5.0}, half_life_days=14)
+    grid = {"behaviour_weight": (0.5, 0.9), "text_in_fit": (0.0,), "fit_input": ("binary", "weights")}
+    tried = tune(events, item_ids=items["item_id"].tolist(), text=text, settings=settings, splits=("random",), grid=grid)
+    assert len(tried) == 4 and tried[0].ndcg["random"] == max(t.ndcg["random"] for t in tried)
+    train, held = split_events(events, "random", 0.25, 42)
+    user_ids = sorted(events["user_id"].unique())
+    best = settings.blend.model_copy(update=tried[0].settings)
+    from dataclasses import replace
+    ranked, _ = lists_for(train, item_ids=items["item_id"].tolist(), text=text, user_ids=user_ids,
+                          settings=replace(settings, blend=best), k=10)
+    relevant = _relevant(held, user_ids, {i: r for r, i in enumerate(items["item_id"])})
+    assert round(ranking_metrics(ranked, relevant, 10)["ndcg"], 4) == tried[0].ndcg["random"]
+    binary_only = tune(events, item_ids=items["item_id"].tolist(), text=text, splits=("random",), grid=grid,
+                       settings=RankingSettings(weights={"default": 1.0}, half_life_days=14))
+    assert {t.settings["fit_input"] for t in binary_only} == {"binary"}  # one weight: nothing else to try

@@ -17,8 +17,9 @@ from index.rows import take_rows
 from index.search import ExactIndex, keep_allowed
 from index.settings import EXACT_INDEX, IndexSettings
 from index.tune import build_tuned
+from recommend.quality.baselines import implicit_als, item_knn
 from recommend.quality.gate import GateFigures
-from recommend.quality.metrics import cold_share, coverage, ranking_metrics
+from recommend.quality.metrics import cold_reach, cold_share, coverage, ranking_metrics
 from recommend.quality.splits import random_split, temporal_split
 from recommend.ranking.blend import Space, build_space
 from recommend.ranking.lists import recommended_items
@@ -37,7 +38,9 @@ class Metrics(BaseModel):
     hit_rate: float
     users: int
     coverage: float
-    cold_share: float
+    cold_share: float     # share of list places holding an item with no training events
+    cold_reach: float     # share of lists holding at least one such item
+    cold_hit_rate: float  # share of those places that hit a held-out item
 
 
 class Scored(BaseModel):
@@ -110,10 +113,10 @@ def _rank_by(scores: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     return keep_allowed(np.zeros(candidates.shape, np.float32), candidates, seen, k, len(order))[1]
 
 
-def rank_users(space: Space, k: int, new_slots: int, rows: np.ndarray | None = None,
+def rank_users(space: Space, k: int, blend: BlendSettings, rows: np.ndarray | None = None,
                index: IndexSettings = EXACT_INDEX, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """User lists (len(rows), k) from a built space, made as the refresh makes them (seen items
-    excluded, popularity top-up, the last `new_slots` places for items with no events). `index`:
+    excluded, popularity top-up, places new items earn as `blend` says). `index`:
     exact by default, over the item vectors a block at a time (index.search.ExactIndex), so that the
     figure is the model's and no index of all items is held; or other index settings."""
     rows = np.arange(len(space.users)) if rows is None else rows
@@ -123,7 +126,8 @@ def rank_users(space: Space, k: int, new_slots: int, rows: np.ndarray | None = N
         index, _ = build_tuned(space.item_docs, space.item_queries, k, index, space.users, np.flatnonzero(space.has_history))
     _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], space.seen[rows], k,
                                   space.item_docs, space.popularity, progress=progress,
-                                  new_items=np.flatnonzero(~space.warm), new_slots=new_slots)
+                                  new_items=np.flatnonzero(~space.warm), new_slots=blend.new_item_slots,
+                                  new_boost=blend.new_item_boost)
     return ids
 
 
@@ -133,31 +137,82 @@ def lists_for(train: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, use
     """(ranked item rows (len(rows), k), space) built exactly as the refresh builds user lists;
     `rows`: the user rows to list (default all)."""
     space = build_space(train, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
-    return rank_users(space, k, settings.blend.new_item_slots, rows, index), space
+    return rank_users(space, k, settings.blend, rows, index), space
 
 
 def holdout_score(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
-                  holdout: float, k: int, max_users: int, seed: int = 42, index: IndexSettings = EXACT_INDEX,
+                  holdout: float, k: int, max_users: int, index: IndexSettings = EXACT_INDEX,
                   bar: Callable[[str, int], Callable[[int], None]] | None = None) -> GateFigures:
     """nDCG@k of the lists and of popularity on each user's most recent `holdout` share of items,
-    the lists rebuilt without them (the quality gate's figures). At most `max_users` users are scored,
-    searched exactly by default: the gate judges the model, the index's recall is reported apart."""
+    the lists rebuilt without them (the quality gate's figures). The model is fitted and scored on
+    `max_users` users chosen by a hash of their ids (`hash_sample`: the same users from run to run),
+    so the gate costs a small share of the lists; searched exactly by default: the gate judges the
+    model, the index's recall is reported apart."""
+    sampled = hash_sample(events["user_id"].unique(), max_users)
+    events = events[events["user_id"].isin(sampled)]
     train, held = temporal_split(events, holdout)
     item_row = {i: r for r, i in enumerate(item_ids)}
-    user_ids = sorted(events["user_id"].unique())
+    user_ids = sorted(sampled)
     relevant = _relevant(held, user_ids, item_row)
     rows = np.flatnonzero([len(r) > 0 for r in relevant])
-    if len(rows) > max_users:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_users, replace=False))
+    method = f"hash sample of {max_users} users, temporal holdout {holdout:g}"
     if not len(rows):
-        return GateFigures(users=0, holdout=holdout, k=k)
+        return GateFigures(users=0, holdout=holdout, k=k, method=method)
     space = build_space(train, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings, bar=bar)
-    ranked = rank_users(space, k, settings.blend.new_item_slots, rows, index,
+    ranked = rank_users(space, k, settings.blend, rows, index,
                         progress=bar("lists of the scored users", int(space.has_history[rows].sum())) if bar else None)
     rel = [relevant[r] for r in rows]
     popular = _rank_by(plain_popularity(train, item_ids), space.seen[rows], k)
     return GateFigures(ndcg=ranking_metrics(ranked, rel, k)["ndcg"], popularity_ndcg=ranking_metrics(popular, rel, k)["ndcg"],
-                       users=int(len(rows)), holdout=holdout, k=k)
+                       users=int(len(rows)), holdout=holdout, k=k, method=method)
+
+
+TUNE_GRID = {"behaviour_weight": (0.5, 0.7, 0.9), "l2": (100.0, 200.0, 400.0), "text_in_fit": (0.0, 4.0),
+             "fit_input": ("binary", "weights")}
+
+
+class Tried(BaseModel):
+    settings: dict
+    ndcg: dict[str, float]  # by split
+
+
+def tune(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
+         splits: tuple[Split, ...] = ("random", "temporal"), test_ratio: float = 0.25, seed: int = 42, k: int = 10,
+         grid: dict | None = None) -> list[Tried]:
+    """nDCG@k of every combination of `grid` (blend settings; default TUNE_GRID) on each split, best
+    first by their mean over the splits. `fit_input: weights` is tried only when the events' weights
+    differ from one another. Each is the lists the refresh would make, fitted on the training part."""
+    grid = dict(grid or TUNE_GRID)
+    if len(set(settings.weights.values())) < 2:
+        grid["fit_input"] = ("binary",)
+    names = list(grid)
+    combos = [dict(zip(names, values)) for values in np.array(np.meshgrid(*[np.array(grid[n], dtype=object) for n in names]))
+              .T.reshape(-1, len(names))]
+    prepared = {}
+    for split in splits:
+        train, held = split_events(events, split, test_ratio, seed)
+        user_ids = sorted(events["user_id"].unique())
+        prepared[split] = (train, _relevant(held, user_ids, {i: r for r, i in enumerate(item_ids)}), user_ids)
+    tried = []
+    for combo in combos:
+        blend = settings.blend.model_copy(update=combo)
+        ndcg = {}
+        for split, (train, relevant, user_ids) in prepared.items():
+            ranked, _ = lists_for(train, item_ids=item_ids, text=text, user_ids=user_ids,
+                                  settings=replace(settings, blend=blend), k=k)
+            ndcg[split] = round(ranking_metrics(ranked, relevant, k)["ndcg"], 4)
+        tried.append(Tried(settings=combo, ndcg=ndcg))
+    return sorted(tried, key=lambda t: -np.mean(list(t.ndcg.values())))
+
+
+def hash_sample(user_ids, n: int) -> list:
+    """The `n` users with the smallest hash of their id (all of them when there are fewer): a sample
+    that changes only as users come and go, not from run to run."""
+    ids = pd.Series(np.asarray(user_ids, dtype=object))
+    if len(ids) <= n:
+        return ids.tolist()
+    hashes = pd.util.hash_pandas_object(ids, index=False).to_numpy()
+    return ids.iloc[np.argpartition(hashes, n - 1)[:n]].tolist()
 
 
 def evaluate(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
@@ -172,16 +227,23 @@ def evaluate(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, set
     k_max = max(ks)
     space = build_space(train, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
     # a list of K is made for each K (the last places of a list are special: new items, top-ups)
-    lists = {k: rank_users(space, k, settings.blend.new_item_slots) for k in ks}
+    lists = {k: rank_users(space, k, settings.blend) for k in ks}
     rng = np.random.default_rng(seed)
     baselines = {"popularity": _rank_by(plain_popularity(train, item_ids), space.seen, k_max),
-                 "random": _rank_by(rng.random(len(item_ids)), space.seen, k_max)}
+                 "random": _rank_by(rng.random(len(item_ids)), space.seen, k_max),
+                 "item-knn": item_knn(space.seen, k_max)}
+    als = implicit_als(space.seen, k_max)  # when the bench extra (implicit) is installed
+    if als is not None:
+        baselines["als"] = als
     cold = ~space.warm
     k_ref = max([k for k in ks if k <= 10] or [min(ks)])
 
     def scored(by_k: dict[int, np.ndarray]) -> Scored:
-        at = {str(k): Metrics(**ranking_metrics(r, relevant, k), coverage=coverage(r[:, :k], len(item_ids)),
-                              cold_share=cold_share(r[:, :k], cold)) for k, r in by_k.items()}
+        at = {}
+        for k, r in by_k.items():
+            reach, hit_rate = cold_reach(r[:, :k], cold, relevant)
+            at[str(k)] = Metrics(**ranking_metrics(r, relevant, k), coverage=coverage(r[:, :k], len(item_ids)),
+                                 cold_share=cold_share(r[:, :k], cold), cold_reach=reach, cold_hit_rate=hit_rate)
         return Scored(at=at, coverage=at[str(k_ref)].coverage, cold_share=at[str(k_ref)].cold_share)
 
     result = EvalResult(split=split, test_ratio=test_ratio, seed=seed, k=list(ks), k_ref=k_ref, train_events=len(train),

@@ -29,7 +29,8 @@ class GateSettings(BaseModel):
     min_ndcg: float = Field(0.0, ge=0, le=1, description="the floor: below it nothing is published")
     min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
     max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")
-    max_users: int = Field(20_000, ge=1, description="users scored (a seeded sample above this)")
+    max_users: int = Field(5_000, ge=1, description="users the gate fits and scores on: a sample chosen by a hash "
+                           "of their ids, the same users from run to run")
     allow_unjudged: bool = Field(False, description="publish a run the gate could not score (too few users with "
                                  "held-out items) over a live version that has a figure")
 
@@ -42,6 +43,7 @@ class GateFigures(BaseModel):
     users: int = 0
     holdout: float | None = None
     k: int | None = None
+    method: str | None = None  # how the figures were made: a live figure is compared only when it is the same
     run_id: str | None = None  # the version these figures were published with (the live version's)
 
 
@@ -56,7 +58,7 @@ class GateReport(GateFigures):
 def gate_problems(figures: GateFigures, live: GateFigures | None, settings: GateSettings) -> list[str]:
     """What is wrong with `figures` (empty when the gate passes). `live`: the live version's figures."""
     ndcg, pop, k = figures.ndcg, figures.popularity_ndcg, figures.k
-    live_ndcg = live.ndcg if live is not None else None
+    live_ndcg = live.ndcg if live is not None and live.method == figures.method else None  # another method: not comparable
     if ndcg is None:  # no user has a held-out item: nothing to judge by
         if live_ndcg is not None and not settings.allow_unjudged:
             return [f"the gate could not score this run ({figures.users} users with held-out items), and the live "

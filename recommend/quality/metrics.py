@@ -53,3 +53,16 @@ def cold_share(ranked: np.ndarray, cold: np.ndarray) -> float:
     """Share of filled list slots that hold a cold item (`cold`: bool per item row)."""
     filled = ranked[ranked >= 0]
     return float(cold[filled].mean()) if len(filled) else 0.0
+
+
+def cold_reach(ranked: np.ndarray, cold: np.ndarray, relevant: list[np.ndarray]) -> tuple[float, float]:
+    """(share of lists holding at least one cold item, share of those cold places that hit a held-out
+    item), over the users with something held out: how far items with no events reach, and how well."""
+    users = np.flatnonzero([len(r) > 0 for r in relevant])
+    if not len(users):
+        return 0.0, 0.0
+    rows = ranked[users]
+    is_cold = (rows >= 0) & cold[np.maximum(rows, 0)]
+    hits = sum(int(np.isin(rows[i][is_cold[i]], relevant[u]).sum()) for i, u in enumerate(users) if is_cold[i].any())
+    places = int(is_cold.sum())
+    return float(is_cold.any(axis=1).mean()), (hits / places if places else 0.0)

@@ -38,6 +38,7 @@ class Layout:
     behaviour_weight: float
     popularity_weight: float
     few_events: float  # m in α_u = m / (m + n_u)
+    behaviour_scale: float | None = None  # users' behaviour part is divided by it; None (older versions): unit length
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,24 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
 
 
+PROJECTION_SAMPLE = 50_000  # item texts the text projection is fitted on, at most
+
+
+def project_text(text: np.ndarray, dims: int | None, seed: int = 0) -> np.ndarray:
+    """Item text vectors (n, d) onto their `dims` main directions (float32), for the blend: inner
+    products are kept as far as that many dimensions can (the uncentred SVD, as for the behaviour
+    side), and every list search costs in proportion to the dimensions. `dims` None or >= d: as given."""
+    if dims is None or dims >= text.shape[1] or len(text) == 0:
+        return text
+    rows = np.sort(np.random.default_rng(seed).choice(len(text), min(len(text), PROJECTION_SAMPLE), replace=False))
+    _, _, vt = np.linalg.svd(np.asarray(text[rows], dtype=np.float32), full_matrices=False)
+    basis = np.ascontiguousarray(vt[:dims].T)  # fewer when there are fewer texts than dims
+    out = np.empty((len(text), basis.shape[1]), dtype=np.float32)
+    for start in range(0, len(text), 65_536):  # a block at a time: no (n, d) float32 copy
+        out[start:start + 65_536] = np.asarray(text[start:start + 65_536], dtype=np.float32) @ basis
+    return out
+
+
 def popularity_feature(pop: np.ndarray) -> np.ndarray:
     """Popularity on a 0..1 log scale (the most popular item is 1)."""
     top = np.log1p(pop.max()) if len(pop) and pop.max() > 0 else 1.0
@@ -61,6 +80,29 @@ def popularity_feature(pop: np.ndarray) -> np.ndarray:
 def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np.ndarray, layout: Layout) -> np.ndarray:
     return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_docs, np.sqrt(layout.text_weight) * text,
                       np.sqrt(layout.popularity_weight) * pop_feature[:, None]]).astype(np.float32)
+
+
+SCALE_SAMPLE = 2000  # users whose best behaviour scores set the behaviour part's scale
+
+
+def behaviour_scale(model, binary, seed: int = 0) -> float:
+    """One constant for every user's behaviour part: the mean over a seeded sample of users of their
+    best behaviour score among items they have not seen. Divided by it, a user's top behaviour
+    score is about 1, on the scale of the text cosine, so `behaviour_weight` shares the score
+    between them as it says; a unit-length user vector made behaviour scores small beside the text."""
+    users = np.flatnonzero(np.diff(binary.indptr) > 0)
+    if not len(users):
+        return 1.0
+    users = np.sort(np.random.default_rng(seed).choice(users, min(len(users), SCALE_SAMPLE), replace=False))
+    sums = model.users(binary[users])
+    best = np.full(len(users), -np.inf, dtype=np.float32)
+    for start in range(0, model.item_vectors.shape[0], 65_536):  # a block of items at a time
+        scores = sums @ model.item_vectors[start:start + 65_536].T
+        seen = binary[users][:, start:start + 65_536].tocoo()
+        scores[seen.row, seen.col] = -np.inf
+        best = np.maximum(best, scores.max(axis=1, initial=-np.inf))
+    scale = float(np.mean(best[np.isfinite(best)])) if np.isfinite(best).any() else 1.0
+    return scale if scale > 0 else 1.0
 
 
 def query_scale(behaviour_queries: np.ndarray) -> float:
@@ -85,7 +127,8 @@ def item_queries_from_raw(raw: np.ndarray, layout: Layout) -> np.ndarray:
 
 def user_vectors(behaviour_sum: np.ndarray, text_profile: np.ndarray, n_history: np.ndarray, layout: Layout) -> np.ndarray:
     alpha = layout.few_events / (layout.few_events + np.asarray(n_history, dtype=np.float32))
-    return np.hstack([np.sqrt(layout.behaviour_weight) * _unit(behaviour_sum), np.sqrt(layout.text_weight) * _unit(text_profile),
+    behaviour = _unit(behaviour_sum) if layout.behaviour_scale is None else behaviour_sum / np.float32(layout.behaviour_scale)
+    return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour, np.sqrt(layout.text_weight) * _unit(text_profile),
                       np.sqrt(layout.popularity_weight) * alpha[:, None]]).astype(np.float32)
 
 
@@ -120,18 +163,22 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
     """From accepted events and item text vectors to the blended item and user vectors.
     `bar(description, total)`, when given, makes a progress callback for the behaviour fit."""
     blend = settings.blend
+    full_text, text = text, project_text(text, blend.text_dims)  # the fit's ridge map reads all dimensions
     item_row = {i: r for r, i in enumerate(item_ids)}
     weighted = interactions(events, item_row, len(item_ids), settings.weights, settings.half_life_days, user_ids)
     binary = behaviour_matrix(weighted)
+    fit_on = binary if blend.fit_input == "binary" else interactions(events, item_row, len(item_ids), settings.weights,
+                                                                      float("inf"), user_ids)
     tick = bar(f"behaviour fit ({binary.shape[0]} users x {binary.shape[1]} items)", 1) if bar else None
-    model = fit_behaviour(binary, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb)
+    model = fit_behaviour(fit_on, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=full_text,
+                          text_weight=blend.text_in_fit)
     if tick:
         tick(1)
-    projected = project_cold(model, text, damping=blend.cold_damping)
+    projected = project_cold(model, full_text, damping=blend.cold_damping)
     n_history = np.diff(binary.indptr)
     has_history = n_history > 0
     layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(blend.behaviour_weight),
-                    float(blend.popularity_weight), float(blend.few_events))
+                    float(blend.popularity_weight), float(blend.few_events), behaviour_scale(model, fit_on))
     pop = popularity(weighted)
     pop_feature = popularity_feature(pop)
     docs_r, queries_r = model.item_vectors, model.item_queries
@@ -142,7 +189,7 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
         faded = has_history[idx] & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
         if faded.any():
             profile[faded] = _unit(rows_dot(binary[idx[faded]], text))
-        return user_vectors(model.users(binary[idx]), profile, n_history[idx], layout)
+        return user_vectors(model.users(fit_on[idx]), profile, n_history[idx], layout)
 
     def raw_queries(idx: np.ndarray) -> np.ndarray:
         return np.hstack([queries_r[idx], text[idx]]).astype(np.float32)

@@ -79,12 +79,12 @@ def similar_items(index, queries: RowSource, k: int, popular_scores: np.ndarray,
 def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen: sp.csr_matrix, k: int,
                       item_vectors: RowSource, popular_scores: np.ndarray,
                       progress: Callable[[int], None] | None = None, new_items: np.ndarray | None = None,
-                      new_slots: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      new_slots: int = 0, new_boost: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
     `seen`: (users, items) CSR, the items each user interacted with. Users without history get the
-    most popular items. With `new_slots`, each user with history gets up to that many of the
-    best-matching `new_items` (items without events) at the end of the list. Returns (scores, ids,
+    most popular items. With `new_slots`, up to that many `new_items` (items without events) may earn a
+    place in a user's list (`earn_places`, scores boosted by `new_boost`). Returns (scores, ids,
     source) where source is 'history', 'history+new' (a new item let in), 'history+popular' (topped
     up) or 'popular' per user.
     """
@@ -98,8 +98,8 @@ def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen:
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
                                item_vectors, popular_scores)
-    let_in = reserve_for_new(scores, ids, profiles, item_vectors, new_items if new_items is not None else np.array([], np.int64),
-                             seen, rows, new_slots)
+    let_in = earn_places(scores, ids, profiles, item_vectors, new_items if new_items is not None else np.array([], np.int64),
+                         seen, rows, new_slots, new_boost)
     source = labels(np.where(~has_history, "popular", np.where(filled, "history+popular", np.where(let_in, "history+new", "history"))))
     return scores, ids, source
 
@@ -111,49 +111,47 @@ def labels(values: np.ndarray) -> np.ndarray:
     return np.asarray(distinct.tolist(), dtype=object)[codes.ravel()]
 
 
-def reserve_for_new(scores: np.ndarray, ids: np.ndarray, queries: RowSource, item_vectors: RowSource,
-                    new_items: np.ndarray, seen: sp.csr_matrix, rows: np.ndarray, slots: int = 1) -> np.ndarray:
-    """Give new items (no events yet) a way in: in each listed row of `rows` holding fewer than
-    `slots` new items, the last places go to the best-scoring new items for that row (in place): the
-    lowest items that are not new make way, the rest keep their order. Lists shorter than 5 get none,
-    and at most one place in five is given. The best new items come from one exact search over the
-    new items only. Returns a bool mask of the rows changed."""
+def earn_places(scores: np.ndarray, ids: np.ndarray, queries: RowSource, item_vectors: RowSource,
+                new_items: np.ndarray, seen: sp.csr_matrix, rows: np.ndarray, slots: int = 1, boost: float = 1.0
+                ) -> np.ndarray:
+    """Let new items (no events yet) earn a place (in place): in each full list of `rows`, the best new
+    item not yet listed or seen enters where `boost` x its score beats the list's last score; it takes
+    its rank by that boosted score and the lowest item makes way. Up to `slots` new items per list, one
+    at a time. The best new items come from one exact search over the new items only. Returns a bool
+    mask of the rows changed."""
     changed = np.zeros(len(ids), dtype=bool)
     k = ids.shape[1]
-    slots = min(slots, k // 5)  # at most one place in five: a short list stays what the user is known to like
-    if slots <= 0 or not len(new_items) or not len(rows):
+    if slots <= 0 or not len(new_items) or not len(rows) or k == 0:
         return changed
     new_items = np.asarray(new_items, dtype=np.int64)
     position = np.full(len(item_vectors), -1, dtype=np.int64)
     position[new_items] = np.arange(len(new_items))
-    rows = rows[ids[rows, k - 1] >= 0]  # only full lists give up places
-    rows = rows[(position[ids[rows]] >= 0).sum(axis=1) < slots]
+    rows = rows[ids[rows, k - 1] >= 0]  # full lists only: a short one was already topped up
     if not len(rows):
         return changed
     new_vectors = np.ascontiguousarray(item_vectors[new_items], dtype=np.float32)  # computed once, searched per block
-    listed_new = position[ids[rows]]
-    in_list = sp.csr_matrix((np.ones((listed_new >= 0).sum(), np.int8), listed_new[listed_new >= 0],
-                             np.concatenate([[0], np.cumsum((listed_new >= 0).sum(axis=1))])),
-                            shape=(len(rows), len(new_items)))
+    listed = position[ids[rows]]
+    in_list = sp.csr_matrix((np.ones((listed >= 0).sum(), np.int8), listed[listed >= 0],
+                             np.concatenate([[0], np.cumsum((listed >= 0).sum(axis=1))])), shape=(len(rows), len(new_items)))
     excluded = sp.csr_matrix(seen[rows][:, new_items]) + in_list  # seen, or already in the list
     best_scores, best = exact_search(new_vectors, take_rows(queries, rows), slots, excluded)
-    is_new = position[ids[rows]] >= 0
-    need = slots - is_new.sum(axis=1)
-    valid = (best >= 0) & (np.arange(slots)[None, :] < need[:, None])
-    n_picks = valid.sum(axis=1)
-    # the lowest n_picks items that are not new make way; the others keep their order, then the picks
-    old_from_end = np.cumsum((~is_new)[:, ::-1], axis=1)[:, ::-1]
-    dropped = ~is_new & (old_from_end <= n_picks[:, None])
-    order = np.argsort(dropped, axis=1, kind="stable")
-    new_ids = np.take_along_axis(ids[rows], order, axis=1)
-    new_scores = np.take_along_axis(scores[rows], order, axis=1)
-    slot_of_pick = np.arange(k)[None, :] - (k - n_picks)[:, None]  # the last n_picks places
-    takes = slot_of_pick >= 0
-    pick_ids = np.take_along_axis(np.where(valid, new_items[np.maximum(best, 0)], -1), np.maximum(slot_of_pick, 0), axis=1)
-    pick_scores = np.take_along_axis(best_scores, np.maximum(slot_of_pick, 0), axis=1)
-    ids[rows] = np.where(takes, pick_ids, new_ids)
-    scores[rows] = np.where(takes, pick_scores, new_scores)
-    changed[rows[n_picks > 0]] = True
+    block_ids, block_scores = ids[rows], scores[rows]
+    places = np.arange(k)[None, :]
+    for j in range(slots):  # the j-th best new item of each row, where it beats the row's last score
+        raw = best_scores[:, j]
+        boosted = np.where(raw > 0, raw * boost, raw / boost)
+        enters = (best[:, j] >= 0) & (boosted > block_scores[:, k - 1])
+        at = (block_scores > boosted[:, None]).sum(axis=1)  # its rank among the list's scores
+        source = places - (places > at[:, None])  # shift the rest down one place, the last one drops out
+        moved_ids = np.take_along_axis(block_ids, source, axis=1)
+        moved_scores = np.take_along_axis(block_scores, source, axis=1)
+        here = places == at[:, None]
+        moved_ids = np.where(here, new_items[np.maximum(best[:, j], 0)][:, None], moved_ids)
+        moved_scores = np.where(here, boosted[:, None], moved_scores)
+        block_ids = np.where(enters[:, None], moved_ids, block_ids)
+        block_scores = np.where(enters[:, None], moved_scores, block_scores)
+        changed[rows[enters]] = True
+    ids[rows], scores[rows] = block_ids, block_scores
     return changed
 
 

@@ -7,6 +7,7 @@ the sections to it); the defaults come from `recs eval` on ml-latest-small (READ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,15 +17,26 @@ class BlendSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    behaviour_weight: float = Field(0.95, ge=0, le=1, description="share of behaviour vs text in the score; 0 = text only")
+    behaviour_weight: float = Field(0.7, ge=0, le=1, description="share of behaviour vs text in the score; 0 = text only")
     popularity_weight: float = Field(0.3, ge=0, description="pull towards popular items for users with little history")
     few_events: float = Field(5.0, gt=0, description="a user with this many items leans half on popularity")
-    factors: int = Field(256, ge=1, description="rank of the behaviour model (low-rank EASE)")
-    factor_memory_mb: float | None = Field(1024, gt=0, description="lower the rank to what fits in this much memory "
-                                           "(256 stands up to ~130k users and items); null: no limit")
+    factors: int = Field(4096, ge=1, description="highest rank of the behaviour model (low-rank EASE); it is also at "
+                         "most min(users, items), where it is exactly full EASE (fitted exactly up to 4,096)")
+    fit_input: Literal["binary", "weights"] = Field("binary", description="what the behaviour model is fitted on: 1 "
+                                                    "for each user-item pair, or the events' weights (events.weights, "
+                                                    "summed, no decay), e.g. ratings mapped to weights")
+    factor_memory_mb: float | None = Field(192, gt=0, description="memory the behaviour model may take: at scale it "
+                                           "sets the rank (never below 64; 64 at 100k users and items), and with it "
+                                           "the cost of every list; null: no limit")
+    text_in_fit: float = Field(4.0, ge=0, description="weight of the item texts as extra rows of the behaviour fit "
+                               "where it is exact (full rank of a small side); 0: the fit sees events only")
+    text_dims: int | None = Field(64, ge=1, description="dimensions of the text part of the blended vectors: the "
+                                  "encoder's vectors projected onto their main directions; null: all of them")
     l2: float = Field(200.0, gt=0, description="the behaviour model's regularisation (EASE lambda)")
     cold_damping: float = Field(0.5, ge=0, le=1, description="weight of text-predicted behaviour for items with no events")
-    new_item_slots: int = Field(1, ge=0, description="last places of a user's list kept for the best-matching items with no events yet")
+    new_item_slots: int = Field(1, ge=0, description="places in a user's list that items with no events yet may earn")
+    new_item_boost: float = Field(1.5, ge=1, description="a new item earns a place where this times its predicted "
+                                  "score beats the list's last score; 1: no help beyond its score")
 
 
 class ListsSettings(BaseModel):

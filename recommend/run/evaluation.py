@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from embedder.artifacts import arrow_to_vectors, write_json
 from embedder.errors import RecsError
 from recommend.config import Config, stage_settings
-from recommend.quality.evaluate import EvalResult, Split, evaluate
+from recommend.quality.evaluate import EvalResult, Split, Tried, evaluate, tune
 from recommend.quality.plots import plot_eval
 from recommend.run.check import verify_artifacts
 from recommend.run.workdir import latest_report, runs_dir
@@ -27,6 +27,30 @@ def evaluate_run(config: Config, run_id: str | None = None, *, split: Split = "r
     """Evaluate the lists a refresh run produces, from that run's own accepted events and
     embeddings (the newest completed run by default), with the config's settings. Writes
     eval-<split>.json, and plots when asked, into the run's folder (`result.written` lists them)."""
+    report, events, item_ids, text = _load(config, run_id)
+    result = evaluate(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, split=split,
+                      test_ratio=test_ratio, seed=seed, ks=ks, sweep=sweep)
+    run = Path(report.run_dir)
+    result.run_id = report.run_id
+    result.written = [str(run / f"eval-{split}.json")]
+    if plots:
+        result.written += plot_eval(result, run, prefix=f"eval-{split}")
+    write_json(result, result.written[0])
+    return result
+
+
+def tune_run(config: Config, run_id: str | None = None, *, test_ratio: float = 0.25, seed: int = 42) -> list[Tried]:
+    """`recs eval --tune`: the blend settings of `quality.evaluate.TUNE_GRID` scored on both splits of
+    a run's events (the newest completed run by default), best first. Writes tune.json beside the run."""
+    report, events, item_ids, text = _load(config, run_id)
+    tried = tune(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, test_ratio=test_ratio,
+                 seed=seed)
+    write_json({"run_id": report.run_id, "tried": [t.model_dump() for t in tried]}, Path(report.run_dir) / "tune.json")
+    return tried
+
+
+def _load(config: Config, run_id: str | None):
+    """(report, events, item ids, text vectors) of a completed run, its artifacts verified."""
     report = latest_report(config.workdir, run_id)
     if report is None or report.status != "ok":
         raise RecsError(f"no completed refresh run in {runs_dir(config.workdir)}"
@@ -34,13 +58,4 @@ def evaluate_run(config: Config, run_id: str | None = None, *, split: Split = "r
     run = Path(report.run_dir)
     verify_artifacts(run, "embeddings.parquet", "events.parquet")
     emb = pq.read_table(run / "embeddings.parquet")
-    events = pd.read_parquet(run / "events.parquet")
-    result = evaluate(events, item_ids=emb["item_id"].to_pylist(), text=arrow_to_vectors(emb["vector"]),
-                      settings=stage_settings(config).ranking, split=split, test_ratio=test_ratio, seed=seed,
-                      ks=ks, sweep=sweep)
-    result.run_id = report.run_id
-    result.written = [str(run / f"eval-{split}.json")]
-    if plots:
-        result.written += plot_eval(result, run, prefix=f"eval-{split}")
-    write_json(result, result.written[0])
-    return result
+    return report, pd.read_parquet(run / "events.parquet"), emb["item_id"].to_pylist(), arrow_to_vectors(emb["vector"])

@@ -25,7 +25,7 @@ from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
 from embedder.ingest import ingest_events, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
-from index.build import EXACT, choose_factory, save_index
+from index.build import APPROXIMATE, EXACT, save_index
 from index.search import sampled_recall
 from index.tune import build_tuned
 from recommend.config import Config, StageSettings
@@ -235,14 +235,15 @@ def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) 
         u_scores, u_ids, u_source = recommended_items(
             index, space.users, space.has_history, space.seen, k, space.item_docs, space.popularity,
             progress=bar("user->item", int(space.has_history.sum())),
-            new_items=np.flatnonzero(~space.warm), new_slots=config.blend.new_item_slots)
+            new_items=np.flatnonzero(~space.warm), new_slots=config.blend.new_item_slots,
+            new_boost=config.blend.new_item_boost)
         u_source = labels(np.where((u_source == "history") & space.few_events, "few-events", u_source))
         i_source = labels(np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text")))
         write_parquet_blocks(chain(lists_tables("item", item_ids, i_scores, i_ids, item_ids, i_source),
                                    lists_tables("user", user_ids, u_scores, u_ids, item_ids, u_source)),
                              run.run_dir / "lists.parquet")
-    factory = EXACT if tuning.fallback == "exact" else choose_factory(len(item_ids), config.index.kind,
-                                                                       config.index.exact_below)
+    factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
+                                                                         else config.index.kind)
     summary = IndexSummary(
         factory=factory, items=len(item_ids), users=len(user_ids), users_with_history=int(space.has_history.sum()),
         users_short_of_k=int(((u_ids >= 0).sum(axis=1) < min(k, len(item_ids))).sum()), k=k,
@@ -273,7 +274,7 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
                 "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": space.layout.to_dict(),
-                "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k"})}
+                "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: upserting", len(item_ids) + len(user_ids))
         written = stage_version(store, pc.prefix, run_id,
                                 {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
