@@ -40,11 +40,13 @@ def test_report_and_artifacts(first_run):
 
 def _published_vectors(config, kind, names, ids):
     """Oracle input: the vectors as Qdrant holds them (a reread of the publish)."""
-    from recommend.serving.publish import alias, point_id
-    from recommend.serving.store import open_store
+    from recommend.serving.live import LiveVersion
+    from recommend.serving.publish import point_id
+    from recommend.serving.versions import version_store
 
-    store = open_store(None, config.workdir + "/qdrant")
-    points = store.retrieve(alias("recs", kind + "s"), ids=[point_id(kind, i) for i in ids], with_vectors=names)
+    snap = LiveVersion(version_store(config.publish, config.workdir)).current()
+    points = snap.client.retrieve(snap.items if kind == "item" else snap.users, ids=[point_id(kind, i) for i in ids],
+                                  with_vectors=names)
     by_id = {p.payload[f"{kind}_id"]: p for p in points}
     return {n: np.array([by_id[i].vector[n] for i in ids], dtype=np.float32) for n in names}
 
@@ -52,8 +54,7 @@ def _published_vectors(config, kind, names, ids):
 def test_lists_match_exact_search_and_exclude_seen(first_run):
     """Oracle: brute force over the published blended vectors, seen items excluded."""
     from recommend.ranking.blend import Layout, item_queries_from_raw
-    from recommend.serving.publish import list_versions
-    from recommend.serving.store import open_store
+    from recommend.serving.versions import version_store
 
     config, report = first_run
     run = config.workdir + f"/runs/{report.run_id}"
@@ -65,7 +66,7 @@ def test_lists_match_exact_search_and_exclude_seen(first_run):
     k = config.lists.k
     sizes = lists.groupby(["subject_kind", "subject_id"]).size()
     assert (sizes == k).all()  # exactly K for every item and every user
-    layout = Layout(**list_versions(open_store(None, config.workdir + "/qdrant"), "recs")[0].metadata["layout"])
+    layout = Layout(**version_store(config.publish, config.workdir).versions()[0].metadata["layout"])
     items = _published_vectors(config, "item", ["blend", "blend_query"], item_ids.tolist())
     queries = item_queries_from_raw(items["blend_query"], layout)
 
