@@ -60,7 +60,7 @@ def user_errors():
 def _recommender(config: str):
     from recommend.serving.facade import Recommender
 
-    return Recommender.from_config(config)
+    return Recommender.from_config(config, poll_s=0)
 
 
 def _print_answer(answer, as_json: bool) -> None:
@@ -220,8 +220,8 @@ def schema():
 
 @app.command()
 def check(config: str = ConfigOpt,
-          repair: bool = typer.Option(False, "--repair", help="Move damaged cache files aside (their items are "
-                                                              "encoded again by the next refresh)."),
+          repair: bool = typer.Option(False, "--repair", help="Move damaged cache files aside (their items are encoded "
+                                                              "again by the next refresh); remove unfinished versions."),
           as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
     """Verify the workdir: every embedding cache file (checksum, finite unit vectors), every run
     folder (report, manifests, artifact digests) and the published versions. Exits 1 when something
@@ -245,7 +245,7 @@ def check(config: str = ConfigOpt,
         for f in report.findings:
             typer.echo(f"- {f.where}: {f.problem}" + (f" (repaired: {f.repaired})" if f.repaired else ""))
         typer.echo("all sound" if not report.findings else "ok after repairs" if report.ok else
-                   "problems found" + ("" if repair else "; --repair moves damaged cache files aside"))
+                   "problems found" + ("" if repair else "; --repair moves damaged cache files aside and removes unfinished versions"))
     if not report.ok:
         raise typer.Exit(1)
 
@@ -296,17 +296,21 @@ def search(text: str = typer.Argument(..., help="Free text to encode now and mat
 
 @app.command()
 def versions(config: str = ConfigOpt, as_json: bool = JsonOpt):
-    """Published versions, newest first, and which one is live.
+    """Published versions, newest first, and which one is live (complete versions only: one whose
+    publish did not finish is never listed).
 
     \b
     Example:
-        recs versions
+        recs versions --json | jq '.[] | select(.live) | .run_id'
     """
+    from recommend.config import load_config
+    from recommend.serving.versions import version_store
+
     with user_errors():
-        found = _recommender(config).versions()
+        cfg = load_config(config, check_inputs=False)
+        found = version_store(cfg.publish, cfg.workdir).versions()
     if as_json:
-        typer.echo(json.dumps([{"run_id": v.run_id, "live": v.live, "items": v.items, "users": v.users,
-                                "created_at": v.metadata.get("created_at")} for v in found]))
+        typer.echo(json.dumps([v.to_dict() for v in found]))
         return
     if not found:
         typer.echo("no version published yet: run `recs refresh`")
@@ -316,9 +320,11 @@ def versions(config: str = ConfigOpt, as_json: bool = JsonOpt):
 
 
 @app.command()
-def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make live (default: the one before the live one)."),
+def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make live (default: the newest sound one "
+                                                              "before the live one)."),
              config: str = ConfigOpt):
-    """Make an earlier published version live again (one atomic alias switch).
+    """Make an earlier published version live again (one atomic switch; a running `recs serve`
+    follows it within seconds). A damaged or incomplete version is never made live.
 
     \b
     Example:
@@ -326,43 +332,60 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
         recs rollback 20261128T020000-123456  # to a named one
     """
     from recommend.config import load_config
-    from recommend.serving.publish import rollback as do_rollback
-    from recommend.serving.store import open_store
+    from recommend.run.lock import RefreshLock
+    from recommend.serving.versions import version_store
 
     with user_errors():
         cfg = load_config(config, check_inputs=False)
-        client = open_store(cfg.publish.url, Path(cfg.workdir) / "qdrant", cfg.publish.api_key_env)
-        before, after = do_rollback(client, cfg.publish.prefix, run_id)
+        with RefreshLock(cfg.workdir):  # not while a refresh publishes or prunes
+            before, after = version_store(cfg.publish, cfg.workdir).rollback(run_id)
     typer.echo(f"live: {after} (was {before})")
 
 
 @app.command()
 def serve(config: str = ConfigOpt,
-          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
-          port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per request on stderr.")):
-    """Answer queries over HTTP from the live version: /users/<id>, /items/<id>/similar,
-    /search?q=..., /versions, /health (JSON; 404 unknown id, 400 bad parameter, 503 store unavailable).
+          host: Optional[str] = typer.Option(None, help="Address to listen on (default: serve.host, 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, min=0, max=65535, help="Port (default: serve.port, 8000; 0: any free port)."),
+          workers: Optional[int] = typer.Option(None, min=1, help="Server processes (default: serve.workers, 1)."),
+          verbose: int = VerboseOpt, quiet: bool = QuietOpt):
+    """Answer queries over HTTP from the live version, and follow each new one without a restart:
+    /users/<id>, /items/<id>/similar, /search?q=..., /versions, /health, /metrics, /docs.
+    When the variable named by serve.api_key_env (RECS_API_KEY) is set, every route but /health
+    needs 'Authorization: Bearer <key>'.
 
     \b
     Example:
         recs serve --config config.yaml --port 8000 &
         curl 'http://127.0.0.1:8000/users/U00042?k=5'
     """
-    from recommend.serving.facade import Recommender
-    from recommend.serving.service import make_server
+    import os
 
+    from recommend.config import load_config
+
+    _output(verbose, quiet)
     with user_errors():
-        server = make_server(Recommender.from_config(config), host, port)
-    server.quiet = quiet
-    host_, port_ = server.server_address[:2]
-    typer.echo(f"serving on http://{host_}:{port_} (Ctrl-C stops)", err=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        cfg = load_config(config, check_inputs=False)
+        updates = {key: value for key, value in (("host", host), ("port", port), ("workers", workers)) if value is not None}
+        cfg.serve = cfg.serve.model_copy(update=updates)
+        settings = cfg.serve
+        keyed = bool(os.environ.get(settings.api_key_env))
+        if not keyed and settings.host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"warning: serving on {settings.host} without an API key: anyone who reaches this port can "
+                       f"read the lists (set {settings.api_key_env})", err=True)
+        if settings.workers > 1:
+            from recommend.serving.httpserver import run_workers
+
+            os.environ["RECS_CONFIG"] = str(Path(config).resolve())
+            typer.echo(f"serving on http://{settings.host}:{settings.port} with {settings.workers} workers "
+                       f"(Ctrl-C stops){'; API key required' if keyed else ''}", err=True)
+            run_workers("recommend.serving.service:app_from_env", settings)
+            return
+        from recommend.serving.httpserver import run_server
+        from recommend.serving.service import app_from_config
+
+        app = app_from_config(cfg)
+    run_server(app, settings, announce=lambda url: typer.echo(
+        f"serving on {url} (Ctrl-C stops){'; API key required' if keyed else ''}", err=True))
 
 
 def main() -> None:
