@@ -183,42 +183,33 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
 
 
 def test_http_service_answers_like_the_facade(first_run):
-    """`recs serve` over real HTTP: the same lists as the facade, with clear 404 and 400 answers."""
-    import threading
-    import urllib.error
-    import urllib.request
+    """`recs serve`'s app over real HTTP (uvicorn): the same lists as the facade, with clear 404 and 400 answers."""
+    from http_helpers import ServerThread, get
 
-    from recommend.serving.service import make_server
+    from recommend.serving.service import app_from_config
 
     config, report = first_run
     rec = Recommender.from_config(config)
-    server = make_server(rec, "127.0.0.1", 0)
-    server.quiet = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = "http://127.0.0.1:%d" % server.server_address[1]
 
-    def get(path):
-        try:
-            with urllib.request.urlopen(base + path, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+    def same(body, answer):  # the age moves on between two answers
+        return {**body, "age_seconds": 0} == {**answer.to_dict(), "age_seconds": 0}
 
-    try:
-        assert get("/health") == (200, {"status": "ok", "version": report.published_version})
-        status, body = get("/users/U00000?k=3")
-        assert status == 200 and body == rec.for_user("U00000", 3).to_dict()
-        status, body = get("/items/I00003/similar")
-        assert status == 200 and [i["item_id"] for i in body["items"]] == [r.item_id for r in rec.similar("I00003").items]
-        status, body = get("/users/nobody?recent=I00001,I00002")
-        assert status == 200 and body["source"] == "realtime" and not {"I00001", "I00002"} & {i["item_id"] for i in body["items"]}
-        assert get("/users/nobody")[0] == 404 and "unknown user 'nobody'" in get("/users/nobody")[1]["error"]
-        assert get("/users/U00000?k=zero") == (400, {"error": "k must be a whole number, got 'zero'"})
-        assert get("/nowhere")[0] == 404
-        assert get("/versions")[1][0]["run_id"] == report.published_version
-    finally:
-        server.shutdown()
-        server.server_close()
+    with ServerThread(app_from_config(config, encoder=False), config.serve) as server:
+        port = server.port
+        status, body, _ = get(port, "/health")
+        assert status == 200 and body["status"] == "ok" and body["version"] == report.published_version
+        status, body, _ = get(port, "/users/U00000?k=3")
+        assert status == 200 and same(body, rec.for_user("U00000", 3))
+        status, body, _ = get(port, "/items/I00003/similar")
+        assert status == 200 and same(body, rec.similar("I00003"))
+        status, body, _ = get(port, "/users/nobody?recent=I00001,I00002")
+        assert status == 200 and same(body, rec.for_user("nobody", recent_items=["I00001", "I00002"]))
+        status, body, _ = get(port, "/users/nobody")
+        assert status == 404 and "unknown user 'nobody'" in body["error"] and body["version"] == report.published_version
+        assert get(port, "/users/U00000?k=zero")[:2] == (400, {"error": "k: Input should be a valid integer, unable to "
+                                                                        "parse string as an integer"})
+        assert get(port, "/nowhere")[0] == 404
+        assert get(port, "/versions")[1][0]["run_id"] == report.published_version
 
 
 def test_freed_memory_goes_back_to_the_os_between_stages():

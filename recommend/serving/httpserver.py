@@ -199,8 +199,14 @@ def run_server(app, settings: ServeSettings, announce=print) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
     sock = config.bind_socket()
     host, port = sock.getsockname()[:2]
-    announce(f"http://{host if sock.family != socket.AF_INET6 else f'[{host}]'}:{port}")
-    uvicorn.Server(config).run(sockets=[sock])
+
+    class Announcing(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # listening, the live version loaded
+                announce(f"http://{host if sock.family != socket.AF_INET6 else f'[{host}]'}:{port}")
+
+    Announcing(config).run(sockets=[sock])
 
 
 def run_workers(factory: str, settings: ServeSettings) -> None:
