@@ -225,3 +225,31 @@ def test_recs_serve_follows_config_and_clients_that_go_away_leave_no_traceback(t
     assert proc.returncode in (0, 130) and "Traceback" not in err and "Error" not in err, err  # 130: stopped by Ctrl-C
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # no encoder left behind
+
+
+def test_a_qdrant_server_outage_is_503_and_degraded_never_500():
+    """The server code path (on qdrant-client's in-memory mode); the outage is injected by pointing the
+    client at a closed port. Cached answers still come; others are 503; /health says degraded."""
+    from qdrant_client import QdrantClient
+
+    from recommend.serving.versions import ServerVersions
+
+    store = ServerVersions(QdrantClient(":memory:"), "t")
+    publish_small(store, V1)
+    live = LiveVersion(store, poll_s=0.2)
+    settings = ServeSettings(poll_s=0.2)
+    with ServerThread(create_app(live, settings, encoder=None), settings) as server:
+        port = server.port
+        assert get(port, "/users/u1")[0] == 200 and get(port, "/health")[1]["status"] == "ok"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        store.client = live.snap.client = QdrantClient(url=f"http://127.0.0.1:{closed}", timeout=1,
+                                                       check_compatibility=False)
+        time.sleep(0.6)
+        status, body, _ = get(port, "/users/u2")
+        assert status == 503 and body["error"].startswith(f"Qdrant did not answer for version {V1}")
+        status, body, _ = get(port, "/health")
+        assert status == 503 and body["status"] == "degraded" and body["version"] == V1
+        assert get(port, "/users/u1")[0] == 200  # from the hot cache
+        assert get(port, "/versions")[0] == 503

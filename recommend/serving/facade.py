@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from embedder.errors import RecsError
 from recommend.ranking.blend import Layout, user_from_items
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, point_id
-from recommend.serving.store import shown
+from recommend.serving.store import StoreUnavailable, shown
 
 __all__ = ["Answer", "NotFound", "Recommendation", "Recommender"]
 _NO_LISTS = models.PayloadSelectorExclude(exclude=["similar", "run_id", "source"])
@@ -104,10 +105,26 @@ class Recommender:
 
 # ---- queries on one snapshot (the facade's and the HTTP service's) -------------------------------
 
+def _store_errors(query):
+    """A store that stops answering mid-query (a Qdrant server outage) is StoreUnavailable (HTTP 503,
+    a message in the CLI), never a traceback."""
+    from qdrant_client.http.exceptions import ApiException
+
+    @functools.wraps(query)
+    def guarded(snap: Snapshot, *args, **kwargs):
+        try:
+            return query(snap, *args, **kwargs)
+        except (ApiException, ConnectionError) as exc:
+            raise StoreUnavailable(f"Qdrant did not answer for version {snap.run_id}: {type(exc).__name__}: "
+                                   f"{str(exc)[:200]}") from None
+    return guarded
+
+
 def answer(snap: Snapshot, query: str, source: str, items: list[Recommendation]) -> Answer:
     return Answer(query, snap.run_id, snap.created_at, snap.age_seconds(), source, items)
 
 
+@_store_errors
 def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | None = None) -> Answer:
     payload = _point(snap, "user", user_id)
     if payload is None:
@@ -117,6 +134,7 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
     return _listed(snap, f"user {user_id}", payload, "recommended", k)
 
 
+@_store_errors
 def similar_answer(snap: Snapshot, item_id: str, k: int) -> Answer:
     payload = _point(snap, "item", item_id)
     if payload is None:
@@ -124,6 +142,7 @@ def similar_answer(snap: Snapshot, item_id: str, k: int) -> Answer:
     return _listed(snap, f"item {item_id}", payload, "similar", k)
 
 
+@_store_errors
 def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None = None) -> Answer:
     layout = snap.meta.get("layout")
     name = BLEND_QUERY_VECTOR if layout else ITEM_VECTOR  # versions before the blend had text only
@@ -153,6 +172,7 @@ def query_model(snap: Snapshot, model: str | None = None):
     return path
 
 
+@_store_errors
 def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int) -> Answer:
     return answer(snap, f"text {shown(text, 200)}", "text", search_items(snap, vector, k))
 

@@ -330,6 +330,25 @@ class ServerVersions(VersionStore):
                 self.metadata(run_id))
 
 
+def _unreachable_is_unavailable(method):
+    """A server that does not answer is StoreUnavailable (a message, HTTP 503), not a traceback."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        from qdrant_client.http.exceptions import ApiException
+
+        try:
+            return method(self, *args, **kwargs)
+        except (ApiException, ConnectionError) as exc:
+            raise StoreUnavailable(f"Qdrant at {self.where} did not answer: {type(exc).__name__}: {str(exc)[:200]}") from None
+    return guarded
+
+
+for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", "remove"):
+    setattr(ServerVersions, _name, _unreachable_is_unavailable(getattr(ServerVersions, _name)))
+
+
 def version_store(publish: PublishSettings, workdir: str | Path) -> VersionStore:
     """The versions of one config: a Qdrant server when `publish.url` is set, else local folders."""
     if publish.url:
