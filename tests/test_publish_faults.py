@@ -150,3 +150,18 @@ def test_a_damaged_live_pointer_is_a_clear_error_and_a_publish_writes_it_again(t
     with pytest.raises(StoreUnavailable, match=f"{store.pointer} is damaged"):
         LiveVersion(store).current()
     assert publish_small(store, V3).previous is None and store.live() == V3
+
+
+def test_check_repair_removes_an_unfinished_version_but_never_the_live_one(tmp_path, sample_dir, tiny_model):
+    from recommend.serving.store import open_local
+
+    config = load_config(write_config(tmp_path, sample_dir, tiny_model), check_inputs=False)
+    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    publish_small(store, V1)
+    open_local(store.folder / V2).close()  # what a publish killed before its marker leaves
+    found = check_workdir(config)
+    assert not found.ok and [f.where for f in found.findings] == [f"version {V2}"]
+    assert "incomplete: no version.json" in found.findings[0].problem
+    repaired = check_workdir(config, repair=True)
+    assert repaired.ok and repaired.findings[0].repaired == "removed" and not (store.folder / V2).exists()
+    assert check_workdir(config).findings == [] and store.live() == V1
