@@ -338,8 +338,10 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
     with user_errors():
         cfg = load_config(config, check_inputs=False)
         with RefreshLock(cfg.workdir):  # not while a refresh publishes or prunes
-            before, after = version_store(cfg.publish, cfg.workdir).rollback(run_id)
-    typer.echo(f"live: {after} (was {before})")
+            done = version_store(cfg.publish, cfg.workdir).rollback(run_id)
+    for skipped in done.skipped:
+        typer.echo(f"skipped damaged version {skipped}", err=True)
+    typer.echo(f"live: {done.live} (was {done.previous})")
 
 
 @app.command()

@@ -86,7 +86,7 @@ def test_prune_keeps_newest_live_and_previous_and_rollback(store):
     runs = [f"2026010{d}T000000-abcd" for d in range(1, 6)]
     for run in runs[:4]:
         publish(store, run, keep=10)
-    assert store.rollback() == (runs[3], runs[2])
+    assert store.rollback() == (runs[3], runs[2], [])
     deleted = store.prune(keep=1, protect={runs[0]})
     assert set(deleted) == {runs[1]}  # runs[2] is live, runs[3] the newest, runs[0] protected
     result = publish(store, runs[4], keep=1)

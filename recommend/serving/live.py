@@ -130,7 +130,8 @@ class LiveVersion:
                 new = self._open(run_id)
             except Exception as exc:
                 self.error = f"cannot open version {run_id}: {_describe(exc)}"
-                log.error("%s%s", self.error, f"; still serving {self.snap.run_id}" if self.snap else "")
+                if self.snap is not None:  # otherwise the caller raises it (current()) or /health shows it
+                    log.error("%s; still serving %s", self.error, self.snap.run_id)
                 return False
             old, self.snap, self.error = self.snap, new, None  # the swap
             log.info("live version %s (opened in %.2fs)", run_id, time.perf_counter() - started)

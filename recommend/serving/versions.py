@@ -26,7 +26,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from embedder.errors import RecsError
 from recommend.serving.settings import PublishSettings
@@ -46,6 +46,12 @@ def alias(prefix: str, kind: str) -> str:
 
 def collection(prefix: str, kind: str, run_id: str) -> str:
     return f"{prefix}_{kind}_{run_id}"
+
+
+class Rollback(NamedTuple):
+    previous: str | None
+    live: str
+    skipped: list[str]  # damaged versions passed over, each with its problem
 
 
 @dataclass
@@ -105,13 +111,11 @@ class VersionStore:
             self.remove(run_id)
         return deleted
 
-    def rollback(self, run_id: str | None = None) -> tuple[str | None, str]:
+    def rollback(self, run_id: str | None = None) -> Rollback:
         """Make `run_id` live; by default the newest sound version older than the live one (a damaged
-        one is skipped, with a warning). Returns (from, to). PublishError when there is none."""
-        versions = self.versions()
-        live = self.live()
+        one is skipped and named). PublishError when there is none."""
+        versions, live, skipped = self.versions(), self.live(), []
         if run_id is None:
-            skipped = []
             for v in versions:
                 if live is not None and v.run_id >= live:
                     continue
@@ -120,10 +124,8 @@ class VersionStore:
                     run_id = v.run_id
                     break
                 skipped.append(f"{v.run_id} ({problem})")
-            for s in skipped:
-                log.warning("rollback: skipped damaged version %s", s)
             if run_id is None:
-                raise PublishError(f"no sound version older than the live one ({live}) to roll back to"
+                raise PublishError(f"no version older than the live one ({live}) to roll back to"
                                    + (f"; damaged: {'; '.join(skipped)}" if skipped else ""))
         elif run_id not in {v.run_id for v in versions}:
             raise PublishError(f"unknown version {shown(run_id)}; published: "
@@ -131,7 +133,7 @@ class VersionStore:
         elif (problem := self.verify(run_id)) is not None:
             raise PublishError(f"version {run_id} is damaged, not switching: {problem}")
         self.switch(run_id)
-        return live, run_id
+        return Rollback(live, run_id, skipped)
 
 
 class LocalVersions(VersionStore):
