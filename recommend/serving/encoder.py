@@ -106,6 +106,7 @@ class QueryEncoder:
         return await fut
 
     def close(self) -> None:
+        """Stop the encoder process and wait for it (its queues are released, nothing is left behind)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
