@@ -2,7 +2,7 @@
 
 Each section is the settings model of the stage that uses it, defined there once (`embed`:
 embedder/settings.py, `index`: index/settings.py, `blend` and `lists`: recommend/ranking/settings.py,
-`gate`: recommend/quality/gate.py, `publish`: recommend/serving/settings.py);
+`gate`: recommend/quality/gate.py, `publish` and `serve`: recommend/serving/settings.py);
 the input sections and `dask` are defined here. `stage_settings` is the one adapter from the sections
 to what the stages take. Relative paths are resolved against the config file's folder, so `recs`
 works from any directory.
@@ -25,7 +25,7 @@ from embedder.specs import ExtraText, ItemMapping, SourceSpec
 from index.settings import IndexSettings
 from recommend.quality.gate import GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
-from recommend.serving.settings import PublishSettings
+from recommend.serving.settings import PublishSettings, ServeSettings
 
 
 class ConfigError(RecsError):
@@ -145,6 +145,7 @@ class Config(Section):
     gate: GateSettings = GateSettings()
     dask: DaskSettings = DaskSettings()
     publish: PublishSettings = PublishSettings()
+    serve: ServeSettings = ServeSettings()
     source_file: str | None = Field(None, exclude=True)
 
     @property

@@ -40,11 +40,13 @@ def test_report_and_artifacts(first_run):
 
 def _published_vectors(config, kind, names, ids):
     """Oracle input: the vectors as Qdrant holds them (a reread of the publish)."""
-    from recommend.serving.publish import alias, point_id
-    from recommend.serving.store import open_store
+    from recommend.serving.live import LiveVersion
+    from recommend.serving.publish import point_id
+    from recommend.serving.versions import version_store
 
-    store = open_store(None, config.workdir + "/qdrant")
-    points = store.retrieve(alias("recs", kind + "s"), ids=[point_id(kind, i) for i in ids], with_vectors=names)
+    snap = LiveVersion(version_store(config.publish, config.workdir)).current()
+    points = snap.client.retrieve(snap.items if kind == "item" else snap.users, ids=[point_id(kind, i) for i in ids],
+                                  with_vectors=names)
     by_id = {p.payload[f"{kind}_id"]: p for p in points}
     return {n: np.array([by_id[i].vector[n] for i in ids], dtype=np.float32) for n in names}
 
@@ -52,8 +54,7 @@ def _published_vectors(config, kind, names, ids):
 def test_lists_match_exact_search_and_exclude_seen(first_run):
     """Oracle: brute force over the published blended vectors, seen items excluded."""
     from recommend.ranking.blend import Layout, item_queries_from_raw
-    from recommend.serving.publish import list_versions
-    from recommend.serving.store import open_store
+    from recommend.serving.versions import version_store
 
     config, report = first_run
     run = config.workdir + f"/runs/{report.run_id}"
@@ -65,7 +66,7 @@ def test_lists_match_exact_search_and_exclude_seen(first_run):
     k = config.lists.k
     sizes = lists.groupby(["subject_kind", "subject_id"]).size()
     assert (sizes == k).all()  # exactly K for every item and every user
-    layout = Layout(**list_versions(open_store(None, config.workdir + "/qdrant"), "recs")[0].metadata["layout"])
+    layout = Layout(**version_store(config.publish, config.workdir).versions()[0].metadata["layout"])
     items = _published_vectors(config, "item", ["blend", "blend_query"], item_ids.tolist())
     queries = item_queries_from_raw(items["blend_query"], layout)
 
@@ -188,42 +189,33 @@ def test_quality_gate_blocks_a_broken_run(tmp_path, sample_dir, tiny_model, dask
 
 
 def test_http_service_answers_like_the_facade(first_run):
-    """`recs serve` over real HTTP: the same lists as the facade, with clear 404 and 400 answers."""
-    import threading
-    import urllib.error
-    import urllib.request
+    """`recs serve`'s app over real HTTP (uvicorn): the same lists as the facade, with clear 404 and 400 answers."""
+    from http_helpers import ServerThread, get
 
-    from recommend.serving.service import make_server
+    from recommend.serving.service import app_from_config
 
     config, report = first_run
     rec = Recommender.from_config(config)
-    server = make_server(rec, "127.0.0.1", 0)
-    server.quiet = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = "http://127.0.0.1:%d" % server.server_address[1]
 
-    def get(path):
-        try:
-            with urllib.request.urlopen(base + path, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+    def same(body, answer):  # the age moves on between two answers
+        return {**body, "age_seconds": 0} == {**answer.to_dict(), "age_seconds": 0}
 
-    try:
-        assert get("/health") == (200, {"status": "ok", "version": report.published_version})
-        status, body = get("/users/U00000?k=3")
-        assert status == 200 and body == rec.for_user("U00000", 3).to_dict()
-        status, body = get("/items/I00003/similar")
-        assert status == 200 and [i["item_id"] for i in body["items"]] == [r.item_id for r in rec.similar("I00003").items]
-        status, body = get("/users/nobody?recent=I00001,I00002")
-        assert status == 200 and body["source"] == "realtime" and not {"I00001", "I00002"} & {i["item_id"] for i in body["items"]}
-        assert get("/users/nobody")[0] == 404 and "unknown user 'nobody'" in get("/users/nobody")[1]["error"]
-        assert get("/users/U00000?k=zero") == (400, {"error": "k must be a whole number, got 'zero'"})
-        assert get("/nowhere")[0] == 404
-        assert get("/versions")[1][0]["run_id"] == report.published_version
-    finally:
-        server.shutdown()
-        server.server_close()
+    with ServerThread(app_from_config(config, encoder=False), config.serve) as server:
+        port = server.port
+        status, body, _ = get(port, "/health")
+        assert status == 200 and body["status"] == "ok" and body["version"] == report.published_version
+        status, body, _ = get(port, "/users/U00000?k=3")
+        assert status == 200 and same(body, rec.for_user("U00000", 3))
+        status, body, _ = get(port, "/items/I00003/similar")
+        assert status == 200 and same(body, rec.similar("I00003"))
+        status, body, _ = get(port, "/users/nobody?recent=I00001,I00002")
+        assert status == 200 and same(body, rec.for_user("nobody", recent_items=["I00001", "I00002"]))
+        status, body, _ = get(port, "/users/nobody")
+        assert status == 404 and "unknown user 'nobody'" in body["error"] and body["version"] == report.published_version
+        assert get(port, "/users/U00000?k=zero")[:2] == (400, {"error": "k: Input should be a valid integer, unable to "
+                                                                        "parse string as an integer"})
+        assert get(port, "/nowhere")[0] == 404
+        assert get(port, "/versions")[1][0]["run_id"] == report.published_version
 
 
 def test_freed_memory_goes_back_to_the_os_between_stages():

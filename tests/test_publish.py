@@ -1,13 +1,17 @@
-"""Publishing to real Qdrant (local mode): the old version answers until the alias switch, a reread
-returns what was written, reruns are idempotent, pruning keeps the live version, rollback works."""
+"""Publishing to real Qdrant (local-mode folders, and the server code path on qdrant-client's in-memory
+mode): readers see the old version until the switch and the new one after it without reopening, a
+reread returns what was written, pruning keeps the live and the previous version, rollback works."""
 
 import numpy as np
 import pytest
+from qdrant_client import QdrantClient
 
 from recommend.serving.facade import NotFound, Recommender
-from recommend.serving.publish import (PublishError, collection, item_payloads, list_versions, point_id, prune_versions, rollback,
-                               stage_version, switch_live, user_payloads)
-from recommend.serving.store import open_store
+from recommend.serving.live import LiveVersion
+from recommend.serving.publish import (PublishError, collection, item_payloads, point_id, publish_version, stage_version,
+                                       user_payloads)
+from recommend.serving.store import load_readonly
+from recommend.serving.versions import LocalVersions, ServerVersions
 
 
 def _version(run_id, n_items=20, n_users=5, seed=0):
@@ -27,69 +31,79 @@ def _version(run_id, n_items=20, n_users=5, seed=0):
     return items, users
 
 
-@pytest.fixture
-def store(tmp_path):
-    return open_store(None, tmp_path / "qdrant")
+def publish(store, run_id, keep=3, **kwargs):
+    return publish_version(store, run_id, *_version(run_id, **kwargs),
+                           metadata={"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00"}, keep=keep)
 
 
-def test_old_version_answers_until_switch(store):
-    rec = Recommender(store, prefix="t", version_ttl_s=0)
+@pytest.fixture(params=["local", "server-code-path"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalVersions(tmp_path / "qdrant", "t")
+    return ServerVersions(QdrantClient(":memory:"), "t")
+
+
+def test_old_version_answers_until_switch_and_readers_follow_without_reopening(store):
+    live = LiveVersion(store, poll_s=0)
+    rec = Recommender(live)
     with pytest.raises(NotFound, match="nothing published"):
         rec.for_user("u1")
-    stage_version(store, "t", "20260101T000000-aaaa", *_version("20260101T000000-aaaa"), metadata={})
-    switch_live(store, "t", "20260101T000000-aaaa")
-    assert rec.for_user("u1").version == "20260101T000000-aaaa"
+    publish(store, "20260101T000000-aaaa")
+    answer = rec.for_user("u1")
+    assert answer.version == "20260101T000000-aaaa" and answer.created_at == "2026-01-01T00:00:00+00:00"
+    assert answer.age_seconds > 0
 
     items, users = _version("20260102T000000-bbbb", seed=1)
     users["payloads"][1]["recommended"] = [{"item_id": "i9", "score": 0.9}]
-    stage_version(store, "t", "20260102T000000-bbbb", items, users, metadata={})
-    answer = rec.for_user("u1")  # staged, not live: readers still see the old version
-    assert answer.version == "20260101T000000-aaaa" and answer.items[0].item_id != "i9"
-    previous = switch_live(store, "t", "20260102T000000-bbbb")
-    assert previous == "20260101T000000-aaaa"
+    held = live.current()  # a query under way keeps its snapshot across the switch
+    result = publish_version(store, "20260102T000000-bbbb", items, users, metadata={"created_at": "2026-01-02T00:00:00+00:00"})
+    assert result.previous == "20260101T000000-aaaa"
     answer = rec.for_user("u1")
     assert answer.version == "20260102T000000-bbbb" and [r.item_id for r in answer.items] == ["i9"]
     assert answer.items[0].metadata["title"] == "title 9"
-    assert [v.live for v in list_versions(store, "t")] == [True, False]
+    assert held.run_id == "20260101T000000-aaaa" and held.client.count(held.users).count == 5  # still answers
+    assert [(v.run_id, v.live) for v in store.versions()] == [("20260102T000000-bbbb", True), ("20260101T000000-aaaa", False)]
 
 
 def test_reread_matches_written_and_rerun_is_idempotent(store):
     run = "20260101T000000-aaaa"
-    items, users = _version(run)
-    counts = stage_version(store, "t", run, items, users, metadata={"model": "m"})
-    assert counts == {"items": 20, "users": 5}
-    stage_version(store, "t", run, items, users, metadata={"model": "m"})
-    assert store.count(collection("t", "items", run)).count == 20
-    switch_live(store, "t", run)
-    rec = Recommender(store, prefix="t")
+    assert publish(store, run).counts == {"items": 20, "users": 5}
+    assert publish(store, run).counts == {"items": 20, "users": 5}
+    rec = Recommender(LiveVersion(store))
+    items, _ = _version(run)
     for i in (0, 7, 19):
         got = rec.similar(f"i{i}")
         expected = items["payloads"][i]["similar"]
         assert [(r.item_id, r.score) for r in got.items] == [(e["item_id"], e["score"]) for e in expected]
     with pytest.raises(NotFound, match="unknown item 'nope'"):
         rec.similar("nope")
+    with pytest.raises(NotFound) as err:  # an id is shown cut short, whatever its length
+        rec.similar("x" * 20_000)
+    assert len(str(err.value)) < 300 and "20,000 characters" in str(err.value)
 
 
-def test_prune_keeps_newest_and_live_and_rollback(store):
-    runs = [f"2026010{d}T000000-abcd" for d in range(1, 5)]
-    for run in runs:
-        stage_version(store, "t", run, *_version(run), metadata={})
-        switch_live(store, "t", run)
-    assert rollback(store, "t") == (runs[3], runs[2])
-    deleted = prune_versions(store, "t", keep=1)
-    remaining = [v.run_id for v in list_versions(store, "t")]
-    assert runs[2] in remaining  # live, though not the newest
-    assert runs[3] in remaining and set(deleted) == {runs[0], runs[1]}
+def test_prune_keeps_newest_live_and_previous_and_rollback(store):
+    runs = [f"2026010{d}T000000-abcd" for d in range(1, 6)]
+    for run in runs[:4]:
+        publish(store, run, keep=10)
+    assert store.rollback() == (runs[3], runs[2], [])
+    deleted = store.prune(keep=1, protect={runs[0]})
+    assert set(deleted) == {runs[1]}  # runs[2] is live, runs[3] the newest, runs[0] protected
+    result = publish(store, runs[4], keep=1)
+    assert result.previous == runs[2] and set(result.pruned) == {runs[0], runs[3]}
+    assert [v.run_id for v in store.versions()] == [runs[4], runs[2]]  # the one live before the switch is kept
     with pytest.raises(PublishError, match="unknown version 'nope'"):
-        rollback(store, "t", "nope")
+        store.rollback("nope")
+    with pytest.raises(PublishError) as err:
+        store.rollback("y" * 20_000)
+    assert len(str(err.value)) < 400
 
 
-def test_a_version_still_indexing_is_not_switched_live(store):
+def test_a_version_still_indexing_is_not_published(store):
     """Fault injected: the target reports the new collection as still optimising (status yellow)."""
     from qdrant_client import models
 
-    stage_version(store, "t", "20260101T000000-aaaa", *_version("20260101T000000-aaaa"), metadata={})
-    switch_live(store, "t", "20260101T000000-aaaa")
+    publish(store, "20260101T000000-aaaa")
 
     class StillIndexing:
         def __init__(self, client):
@@ -102,32 +116,79 @@ def test_a_version_still_indexing_is_not_switched_live(store):
             info = self.client.get_collection(name)
             return info.model_copy(update={"status": models.CollectionStatus.YELLOW})
 
+    run = "20260102T000000-bbbb"
     with pytest.raises(PublishError, match="not indexed after 0s; not switching"):
-        stage_version(StillIndexing(store), "t", "20260102T000000-bbbb", *_version("20260102T000000-bbbb"),
-                      metadata={}, index_wait_s=0.01)
-    assert [v.run_id for v in list_versions(store, "t") if v.live] == ["20260101T000000-aaaa"]
+        store.publish(run, lambda c: stage_version(StillIndexing(c), "t", run, *_version(run), metadata={},
+                                                   index_wait_s=0.01), {})
+    assert [(v.run_id, v.live) for v in store.versions()] == [("20260101T000000-aaaa", True)]
+    assert store.incomplete() == []  # nothing of the failed version is left
+
+
+def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_leftovers(tmp_path):
+    store = LocalVersions(tmp_path / "qdrant", "t")
+    publish(store, "20260101T000000-aaaa")
+    leftover = store.folder / "20260102T000000-bbbb"
+    run = leftover.name
+    with pytest.raises(KeyboardInterrupt):  # the process stopped between the load and the marker
+        store.publish(run, lambda c: (stage_version(c, "t", run, *_version(run), metadata={}), _raise())[0], {})
+    assert not leftover.exists()  # an orderly failure cleans up after itself
+    from recommend.serving.store import open_local
+
+    client = open_local(leftover)  # a kill -9 does not: half a version on disk
+    stage_version(client, "t", run, *_version(run), metadata={})
+    client.close()
+    assert store.incomplete() == [run] and [v.run_id for v in store.versions()] == ["20260101T000000-aaaa"]
+    assert store.live_gate()["run_id"] == "20260101T000000-aaaa"
+    with pytest.raises(PublishError, match="unknown version"):
+        store.rollback(run)
+    result = publish(store, "20260103T000000-cccc")
+    assert result.removed_incomplete == [run] and not leftover.exists()
+
+
+def _raise():
+    raise KeyboardInterrupt
+
+
+def test_readers_load_a_version_without_writing_to_it_or_taking_its_lock(tmp_path):
+    """The reader's view: several readers load one version at once, write nothing into its folder,
+    and leave its lock free for anyone; what they loaded stays readable after the folder is deleted."""
+    import shutil
+
+    store = LocalVersions(tmp_path / "qdrant", "t")
+    publish(store, "20260101T000000-aaaa", n_items=300, n_users=40)
+    folder = store.folder / "20260101T000000-aaaa"
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+    readers = [load_readonly(folder) for _ in range(2)]
+    writer = QdrantClient(path=str(folder))  # would raise "already accessed" if a reader held the lock
+    writer.close()
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")} == before
+    shutil.rmtree(folder)
+    name = collection("t", "items", "20260101T000000-aaaa")
+    for reader in readers:
+        assert reader.count(name).count == 300
+        assert reader.retrieve(name, [point_id("item", "i7")])[0].payload["item_id"] == "i7"
 
 
 def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
     """Local mode loads a version without a disk sync per point (WAL during the load); what a fresh
     client reads back from disk afterwards is exactly what was written, in SQLite's default journal."""
-    from recommend.serving.store import _local_sqlite, bulk_load, close_store
+    from recommend.serving.store import _local_sqlite, bulk_load, open_local
 
-    path, run = tmp_path / "qdrant", "20260101T000000-aaaa"
-    store = open_store(None, path)
+    folder, run = tmp_path / "v", "20260101T000000-aaaa"
+    client = open_local(folder)
     items, users = _version(run, n_items=300, n_users=40)
-    stage_version(store, "t", run, items, users, metadata={})
+    stage_version(client, "t", run, items, users, metadata={})
     name = collection("t", "items", run)
-    sqlite = _local_sqlite(store, name)
+    sqlite = _local_sqlite(client, name)
     assert sqlite is not None, "qdrant-client's local storage moved: bulk_load would fall back to a sync per point"
-    with bulk_load(store, name):
+    with bulk_load(client, name):
         assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    close_store(None, path)
+    client.close()
 
-    reread = open_store(None, path)
+    reread = load_readonly(folder)
     points, _ = reread.scroll(name, limit=1000, with_vectors=True, with_payload=True)
-    assert len(points) == 300 and not list(path.rglob("*-wal"))
+    assert len(points) == 300 and not list(folder.rglob("*-wal"))
     expected = {pid: row for row, pid in enumerate(point_id("item", i) for i in items["ids"])}
     for p in points:
         row = expected[str(p.id)]
@@ -137,7 +198,7 @@ def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
 
 def test_bulk_load_leaves_in_memory_mode_alone_and_quiet(caplog):
     """In-memory local mode has no file to sync: the load runs as is, with no warning about internals."""
-    from qdrant_client import QdrantClient, models
+    from qdrant_client import models
 
     from recommend.serving.store import bulk_load
 

@@ -6,7 +6,8 @@ versions), say what is wrong, and with `repair` mend what can be mended.
 - runs: each run's report.json and manifests parse, and every artifact a manifest lists still has
   the digest it was written with. A damaged run is not repaired (its lists were published or not;
   the next refresh makes new ones): it is named, so that `recs eval --run` can avoid it.
-- store: the published versions can be listed, each with both collections.
+- store: every published version's files and counts are verified; versions whose publish never
+  finished are named, and with `repair` removed (unless live; never while a refresh runs).
 
 Example:
     report = check_workdir(load_config("config.yaml"), repair=True)
@@ -111,17 +112,7 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
         running = runs[-1] if runs else None
     versions, published = None, None
     if config.publish.enabled:
-        from recommend.serving.publish import list_versions
-        from recommend.serving.store import open_store
-
-        try:
-            listed = list_versions(open_store(config.publish.url, Path(config.workdir) / "qdrant",
-                                              config.publish.api_key_env), config.publish.prefix)
-            versions, published = len(listed), {v.run_id for v in listed}
-            findings += [Finding(where="store", problem=f"version {v.run_id} is incomplete (items {v.items}, users {v.users})")
-                         for v in listed if not v.items or v.users is None]
-        except RecsError as exc:
-            findings.append(Finding(where="store", problem=str(exc)))
+        versions, published = _check_store(config, findings, repair=repair and running is None)
     for run in runs:
         if run == running:
             continue
@@ -134,3 +125,32 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
         findings += [Finding(where=f"run {run.name}", problem=p, repaired="removed" if removable else None)
                      for p in problems[:1 if removable else None]]
     return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings)
+
+
+def _check_store(config: Config, findings: list, repair: bool) -> tuple[int | None, set[str] | None]:
+    """Every published version verified (its files, its counts; SQLite's quick_check in local mode),
+    and those whose publish never finished; `repair` removes those that are not live (never while a
+    refresh is running: its own version is unfinished until it switches). Returns (how many complete
+    versions, their run ids), or (None, None) when the store cannot be read."""
+    from recommend.serving.versions import version_store
+
+    try:
+        store = version_store(config.publish, config.workdir)
+        live = store.live()
+        listed = store.versions()
+        for v in listed:
+            problem = store.verify(v.run_id, deep=True)
+            if problem:
+                findings.append(Finding(where=f"version {v.run_id}", problem=f"damaged{' (live)' if v.live else ''}: {problem}"))
+        for run_id in store.incomplete():
+            removed = None
+            if repair and run_id != live:
+                store.remove(run_id)
+                removed = "removed"
+            findings.append(Finding(where=f"version {run_id}", problem=store.verify(run_id) or "incomplete", repaired=removed))
+        if live is not None and live not in {v.run_id for v in listed}:
+            findings.append(Finding(where="store", problem=f"the live version {live} is not a complete version"))
+        return len(listed), {v.run_id for v in listed} | ({live} if live else set())
+    except RecsError as exc:
+        findings.append(Finding(where="store", problem=str(exc)))
+        return None, None

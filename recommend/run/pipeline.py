@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 from embedder.artifacts import write_json, write_text
 from embedder.errors import RecsError, StorageError
@@ -30,6 +29,7 @@ from recommend.run.report import RefreshReport, human_report
 from recommend.run.lock import RefreshLock
 from recommend.run.workdir import new_run_id, prune_runs, runs_dir
 from recommend.serving.store import open_store
+from recommend.serving.versions import version_store
 
 
 class RefreshFailed(RecsError):
@@ -91,13 +91,13 @@ def _run(run: stages.Run) -> None:
     """The stages in order; any failure stops the run before publishing, so the live version stays live."""
     config = run.config
     if config.publish.url:  # a server that is down fails the run now, not after an hour of encoding
-        open_store(config.publish.url, None, config.publish.api_key_env)
+        open_store(config.publish.url, config.publish.api_key_env)
     inputs = stages.ingest(run)
     emb = stages.embed(run, inputs.items)
     if "text" not in config.items.metadata:  # encoded and written: not needed again
         inputs.items.rows = inputs.items.rows.drop(columns="text")
     pc = config.publish
-    store = open_store(pc.url, Path(config.workdir) / "qdrant", pc.api_key_env) if pc.enabled else None
+    store = version_store(pc, config.workdir) if pc.enabled else None
     gate = stages.gate(run, store, inputs.events, emb)  # first: a bad run stops before the expensive lists
     lists = stages.lists(run, inputs.events, inputs.users, emb)
     if store is not None:
@@ -127,10 +127,8 @@ def _prune_runs(run: stages.Run) -> None:
     protect = {run.run_id}
     if config.publish.enabled:
         try:
-            from recommend.serving.publish import list_versions
-
-            store = open_store(config.publish.url, Path(config.workdir) / "qdrant", config.publish.api_key_env)
-            protect |= {v.run_id for v in list_versions(store, config.publish.prefix)}
+            store = version_store(config.publish, config.workdir)
+            protect |= {v.run_id for v in store.versions()} | set(store.incomplete()) | {store.live()}
         except RecsError:
             return
     deleted = prune_runs(config.workdir, config.runs.keep, protect)

@@ -51,9 +51,7 @@ from recommend.serving.publish import (
     ITEM_VECTOR,
     item_payloads,
     live_gate,
-    prune_versions,
-    stage_version,
-    switch_live,
+    publish_version,
     user_payloads,
 )
 
@@ -265,7 +263,8 @@ def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) 
 
 
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
-    """Stage the new version, switch it live, prune old ones. Returns the previous live run id."""
+    """Publish the new version as one transaction (written, verified, marked complete, switched live),
+    prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
     space, item_ids, user_ids = lists.space, lists.item_ids, lists.user_ids
     (i_scores, i_ids, i_source), (u_scores, u_ids, u_source) = lists.item_lists, lists.user_lists
@@ -276,21 +275,21 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
                 "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": space.layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: upserting", len(item_ids) + len(user_ids))
-        written = stage_version(store, pc.prefix, run_id,
-                                {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
-                                                                       BLEND_QUERY_VECTOR: space.item_raw_queries},
-                                 "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
-                                {"ids": user_ids, "vectors": space.users,
-                                 "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
-                                metadata=meta, batch_size=pc.batch_size, progress=tick, parallel=pc.parallel,
-                                index_wait_s=pc.index_wait_s)
-        previous = switch_live(store, pc.prefix, run_id)
+        done = publish_version(store, run_id,
+                               {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
+                                                                      BLEND_QUERY_VECTOR: space.item_raw_queries},
+                                "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
+                               {"ids": user_ids, "vectors": space.users,
+                                "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
+                               metadata=meta, keep=pc.keep_versions, batch_size=pc.batch_size, progress=tick,
+                               parallel=pc.parallel, index_wait_s=pc.index_wait_s)
+        previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
-        pruned = prune_versions(store, pc.prefix, pc.keep_versions)
     seconds = run.report.seconds["publish"]
-    write_manifest(run.run_dir, PublishManifest(target=pc.url or str(Path(config.workdir) / "qdrant"), prefix=pc.prefix,
+    write_manifest(run.run_dir, PublishManifest(target=store.where, prefix=pc.prefix,
                                                 points=written, previous_version=previous, pruned=pruned,
                                                 points_per_second=round(sum(written.values()) / max(seconds, 1e-9), 1),
                                                 seconds=seconds))
-    run.out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}) ({seconds:.1f}s)")
+    cleaned = f"; incomplete leftovers removed: {len(done.removed_incomplete)}" if done.removed_incomplete else ""
+    run.out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}{cleaned}) ({seconds:.1f}s)")
     return previous

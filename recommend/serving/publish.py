@@ -1,8 +1,9 @@
-"""Publish a run to Qdrant as a new version and switch it live atomically; list and roll back versions.
+"""Publish a run as a new version and switch it live: the points, their payloads, the transaction.
 
-A version is two collections, ``<prefix>_items_<run_id>`` and ``<prefix>_users_<run_id>``. Apps read
-the aliases ``<prefix>_items`` / ``<prefix>_users`` only; `switch_live` moves both in one alias update,
-so a reader sees yesterday's version or today's, never a mix.
+A version is two collections, ``<prefix>_items_<run_id>`` and ``<prefix>_users_<run_id>``, written by
+`stage_version` into whatever client the version store gives (a local folder of its own, or a server),
+then marked complete and switched live by `recommend.serving.versions` (`publish_version` runs the
+whole transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Callable, Iterable
 import numpy as np
 from qdrant_client import models
 
-from embedder.errors import RecsError
-from recommend.serving.store import bulk_load
+from recommend.serving.store import StoreUnavailable, bulk_load
+from recommend.serving.versions import PublishError, Version, VersionStore, alias, collection  # noqa: F401 (re-exported)
 
 NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
 # Named vectors. Items: "text" (the embedding, for text queries), "blend" (what lists are ranked by)
@@ -27,30 +28,9 @@ BLEND_VECTOR, BLEND_QUERY_VECTOR = "blend", "blend_query"
 INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment gets an HNSW index), restored after the load
 
 
-class PublishError(RecsError):
-    pass
-
-
 def point_id(kind: str, business_id: str) -> str:
     """Deterministic point id: the same item or user gets the same id in every run (idempotent reruns)."""
     return str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))
-
-
-def alias(prefix: str, kind: str) -> str:
-    return f"{prefix}_{kind}"
-
-
-def collection(prefix: str, kind: str, run_id: str) -> str:
-    return f"{prefix}_{kind}_{run_id}"
-
-
-@dataclass
-class Version:
-    run_id: str
-    live: bool
-    items: int | None
-    users: int | None
-    metadata: dict
 
 
 def _clean(value):
@@ -123,79 +103,40 @@ def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, *,
     return counts
 
 
-def live_run_id(client, prefix: str) -> str | None:
-    """The run id the items alias points at, or None before the first publish."""
-    target = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}.get(alias(prefix, "items"))
-    return target.removeprefix(f"{prefix}_items_") if target else None
-
-
-def live_gate(client, prefix: str) -> dict | None:
+def live_gate(store: VersionStore, prefix: str | None = None) -> dict | None:
     """The quality-gate figures the live version was published with, and its run id (None before
-    the first publish)."""
-    run_id = live_run_id(client, prefix)
-    if run_id is None:
-        return None
-    meta = dict(client.get_collection(alias(prefix, "items")).config.metadata or {})
-    return {**(meta.get("gate") or {}), "run_id": run_id}
+    the first publish). Complete versions only."""
+    return store.live_gate()
 
 
-def switch_live(client, prefix: str, run_id: str) -> str | None:
-    """Point both aliases at `run_id` in one atomic alias update. Returns the previous live run id."""
-    previous = live_run_id(client, prefix)
-    ops = []
-    for kind in ("items", "users"):
-        if previous is not None:
-            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias(prefix, kind))))
-        ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(
-            collection_name=collection(prefix, kind, run_id), alias_name=alias(prefix, kind))))
-    client.update_collection_aliases(change_aliases_operations=ops)
-    return previous
+@dataclass
+class Published:
+    counts: dict
+    previous: str | None
+    pruned: list[str]
+    removed_incomplete: list[str]
 
 
-def list_versions(client, prefix: str) -> list[Version]:
-    """Published versions, newest first, with point counts and the metadata written at publish."""
-    names = {c.name for c in client.get_collections().collections}
-    live = live_run_id(client, prefix)
-    versions = []
-    for name in sorted(names, reverse=True):
-        if not name.startswith(f"{prefix}_items_"):
-            continue
-        run_id = name.removeprefix(f"{prefix}_items_")
-        users_name = collection(prefix, "users", run_id)
-        info = client.get_collection(name)
-        versions.append(Version(run_id, run_id == live, info.points_count,
-                                client.get_collection(users_name).points_count if users_name in names else None,
-                                dict(info.config.metadata or {})))
-    return versions
+def publish_version(store: VersionStore, run_id: str, items: dict, users: dict, *, metadata: dict, keep: int = 3,
+                    batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
+                    index_wait_s: float = 600.0) -> Published:
+    """The whole publish as a transaction: remove what crashed publishes left, write the version
+    (`stage_version`), verify it and write its completion marker, switch it live, prune old versions.
 
-
-def prune_versions(client, prefix: str, keep: int) -> list[str]:
-    """Delete all but the `keep` newest versions; the live one is always kept. Returns deleted run ids."""
-    deleted = []
-    for version in list_versions(client, prefix)[keep:]:
-        if version.live:
-            continue
-        for kind in ("items", "users"):
-            name = collection(prefix, kind, version.run_id)
-            if client.collection_exists(name):
-                client.delete_collection(name)
-        deleted.append(version.run_id)
-    return deleted
-
-
-def rollback(client, prefix: str, run_id: str | None = None) -> tuple[str, str]:
-    """Make `run_id` (default: the newest version older than the live one) live. Returns (from, to)."""
-    versions = list_versions(client, prefix)
-    live = next((v.run_id for v in versions if v.live), None)
-    if run_id is None:
-        older = [v.run_id for v in versions if live is None or v.run_id < live]
-        if not older:
-            raise PublishError(f"no version older than the live one ({live}) to roll back to")
-        run_id = older[0]
-    elif run_id not in {v.run_id for v in versions}:
-        raise PublishError(f"unknown version {run_id!r}; published: {', '.join(v.run_id for v in versions) or 'none'}")
-    switch_live(client, prefix, run_id)
-    return live, run_id
+    Until the switch nothing live changes; a failure at any point leaves no trace of this version.
+    Pruning keeps `keep` versions, and never the live one or the one live before the switch.
+    """
+    try:
+        previous = store.live()
+    except StoreUnavailable:
+        previous = None  # a damaged pointer: the switch writes it again
+    removed = store.clean_incomplete(protect={previous})
+    counts = store.publish(run_id, lambda client: stage_version(
+        client, store.prefix, run_id, items, users, metadata=metadata, batch_size=batch_size, progress=progress,
+        parallel=parallel, index_wait_s=index_wait_s), metadata)
+    previous = store.switch(run_id)
+    pruned = store.prune(keep, protect={run_id, previous})
+    return Published(counts, previous, pruned, removed)
 
 
 def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, run_id: str,

@@ -1,98 +1,267 @@
-"""`recs serve`: the facade over HTTP, JSON in and out, standard library only.
+"""`recs serve`: the facade over HTTP (FastAPI on uvicorn), answering while refreshes publish.
 
-    GET /health                              {"status": "ok", "version": "<live run id>"}
-    GET /users/<user_id>?k=10&recent=a,b     the user's list; `recent` = real-time fallback for a user the batch has not seen
-    GET /items/<item_id>/similar?k=10        the item's similar items
+    GET /users/{user_id}?k=10&recent=a,b     the user's list; `recent`: real-time list for a user the batch has not seen
+    GET /items/{item_id}/similar?k=10        the item's similar items
     GET /search?q=trail+running+shoes&k=10   items nearest to a text, encoded now
     GET /versions                            published versions, which one is live
+    GET /health                              {"status": "ok" | "empty" | "degraded", ...}; never needs the API key
+    GET /metrics                             Prometheus text format
+    GET /docs, /openapi.json                 the API, described
 
-Answers carry the version they came from (see facade.Answer). Unknown users and items are 404,
-bad parameters 400, an unavailable store 503; the body is always {"error": "..."}, never a traceback.
-Requests are answered one at a time (Qdrant's local mode is one process, one caller); the
-facade's in-memory cache keeps the hot lists out of the store.
+Every answer carries `version`, `created_at` and `age_seconds`. Errors are JSON `{"error": ...}`:
+400 bad parameter, 401 no or wrong API key, 404 unknown id or route, 405 wrong method, 408/414/431
+(recommend/serving/httpserver.py), 503 store unavailable, nothing published yet, or busy.
+
+How it stays up: a background task follows the live version (recommend/serving/live.py) and swaps
+snapshots; each request takes the snapshot once. Hot answers are kept per snapshot as JSON bytes,
+touched only on the event loop (no lock); misses read the store in the threadpool, in parallel.
+Text queries go to one encoder process in small dynamic batches (recommend/serving/encoder.py).
 
 Example:
-    server = make_server(Recommender.from_config("config.yaml"), "127.0.0.1", 8000)
-    server.serve_forever()
+    app = create_app(LiveVersion(store, freeze=True), ServeSettings(), default_k=10, model="all-MiniLM-L6-v2")
+    run_server(app, ServeSettings())
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+import asyncio
+import gc
+import logging
+import os
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import orjson
+from fastapi import FastAPI, Path, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from embedder.errors import RecsError
-from recommend.serving.facade import NotFound, Recommender
+from recommend.serving import facade
+from recommend.serving.encoder import Busy, QueryEncoder
+from recommend.serving.httpserver import Guard, Metrics, configure_limits
+from recommend.serving.live import LiveVersion, NotFound, Snapshot
+from recommend.serving.settings import ServeSettings
+
+log = logging.getLogger("recs")
+JSON = "application/json"
+IdPath = Annotated[str, Path(min_length=1, max_length=256, description="the id as in the catalog or the events")]
+KQuery = Annotated[int | None, Query(ge=1, le=1000, description="how many items, 1 to 1000 (default: lists.k)")]
 
 
-class BadRequest(ValueError):
-    pass
+class Unavailable(RecsError):
+    """Nothing can be answered now (nothing published, the store unreachable): HTTP 503."""
 
 
-def _k(query: dict) -> int | None:
-    if "k" not in query:
-        return None
-    try:
-        k = int(query["k"][0])
-    except ValueError:
-        raise BadRequest(f"k must be a whole number, got {query['k'][0]!r}") from None
-    if not 1 <= k <= 1000:
-        raise BadRequest(f"k must be between 1 and 1000, got {k}")
-    return k
+def _json(data, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(data), status, media_type=JSON, headers=headers)
 
 
-def route(rec: Recommender, path: str, query: dict) -> dict | list:
-    """The answer for one GET, as JSON-ready data. Raises NotFound, BadRequest or RecsError."""
-    parts = [unquote(p) for p in path.strip("/").split("/") if p]
-    if parts == ["health"]:
-        return {"status": "ok", "version": rec.live_version()}
-    if parts == ["versions"]:
-        return [asdict(v) for v in rec.versions()]
-    if len(parts) == 2 and parts[0] == "users":
-        recent = [i for i in query.get("recent", [""])[0].split(",") if i]
-        return rec.for_user(parts[1], _k(query), recent_items=recent or None).to_dict()
-    if len(parts) == 3 and parts[0] == "items" and parts[2] == "similar":
-        return rec.similar(parts[1], _k(query)).to_dict()
-    if parts == ["search"]:
-        text = query.get("q", [""])[0].strip()
-        if not text:
-            raise BadRequest("search needs a text: /search?q=...")
-        return rec.search(text, _k(query)).to_dict()
-    raise NotFound(f"no such endpoint {path!r}; try /health, /users/<id>, /items/<id>/similar, /search?q=, /versions")
+def _envelope(snap: Snapshot, body: bytes) -> bytes:
+    """The version fields in front of a cached answer body (`{"query":...}`): the age is always now's."""
+    return b'{"version":%s,"created_at":%s,"age_seconds":%s,%s' % (
+        orjson.dumps(snap.run_id), orjson.dumps(snap.created_at), orjson.dumps(snap.age_seconds()), body[1:])
 
 
-def make_server(rec: Recommender, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server answering from `rec` (port 0 picks a free port: see server.server_address)."""
-    lock = threading.Lock()
+def _body(answer: facade.Answer) -> bytes:
+    data = answer.to_dict()
+    return orjson.dumps({"query": data["query"], "source": data["source"], "items": data["items"]})
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (the name http.server calls)
-            url = urlsplit(self.path)
+
+def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, default_k: int = 10, model: str | None = None,
+               device: str = "cpu", api_key: str | None = None, encoder: QueryEncoder | None | bool = True) -> FastAPI:
+    """The HTTP app over `live`. `encoder`: True starts the query encoder process for the live
+    version's model (or `model`); None: /search answers 503."""
+    metrics = Metrics()
+    state = {"encoder": None}
+
+    async def follow() -> None:
+        while True:
+            await asyncio.sleep(settings.poll_s)
             try:
-                with lock:
-                    status, body = 200, route(rec, url.path, parse_qs(url.query))
-            except BadRequest as exc:
-                status, body = 400, {"error": str(exc)}
-            except NotFound as exc:
-                status, body = 404, {"error": str(exc)}
-            except RecsError as exc:
-                status, body = 503, {"error": str(exc)}
-            except Exception as exc:  # a bug must not take the service down or leak a traceback
-                status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+                await asyncio.to_thread(live.poll_once)
+            except Exception:
+                log.exception("following the live version failed")
 
-        def log_message(self, format, *args):  # one line per request on stderr, as http.server does, unless quiet
-            if not getattr(self.server, "quiet", False):
-                super().log_message(format, *args)
+    @asynccontextmanager
+    async def lifespan(app):
+        from threadpoolctl import threadpool_limits
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+        limits = threadpool_limits(1, "blas")  # several request threads each running multi-threaded BLAS collapsed (README)
+        await asyncio.to_thread(live.poll_once)  # up with the live version, or "empty"
+        gc.collect()
+        gc.freeze()
+        tasks = [asyncio.create_task(follow())]
+        if encoder is True:
+            state["encoder"] = _encoder_for(live, settings, model, device)
+        elif encoder:
+            state["encoder"] = encoder
+        if state["encoder"] is not None:
+            tasks.append(asyncio.create_task(state["encoder"].run()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            if state["encoder"] is not None:
+                state["encoder"].close()
+            limits.restore_original_limits()
+
+    app = FastAPI(title="nightly-recs", version="1", lifespan=lifespan,
+                  description="Precomputed recommendations from the live version; every answer says which version.")
+
+    def snapshot() -> Snapshot:
+        snap = live.snap
+        if snap is None:
+            raise Unavailable(live.error or f"nothing published under prefix {live.store.prefix!r} yet: run `recs refresh`")
+        return snap
+
+    async def cached(snap: Snapshot, key: tuple, compute) -> Response:
+        body = snap.cache.get(key)
+        if body is None:
+            metrics.cache_misses.inc()
+            body = _body(await run_in_threadpool(compute))
+            snap.cache.put(key, body)
+        else:
+            metrics.cache_hits.inc()
+        return Response(_envelope(snap, body), media_type=JSON)
+
+    @app.get("/users/{user_id}", response_model=facade.Answer, response_class=Response)
+    async def user(user_id: IdPath, k: KQuery = None,
+                   recent: Annotated[str | None, Query(max_length=4096, description="comma-separated item ids, for a "
+                                                       "user the batch has not seen")] = None):
+        """The user's precomputed list (none of the items they interacted with)."""
+        snap, n = snapshot(), k or default_k
+        items = [i for i in (recent or "").split(",") if i][:100] or None
+        return await cached(snap, ("u", user_id, n, recent), lambda: facade.user_answer(snap, user_id, n, items))
+
+    @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
+    async def similar(item_id: IdPath, k: KQuery = None):
+        """The items most similar to this one (itself excluded)."""
+        snap, n = snapshot(), k or default_k
+        return await cached(snap, ("i", item_id, n), lambda: facade.similar_answer(snap, item_id, n))
+
+    @app.get("/search", response_model=facade.Answer, response_class=Response)
+    async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None):
+        """Items nearest to a text, encoded now with the live version's model."""
+        snap, n, text = snapshot(), k or default_k, q.strip()
+        if not text:
+            raise HTTPException(400, "q: the text is empty")
+        body = snap.cache.get(("s", text, n))
+        if body is None:
+            enc = state["encoder"]
+            if enc is None:
+                raise Unavailable("text search is off in this server")
+            if enc.fingerprint and snap.meta.get("model_fingerprint") not in (None, enc.fingerprint):
+                raise Unavailable(f"version {snap.run_id} was built with another model ({snap.meta.get('model')}) "
+                                  "than this server encodes queries with; restart `recs serve`")
+            vector = await enc.encode(text)
+            metrics.search_batch.observe(enc.batches[-1] if enc.batches else 1)
+            return await cached(snap, ("s", text, n), lambda: facade.text_answer(snap, vector, text, n))
+        metrics.cache_hits.inc()
+        return Response(_envelope(snap, body), media_type=JSON)
+
+    @app.get("/versions")
+    async def versions():
+        """Published versions, newest first, and which one is live."""
+        return _json([v.to_dict() for v in await run_in_threadpool(live.store.versions)])
+
+    @app.get("/health")
+    async def health():
+        """ok: answering from a version; empty: nothing published yet; degraded (503): the store cannot be reached."""
+        snap = live.snap
+        if not live.reachable or (snap is None and live.error):
+            return _json({"status": "degraded", "error": live.error, "version": snap.run_id if snap else None}, 503)
+        if snap is None:
+            return _json({"status": "empty", "version": None})
+        return _json({"status": "ok", "version": snap.run_id, "created_at": snap.created_at,
+                      "age_seconds": snap.age_seconds(), "pending_error": live.error,
+                      "search": "ready" if state["encoder"] and state["encoder"].ready else "not ready"})
+
+    @app.get("/metrics")
+    async def prometheus():
+        """Requests, latency, cache hits, the live version and its age, in Prometheus text format."""
+        snap = live.snap
+        if snap is not None:
+            metrics.version.clear()
+            metrics.version.labels(snap.run_id).set(1)
+            metrics.created.set(snap.created_ts)
+            metrics.age.set(snap.age_seconds())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _errors(app, live)
+    app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_requests=settings.max_requests)
+    app.state.metrics, app.state.live, app.state.serving = metrics, live, state
+    return app
+
+
+def _errors(app: FastAPI, live: LiveVersion) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = (f"no such route {request.url.path[:100]!r}; try /users/<id>, /items/<id>/similar, /search?q=, "
+                      "/versions, /health, /docs")
+        elif exc.status_code == 405:
+            detail = f"method {request.method} not allowed here; this API answers GET"
+        return _json({"error": detail}, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, exc):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "request"
+        return _json({"error": f"{where}: {first['msg']}"}, 400)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request, exc):
+        snap = live.snap
+        extra = {"version": snap.run_id, "created_at": snap.created_at, "age_seconds": snap.age_seconds()} if snap else {}
+        return _json({"error": str(exc), **extra}, 404)
+
+    @app.exception_handler(Busy)
+    async def busy(request, exc):
+        return _json({"error": str(exc)}, 503, {"Retry-After": "2"})
+
+    @app.exception_handler(RecsError)
+    async def unavailable(request, exc):
+        return _json({"error": str(exc)}, 503, {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path[:100], type(exc).__name__, exc, exc_info=exc)
+        return _json({"error": f"internal error ({type(exc).__name__}); see the server's log"}, 500)
+
+
+def _encoder_for(live: LiveVersion, settings: ServeSettings, model: str | None, device: str) -> QueryEncoder | None:
+    from embedder.model import ModelNotFound, model_fingerprint, resolve_model_path
+
+    snap = live.snap
+    try:
+        path = resolve_model_path((snap.meta.get("model") if snap else None) or model or "all-MiniLM-L6-v2")
+    except ModelNotFound as exc:
+        log.error("text search is off: %s", exc)
+        return None
+    return QueryEncoder(str(path), fingerprint=model_fingerprint(path), device="cpu" if device == "auto" else device,
+                        threads=settings.search_threads, max_batch=settings.search_batch, max_queue=settings.search_queue)
+
+
+def app_from_config(config, *, encoder: bool = True) -> FastAPI:
+    """The app for a Config: its versions, its `serve` section, the API key from `serve.api_key_env`."""
+    from recommend.serving.versions import version_store
+
+    settings = config.serve
+    configure_limits(settings)
+    live = LiveVersion(version_store(config.publish, config.workdir), poll_s=settings.poll_s,
+                       cache_size=settings.cache_size, freeze=True)
+    return create_app(live, settings, default_k=config.lists.k, model=config.embed.model, device=config.embed.device,
+                      api_key=os.environ.get(settings.api_key_env) or None, encoder=encoder)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `serve.workers` > 1: each worker process builds its app from $RECS_CONFIG."""
+    from recommend.config import load_config
+
+    return app_from_config(load_config(os.environ["RECS_CONFIG"], check_inputs=False))

@@ -1,4 +1,4 @@
-"""The serving side's settings: the config's `publish` section, defined once here (no heavy imports)."""
+"""The serving side's settings: the config's `publish` and `serve` sections, defined once here (no heavy imports)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,26 @@ class PublishSettings(BaseModel):
     batch_size: int = Field(256, ge=1)
     parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
     index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
+
+
+class ServeSettings(BaseModel):
+    """`recs serve` (config: the `serve` section). The first four are the ones to look at; the rest
+    bound what one client can cost the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
+    port: int = Field(8000, ge=0, le=65535, description="0: any free port")
+    api_key_env: str = Field("RECS_API_KEY", description="when this environment variable is set, every route but "
+                                                         "/health needs 'Authorization: Bearer <its value>'")
+    workers: int = Field(1, ge=1, description="server processes; each holds its own copy of the live version")
+    poll_s: float = Field(1.0, gt=0, le=60, description="how often the live version is checked for a switch")
+    cache_size: int = Field(10_000, ge=0, description="answers kept hot per worker and version")
+    search_batch: int = Field(16, ge=1, le=256, description="most /search texts encoded together")
+    search_queue: int = Field(256, ge=1, description="/search texts waiting beyond this: 503")
+    search_threads: int = Field(1, ge=1, description="torch threads of the query encoder process")
+    keep_alive_s: float = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
+    head_timeout_s: float = Field(10, gt=0, description="a request's head must arrive within this: 408")
+    max_url_bytes: int = Field(8192, ge=256, description="longer request lines: 414")
+    max_header_bytes: int = Field(16384, ge=1024, description="larger request headers: 431")
+    max_requests: int = Field(1000, ge=1, description="requests in flight beyond this: 503")

@@ -1,7 +1,7 @@
 """Run every benchmark, each in a fresh process, and print their JSON lines (one per figure).
 
     .venv/bin/python tests/benchmarks/run.py                 # all, default sizes (about 10 minutes on 2 cores)
-    .venv/bin/python tests/benchmarks/run.py encode index    # some of them
+    .venv/bin/python tests/benchmarks/run.py encode serve    # some of them
 
 Not part of the test suite: speed is measured here, with a baseline in the same run, not asserted in tests.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
+              "serve": [],
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from recommend.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""`recs serve` under load: 1, 16 and 64 concurrent keep-alive clients on /users (hot: answers
+cached; cold: each user asked once), /items/<id>/similar and /search (unique texts, so every one is
+encoded), then a second `recs refresh` while 16 clients keep asking: failed requests across the
+switch, and when the answers moved to the new version. One JSON line per figure. The load generator
+is raw asyncio streams with prebuilt requests (an httpx client capped at ~800 req/s here), in this
+process, on the same cores as the server.
+
+    .venv/bin/python tests/benchmarks/bench_serve.py                   # sample 3,000 items x 20,000 users, real model
+    .venv/bin/python tests/benchmarks/bench_serve.py --seconds 3 --users 5000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import yaml  # noqa: E402
+
+from common import emit, parser, texts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _client(port: int, paths, stop: float, out: dict, key: str | None) -> None:
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    while time.perf_counter() < stop:
+        path = next(paths, None)
+        if path is None:
+            break
+        started = time.perf_counter()
+        try:
+            writer.write(b"GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n" % (path, auth))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
+            body = await reader.readexactly(length)
+            out["latency"].append(time.perf_counter() - started)
+            if head[9:12] != b"200":
+                out["failed"].append(head[9:12].decode())
+            elif out.get("versions") is not None:
+                out["versions"].append((time.time(), json.loads(body)["version"]))
+        except Exception as exc:  # a dropped connection is a failed request
+            out["failed"].append(type(exc).__name__)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+
+
+def drive(port: int, paths, clients: int, seconds: float, key: str | None = None, versions: bool = False) -> dict:
+    """`clients` closed-loop clients for `seconds` (or until `paths`, an iterator, runs out)."""
+    out = {"latency": [], "failed": [], "versions": [] if versions else None}
+
+    async def main():
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(_client(port, paths, stop, out, key) for _ in range(clients)))
+
+    started = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - started
+    lat = sorted(out["latency"])
+    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2)) if lat else (lambda q: None)
+    return {"clients": clients, "requests": len(lat), "failed": len(out["failed"]), "req_per_s": round(len(lat) / wall, 1),
+            "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": pick(1.0), "seconds": round(wall, 2),
+            "_versions": out["versions"]}
+
+
+def cycle(paths: list[bytes]):
+    while True:
+        yield from paths
+
+
+def wait_health(port: int, want=lambda h: h.get("status") == "ok", timeout: float = 300) -> dict:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                health = json.loads(resp.read())
+                if want(health):
+                    return health
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"serve did not become ready: {health if 'health' in locals() else 'no answer'}")
+        time.sleep(0.5)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--items", type=int, default=3000)
+    ap.add_argument("--users", type=int, default=20000)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per figure")
+    ap.add_argument("--clients", default="1,16,64")
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--workdir", default=None, help="reuse a folder (sample and first refresh kept)")
+    args = ap.parse_args()
+    recs = [sys.executable, "-m", "recommend.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    folder = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serve-"))
+    config = folder / "config.yaml"
+    if not config.exists():
+        subprocess.run([*recs, "sample", str(folder / "data" / "sample"), "--items", str(args.items), "--users", str(args.users)],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        data = yaml.safe_load((ROOT / "config.yaml").read_text())
+        data["embed"]["model"] = args.model
+        data["serve"]["port"] = 0
+        config.write_text(yaml.safe_dump(data))
+        subprocess.run([*recs, "refresh", "-q", "-c", str(config)], check=True, env=env, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen([*recs, "serve", "-q", "-c", str(config)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        port = int(line.split("http://")[1].split(":")[1].split()[0])
+        first = wait_health(port, lambda h: h.get("search") == "ready")["version"]
+        clients = [int(c) for c in args.clients.split(",")]
+        users = [f"U{u:05d}" for u in range(args.users)]
+        items = [f"I{i:05d}" for i in range(args.items)]
+        rng = random.Random(0)
+        hot = [f"/users/{u}".encode() for u in rng.sample(users, 1000)]
+        drive(port, iter(hot), 4, 30)  # warm: every hot answer cached once
+        shuffled = rng.sample(users, len(users))
+        cold = {n: iter([f"/users/{u}".encode() for u in shuffled[i::len(clients)]]) for i, n in enumerate(clients)}
+        similar = [f"/items/{i}/similar".encode() for i in rng.sample(items, min(1000, len(items)))]
+        drive(port, iter(similar), 4, 30)
+        queries = iter([("/search?q=" + t.replace(" ", "+")).encode() for t in texts(200_000, seed=1, low=3, high=12)])
+        for n in clients:
+            for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]), ("/items/<id>/similar", cycle(similar)),
+                                 ("/search", queries)):
+                figures = drive(port, paths, n, args.seconds)
+                figures.pop("_versions")
+                emit("serve", {"route": route, **figures, "items": args.items, "users": args.users, "model": args.model})
+
+        # a refresh in the middle: 16 clients on /users (hot) throughout, then until answers move
+        refresh = subprocess.Popen([*recs, "refresh", "-q", "-c", str(config)], env=env, stdout=subprocess.DEVNULL)
+        results: list[dict] = []
+        while refresh.poll() is None:
+            results.append(drive(port, cycle(hot), 16, 2.0, versions=True))
+        finished = time.monotonic()
+        while not (results[-1]["_versions"] and results[-1]["_versions"][-1][1] != first):
+            results.append(drive(port, cycle(hot), 16, 1.0, versions=True))
+            if time.monotonic() - finished > 120:
+                break
+        results.append(drive(port, cycle(hot), 16, 1.0, versions=True))
+        seen = [v for r in results for v in r["_versions"]]
+        moved = next((t for t, v in seen if v != first), None)
+        switched = json.loads((folder / ".recs" / "qdrant" / "recs" / "LIVE").read_text())["switched_at"]
+        p99s = [r["p99_ms"] for r in results if r["p99_ms"] is not None]
+        emit("serve", {"route": "/users hot across a refresh", "clients": 16, "refresh_exit_code": refresh.returncode,
+                       "requests": sum(r["requests"] for r in results), "failed": sum(r["failed"] for r in results),
+                       "versions": sorted({v for _, v in seen}), "new_version_served_s_after_switch":
+                       round(moved - switched, 2) if moved else None, "worst_2s_p99_ms": max(p99s),
+                       "worst_max_ms": max(r["max_ms"] for r in results if r["max_ms"] is not None),
+                       "median_window_p99_ms": sorted(p99s)[len(p99s) // 2], "items": args.items, "users": args.users})
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()

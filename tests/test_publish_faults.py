@@ -1,0 +1,167 @@
+"""Faults injected into publishing: a refresh killed (kill -9) in the middle of its publish, a version's
+Qdrant metadata truncated, a full disk, a permission error. Each must leave the live version
+answering, nothing incomplete visible, a clear message naming the path, and never a traceback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_config
+from http_helpers import publish_small
+from recommend.cli import app
+from recommend.config import load_config
+from recommend.run.check import check_workdir
+from recommend.serving.facade import Recommender
+from recommend.serving.live import LiveVersion
+from recommend.serving.publish import PublishError
+from recommend.serving.store import DamagedVersion, StoreUnavailable
+from recommend.serving.versions import LocalVersions
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+runner = CliRunner()
+V1, V2, V3 = "20260101T000000-aaaa", "20260102T000000-bbbb", "20260103T000000-cccc"
+
+
+def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_next_refresh_completes(
+        tmp_path, tiny_model, dask_client):
+    from recommend.run.pipeline import refresh
+    from recommend.run.sample import write_sample
+
+    write_sample(tmp_path / "data", n_items=1500, n_users=1000, days=30, seed=3)  # a publish long enough to cut short
+    path = write_config(tmp_path, tmp_path / "data", tiny_model)
+    config = load_config(path)
+    first = refresh(config, quiet=True, client=dask_client)
+    versions = Path(config.workdir) / "qdrant" / "recs" / "versions"
+
+    proc = subprocess.Popen([sys.executable, "-m", "recommend.cli", "refresh", "-v", "-c", str(path)], env=ENV,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if "stage publish started" in line:
+                break
+        deadline = time.monotonic() + 30
+        while not list(versions.glob("*/collection/*/storage.sqlite")) or len(list(versions.iterdir())) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the publish never started writing"
+            time.sleep(0.002)
+        time.sleep(0.05)  # let it write a little
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9: the refresh and its Dask workers
+        proc.wait()
+    killed = [p.name for p in versions.iterdir() if p.name != first.run_id]
+    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    assert store.incomplete() == killed, "the kill came after the publish finished"
+
+    assert Recommender.from_config(config).for_user("U00001").version == first.run_id  # still answers
+    listed = runner.invoke(app, ["versions", "-c", str(path), "--json"])
+    assert listed.exit_code == 0 and [v["run_id"] for v in json.loads(listed.output)] == [first.run_id]
+    checked = check_workdir(config)
+    assert [f.where for f in checked.findings if "incomplete" in f.problem] == [f"version {killed[0]}"]
+    assert runner.invoke(app, ["rollback", "-c", str(path)]).exit_code == 1  # nothing older: says so, no traceback
+
+    again = refresh(config, quiet=True, client=dask_client)  # the killed refresh's lock died with it
+    assert again.published_version and again.previous_version == first.run_id
+    assert store.incomplete() == [] and [v.run_id for v in store.versions()] == [again.run_id, first.run_id]
+
+
+def test_a_truncated_version_metadata_file_is_named_at_once_and_the_others_stay_usable(tmp_path, sample_dir, tiny_model):
+    path = write_config(tmp_path, sample_dir, tiny_model)
+    config = load_config(path, check_inputs=False)
+    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    for run in (V1, V2):
+        publish_small(store, run)
+    meta = store.folder / V1 / "meta.json"
+    meta.write_bytes(meta.read_bytes()[: len(meta.read_bytes()) // 2])
+
+    started = time.monotonic()
+    with pytest.raises(DamagedVersion, match=f"{meta} is damaged"):
+        store.open(V1)
+    assert time.monotonic() - started < 2
+    assert Recommender.from_config(config).for_user("u1").version == V2  # the live one is untouched
+    result = runner.invoke(app, ["rollback", "-c", str(path)])  # plain rollback never makes a broken version live
+    assert result.exit_code == 1 and "no version older than the live one" in result.output
+    assert f"{meta} is damaged" in result.output and "Traceback" not in result.output and store.live() == V2
+    problems = {f.where: f.problem for f in check_workdir(config).findings}
+    assert f"{meta} is damaged" in problems[f"version {V1}"]
+
+    live_meta = store.folder / V2 / "meta.json"  # now the live version's: a fresh reader says which file, at once
+    live_meta.write_bytes(live_meta.read_bytes()[:20])
+    started = time.monotonic()
+    result = runner.invoke(app, ["recommend", "u1", "-c", str(path)])
+    assert result.exit_code == 1 and f"{live_meta} is damaged" in result.output and "Traceback" not in result.output
+    assert time.monotonic() - started < 2 and "unreachable" not in result.output
+
+
+def test_a_full_disk_fails_the_publish_naming_the_path_and_the_live_version_stays_readable(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        store = LocalVersions(small / "qdrant", "t")
+        publish_small(store, V1)
+        with pytest.raises(PublishError) as err:
+            publish_small(store, V2, n_items=3000, n_users=2000, dim=64)
+        message = str(err.value)
+        assert str(store.folder / V2) in message and ("database or disk is full" in message or "No space left" in message)
+        assert "Traceback" not in message and not (store.folder / V2).exists()
+        assert [(v.run_id, v.live) for v in store.versions()] == [(V1, True)] and store.incomplete() == []
+        with open(small / "filler", "wb") as f:  # not a byte left: a reader needs none
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        assert Recommender(LiveVersion(store)).for_user("u1").version == V1
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_permission_error_fails_the_publish_naming_the_path(tmp_path, monkeypatch):
+    import recommend.serving.versions as versions
+
+    store = LocalVersions(tmp_path / "qdrant", "t")
+    publish_small(store, V1)
+    real = versions.open_local
+
+    def denied(folder):
+        client = real(folder)
+        client.close()
+        raise PermissionError(13, "Permission denied", str(folder / "meta.json"))
+
+    monkeypatch.setattr(versions, "open_local", denied)
+    with pytest.raises(PublishError, match=f"into {store.folder / V2} failed: PermissionError.*Permission denied"):
+        publish_small(store, V2)
+    assert not (store.folder / V2).exists() and store.live() == V1 and store.incomplete() == []
+
+
+def test_a_damaged_live_pointer_is_a_clear_error_and_a_publish_writes_it_again(tmp_path):
+    store = LocalVersions(tmp_path / "qdrant", "t")
+    publish_small(store, V1)
+    store.pointer.write_text('{"run_')
+    with pytest.raises(StoreUnavailable, match=f"{store.pointer} is damaged"):
+        LiveVersion(store).current()
+    assert publish_small(store, V3).previous is None and store.live() == V3
+
+
+def test_check_repair_removes_an_unfinished_version_but_never_the_live_one(tmp_path, sample_dir, tiny_model):
+    from recommend.serving.store import open_local
+
+    config = load_config(write_config(tmp_path, sample_dir, tiny_model), check_inputs=False)
+    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    publish_small(store, V1)
+    open_local(store.folder / V2).close()  # what a publish killed before its marker leaves
+    found = check_workdir(config)
+    assert not found.ok and [f.where for f in found.findings] == [f"version {V2}"]
+    assert "incomplete: no version.json" in found.findings[0].problem
+    repaired = check_workdir(config, repair=True)
+    assert repaired.ok and repaired.findings[0].repaired == "removed" and not (store.folder / V2).exists()
+    assert check_workdir(config).findings == [] and store.live() == V1
