@@ -127,6 +127,8 @@ def tune_depth(index, vectors: RowSource, queries: RowSource, k: int, target: fl
 
 EXACT_SAMPLE = 2048   # queries timed to estimate what exact search of all of them costs
 BUILD_SAMPLE = 20_000  # vectors an approximate index is built on first, to estimate its full build
+HEADROOM = 3.0  # an approximate index is tried only where exact search costs this many times its build:
+# its tuning and its own search must fit in what is left
 
 
 def build_tuned(vectors: RowSource, queries: RowSource | None, k: int, settings: IndexSettings = IndexSettings(),
@@ -156,10 +158,10 @@ def build_tuned(vectors: RowSource, queries: RowSource | None, k: int, settings:
     stored = flat_vectors(flat)
     if settings.kind == "auto":
         build_estimate = _build_seconds(stored, factory)
-        if build_estimate >= exact_s:
+        if HEADROOM * build_estimate >= exact_s:
             return flat, Tuning(exact=True, exact_estimate_s=round(exact_s, 1), decision=(
                 f"exact: searching all {n_searches} queries exactly (about {exact_s:.0f} s) costs less than "
-                f"building {factory} alone (about {build_estimate:.0f} s)"))
+                f"{HEADROOM:g} times building {factory} (about {build_estimate:.0f} s)"))
     started = time.perf_counter()
     index = build_index(stored, factory)
     if settings.target_recall is None or depth_knob(index) is None:

@@ -13,7 +13,7 @@ from recommend.run.pipeline import refresh
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
-@pytest.mark.parametrize("name, expected", [("explore.ipynb", "list from version"), ("quality.ipynb", "nDCG@10")])
+@pytest.mark.parametrize("name, expected", [("explore.ipynb", "list from version"), ("quality.ipynb", "new-item trade-off: boost 1: ")])
 def test_notebook_executes(name, expected, tmp_path, sample_dir, tiny_model, dask_client, monkeypatch):
     path = write_config(tmp_path, sample_dir, tiny_model)
     refresh(load_config(path), quiet=True, client=dask_client)

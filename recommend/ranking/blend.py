@@ -163,15 +163,17 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
     """From accepted events and item text vectors to the blended item and user vectors.
     `bar(description, total)`, when given, makes a progress callback for the behaviour fit."""
     blend = settings.blend
-    full_text, text = text, project_text(text, blend.text_dims)  # the fit's ridge map reads all dimensions
     item_row = {i: r for r, i in enumerate(item_ids)}
     weighted = interactions(events, item_row, len(item_ids), settings.weights, settings.half_life_days, user_ids)
     binary = behaviour_matrix(weighted)
     fit_on = binary if blend.fit_input == "binary" else interactions(events, item_row, len(item_ids), settings.weights,
                                                                       float("inf"), user_ids)
     tick = bar(f"behaviour fit ({binary.shape[0]} users x {binary.shape[1]} items)", 1) if bar else None
+    full_text = text  # the fit's text rows and the ridge map read all dimensions
     model = fit_behaviour(fit_on, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=full_text,
                           text_weight=blend.text_in_fit)
+    # the text part shrinks with the rank at scale: every list search costs in proportion to the dimensions
+    text = project_text(text, min(blend.text_dims or text.shape[1], max(16, model.item_vectors.shape[1] // 2)))
     if tick:
         tick(1)
     projected = project_cold(model, full_text, damping=blend.cold_damping)

@@ -31,7 +31,8 @@ class BlendSettings(BaseModel):
     text_in_fit: float = Field(4.0, ge=0, description="weight of the item texts as extra rows of the behaviour fit "
                                "where it is exact (full rank of a small side); 0: the fit sees events only")
     text_dims: int | None = Field(64, ge=1, description="dimensions of the text part of the blended vectors: the "
-                                  "encoder's vectors projected onto their main directions; null: all of them")
+                                  "encoder's vectors projected onto their main directions, and at most half the "
+                                  "behaviour rank (32 at rank 64); null: all of them, up to that")
     l2: float = Field(200.0, gt=0, description="the behaviour model's regularisation (EASE lambda)")
     cold_damping: float = Field(0.5, ge=0, le=1, description="weight of text-predicted behaviour for items with no events")
     new_item_slots: int = Field(1, ge=0, description="places in a user's list that items with no events yet may earn")
