@@ -53,18 +53,20 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
 
 
-PROJECTION_SAMPLE = 50_000  # item texts the text projection is fitted on, at most
-
-
-def project_text(text: np.ndarray, dims: int | None, seed: int = 0) -> np.ndarray:
+def project_text(text: np.ndarray, dims: int | None) -> np.ndarray:
     """Item text vectors (n, d) onto their `dims` main directions (float32), for the blend: inner
     products are kept as far as that many dimensions can (the uncentred SVD, as for the behaviour
-    side), and every list search costs in proportion to the dimensions. `dims` None or >= d: as given."""
+    side, from the d x d Gram matrix summed a block at a time), and every list search costs in
+    proportion to the dimensions. `dims` None or >= d: as given."""
     if dims is None or dims >= text.shape[1] or len(text) == 0:
         return text
-    rows = np.sort(np.random.default_rng(seed).choice(len(text), min(len(text), PROJECTION_SAMPLE), replace=False))
-    _, _, vt = np.linalg.svd(np.asarray(text[rows], dtype=np.float32), full_matrices=False)
-    basis = np.ascontiguousarray(vt[:dims].T)  # fewer when there are fewer texts than dims
+    gram = np.zeros((text.shape[1], text.shape[1]), dtype=np.float64)
+    for start in range(0, len(text), 65_536):
+        block = np.asarray(text[start:start + 65_536], dtype=np.float64)
+        gram += block.T @ block
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1][:min(dims, len(text))]  # fewer when there are fewer texts than dims
+    basis = np.ascontiguousarray(vectors[:, order], dtype=np.float32)
     out = np.empty((len(text), basis.shape[1]), dtype=np.float32)
     for start in range(0, len(text), 65_536):  # a block at a time: no (n, d) float32 copy
         out[start:start + 65_536] = np.asarray(text[start:start + 65_536], dtype=np.float32) @ basis
@@ -82,7 +84,7 @@ def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np
                       np.sqrt(layout.popularity_weight) * pop_feature[:, None]]).astype(np.float32)
 
 
-SCALE_SAMPLE = 2000  # users whose best behaviour scores set the behaviour part's scale
+SCALE_SAMPLE = 500  # users whose best behaviour scores set the behaviour part's scale (a mean of maxima)
 
 
 def behaviour_scale(model, binary, seed: int = 0) -> float:

@@ -58,15 +58,15 @@ def main() -> None:
             "items": {"path": str(paths["items"]), "text": "{title}. {description} Category: {category}.",
                       "metadata": ["title", "category"]},
             "events": {"path": str(paths["events"])}, "lists": {"k": 10}}))
-        cold = refresh(load_config(config_path), quiet=True, client=client)
+        cold = refresh(load_config(config_path), quiet=True, client=client).model_dump(mode="json")
         items = pd.read_parquet(paths["items"])
         n = max(1, int(len(items) * args.changed))
         items.loc[items.index[:n], "description"] = items["description"].iloc[:n] + " Now in a new colour."
         items.to_parquet(paths["items"], index=False)
-        warm = refresh(load_config(config_path), quiet=True, client=client)
+        warm = refresh(load_config(config_path), quiet=True, client=client).model_dump(mode="json")
         changed = lists_changed(Path(cold["run_dir"]), Path(warm["run_dir"]))
     emit("incremental_vs_cold", {
-        "items": args.items, "changed": n, "encoded_cold": cold["items_encoded"], "encoded_incremental": warm["items_encoded"],
+        "items": args.items, "changed": n, "encoded_cold": cold["embed"]["items_encoded"], "encoded_incremental": warm["embed"]["items_encoded"],
         "cold_s": cold["seconds"]["total"], "incremental_s": warm["seconds"]["total"],
         "ratio_total": round(cold["seconds"]["total"] / warm["seconds"]["total"], 2),
         "cold_embed_s": cold["seconds"]["embed"], "incremental_embed_s": warm["seconds"]["embed"],

@@ -108,7 +108,7 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        report = refresh(load_config(config), quiet=True)
+        report = refresh(load_config(config), quiet=True).model_dump(mode="json")
         error = None
     except Exception as exc:  # the figure to report is how far it got and with what memory
         report, error = {}, f"{type(exc).__name__}: {exc}"[:500]
@@ -118,9 +118,10 @@ def run(data: Path, work: Path, publish: bool) -> dict:
     return {"driver_peak_rss_mb": round(driver / 2**20),
             "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()},
             "driver_rss_mb_at_stage_end": {k: round(v / 2**20) for k, v in stage["ends"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
-            "seconds": report.get("seconds"), "items_encoded": report.get("items_encoded"), "users": report.get("users"),
-            "events_read": report.get("events_read"), "item_lists_recall": report.get("item_lists_recall"),
-            "search_depth": {k: v for k, v in (report.get("search_depth") or {}).items() if k != "tried"},
+            "seconds": report.get("seconds"), "items_encoded": (report.get("embed") or {}).get("items_encoded"),
+            "users": (report.get("index") or {}).get("users"), "events_read": (report.get("events") or {}).get("rows_read"),
+            "item_lists_recall": (report.get("index") or {}).get("item_lists_recall"),
+            "search_depth": {k: v for k, v in ((report.get("index") or {}).get("search_depth") or {}).items() if k != "tried"},
             "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "error": error}
 
 
