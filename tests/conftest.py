@@ -27,6 +27,18 @@ def brute_force(vectors, queries, k):
     return np.take_along_axis(sims, ids, axis=1), ids
 
 
+def mount_small_filesystem(folder: Path, size: str):
+    """Mount a tmpfs of `size` (e.g. '64k') on `folder`, for tests of a full disk; the test is skipped
+    where the machine refuses (mounting needs root). Returns a function that unmounts it."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({mounted.stderr.decode().strip() or mounted.returncode})")
+    return lambda: subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def build_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
     import transformers

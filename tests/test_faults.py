@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
+from conftest import mount_small_filesystem, write_config
 from recommend.run.lock import LockHeld, RefreshLock
 
 ROOT = Path(__file__).parent.parent
@@ -200,13 +200,9 @@ def test_a_refresh_killed_in_any_stage_leaves_the_live_version_answering(tmp_pat
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KB filesystem (tmpfs) mounted for the test, where the machine allows it."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here ({proc.stderr.decode().strip() or proc.returncode})")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    unmount = mount_small_filesystem(tmp_path / "tiny", "64k")
+    yield tmp_path / "tiny"
+    unmount()
 
 
 def test_a_full_disk_ends_in_one_message_naming_the_path(tmp_path, sample_dir, tiny_model, dask_client, tiny_disk):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_config
+from conftest import mount_small_filesystem, write_config
 from http_helpers import publish_small
 from recommend.cli import app
 from recommend.config import load_config
@@ -101,10 +101,7 @@ def test_a_truncated_version_metadata_file_is_named_at_once_and_the_others_stay_
 
 def test_a_full_disk_fails_the_publish_naming_the_path_and_the_live_version_stays_readable(tmp_path):
     small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    unmount = mount_small_filesystem(small, "1m")
     try:
         store = LocalVersions(small / "qdrant", "t")
         publish_small(store, V1)
@@ -122,7 +119,7 @@ def test_a_full_disk_fails_the_publish_naming_the_path_and_the_live_version_stay
                 pass
         assert Recommender(LiveVersion(store)).for_user("u1").version == V1
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        unmount()
 
 
 def test_a_permission_error_fails_the_publish_naming_the_path(tmp_path, monkeypatch):
