@@ -23,7 +23,7 @@ from embedder.settings import EmbedSettings
 from embedder.standin import is_standin
 
 
-WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker: one running, the next ones already there
+WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker thread: one running, the next ones already there
 
 
 class PrecisionCheck(BaseModel):
@@ -60,14 +60,19 @@ class EmbedResult:
 
 
 def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", device: str = "auto",
-                 batch_size: int = 64, threads: int | None = None) -> np.ndarray:
+                 batch_size: int = 64, threads: int | dict[str, int] | None = None) -> np.ndarray:
     """Encode one chunk in the current process (a Dask worker or the caller) with the encoder
-    `load_encoder` makes once per process. `precision`: resolved (embedder/precision.py)."""
+    `load_encoder` makes once per process. `precision`: resolved (embedder/precision.py). `threads`:
+    a count, or a count per worker address (the worker this task runs on looks up its own)."""
+    if isinstance(threads, dict):
+        from distributed import get_worker
+
+        threads = threads.get(get_worker().address)
     return load_encoder(model_path, precision=precision, device=device, threads=threads).encode(texts, batch_size)
 
 
 def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
-                 device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | None = None,
+                 device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | dict[str, int] | None = None,
                  progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
                  n_out: int | None = None, on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
@@ -84,7 +89,7 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
     order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
-        workers = max(1, len(client.scheduler_info()["workers"]))
+        workers = max(1, sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values()))
         chunk_size = max(64, min(chunk_size, -(-len(texts) // (workers * 8))))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
     vectors: np.ndarray | None = None
@@ -109,7 +114,8 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
 
     # A bounded window of chunks in flight: the texts of every submitted task wait in the scheduler
     # (in this process on a LocalCluster); a few chunks per worker keep each one busy.
-    window = max(2, WINDOW_PER_WORKER * len(client.scheduler_info()["workers"]))
+    slots = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
+    window = max(2, WINDOW_PER_WORKER * slots)  # a few chunks per task slot, whatever the workers' thread counts
     stamp = time.time_ns()
     index, pending = {}, as_completed()
 
@@ -132,7 +138,7 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
 
 
 def check_precision(precision: str, device: str, model_path: str, sample: list[str],
-                    threads: int | None = None) -> dict:
+                    threads: int | dict[str, int] | None = None) -> dict:
     """Compare `precision` with fp32 on `sample`, encoded in the calling process (a Dask worker in a
     refresh): mean and min cosine. The caller accepts the precision when the mean reaches 0.99."""
     reference = encode_chunk(sample, model_path, precision="fp32", device=device, threads=threads)
@@ -180,7 +186,7 @@ def _judge(check: dict, report: PrecisionCheck) -> bool:
 
 
 def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), *, cache_root: str, client=None,
-                threads: int | None = None, progress: Callable[[int, int], None] | None = None,
+                threads: int | dict[str, int] | None = None, progress: Callable[[int, int], None] | None = None,
                 check_sample: int = 64) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
@@ -255,7 +261,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
 
 
 def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
-                   precision: str, settings: EmbedSettings, threads: int | None,
+                   precision: str, settings: EmbedSettings, threads: int | dict[str, int] | None,
                    progress: Callable[[int, int], None] | None, on_chunk=None) -> np.ndarray:
     """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same

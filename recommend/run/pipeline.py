@@ -24,6 +24,7 @@ from recommend.config import Config, ConfigError, stage_settings
 from recommend.run import stages
 from recommend.run.cluster import dask_client
 from recommend.run.memory import survivors_frozen
+from recommend.run.preflight import preflight
 from recommend.run.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
 from recommend.run.lock import RefreshLock
@@ -69,6 +70,8 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             with cluster as run.client, out.bars, survivors_frozen():
                 if client is None and run.client.dashboard_link:
                     out.say(f"refresh: Dask dashboard at {run.client.dashboard_link}")
+                run.current = "preflight"
+                preflight(run.client, sources=_sources(config), cache_root=config.cache_root, model=config.embed.model)
                 _run(run)
         except BaseException as exc:
             _failed(run, exc, time.perf_counter() - started)
@@ -85,6 +88,15 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
         _write_report(run)
         _prune_runs(run)
         return run.report
+
+
+def _sources(config: Config) -> dict[str, str]:
+    """Every input a worker must read, by its config key."""
+    sources = {"items.path": config.items.path, "events.path": config.events.path}
+    if config.users:
+        sources["users.path"] = config.users.path
+    sources.update({f"items.extra_text.{name}.path": x.path for name, x in config.items.extra_text.items()})
+    return sources
 
 
 def _run(run: stages.Run) -> None:

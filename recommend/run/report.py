@@ -48,7 +48,7 @@ class RefreshReport(BaseModel):
     status: Literal["ok", "failed"] = "ok"
     run_id: str | None            # None when the run never started (its config could not be used)
     run_dir: str | None
-    failed_stage: Literal["config", "start", "ingest", "embed", "gate", "index", "publish"] | None = None
+    failed_stage: Literal["config", "start", "preflight", "ingest", "embed", "gate", "index", "publish"] | None = None
     error: str | None = None      # the message the user saw
     exit_code: int = 0
     items: SourceCounts | None = None

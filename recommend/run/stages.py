@@ -34,6 +34,7 @@ from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_pro
 from recommend.ranking.blend import Space, build_space
 from recommend.ranking.lists import labels, lists_tables, recommended_items, similar_items
 from recommend.run.memory import release_freed_memory
+from recommend.run.preflight import encode_threads
 from recommend.run.progress import Reporter
 from recommend.run.report import (
     EmbedManifest,
@@ -149,9 +150,7 @@ def _require_rows(name: str, path: str, result: Ingested) -> None:
 def embed(run: Run, items: Ingested) -> EmbedResult:
     """Item vectors: from the cache, the rest encoded on the workers."""
     config, client = run.config, run.client
-    n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
-    threads = (max(1, (os.cpu_count() or 1) // max(1, n_workers)) if not config.dask.address
-               else (config.dask.threads_per_worker or 1))
+    threads = encode_threads(client) if client is not None else os.cpu_count()  # each worker's own share
     bar = {}
 
     def encode_progress(done: int, total: int) -> None:

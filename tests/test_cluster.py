@@ -1,0 +1,113 @@
+"""A real external Dask cluster (a scheduler and two workers, separate processes, each worker in its
+own working directory), reached through dask.address: what runs on its workers, and the preflight
+that refuses a worker unlike the driver."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import write_config
+
+ROOT = Path(__file__).parent.parent
+DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+WORKER = [sys.executable, "-m", "distributed.cli.dask_worker"]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster(tmp_path, preload: list[str] = ()):
+    """Start a scheduler and two single-threaded workers; returns (address, processes)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([*DASK, "--port", str(port), "--dashboard-address", ":0", "--no-show"], cwd=tmp_path,
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    for n, extra in enumerate([[], list(preload)]):
+        folder = tmp_path / f"worker-{n}"
+        folder.mkdir()
+        procs.append(subprocess.Popen([*WORKER, address, "--nthreads", "1", "--local-directory", str(folder),
+                                       "--no-dashboard", *(a for p in extra for a in ("--preload", p))], cwd=folder,
+                                      env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with Client(address, timeout=5) as client:
+                client.wait_for_workers(2, timeout=60)
+            return address, procs
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _stop(procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_refresh_through_dask_address_runs_ingest_and_embed_on_the_workers(tmp_path, sample_dir, tiny_model,
+                                                                           dask_client):
+    """Oracle: the same refresh on the LocalCluster; the lists are the same. A scheduler plugin
+    records where each task ran. (The behaviour fit, the lists and the publish still run in the
+    driver: issue 14's main part.)"""
+    from distributed import Client
+
+    from cluster_helpers import TaskRecorder, ran
+    from recommend.config import load_config
+    from recommend.run.pipeline import refresh
+
+    (tmp_path / "local").mkdir()
+    local = refresh(load_config(write_config(tmp_path / "local", sample_dir, tiny_model, publish={"enabled": False})),
+                    quiet=True, client=dask_client)
+    address, procs = _cluster(tmp_path)
+    try:
+        with Client(address) as client:
+            client.register_plugin(TaskRecorder())
+            config = load_config(write_config(tmp_path, sample_dir, tiny_model, publish={"enabled": False},
+                                              dask={"address": address}))
+            remote = refresh(config, quiet=True)
+            records = client.run_on_scheduler(ran)
+            workers = set(client.scheduler_info()["workers"])
+    finally:
+        _stop(procs)
+    by_prefix: dict[str, set] = {}
+    for prefix, worker in records:
+        by_prefix.setdefault(prefix, set()).add(worker)
+    # ingest: each file read and validated (fused into one task per file); embed: the cache lookup and
+    # the encode, spread over both workers
+    assert by_prefix["read_file"] <= workers and by_prefix["lookup_bucket"] <= workers, sorted(by_prefix)
+    assert by_prefix["encode"] == workers
+    pd.testing.assert_frame_equal(pd.read_parquet(Path(remote.run_dir) / "lists.parquet"),
+                                  pd.read_parquet(Path(local.run_dir) / "lists.parquet"))
+
+
+def test_a_worker_unlike_the_driver_stops_the_run_before_any_work(tmp_path, sample_dir, tiny_model):
+    """Fault injected: one worker says it runs another nightly-recs version (a stale install). The
+    refresh stops in its preflight, naming that worker, with exit code 2 and nothing ingested."""
+    from recommend.config import load_config
+    from recommend.run.pipeline import refresh
+    from recommend.run.preflight import PreflightFailed
+
+    address, procs = _cluster(tmp_path, preload=[str(ROOT / "tests" / "preload_other_version.py")])
+    try:
+        config = load_config(write_config(tmp_path, sample_dir, tiny_model, publish={"enabled": False},
+                                          dask={"address": address}))
+        with pytest.raises(PreflightFailed, match="runs nightly-recs 0.0.0-stale, the driver") as err:
+            refresh(config, quiet=True)
+    finally:
+        _stop(procs)
+    assert err.value.exit_code == 2 and err.value.report.failed_stage == "preflight"
+    assert not list((tmp_path / "work" / "runs").glob("*/items.parquet"))
