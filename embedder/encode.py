@@ -21,9 +21,7 @@ from embedder.model import model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
 from embedder.settings import EmbedSettings
 from embedder.standin import is_standin
-
-
-WINDOW_PER_WORKER = 3  # chunks submitted ahead per worker thread: one running, the next ones already there
+from embedder.task_window import in_window, task_slots
 
 
 class PrecisionCheck(BaseModel):
@@ -89,8 +87,7 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
     order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
-        workers = max(1, sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values()))
-        chunk_size = max(64, min(chunk_size, -(-len(texts) // (workers * 8))))
+        chunk_size = max(64, min(chunk_size, -(-len(texts) // (task_slots(client) * 8))))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
     vectors: np.ndarray | None = None
 
@@ -110,30 +107,10 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
             place(rows, encode_chunk(texts.iloc[rows].tolist(), model_path, **options))
         return vectors
 
-    from distributed import as_completed
-
-    # A bounded window of chunks in flight: the texts of every submitted task wait in the scheduler
-    # (in this process on a LocalCluster); a few chunks per worker keep each one busy.
-    slots = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
-    window = max(2, WINDOW_PER_WORKER * slots)  # a few chunks per task slot, whatever the workers' thread counts
     stamp = time.time_ns()
-    index, pending = {}, as_completed()
-
-    def launch(i: int) -> None:
-        future = client.submit(encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, **options, pure=False,
-                               key=f"encode-{i}-{stamp}")
-        index[future.key] = i
-        pending.add(future)
-
-    for i in range(min(window, len(chunks))):
-        launch(i)
-    next_chunk = len(index)
-    for future in pending:
-        place(chunks[index.pop(future.key)], future.result())
-        future.release()  # the chunk is in `vectors` now: let the worker drop it
-        if next_chunk < len(chunks):
-            launch(next_chunk)
-            next_chunk += 1
+    for i, block in in_window(client, len(chunks), lambda i: client.submit(
+            encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, **options, pure=False, key=f"encode-{i}-{stamp}")):
+        place(chunks[i], block)
     return vectors
 
 

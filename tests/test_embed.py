@@ -117,7 +117,7 @@ def test_a_failed_precision_check_falls_back_to_fp32_and_caches_nothing_of_it(tm
 
 
 def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch):
-    import embedder.encode as encode
+    import embedder.task_window as task_window
 
     texts = [("short" if i % 3 else "a much longer text about trail running shoes and mud " * 3) + f" {i}"
              for i in range(450)]
@@ -125,7 +125,7 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch)
     # chunks are submitted a few per worker at a time, not all at once: count the encode tasks the
     # client holds whenever it submits one (450 texts make 8 chunks of 64; the window is 1 per worker,
     # and the chunk just placed may still be counted)
-    monkeypatch.setattr(encode, "WINDOW_PER_WORKER", 1)
+    monkeypatch.setattr(task_window, "PER_SLOT", 1)
     workers = len(dask_client.scheduler_info()["workers"])
     in_flight, submit = [], dask_client.submit
 
