@@ -194,5 +194,11 @@ def sampled_recall(index, vectors: RowSource, queries: RowSource, got_ids: np.nd
     if is_exact(index):
         return Recall(recall=1.0, k=k, sample=0, exact=True)
     rows = sample_rows(len(queries), sample, seed)
+    return recall_on_rows(vectors, queries, rows, got_ids[rows], k, exclude_self)
+
+
+def recall_on_rows(vectors: RowSource, queries: RowSource, rows: np.ndarray, got_ids: np.ndarray, k: int,
+                   exclude_self: bool = True) -> Recall:
+    """recall@k of the lists `got_ids` of query rows `rows` (in that order) against exact search."""
     _, truth = exact_search(vectors, queries[rows], k, own_rows(rows) if exclude_self else None)
-    return Recall(recall=round(recall_at_k(got_ids[rows], truth), 4), k=k, sample=int(len(rows)), exact=False)
+    return Recall(recall=round(recall_at_k(got_ids, truth), 4), k=k, sample=int(len(rows)), exact=False)

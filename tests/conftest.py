@@ -94,7 +94,7 @@ def write_config(folder: Path, data_dir: Path, model: Path | str, **sections) ->
         "events": {"path": str(data_dir / "events.parquet")},
         "users": {"path": str(data_dir / "users.parquet")},
         "embed": {"model": str(model), "device": "cpu"},
-        "lists": {"k": 5},
+        "lists": {"k": 5, "block_size": 32},  # several item and user blocks: the parts are assembled
         "dask": {"n_workers": 1},
     }
     for key, value in sections.items():

@@ -50,7 +50,7 @@ def test_unknown_config_key_exits_2_naming_key(tmp_path, sample_dir, tiny_model)
     path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": 5, "top_n": 3})
     result = runner.invoke(app, ["refresh", "--config", str(path)])
     assert result.exit_code == 2
-    assert "unknown key 'lists.top_n' (allowed here: k, half_life_days)" in result.output
+    assert "unknown key 'lists.top_n' (allowed here: k, half_life_days, block_size)" in result.output
     assert "Traceback" not in result.output
     # with --json a scheduler gets the failure as the last line of stdout too
     result = runner.invoke(app, ["refresh", "--config", str(path), "--json"])

@@ -58,11 +58,11 @@ def _stop(procs):
         p.wait()
 
 
-def test_a_refresh_through_dask_address_runs_ingest_and_embed_on_the_workers(tmp_path, sample_dir, tiny_model,
-                                                                           dask_client):
+def test_a_refresh_through_dask_address_runs_ingest_embed_and_lists_on_the_workers(tmp_path, sample_dir, tiny_model,
+                                                                                 dask_client):
     """Oracle: the same refresh on the LocalCluster; the lists are the same. A scheduler plugin
-    records where each task ran. (The behaviour fit, the lists and the publish still run in the
-    driver: issue 14's main part.)"""
+    records where each task ran. (The behaviour fit, the index build, the gate and the publish
+    still run in the driver: the rest of issue 14.)"""
     from distributed import Client
 
     from cluster_helpers import TaskRecorder, ran
@@ -90,8 +90,37 @@ def test_a_refresh_through_dask_address_runs_ingest_and_embed_on_the_workers(tmp
     # the encode, spread over both workers
     assert by_prefix["read_file"] <= workers and by_prefix["lookup_bucket"] <= workers, sorted(by_prefix)
     assert by_prefix["encode"] == workers
+    # lists: the item blocks and the user blocks (32 rows each: 8 and 3), on both workers
+    assert by_prefix["item-block"] | by_prefix["user-block"] == workers
     pd.testing.assert_frame_equal(pd.read_parquet(Path(remote.run_dir) / "lists.parquet"),
                                   pd.read_parquet(Path(local.run_dir) / "lists.parquet"))
+
+
+def test_a_worker_killed_in_a_user_block_loses_nothing(tmp_path, sample_dir, tiny_model, dask_client):
+    """Fault injected: one worker's process dies in its first user block (tests/preload_crash_in_user_block.py).
+    Dask runs the block again elsewhere; the refresh finishes, publishes, and its lists and the
+    published version equal the LocalCluster run's."""
+    from recommend.config import load_config
+    from recommend.run.pipeline import refresh
+    from recommend.serving.facade import Recommender
+
+    (tmp_path / "local").mkdir()
+    local = refresh(load_config(write_config(tmp_path / "local", sample_dir, tiny_model, publish={"enabled": False})),
+                    quiet=True, client=dask_client)
+    address, procs = _cluster(tmp_path, preload=[str(ROOT / "tests" / "preload_crash_in_user_block.py")])
+    try:
+        config = load_config(write_config(tmp_path, sample_dir, tiny_model, dask={"address": address}))
+        remote = refresh(config, quiet=True)
+    finally:
+        _stop(procs)
+    assert (tmp_path / "worker-1" / "crashed-in-a-user-block").exists()  # the fault did happen
+    assert remote.status == "ok" and remote.published_version == remote.run_id
+    lists = pd.read_parquet(Path(remote.run_dir) / "lists.parquet")
+    pd.testing.assert_frame_equal(lists, pd.read_parquet(Path(local.run_dir) / "lists.parquet"))
+    users = lists[lists.subject_kind == "user"]
+    rec = Recommender.from_config(config)
+    for user in users.subject_id.unique()[::20]:
+        assert [r.item_id for r in rec.for_user(user).items] == users[users.subject_id == user].item_id.tolist()
 
 
 def test_a_worker_unlike_the_driver_stops_the_run_before_any_work(tmp_path, sample_dir, tiny_model):

@@ -149,28 +149,6 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     assert tuning.value < 512 and tuning.tried[tuning.value] >= max(tuning.tried.values()) - 0.01
 
 
-def test_lists_written_a_block_at_a_time_equal_the_whole_frame(tmp_path):
-    """Oracle: the one-frame version. Blocks of 7 subjects, rows with empty slots, one all-empty block."""
-    import pandas as pd
-
-    from embedder.artifacts import write_parquet_blocks
-    from recommend.ranking.lists import lists_frame, lists_tables
-
-    rng = np.random.default_rng(0)
-    item_ids = np.array([f"i{j}" for j in range(50)], dtype=object)
-    ids = rng.integers(0, 50, (30, 5))
-    ids[3, 2:] = -1
-    ids[7:14] = -1  # a whole block with no listed item
-    scores = rng.random((30, 5)).astype(np.float32)
-    subjects = [f"u{u}" for u in range(30)]
-    source = np.where(np.arange(30) % 2, "history", "popular")
-    path = write_parquet_blocks(lists_tables("user", subjects, scores, ids, item_ids, source, block=7), tmp_path / "l.parquet")
-    expected = lists_frame("user", subjects, scores, ids, item_ids, source)
-    got = pd.read_parquet(path)
-    assert len(got) == (ids >= 0).sum() and not list(tmp_path.glob("*.tmp"))
-    pd.testing.assert_frame_equal(got.astype(object), expected.astype(object))
-
-
 def test_depth_is_tuned_for_user_profiles_too():
     """A profile that sums items from several topics falls between IVF cells: a depth tuned on item
     queries alone leaves such users' recall far below the target; tuned on both, both reach it."""

@@ -144,9 +144,71 @@ def user_from_items(query_rows: np.ndarray, layout: Layout) -> np.ndarray:
 
 
 @dataclass
+class ItemSide:
+    """What every block of users or items is scored against: items x a few dozen dimensions, rows
+    aligned with the item ids (fits one process; the refresh saves it in the run folder for the
+    workers, recommend/run/list_tasks.py). The blended rows are computed from it a block at a time."""
+
+    behaviour_docs: np.ndarray     # (items, r) the behaviour model's document side
+    behaviour_queries: np.ndarray  # (items, r) its query side (a user is the sum over their history)
+    text: np.ndarray               # (items, t) text vectors, projected (`project_text`)
+    pop_feature: np.ndarray        # (items,) popularity on a 0..1 log scale
+    popularity: np.ndarray         # (items,) decayed weights: the fallback ranking
+    warm: np.ndarray               # (items,) bool: the item has interactions
+    layout: Layout
+    query_scale: float             # see `item_queries`
+
+    def docs(self) -> Rows:
+        """(items, D): what the index holds."""
+        return Rows(len(self.text), self.layout.behaviour_dim + self.layout.text_dim + 1,
+                    lambda idx: item_documents(self.behaviour_docs[idx], self.text[idx], self.pop_feature[idx], self.layout))
+
+    def queries(self) -> Rows:
+        """(items, D): the item->item queries."""
+        return Rows(len(self.text), self.layout.behaviour_dim + self.layout.text_dim + 1,
+                    lambda idx: item_queries(self.behaviour_queries[idx], self.text[idx], self.layout, self.query_scale))
+
+    def raw_queries(self) -> Rows:
+        """(items, r + t): unweighted behaviour query side and text, for the real-time path."""
+        return Rows(len(self.text), self.layout.behaviour_dim + self.layout.text_dim,
+                    lambda idx: np.hstack([self.behaviour_queries[idx], self.text[idx]]).astype(np.float32))
+
+
+@dataclass
+class UserBlock:
+    """Some users' interactions, rows aligned: all a user block's vectors and exclusions come from."""
+
+    weighted: sp.csr_matrix  # (users, items) decayed weights: the text profile
+    binary: sp.csr_matrix    # (users, items) 1 per (user, item) pair: what they have seen
+    fit_on: sp.csr_matrix    # (users, items) the behaviour model's input (`binary` or undecayed weights)
+
+    def rows(self, idx) -> "UserBlock":
+        """The rows `idx` (an index array or a slice), as a block of their own."""
+        binary = self.binary[idx]
+        return UserBlock(self.weighted[idx], binary, binary if self.fit_on is self.binary else self.fit_on[idx])
+
+    @property
+    def n_history(self) -> np.ndarray:
+        return np.diff(self.binary.indptr)
+
+
+def user_block_vectors(block: UserBlock, items: ItemSide) -> np.ndarray:
+    """The blended vectors (users, D) of a block of users."""
+    n_history = block.n_history
+    profile, _ = user_profiles(block.weighted, items.text)
+    faded = (n_history > 0) & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
+    if faded.any():
+        profile[faded] = _unit(rows_dot(block.binary[np.flatnonzero(faded)], items.text))
+    return user_vectors(np.asarray(block.fit_on @ items.behaviour_queries, dtype=np.float32), profile, n_history,
+                        items.layout)
+
+
+@dataclass
 class Space:
     """Everything the lists are searched from, rows aligned with `item_ids` and `user_ids`."""
 
+    items: ItemSide
+    user_rows: UserBlock         # every user's interactions
     item_docs: Rows              # (items, D) what the index holds, computed per block
     item_queries: Rows           # (items, D) queries for item -> item, computed per block
     item_raw_queries: Rows       # (items, r + d) unweighted behaviour query side and text, for the real-time path
@@ -184,26 +246,13 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
     layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(blend.behaviour_weight),
                     float(blend.popularity_weight), float(blend.few_events), behaviour_scale(model, fit_on))
     pop = popularity(weighted)
-    pop_feature = popularity_feature(pop)
-    docs_r, queries_r = model.item_vectors, model.item_queries
-    scale = query_scale(queries_r)
-
-    def users(idx: np.ndarray) -> np.ndarray:
-        profile, _ = user_profiles(weighted[idx], text)
-        faded = has_history[idx] & ~np.any(profile, axis=1)  # weights that decayed to 0: the plain mean instead
-        if faded.any():
-            profile[faded] = _unit(rows_dot(binary[idx[faded]], text))
-        return user_vectors(model.users(fit_on[idx]), profile, n_history[idx], layout)
-
-    def raw_queries(idx: np.ndarray) -> np.ndarray:
-        return np.hstack([queries_r[idx], text[idx]]).astype(np.float32)
-
+    items = ItemSide(model.item_vectors, model.item_queries, text, popularity_feature(pop), pop, model.warm, layout,
+                     query_scale(model.item_queries))
+    user_rows = UserBlock(weighted, binary, fit_on)
     return Space(
-        item_docs=Rows(len(text), layout.behaviour_dim + layout.text_dim + 1,
-                       lambda idx: item_documents(docs_r[idx], text[idx], pop_feature[idx], layout)),
-        item_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim + 1,
-                          lambda idx: item_queries(queries_r[idx], text[idx], layout, scale)),
-        item_raw_queries=Rows(len(text), layout.behaviour_dim + layout.text_dim, raw_queries),
-        users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1), users),
+        items=items, user_rows=user_rows, item_docs=items.docs(), item_queries=items.queries(),
+        item_raw_queries=items.raw_queries(),
+        users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1),
+                   lambda idx: user_block_vectors(user_rows.rows(idx), items)),
         has_history=has_history, few_events=has_history & (n_history < blend.few_events),
         seen=binary, popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)

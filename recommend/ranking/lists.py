@@ -62,29 +62,39 @@ def fill_from_popular(scores: np.ndarray, ids: np.ndarray, exclude: sp.csr_matri
 
 def similar_items(index, queries: RowSource, k: int, popular_scores: np.ndarray,
                   progress: Callable[[int], None] | None = None,
-                  item_vectors: RowSource | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For every item, the k nearest other items. `queries[i]` is item i's query vector (its indexed
-    vector when the space is symmetric); `item_vectors`: the indexed vectors (default: `queries`).
-    Returns (scores, ids, filled-from-popular mask)."""
+                  item_vectors: RowSource | None = None, rows: np.ndarray | None = None,
+                  popular_order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every item, the k nearest other items. `queries[i]` is item `rows[i]`'s query vector (its
+    indexed vector when the space is symmetric); `rows` default: every item, in order (a block of
+    items passes its own item numbers, so that each leaves itself out). `item_vectors`: the indexed
+    vectors (default: `queries`); `popular_order`: the items by popularity, most popular first (computed
+    when not given). Returns (scores, ids, filled-from-popular mask)."""
     item_vectors = queries if item_vectors is None else item_vectors
-    n = len(queries)
-    k = min(k, max(n - 1, 0))
-    itself = sp.identity(n, dtype=np.int8, format="csr")
+    n_items = index.ntotal
+    rows = np.arange(len(queries), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    k = min(k, max(n_items - 1, 0))
+    itself = sp.csr_matrix((np.ones(len(rows), np.int8), rows, np.arange(len(rows) + 1)), shape=(len(rows), n_items))
     scores, ids = search_excluding(index, queries, k, itself, vectors=item_vectors, progress=progress)
-    filled = fill_from_popular(scores, ids, itself, np.argsort(-popular_scores, kind="stable"), queries,
-                               item_vectors, popular_scores)
+    filled = fill_from_popular(scores, ids, itself, _order(popular_scores, popular_order), queries, item_vectors,
+                               popular_scores)
     return scores, ids, filled
+
+
+def _order(popular_scores: np.ndarray, popular_order: np.ndarray | None) -> np.ndarray:
+    return np.argsort(-popular_scores, kind="stable") if popular_order is None else popular_order
 
 
 def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen: sp.csr_matrix, k: int,
                       item_vectors: RowSource, popular_scores: np.ndarray,
                       progress: Callable[[int], None] | None = None, new_items: np.ndarray | None = None,
-                      new_slots: int = 0, new_boost: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      new_slots: int = 0, new_boost: float = 1.0, popular_order: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
     `seen`: (users, items) CSR, the items each user interacted with. Users without history get the
     most popular items. With `new_slots`, up to that many `new_items` (items without events) may earn a
-    place in a user's list (`earn_places`, scores boosted by `new_boost`). Returns (scores, ids,
+    place in a user's list (`earn_places`, scores boosted by `new_boost`). `popular_order`: as for
+    `similar_items`. Returns (scores, ids,
     source) where source is 'history', 'history+new' (a new item let in), 'history+popular' (topped
     up) or 'popular' per user.
     """
@@ -96,8 +106,8 @@ def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen:
     if len(rows):
         s, i = search_excluding(index, take_rows(profiles, rows), k, seen[rows], vectors=item_vectors, progress=progress)
         scores[rows], ids[rows] = s, i
-    filled = fill_from_popular(scores, ids, seen, np.argsort(-popular_scores, kind="stable"), profiles,
-                               item_vectors, popular_scores)
+    filled = fill_from_popular(scores, ids, seen, _order(popular_scores, popular_order), profiles, item_vectors,
+                               popular_scores)
     let_in = earn_places(scores, ids, profiles, item_vectors, new_items if new_items is not None else np.array([], np.int64),
                          seen, rows, new_slots, new_boost)
     source = labels(np.where(~has_history, "popular", np.where(filled, "history+popular", np.where(let_in, "history+new", "history"))))
@@ -153,18 +163,6 @@ def earn_places(scores: np.ndarray, ids: np.ndarray, queries: RowSource, item_ve
         changed[rows[enters]] = True
     ids[rows], scores[rows] = block_ids, block_scores
     return changed
-
-
-def lists_tables(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray, source=None,
-                 block: int = 65_536):
-    """`lists_frame` as Arrow tables of `block` subjects each: a million users' lists are 10 million
-    rows, which as one frame of Python strings took gigabytes."""
-    subject_ids = np.asarray(subject_ids, dtype=object)
-    source = np.asarray(source if source is not None else ["similar"] * len(ids), dtype=object)
-    for start in range(0, len(ids), block):
-        stop = start + block
-        frame = lists_frame(kind, subject_ids[start:stop], scores[start:stop], ids[start:stop], item_ids, source[start:stop])
-        yield pa.Table.from_pandas(frame, schema=LIST_SCHEMA, preserve_index=False)
 
 
 def lists_frame(kind: str, subject_ids, scores: np.ndarray, ids: np.ndarray, item_ids: np.ndarray,

@@ -47,6 +47,7 @@ class ListsSettings(BaseModel):
 
     k: int = Field(10, ge=1, le=1000)
     half_life_days: float = Field(14.0, gt=0, description="an event this old counts half in a user's profile")
+    block_size: int = Field(8192, ge=1, description="items or users per task on the Dask workers")
 
 
 @dataclass(frozen=True)

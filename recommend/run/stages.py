@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,13 @@ from embedder.errors import InputError, RecsError
 from embedder.ingest import ingest_events, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT, save_index
-from index.search import sampled_recall
+from index.search import Recall, is_exact, recall_on_rows, sample_rows
 from index.tune import build_tuned
 from recommend.config import Config, StageSettings
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import Space, build_space
-from recommend.ranking.lists import labels, lists_tables, recommended_items, similar_items
+from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, save_item_side, user_vector_rows
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
 from recommend.run.progress import Reporter
@@ -201,18 +200,22 @@ def gate(run: Run, store, events: Ingested, emb: EmbedResult) -> GateReport:
 
 @dataclass
 class Lists:
-    """The index stage's output: the blended space and both kinds of lists, rows as in `item_ids`/`user_ids`."""
+    """The index stage's output: the blended space's item side, the ids, and the parts the workers
+    wrote (recommend/run/list_tasks.py), from which the publish streams the lists and user vectors."""
 
     space: Space
     item_ids: np.ndarray
     user_ids: list[str]
-    item_lists: tuple  # (scores, ids, source)
-    user_lists: tuple
+    parts: list[Part]
     summary: IndexSummary = field(repr=False, default=None)
 
 
+RECALL_SAMPLE = 1000  # item lists checked against exact search for the reported recall
+
+
 def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) -> Lists:
-    """The blended space, the FAISS index over it, K similar items per item and K items per user."""
+    """The blended space and the FAISS index over it (here), then K similar items per item and K
+    items per user, a block at a time on the workers (recommend/run/list_tasks.py)."""
     config, k = run.config, run.config.lists.k
     bar = run.bar("index")
     with run.stage("index"):
@@ -225,61 +228,74 @@ def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) 
         index, tuning = build_tuned(space.item_docs, space.item_queries, k, config.index, space.users,
                                     np.flatnonzero(space.has_history), progress=bar)
         save_index(index, run.run_dir / "index.faiss")
-        i_scores, i_ids, i_filled = similar_items(index, space.item_queries, k, space.popularity,
-                                                  progress=bar("item->item", len(item_ids)), item_vectors=space.item_docs)
-        recall = sampled_recall(index, space.item_docs, space.item_queries, i_ids, k)  # item lists vs exact search
-        space.item_queries = None  # not needed again: free it before the user lists
-        u_scores, u_ids, u_source = recommended_items(
-            index, space.users, space.has_history, space.seen, k, space.item_docs, space.popularity,
-            progress=bar("user->item", int(space.has_history.sum())),
-            new_items=np.flatnonzero(~space.warm), new_slots=config.blend.new_item_slots,
-            new_boost=config.blend.new_item_boost)
-        u_source = labels(np.where((u_source == "history") & space.few_events, "few-events", u_source))
-        i_source = labels(np.where(i_filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text")))
-        write_parquet_blocks(chain(lists_tables("item", item_ids, i_scores, i_ids, item_ids, i_source),
-                                   lists_tables("user", user_ids, u_scores, u_ids, item_ids, u_source)),
-                             run.run_dir / "lists.parquet")
+        exact = is_exact(index)
+        del index  # each worker loads its own copy
+        files = {"index.faiss": file_digest(run.run_dir / "index.faiss"), **save_item_side(run.run_dir, space.items, item_ids)}
+        sample = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
+        parts = list_blocks(run.client, run.run_dir, len(item_ids), user_ids, space.user_rows,
+                            ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=sample,
+                            block_size=config.lists.block_size, progress=bar)
+        files.update(part_files(parts))
+        recall = Recall(recall=1.0, k=k, sample=0, exact=True) if exact else recall_on_rows(
+            space.item_docs, space.item_queries, sample, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
+            min(k, max(len(item_ids) - 1, 0)))
+        users_with_history = int(space.has_history.sum())
+        space.user_rows = space.users = space.seen = None  # the users' share is in the parts now
+        release_freed_memory()
     factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
                                                                          else config.index.kind)
+    user_parts = [p for p in parts if p.kind == "user"]
     summary = IndexSummary(
-        factory=factory, items=len(item_ids), users=len(user_ids), users_with_history=int(space.has_history.sum()),
-        users_short_of_k=int(((u_ids >= 0).sum(axis=1) < min(k, len(item_ids))).sum()), k=k,
+        factory=factory, items=len(item_ids), users=len(user_ids), users_with_history=users_with_history,
+        users_short_of_k=sum(p.short_of_k for p in user_parts), k=k,
         cold_items=int((~space.warm).sum()), cold_items_projected=space.cold_items_projected,
-        cold_items_in_user_lists=int(np.isin(u_ids[u_ids >= 0], np.flatnonzero(~space.warm)).sum()),
+        cold_items_in_user_lists=sum(p.new_items_listed for p in user_parts),
         item_lists_recall=recall, search_depth=tuning, layout=space.layout.to_dict())
     run.report.index = summary
-    write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), files=digests(run.run_dir, "index.faiss", "lists.parquet"),
-                                              seconds=run.report.seconds["index"],
+    write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
                                               index_config=config.index, lists_config=config.lists,
                                               blend_config=config.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
              else f"{tuning.knob}={tuning.value if tuning.value is not None else 'faiss default'}")
     run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}; "
-                f"{len(item_ids)} item lists, {len(user_ids)} user lists "
-                f"({int((~space.has_history).sum())} by popularity, {summary.cold_items} items placed by text alone) "
+                f"{len(item_ids)} item lists, {len(user_ids)} user lists in {len(parts)} blocks "
+                f"({len(user_ids) - users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
                 f"({run.report.seconds['index']:.1f}s)")
-    return Lists(space, item_ids, user_ids, (i_scores, i_ids, i_source), (u_scores, u_ids, u_source), summary)
+    return Lists(space, item_ids, user_ids, parts, summary)
 
 
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
     """Publish the new version as one transaction (written, verified, marked complete, switched live),
-    prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore."""
+    prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
+    The lists and user vectors are streamed from the parts, a block at a time."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
     space, item_ids, user_ids = lists.space, lists.item_ids, lists.user_ids
-    (i_scores, i_ids, i_source), (u_scores, u_ids, u_source) = lists.item_lists, lists.user_lists
     with run.stage("publish"):
         metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
+
+        def item_points():
+            for part, lists_ in read_parts(run.run_dir, lists.parts, "item"):
+                rows = slice(part.start, part.start + part.subjects)
+                yield from item_payloads(item_ids, {c: v[rows] for c, v in metadata.items()}, lists_["scores"],
+                                         lists_["ids"], run_id, lists_["source"], subjects=item_ids[rows])
+
+        def user_points():
+            for part, lists_ in read_parts(run.run_dir, lists.parts, "user"):
+                yield from user_payloads(user_ids[part.start:part.start + part.subjects], item_ids, lists_["scores"],
+                                         lists_["ids"], run_id, lists_["source"])
+
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
                 "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": space.layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: upserting", len(item_ids) + len(user_ids))
+        user_dim = space.layout.behaviour_dim + space.layout.text_dim + 1
         done = publish_version(store, run_id,
                                {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
                                                                       BLEND_QUERY_VECTOR: space.item_raw_queries},
-                                "payloads": item_payloads(item_ids, metadata, i_scores, i_ids, run_id, i_source)},
-                               {"ids": user_ids, "vectors": space.users,
-                                "payloads": user_payloads(user_ids, item_ids, u_scores, u_ids, run_id, u_source)},
+                                "payloads": item_points()},
+                               {"ids": user_ids, "vectors": user_vector_rows(run.run_dir, lists.parts, user_dim),
+                                "payloads": user_points()},
                                metadata=meta, keep=pc.keep_versions, batch_size=pc.batch_size, progress=tick,
                                parallel=pc.parallel, index_wait_s=pc.index_wait_s)
         previous, written, pruned = done.previous, done.counts, done.pruned

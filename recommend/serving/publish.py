@@ -140,11 +140,14 @@ def publish_version(store: VersionStore, run_id: str, items: dict, users: dict, 
 
 
 def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, run_id: str,
-                  sources) -> list[dict]:
-    """Item point payloads: the id, its similar items with scores, the run id and the chosen metadata."""
+                  sources, subjects=None) -> list[dict]:
+    """Item point payloads: the id, its similar items with scores, the run id and the chosen metadata.
+    `ids` index `item_ids`; `subjects`: the ids of the rows (default `item_ids`: every item, in order;
+    a block of items passes its own, with its rows of `metadata`)."""
     item_ids = np.asarray(item_ids, dtype=object)
+    subjects = item_ids if subjects is None else np.asarray(subjects, dtype=object)
     out = []
-    for r, item_id in enumerate(item_ids):
+    for r, item_id in enumerate(subjects):
         valid = ids[r] >= 0
         payload = {"item_id": item_id, "run_id": run_id, "source": str(sources[r]),
                    "similar": [{"item_id": i, "score": round(float(s), 5)}

@@ -1,0 +1,265 @@
+"""The lists stage's work on the Dask workers: blocks of items and blocks of users, each writing its part.
+
+The driver builds the index and the item side once (items x a few dozen dimensions) and saves both
+in the run folder; each worker process loads them once, as it loads the model, and then takes blocks:
+
+- a block of items: their similar items;
+- a block of users: their vectors, from their own rows of the interaction matrix (sent with the
+  task), and their recommended items (seen ones excluded, popularity and new-item fills).
+
+Each block writes two files, whole or not at all, and returns a `Part` (their digests and counts):
+
+    lists.parquet/<kind>-<block>.parquet   its lists in long format (one row per subject and rank)
+    parts/<kind>-<block>.npz               the same as arrays (scores, ids, source; users: their vectors)
+
+The publish streams the `.npz` parts, a block at a time. Every list depends on its own row only, so
+the lists are those of the whole run computed in one process (tests/test_list_tasks.py checks it).
+Without a client the blocks run one after another in this process.
+
+Example (what the lists stage does):
+    save_item_side(run_dir, space.items, item_ids)
+    parts = list_blocks(client, run_dir, len(item_ids), user_ids, space.user_rows, ListJob(k=10), sample=rows)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from embedder.artifacts import atomic_path, file_digest, write_parquet
+from embedder.task_window import in_window
+from index.build import load_index
+from index.search import flat_vectors
+from index.rows import Rows, take_rows
+from recommend.ranking.blend import ItemSide, Layout, UserBlock, user_block_vectors
+from recommend.ranking.lists import LIST_SCHEMA, labels, lists_frame, recommended_items, similar_items
+
+BLOCK = 8192  # items or users per task by default: lists.block_size (Spark's ALS recommendForAll cuts 4096)
+ITEM_SIDE = "item-side"  # folder in the run folder: the item side's arrays, for the workers
+LISTS = "lists.parquet"  # folder of Parquet parts (pandas and pyarrow read it as one table)
+PARTS = "parts"
+INDEX = "index.faiss"
+_ARRAYS = ("behaviour_docs", "behaviour_queries", "text", "pop_feature", "popularity", "warm")
+
+
+@dataclass(frozen=True)
+class ListJob:
+    """What every block is asked for."""
+
+    k: int
+    new_slots: int = 0     # blend.new_item_slots
+    new_boost: float = 1.0  # blend.new_item_boost
+
+
+@dataclass
+class Part:
+    """What a block wrote and found; the driver keeps these, not the lists."""
+
+    kind: str                # "item" or "user"
+    block: int
+    start: int               # its subjects are rows start..start+subjects-1 of the items or the users
+    subjects: int
+    files: dict[str, str]    # path in the run folder -> digest
+    short_of_k: int = 0      # subjects with fewer than min(k, items) items listed
+    new_items_listed: int = 0  # places held by items with no events
+    seconds: float = 0.0     # the block's time on its worker
+    sample_ids: np.ndarray | None = field(default=None, repr=False)  # item blocks: the listed ids of the sampled rows
+
+
+def save_item_side(run_dir: Path, items: ItemSide, item_ids) -> dict[str, str]:
+    """The item side's arrays as .npy files and its layout as JSON, under <run>/item-side/. Returns
+    their digests (for the manifest)."""
+    folder = run_dir / ITEM_SIDE
+    folder.mkdir(exist_ok=True)
+    for name in _ARRAYS:
+        with atomic_path(folder / f"{name}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(getattr(items, name)))
+    write_parquet(pa.table({"item_id": pa.array(list(item_ids), pa.string())}), folder / "item_ids.parquet")
+    with atomic_path(folder / "layout.json") as tmp:
+        Path(tmp).write_text(json.dumps({"layout": items.layout.to_dict(), "query_scale": items.query_scale}))
+    names = [*(f"{n}.npy" for n in _ARRAYS), "item_ids.parquet", "layout.json"]
+    return {f"{ITEM_SIDE}/{n}": file_digest(folder / n) for n in names}
+
+
+@dataclass
+class Loaded:
+    """One run's item side and index, as a worker process holds them."""
+
+    items: ItemSide
+    item_ids: np.ndarray
+    index: object
+    docs: Rows | np.ndarray
+    queries: Rows
+    popular_order: np.ndarray
+    new_items: np.ndarray
+
+
+_loaded: dict[str, Loaded] = {}
+_loading = threading.Lock()
+
+
+def load_item_side(run_dir: str) -> Loaded:
+    """The run's item side (arrays memory-mapped: workers on one host share the pages) and index,
+    loaded once per process and kept for the next block; a new run's replaces the last one."""
+    with _loading:
+        if run_dir not in _loaded:
+            _loaded.clear()
+            folder = Path(run_dir) / ITEM_SIDE
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+            meta = json.loads((folder / "layout.json").read_text())
+            items = ItemSide(**arrays, layout=Layout(**meta["layout"]), query_scale=meta["query_scale"])
+            import pyarrow.parquet as pq
+
+            item_ids = np.asarray(pq.read_table(folder / "item_ids.parquet").column(0).to_pylist(), dtype=object)
+            index = load_index(Path(run_dir) / INDEX, mmap=True)  # one copy per host, in the page cache
+            stored = flat_vectors(index)  # an exact index holds the documents as they are: no need to recompute them
+            _loaded[run_dir] = Loaded(items, item_ids, index, items.docs() if stored is None else stored, items.queries(),
+                                      np.argsort(-np.asarray(items.popularity), kind="stable"),
+                                      np.flatnonzero(~np.asarray(items.warm)))
+        return _loaded[run_dir]
+
+
+def forget_item_side() -> None:
+    """Drop the loaded item side and index (run on every worker when the stage ends: a long-lived
+    worker of an external cluster does not keep last night's index until tomorrow's)."""
+    with _loading:
+        _loaded.clear()
+
+
+def _write_part(run_dir: Path, kind: str, block: int, subject_ids, scores: np.ndarray, ids: np.ndarray,
+                item_ids: np.ndarray, source: np.ndarray, vectors: np.ndarray | None = None) -> dict[str, str]:
+    name = f"{kind}-{block:06d}"
+    lists = run_dir / LISTS / f"{name}.parquet"
+    frame = lists_frame(kind, subject_ids, scores, ids, item_ids, source)
+    write_parquet(pa.Table.from_pandas(frame, schema=LIST_SCHEMA, preserve_index=False), lists)
+    arrays = {"scores": scores, "ids": ids, "source": np.asarray(source, dtype=str)}
+    if vectors is not None:
+        arrays["vectors"] = vectors
+    part = run_dir / PARTS / f"{name}.npz"
+    with atomic_path(part) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return {f"{LISTS}/{name}.parquet": file_digest(lists), f"{PARTS}/{name}.npz": file_digest(part)}
+
+
+def item_block(run_dir: str, block: int, start: int, stop: int, job: ListJob, sample: np.ndarray) -> Part:
+    """Similar items for items start..stop-1 (run on a worker). `sample`: item rows whose listed ids
+    come back in the Part, for the item lists' recall against exact search."""
+    started = time.perf_counter()
+    side = load_item_side(run_dir)
+    rows = np.arange(start, stop, dtype=np.int64)
+    scores, ids, filled = similar_items(side.index, take_rows(side.queries, rows), job.k, np.asarray(side.items.popularity),
+                                        item_vectors=side.docs, rows=rows, popular_order=side.popular_order)
+    warm = np.asarray(side.items.warm[rows])
+    source = labels(np.where(filled, "similar+popular", np.where(warm, "similar", "similar-from-text")))
+    files = _write_part(Path(run_dir), "item", block, side.item_ids[rows], scores, ids, side.item_ids, source)
+    return Part("item", block, start, len(rows), files, sample_ids=ids[np.isin(rows, sample)],
+                seconds=time.perf_counter() - started)
+
+
+def user_block(run_dir: str, block: int, start: int, user_ids: list[str], rows: UserBlock, job: ListJob) -> Part:
+    """Vectors and recommended items for one block of users (rows start.. of the users), `rows` their
+    interactions (run on a worker)."""
+    started = time.perf_counter()
+    side = load_item_side(run_dir)
+    vectors = user_block_vectors(rows, side.items)
+    n_history = rows.n_history
+    scores, ids, source = recommended_items(
+        side.index, vectors, n_history > 0, rows.binary, job.k, side.docs, np.asarray(side.items.popularity),
+        new_items=side.new_items, new_slots=job.new_slots, new_boost=job.new_boost, popular_order=side.popular_order)
+    source = labels(np.where((source == "history") & (n_history < side.items.layout.few_events), "few-events", source))
+    files = _write_part(Path(run_dir), "user", block, user_ids, scores, ids, side.item_ids, source, vectors=vectors)
+    listed = (ids >= 0).sum(axis=1)
+    return Part("user", block, start, len(user_ids), files, short_of_k=int((listed < min(job.k, len(side.item_ids))).sum()),
+                new_items_listed=int(np.isin(ids[ids >= 0], side.new_items).sum()), seconds=time.perf_counter() - started)
+
+
+def list_blocks(client, run_dir: Path, n_items: int, user_ids: list[str], user_rows: UserBlock, job: ListJob, *,
+                sample: np.ndarray, block_size: int = BLOCK,
+                progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[Part]:
+    """Every item block and user block of `block_size` rows, on the workers (in this process without a
+    client), at most a few per task slot in flight. Returns their Parts in block order, items first."""
+    (run_dir / LISTS).mkdir(exist_ok=True)
+    (run_dir / PARTS).mkdir(exist_ok=True)
+    folder = str(run_dir)
+    n_item_blocks, n_user_blocks = -(-n_items // block_size), -(-len(user_ids) // block_size)
+
+    blocks = [("item", b) for b in range(n_item_blocks)] + [("user", b) for b in range(n_user_blocks)]
+
+    def call(i: int) -> tuple[Callable, tuple]:
+        """Block i's function and arguments; a user block's rows are sliced only now, so that the
+        window bounds the copies waiting in the scheduler."""
+        kind, b = blocks[i]
+        start = b * block_size
+        if kind == "item":
+            return item_block, (folder, b, start, min(start + block_size, n_items), job, sample)
+        rows = slice(start, start + block_size)
+        return user_block, (folder, b, start, user_ids[rows], user_rows.rows(rows), job)
+
+    ticks = {"item": progress("item->item", n_items) if progress else None,
+             "user": progress("user->item", len(user_ids)) if progress else None}
+    parts: list[Part | None] = [None] * len(blocks)
+    try:
+        for i, part in _run(client, call, len(blocks)):
+            parts[i] = part
+            if ticks[part.kind]:
+                ticks[part.kind](part.subjects)
+    finally:
+        client.run(forget_item_side) if client is not None else forget_item_side()
+    return parts
+
+
+def _run(client, call: Callable[[int], tuple[Callable, tuple]], n: int) -> Iterator[tuple[int, Part]]:
+    if client is None:
+        for i in range(n):
+            fn, args = call(i)
+            yield i, fn(*args)
+        return
+    stamp = time.time_ns()
+
+    def submit(i: int):
+        fn, args = call(i)
+        return client.submit(fn, *args, pure=False, key=f"{fn.__name__.replace('_', '-')}-{args[1]}-{stamp}")
+
+    yield from in_window(client, n, submit)
+
+
+def part_files(parts: list[Part]) -> dict[str, str]:
+    return {name: digest for part in parts for name, digest in part.files.items()}
+
+
+def read_parts(run_dir: Path, parts: list[Part], kind: str) -> Iterator[tuple[Part, dict[str, np.ndarray]]]:
+    """The `kind` parts' arrays, a block at a time, in block order, each with its Part."""
+    for part in sorted((p for p in parts if p.kind == kind), key=lambda p: p.block):
+        with np.load(run_dir / PARTS / f"{kind}-{part.block:06d}.npz") as arrays:
+            yield part, {name: arrays[name] for name in arrays.files}
+
+
+def user_vector_rows(run_dir: Path, parts: list[Part], dim: int) -> Rows:
+    """The users' vectors from the user parts, as a row source meant to be read in order (the publish
+    reads it a batch at a time; the last part read is kept)."""
+    users = sorted((p for p in parts if p.kind == "user"), key=lambda p: p.start)
+    starts = np.array([p.start for p in users], dtype=np.int64)
+    last: dict[int, np.ndarray] = {}
+
+    def compute(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), dim), dtype=np.float32)
+        which = np.searchsorted(starts, idx, side="right") - 1
+        for j in np.unique(which):
+            if j not in last:
+                last.clear()
+                with np.load(run_dir / PARTS / f"user-{users[j].block:06d}.npz") as arrays:
+                    last[j] = arrays["vectors"]
+            here = which == j
+            out[here] = last[j][idx[here] - starts[j]]
+        return out
+
+    return Rows(sum(p.subjects for p in users), dim, compute)

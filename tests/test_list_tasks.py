@@ -1,0 +1,115 @@
+"""The lists stage's blocks on the Dask workers (recommend/run/list_tasks.py) against the oracle: the
+same lists computed for every row at once in this process (`similar_items`, `recommended_items`)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from index.build import build_index, save_index
+from index.search import HEAVY, sample_rows
+from index.tune import set_depth
+from recommend.ranking.blend import build_space
+from recommend.ranking.lists import labels, lists_frame, recommended_items, similar_items
+from recommend.ranking.settings import BlendSettings, RankingSettings
+from recommend.run.list_tasks import LISTS, ListJob, list_blocks, read_parts, save_item_side, user_vector_rows
+
+K = 10
+
+
+def _space(n_items=400, n_users=150, seed=0):
+    """Events in 8 topics, 3 or 6 items per user (few or enough events); items 380.. have no events
+    (placed by text); one user has seen all but 3
+    items (short of K, topped up), one more than HEAVY (searched exactly), three have no events."""
+    rng = np.random.default_rng(seed)
+    topic = np.arange(n_items) % 8
+    text = rng.normal(size=(8, 24))[topic] + 0.6 * rng.normal(size=(n_items, 24))
+    text = (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)
+    rows = []
+    for u in range(n_users - 3):
+        liked = rng.choice(np.flatnonzero((topic == u % 8) & (np.arange(n_items) < 380)), 3 if u % 5 else 6, replace=False)
+        rows += [(f"u{u:03d}", f"i{i:03d}", rng.integers(0, 30 * 86400), "view") for i in liked]
+    rows += [("u000", f"i{i:03d}", 0, "view") for i in range(n_items - 3)]
+    rows += [("u001", f"i{i:03d}", 0, "view") for i in range(HEAVY + 20)]
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "event_type"])
+    events["ts"] = pd.to_datetime(events["ts"], unit="s", utc=True)
+    item_ids = [f"i{i:03d}" for i in range(n_items)]
+    user_ids = sorted(set(events["user_id"]) | {f"new{u}" for u in range(3)})
+    settings = RankingSettings(weights={"view": 1.0}, half_life_days=14.0, blend=BlendSettings(new_item_slots=1))
+    return build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings), item_ids, user_ids
+
+
+@pytest.fixture(scope="module")
+def space():
+    return _space()
+
+
+def _oracle(space, index, item_ids, user_ids, job):
+    """Every list at once, in this process: what the driver computed before the blocks."""
+    i_scores, i_ids, filled = similar_items(index, space.item_queries, K, space.popularity, item_vectors=space.item_docs)
+    i_source = labels(np.where(filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text")))
+    u_scores, u_ids, u_source = recommended_items(index, space.users, space.has_history, space.seen, K, space.item_docs,
+                                                  space.popularity, new_items=np.flatnonzero(~space.warm),
+                                                  new_slots=job.new_slots, new_boost=job.new_boost)
+    u_source = labels(np.where((u_source == "history") & space.few_events, "few-events", u_source))
+    return pd.concat([lists_frame("item", item_ids, i_scores, i_ids, np.asarray(item_ids, dtype=object), i_source),
+                      lists_frame("user", user_ids, u_scores, u_ids, np.asarray(item_ids, dtype=object), u_source)],
+                     ignore_index=True), i_ids
+
+
+@pytest.mark.parametrize("kind", ["exact", "HNSW32,SQbf16"])
+def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space, dask_client, kind):
+    """Blocks of 64 rows on the 2 workers (the index loaded there from the run folder, its vectors
+    mapped from the file) give the oracle's lists, sources and user vectors; the Parts' counts add up."""
+    space, item_ids, user_ids = space
+    index = build_index(space.item_docs, kind)
+    if kind != "exact":
+        set_depth(index, 16)  # shallow: the loaded index must search at the depth it was saved with
+    save_index(index, tmp_path / "index.faiss")
+    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
+    job = ListJob(K, new_slots=1, new_boost=1.5)
+    sample = sample_rows(len(item_ids), 50, 0)
+    parts = list_blocks(dask_client, tmp_path, len(item_ids), user_ids, space.user_rows, job, sample=sample,
+                        block_size=64)
+    expected, i_ids = _oracle(space, index, item_ids, user_ids, job)
+    got = pd.read_parquet(tmp_path / LISTS)
+    pd.testing.assert_frame_equal(got.drop(columns="score"), expected.drop(columns="score"))
+    np.testing.assert_allclose(got["score"], expected["score"], atol=1e-5)  # BLAS on 1 thread or several
+    assert {"similar", "similar-from-text", "popular", "few-events", "history", "history+popular",
+            "history+new"} <= set(got["source"])
+
+    assert [(p.kind, p.start, p.subjects) for p in parts] == \
+        [("item", s, min(64, len(item_ids) - s)) for s in range(0, len(item_ids), 64)] + \
+        [("user", s, min(64, len(user_ids) - s)) for s in range(0, len(user_ids), 64)]
+    users = got[got.subject_kind == "user"].groupby("subject_id").size().reindex(user_ids, fill_value=0)
+    assert sum(p.short_of_k for p in parts) == int((users < K).sum()) == 1  # u000: 3 unseen items left
+    np.testing.assert_array_equal(np.concatenate([p.sample_ids for p in parts if p.kind == "item"]), i_ids[sample])
+    vectors = user_vector_rows(tmp_path, parts, space.users.shape[1])
+    np.testing.assert_allclose(vectors[np.arange(len(user_ids))], space.users[:], atol=1e-6)
+    blocks = list(read_parts(tmp_path, parts, "user"))
+    assert [p.block for p, _ in blocks] == [0, 1, 2] and sum(len(a["ids"]) for _, a in blocks) == len(user_ids)
+
+
+def test_without_a_client_the_blocks_run_here_and_write_the_same(tmp_path, space, dask_client):
+    """A notebook (no cluster) gets the same parts as the workers."""
+    space, item_ids, user_ids = space
+    save_index(build_index(space.item_docs, "exact"), tmp_path / "index.faiss")
+    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder, client in ((here, None), (there, dask_client)):
+        folder.mkdir()
+        for name in ("index.faiss", "item-side"):
+            (folder / name).symlink_to(tmp_path / name)
+        list_blocks(client, folder, len(item_ids), user_ids, space.user_rows, ListJob(K), sample=np.arange(3),
+                    block_size=100)
+    a, b = pd.read_parquet(here / LISTS), pd.read_parquet(there / LISTS)
+    pd.testing.assert_frame_equal(a.drop(columns="score"), b.drop(columns="score"))
+    assert sorted(p.name for p in (here / LISTS).iterdir()) == sorted(p.name for p in (there / LISTS).iterdir())
+
+
+def test_a_failing_block_fails_the_call_and_names_the_cause(tmp_path, space, dask_client):
+    """A block that cannot run (here: the index file is missing, as on a worker that cannot see the
+    run folder) raises in the driver with the worker's error, not a silent short list."""
+    space, item_ids, user_ids = space
+    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
+    with pytest.raises(RuntimeError, match="index.faiss"):
+        list_blocks(dask_client, tmp_path, len(item_ids), user_ids, space.user_rows, ListJob(K), sample=np.arange(3))
