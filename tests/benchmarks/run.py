@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
               "serve": [], "lists": ["--sizes", "100000"],  # 300k too: bench_lists.py --sizes 100000 300000
+              "list_blocks": ["--size", "100000"],  # the README's figure: --size 300000
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
 
 if __name__ == "__main__":
