@@ -86,6 +86,8 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     texts = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
     texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
     order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
+    if pick_device(device).startswith("cuda"):
+        chunk_size = max(chunk_size, GPU_CHUNK)
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
         chunk_size = max(64, min(chunk_size, -(-len(texts) // (task_slots(client) * 8))))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
@@ -124,6 +126,9 @@ def check_precision(precision: str, device: str, model_path: str, sample: list[s
 
 FLUSH_ROWS = 1024    # encoded texts written to the cache at least this often...
 FLUSH_SECONDS = 10.0  # ...or this often, whichever comes first: a crash loses at most that much work
+MIN_FLUSH_SECONDS = 1.0  # but not more than once a second: a GPU encodes 1,024 texts in ~50 ms, and
+# each flush writes a file per bucket (one a second keeps the cache's write and compaction small)
+GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
 
 
 class _CacheWriter:
@@ -139,7 +144,8 @@ class _CacheWriter:
     def encoded(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         self.pending.append(np.asarray(rows))
         self.vectors = vectors
-        due = sum(len(r) for r in self.pending) >= FLUSH_ROWS or time.monotonic() - self.last >= FLUSH_SECONDS
+        since = time.monotonic() - self.last
+        due = (sum(len(r) for r in self.pending) >= FLUSH_ROWS and since >= MIN_FLUSH_SECONDS) or since >= FLUSH_SECONDS
         if due and self.confirmed():
             self.flush()
 

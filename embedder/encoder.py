@@ -2,7 +2,8 @@
 
 | encoder | chosen when | module |
 |---|---|---|
-| sentence-transformers under torch, fp32 or bf16/fp16 autocast | the default | this one (`TorchEncoder`) |
+| sentence-transformers under torch, fp32 or bf16/fp16 autocast | the default on a CPU | this one (`TorchEncoder`) |
+| the same model fed whole chunks as token batches, weights in fp16/bf16 | the default on a GPU | embedder/token_batches.py |
 | the transformer exported to ONNX with int8 dense layers | `embed.precision: int8` | embedder/quantized.py |
 | feature hashing, not a language model (scale tests of the data path) | `embed.model: stand-in:hashing-384` | embedder/standin.py |
 
@@ -24,6 +25,7 @@ import numpy as np
 from embedder.model import load_model, pick_device
 from embedder.precision import autocast
 from embedder.standin import HashingEncoder, is_standin
+from embedder.token_batches import TokenBatchEncoder
 
 _ENCODERS: dict[tuple, "Encoder"] = {}
 
@@ -75,5 +77,7 @@ def load_encoder(model_path: Path | str, *, precision: str = "fp32", device: str
         torch.set_num_threads(threads)
     key = (str(model_path), device, precision)
     if key not in _ENCODERS:
-        _ENCODERS[key] = TorchEncoder(load_model(model_path, device), device, precision)
+        model = load_model(model_path, device)
+        fast = TokenBatchEncoder.from_model(model, device, precision) if device.startswith("cuda") else None
+        _ENCODERS[key] = fast or TorchEncoder(model, device, precision)
     return _ENCODERS[key]

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from embedder.encoder import load_encoder
+from embedder.encoder import TorchEncoder, load_encoder
+from embedder.model import load_model
+from embedder.token_batches import TokenBatchEncoder, pooling_mode
 from embedder.standin import NAME as STANDIN
 
 TEXTS = ["trail running shoes for muddy paths", "a kettle", "", "trail running shoes for muddy paths",
@@ -16,7 +18,7 @@ def _int8_available():
     return available()
 
 
-@pytest.fixture(params=["stand-in", "torch fp32", "torch bf16",
+@pytest.fixture(params=["stand-in", "torch fp32", "torch bf16", "token batches fp32", "token batches bf16",
                         pytest.param("onnx int8", marks=pytest.mark.skipif(not _int8_available(), reason="onnx extra"))])
 def encoder(request, tiny_model, tmp_path_factory, monkeypatch):
     if request.param == "stand-in":
@@ -24,6 +26,8 @@ def encoder(request, tiny_model, tmp_path_factory, monkeypatch):
     if request.param == "onnx int8":  # exported from the tiny model into a scratch cache folder
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
         return load_encoder(tiny_model, precision="int8", device="cpu", threads=1)
+    if request.param.startswith("token batches"):  # the GPU's encoder, run here on the CPU
+        return TokenBatchEncoder.from_model(load_model(tiny_model, "cpu"), "cpu", request.param.split()[-1])
     return load_encoder(tiny_model, precision=request.param.split()[1], device="cpu", threads=1)
 
 
@@ -54,3 +58,20 @@ def test_an_encoder_is_made_once_per_process(tiny_model):
     assert load_encoder(STANDIN) is load_encoder(STANDIN)
     assert load_encoder(tiny_model, precision="fp32", device="cpu") is load_encoder(tiny_model, precision="fp32", device="cpu")
     assert load_encoder(tiny_model, precision="bf16", device="cpu") is not load_encoder(tiny_model, precision="fp32", device="cpu")
+
+
+def test_token_batches_give_the_models_own_vectors(tiny_model):
+    """The GPU's encoder (its own tokenizing, batching, pooling) against sentence-transformers' encode
+    of the same model, in fp32 on the CPU: the same vectors, in the same order, whatever the batching."""
+    model = load_model(tiny_model, "cpu")
+    texts = TEXTS + [f"item {i} " + "long words here " * (i % 23) for i in range(300)]
+    expected = TorchEncoder(model, "cpu", "fp32").encode(texts, batch_size=16)
+    fast = TokenBatchEncoder.from_model(model, "cpu", "fp32")
+    fast.tokens_per_batch = 256  # many batches of unequal sizes
+    np.testing.assert_allclose(fast.encode(texts), expected, atol=2e-5)
+
+
+def test_token_batches_refuse_a_layout_they_do_not_run(tiny_model):
+    model = load_model(tiny_model, "cpu")
+    assert pooling_mode(model) == "mean"
+    assert pooling_mode(list(model)[:1]) is None  # no pooling module: sentence-transformers' encode runs it

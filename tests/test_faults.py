@@ -99,6 +99,7 @@ def test_finished_encoding_survives_a_crash(tmp_path, tiny_model, monkeypatch):
     items = pd.DataFrame({"item_id": [f"i{i}" for i in range(240)], "text": [f"item {i} " + "w " * (i % 9) for i in range(240)]})
     settings = EmbedSettings(model=str(tiny_model), device="cpu", precision="fp32", chunk_size=16)
     monkeypatch.setattr(encode, "FLUSH_ROWS", 16)
+    monkeypatch.setattr(encode, "MIN_FLUSH_SECONDS", 0.0)
     real, calls = encode.encode_chunk, []
 
     def crashing(*args, **kwargs):

@@ -95,3 +95,16 @@ def _int8_on_workers(tmp_path, dask_client):
     cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.95
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=2e-3)
+
+
+def test_gpu_encoder_gives_the_real_models_vectors():
+    """The GPU's encoder (token batches), run here on the CPU in fp32, against sentence-transformers'
+    own encode of all-MiniLM-L6-v2: the same vectors."""
+    from embedder.encoder import TorchEncoder
+    from embedder.token_batches import TokenBatchEncoder
+
+    model = load_model(resolve_model_path("all-MiniLM-L6-v2"), "cpu")
+    texts = [" ".join(row[1:3]) for row in CATALOG] + ["a kettle " * n for n in range(1, 120, 7)]
+    expected = TorchEncoder(model, "cpu", "fp32").encode(texts)
+    got = TokenBatchEncoder.from_model(model, "cpu", "fp32").encode(texts)
+    assert (got * expected).sum(axis=1).min() >= 0.99999
