@@ -2,7 +2,9 @@
 
 Every search returns ``(scores, ids)``, both (n_queries, k); a slot with no result holds id -1 and
 score -inf. `exact_search` is the one exact search (faiss's own `knn`, a block of vectors at a time):
-the oracle for approximate indexes and the search wherever a few queries meet many vectors.
+the oracle for approximate indexes and the search wherever a few queries meet many vectors. Where a
+GPU is visible, every exact search (this one, a flat index's, `ExactIndex`'s) runs there instead, with
+the same answer (index/device_search.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel
 
+from index.device_search import device_top_k, search_device
 from index.rows import RowSource
 
 
@@ -35,6 +38,10 @@ def search_excluding(index, queries: RowSource, k: int, exclude=None, *, vectors
     index's own vectors) with their exclusions masked. Returns ``(scores, ids)``.
     """
     n, ntotal = len(queries), index.ntotal
+    device = search_device() if is_exact(index) else None
+    if device is not None:  # every query of an exact search on the GPU, its exclusions masked there
+        return device_top_k(flat_vectors(index), queries, k, exclusions(exclude, 0, n, ntotal) if exclude is not None
+                            else None, device=device, progress=progress)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     ids = np.full((n, k), -1, dtype=np.int64)
     vectors = vectors if vectors is not None else flat_vectors(index)
@@ -129,6 +136,9 @@ class ExactIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        device = search_device()
+        if device is not None:
+            return device_top_k(self.vectors, queries, k, device=device)
         if self.ntotal <= self.block:  # one block: faiss's answer as it is (the merge would reorder ties)
             return self._knn(queries, np.ascontiguousarray(self.vectors[:], dtype=np.float32), k)
         heap = faiss.ResultHeap(len(queries), k, keep_max=True)

@@ -206,8 +206,9 @@ def _exact_seconds(flat, queries, other_queries, other_rows, k: int) -> float:
             parts.append(np.ascontiguousarray(other_queries[pool[sample_rows(len(pool), EXACT_SAMPLE // 2, 2)]],
                                               dtype=np.float32))
     sample = np.concatenate(parts) if parts else np.zeros((1, flat.d), np.float32)
+    search_excluding(flat, sample[:8], k + 1)  # a GPU copies the vectors over and starts its libraries once
     start = time.perf_counter()
-    flat.search(sample, k + 1)
+    search_excluding(flat, sample, k + 1)  # on the GPU where one is visible, as the lists will be
     return (time.perf_counter() - start) / len(sample)
 
 
