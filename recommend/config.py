@@ -129,7 +129,7 @@ class DaskSettings(Section):
 
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
     n_workers: int | None = Field(None, ge=1)
-    threads_per_worker: int | None = Field(None, ge=1, description="default: 1 on CPU workers, 2 on GPU workers")
+    threads_per_worker: int | None = Field(None, ge=1, description="default: 1 on CPU workers, 4 on GPU workers")
 
 
 class Config(Section):

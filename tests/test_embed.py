@@ -154,9 +154,9 @@ def test_worker_layout_one_per_gpu_else_one_per_core():
     on_gpus = worker_layout("auto", None, None, gpus=2)
     try:
         import dask_cuda  # noqa: F401
-        assert on_gpus == {"kind": "cuda", "n_workers": 2, "threads_per_worker": 2}
+        assert on_gpus == {"kind": "cuda", "n_workers": 2, "threads_per_worker": 4}
     except ImportError:  # without dask-cuda one worker drives the first GPU
-        assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 2}
+        assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 4}
     assert worker_layout("cuda", 3, 1, gpus=2) == {**on_gpus, "n_workers": 3, "threads_per_worker": 1}  # overrides
     assert worker_layout("cpu", None, 2, gpus=0)["n_workers"] == max(1, cores // 2)
 
