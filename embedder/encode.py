@@ -58,15 +58,17 @@ class EmbedResult:
 
 
 def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", device: str = "auto",
-                 batch_size: int = 64, threads: int | dict[str, int] | None = None) -> np.ndarray:
+                 batch_size: int = 64, threads: int | dict[str, int] | None = None, dtype=np.float32) -> np.ndarray:
     """Encode one chunk in the current process (a Dask worker or the caller) with the encoder
     `load_encoder` makes once per process. `precision`: resolved (embedder/precision.py). `threads`:
-    a count, or a count per worker address (the worker this task runs on looks up its own)."""
+    a count, or a count per worker address (the worker this task runs on looks up its own).
+    `dtype`: of the rows returned (cast here, on the worker: half the bytes travel for float16)."""
     if isinstance(threads, dict):
         from distributed import get_worker
 
         threads = threads.get(get_worker().address)
-    return load_encoder(model_path, precision=precision, device=device, threads=threads).encode(texts, batch_size)
+    vectors = load_encoder(model_path, precision=precision, device=device, threads=threads).encode(texts, batch_size)
+    return vectors.astype(dtype, copy=False)
 
 
 def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
@@ -79,7 +81,7 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
     that assembles a larger array gets it without a second copy (rows no text maps to are left unset).
     `on_chunk(rows, result)` is called after each chunk is placed, with the result rows it filled."""
-    options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads}
+    options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads, "dtype": dtype}
     if len(texts) == 0:
         dim = load_encoder(model_path, precision=precision, device=device).dim
         return np.zeros((n_out or 0, dim), dtype=dtype)
@@ -233,8 +235,10 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     repeat = np.flatnonzero(new_row >= 0)
     repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
     vectors[repeat] = vectors[first[new_row[repeat]]]
-    for row in np.flatnonzero(new_row < 0):
-        vectors[row] = found[hashes.iat[row]]
+    cached, keys = np.flatnonzero(new_row < 0), hashes.to_numpy()
+    for start in range(0, len(cached), 1 << 16):  # from the cache: a block of rows at a time
+        rows = cached[start:start + (1 << 16)]
+        vectors[rows] = np.stack([found[key] for key in keys[rows]])
     counts = EmbedCounts(items_encoded=len(miss_texts),
                          items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
                          cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
