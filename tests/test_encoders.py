@@ -64,10 +64,11 @@ def test_token_batches_give_the_models_own_vectors(tiny_model):
     """The GPU's encoder (its own tokenizing, batching, pooling) against sentence-transformers' encode
     of the same model, in fp32 on the CPU: the same vectors, in the same order, whatever the batching."""
     model = load_model(tiny_model, "cpu")
-    texts = TEXTS + [f"item {i} " + "long words here " * (i % 23) for i in range(300)]
+    texts = TEXTS + [f"item {i} " + "long words here " * (i % 23) for i in range(300)] + ["truncated " * 600]
     expected = TorchEncoder(model, "cpu", "fp32").encode(texts, batch_size=16)
     fast = TokenBatchEncoder.from_model(model, "cpu", "fp32")
     fast.tokens_per_batch = 256  # many batches of unequal sizes
+    assert fast.token_ids(texts) == model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
     np.testing.assert_allclose(fast.encode(texts), expected, atol=2e-5)
 
 
