@@ -181,7 +181,7 @@ class EmbeddingCache:
         table = pa.table({"content_hash": hashes, "vector": vectors_to_arrow(vectors)})
         table = table.replace_schema_metadata({CHECKSUM_KEY: _checksum(hashes, vectors)})
         with atomic_path(f"{self._bucket_dir(bucket)}/part-{token}.parquet", self.fs) as tmp, self.fs.open(tmp, "wb") as fh:
-            # no dictionary, no statistics: random hashes gain nothing from either, and a write took 5x longer
+            # no dictionary, no statistics: random hashes gain nothing from either, and they made writes slow
             pq.write_table(table, fh, use_dictionary=False, write_statistics=False)
 
     def compact(self, max_files: int = 16) -> int:

@@ -128,8 +128,8 @@ def check_precision(precision: str, device: str, model_path: str, sample: list[s
 
 FLUSH_ROWS = 1024    # encoded texts written to the cache at least this often...
 FLUSH_SECONDS = 10.0  # ...or this often, whichever comes first: a crash loses at most that much work
-MIN_FLUSH_SECONDS = 1.0  # but not more than once a second: a GPU encodes 1,024 texts in ~50 ms, and
-# each flush writes a file per bucket (one a second keeps the cache's write and compaction small)
+MIN_FLUSH_SECONDS = 1.0  # but not more than once a second: a GPU encodes 1,024 texts in a fraction of
+# one, and each flush writes a file per bucket (one a second keeps the cache's writes and compaction small)
 GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
 
 

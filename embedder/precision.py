@@ -1,10 +1,11 @@
-"""Encode precision: fp32, bf16 (CPU with bf16 instructions, or GPU) or fp16 (GPU), under autocast;
+"""Encode precision: fp32, bf16 (CPU with bf16 instructions, or GPU) or fp16 (GPU);
 or int8, an ONNX export with int8 dense layers run by onnxruntime on the CPU (embedder/quantized.py).
 
 "auto" picks what the hardware runs natively (fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or AMX,
 else fp32), and every run compares it with fp32 on a sample of its own texts: below a mean cosine of
-0.99 it falls back to fp32. Half-precision weights are not used: autocast keeps the weights in fp32,
-which measured faster (the README's encode section has the figures).
+0.99 it falls back to fp32. On a CPU the weights stay in fp32 under autocast (half-precision
+weights measured slower there); on a GPU the GPU encoder holds fp16/bf16 weights, which measured faster
+there (embedder/token_batches.py; README, "Performance, GPU").
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 every batch's vectors back before it starts the next, so on a GPU the device mostly waits for the
 CPU. `TokenBatchEncoder` runs the same model (its transformer, pooling and normalisation) with:
 - one call of the fast tokenizer's own batch API per chunk (its Rust threads use every core; the
-  transformers wrapper around it took 1.3-4x as long), no padding;
+  transformers wrapper around it costs more, and more of it holds the GIL), no padding;
 - texts sorted by token count and cut into batches of about `TOKENS_PER_BATCH` tokens, each padded
   only to its own longest text;
 - ids copied to the device from pinned memory without waiting, the vectors of every batch kept on

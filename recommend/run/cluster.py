@@ -29,8 +29,7 @@ def cuda_devices() -> int:
 
 
 # Threads per GPU worker: the others tokenize their chunks while the GPU encodes one (a MiniLM encode
-# on a GPU is bound by that CPU-side work). On an H200, 4 ran the encode 1.09x faster than 2 (README,
-# "Performance, GPU").
+# on a GPU is bound by that CPU-side work); 4 measured faster than 2 (README, "Performance, GPU").
 GPU_WORKER_THREADS = 4
 
 
