@@ -83,6 +83,11 @@ def _lookup_bucket(root: str, bucket: str, keys: list[str]) -> tuple[pa.Table | 
     return EmbeddingCache(root).lookup_bucket(bucket, keys)
 
 
+def _compact_bucket(root: str, bucket: str, max_files: int) -> int:
+    """One bucket's share of a compaction, run on a Dask worker."""
+    return EmbeddingCache(root).compact_bucket(bucket, max_files)
+
+
 class EmbeddingCache:
     """Vectors by content hash under `root` (a path or fsspec URL).
 
@@ -184,29 +189,35 @@ class EmbeddingCache:
             # no dictionary, no statistics: random hashes gain nothing from either, and they made writes slow
             pq.write_table(table, fh, use_dictionary=False, write_statistics=False)
 
-    def compact(self, max_files: int = 16) -> int:
-        """Merge the files of each bucket that has more than `max_files` (encoded chunks reach the
-        cache as they finish, a few files each) into one. The merged file is written before the old
-        ones are removed, so a crash in between leaves duplicates, which a lookup reads as one.
-        Returns the number of files removed."""
+    def compact(self, max_files: int = 64, client=None) -> int:
+        """Merge the files of each bucket that has more than `max_files` (each encoded chunk adds a
+        file per bucket) into one, a bucket per task on the workers of a Dask `client`. The merged
+        file is written before the old ones are removed, so a crash in between leaves duplicates,
+        which a lookup reads as one. Returns the number of files removed."""
+        buckets = [d.rsplit("=", 1)[-1] for d in self.fs.glob(f"{self.base}/bucket=*")]
+        if client is not None and len(buckets) > 1:
+            return sum(client.gather(client.map(_compact_bucket, [self.root] * len(buckets), buckets,
+                                                [max_files] * len(buckets), pure=False)))
+        return sum(self.compact_bucket(bucket, max_files) for bucket in buckets)
+
+    def compact_bucket(self, bucket: str, max_files: int = 64) -> int:
+        """One bucket's share of `compact`."""
+        paths = sorted(self.fs.glob(f"{self._bucket_dir(bucket)}/*.parquet"))
+        if len(paths) <= max_files:
+            return 0
+        set_aside: list[str] = []
+        tables = [table for _, table in self._bucket_tables(bucket, set_aside)]
+        if tables:
+            merged = pa.concat_tables(tables)
+            first = ~merged["content_hash"].to_pandas().duplicated().to_numpy()  # a hash written twice: once
+            merged = merged.filter(pa.array(first))
+            self._write(bucket, uuid.uuid4().hex, merged["content_hash"].combine_chunks(),
+                        arrow_to_vectors(merged["vector"], STORED_DTYPE))
         removed = 0
-        for directory in self.fs.glob(f"{self.base}/bucket=*"):
-            paths = sorted(self.fs.glob(f"{directory}/*.parquet"))
-            if len(paths) <= max_files:
-                continue
-            bucket = directory.rsplit("=", 1)[-1]
-            set_aside: list[str] = []
-            tables = [table for _, table in self._bucket_tables(bucket, set_aside)]
-            if tables:
-                merged = pa.concat_tables(tables)
-                first = ~merged["content_hash"].to_pandas().duplicated().to_numpy()  # a hash written twice: once
-                merged = merged.filter(pa.array(first))
-                self._write(bucket, uuid.uuid4().hex, merged["content_hash"].combine_chunks(),
-                            arrow_to_vectors(merged["vector"], STORED_DTYPE))
-            for path in paths:
-                if self.fs.exists(path):
-                    self.fs.rm(path)
-                    removed += 1
+        for path in paths:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+                removed += 1
         return removed
 
     def check(self, repair: bool = False) -> tuple[int, list[str]]:

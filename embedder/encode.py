@@ -24,6 +24,9 @@ from embedder.standin import is_standin
 from embedder.task_window import in_window, task_slots
 
 
+GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
+
+
 class PrecisionCheck(BaseModel):
     """The precision a run asked for and the one it encoded in, with its check against fp32."""
 
@@ -74,13 +77,14 @@ def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", 
 def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
                  device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | dict[str, int] | None = None,
                  progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
-                 n_out: int | None = None, on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
+                 n_out: int | None = None, keys: pd.Series | None = None, cache_root: str | None = None) -> np.ndarray:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
     With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
     that assembles a larger array gets it without a second copy (rows no text maps to are left unset).
-    `on_chunk(rows, result)` is called after each chunk is placed, with the result rows it filled."""
+    With `keys` (text i's cache key) and `cache_root`, each chunk's task also adds its vectors to the
+    embedding cache, where it runs (a worker), before it returns: a crash loses only unfinished chunks."""
     options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads, "dtype": dtype}
     if len(texts) == 0:
         dim = load_encoder(model_path, precision=precision, device=device).dim
@@ -99,22 +103,32 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
         nonlocal vectors
         if vectors is None:
             vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
-        placed = rows if out_rows is None else out_rows[rows]
-        vectors[placed] = block
-        if on_chunk:
-            on_chunk(placed, vectors)
+        vectors[rows if out_rows is None else out_rows[rows]] = block
         if progress:
             progress(len(rows))
 
+    def arguments(rows: np.ndarray) -> tuple:
+        return texts.iloc[rows].tolist(), None if keys is None else keys.iloc[rows].to_numpy(dtype=object)
+
     if client is None:
         for rows in chunks:
-            place(rows, encode_chunk(texts.iloc[rows].tolist(), model_path, **options))
+            place(rows, encode_and_store(*arguments(rows), model_path, cache_root, **options))
         return vectors
 
     stamp = time.time_ns()
     for i, block in in_window(client, len(chunks), lambda i: client.submit(
-            encode_chunk, texts.iloc[chunks[i]].tolist(), model_path, **options, pure=False, key=f"encode-{i}-{stamp}")):
+            encode_and_store, *arguments(chunks[i]), model_path, cache_root, **options, pure=False,
+            key=f"encode-{i}-{stamp}")):
         place(chunks[i], block)
+    return vectors
+
+
+def encode_and_store(texts: list[str], keys, model_path: str, cache_root: str | None, **options) -> np.ndarray:
+    """One chunk's task: `encode_chunk`, then, with `keys` and `cache_root`, its vectors added to the
+    embedding cache from here (the worker), as float16, under those keys."""
+    vectors = encode_chunk(texts, model_path, **options)
+    if keys is not None and cache_root is not None:
+        EmbeddingCache(cache_root).add(keys, vectors)
     return vectors
 
 
@@ -124,39 +138,6 @@ def check_precision(precision: str, device: str, model_path: str, sample: list[s
     refresh): mean and min cosine. The caller accepts the precision when the mean reaches 0.99."""
     reference = encode_chunk(sample, model_path, precision="fp32", device=device, threads=threads)
     return cosine_report(reference, encode_chunk(sample, model_path, precision=precision, device=device, threads=threads))
-
-
-FLUSH_ROWS = 1024    # encoded texts written to the cache at least this often...
-FLUSH_SECONDS = 10.0  # ...or this often, whichever comes first: a crash loses at most that much work
-MIN_FLUSH_SECONDS = 1.0  # but not more than once a second: a GPU encodes 1,024 texts in a fraction of
-# one, and each flush writes a file per bucket (one a second keeps the cache's writes and compaction small)
-GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
-
-
-class _CacheWriter:
-    """Encoded chunks to the cache as they finish (a crash keeps what was done), a batch at a time;
-    held back until `confirmed()` says their precision passed its check against fp32."""
-
-    def __init__(self, cache: EmbeddingCache, hashes: pd.Series, confirmed: Callable[[], bool]):
-        self.cache, self.hashes, self.confirmed = cache, hashes, confirmed
-        self.pending: list[np.ndarray] = []
-        self.vectors: np.ndarray | None = None
-        self.last = time.monotonic()
-
-    def encoded(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        self.pending.append(np.asarray(rows))
-        self.vectors = vectors
-        since = time.monotonic() - self.last
-        due = (sum(len(r) for r in self.pending) >= FLUSH_ROWS and since >= MIN_FLUSH_SECONDS) or since >= FLUSH_SECONDS
-        if due and self.confirmed():
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            rows = np.concatenate(self.pending)
-            self.cache.add(self.hashes.iloc[rows].tolist(), self.vectors, rows=rows)
-            self.pending.clear()
-        self.last = time.monotonic()
 
 
 def _judge(check: dict, report: PrecisionCheck) -> bool:
@@ -175,12 +156,11 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
                 check_sample: int = 64) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
-    A precision other than fp32 is checked against fp32 on `check_sample` of the texts it encodes (on a
-    worker, beside the encode, when there is a Dask `client`; after it in this process otherwise); below
-    a mean cosine of 0.99 the texts are encoded in fp32 instead, and only vectors of an accepted
-    precision are cached. Encoded vectors reach the cache as their chunks finish (`FLUSH_ROWS`,
-    `FLUSH_SECONDS`), so a crash keeps the work done; damaged cache files are moved aside and their
-    items encoded again (`counts.cache_files_set_aside`).
+    A precision other than fp32 is first checked against fp32 on `check_sample` of the texts it will
+    encode (on a worker when there is a Dask `client`); below a mean cosine of 0.99 the texts are encoded
+    in fp32 instead. Each chunk's task adds its vectors to the cache where it runs, as it finishes, so a
+    crash keeps the work done and the driver writes no cache file; damaged cache files are moved aside
+    and their items encoded again (`counts.cache_files_set_aside`).
 
     Example:
         result = embed_items(items, EmbedSettings(), cache_root=".recs/cache")
@@ -203,34 +183,26 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
         set_aside += lookup.set_aside
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
         first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
-        pending = check = None
         if chosen != "fp32" and len(first) and report.mean_cosine is None:
-            # texts to encode in reduced precision: compared with fp32 on a sample of them, on a worker
-            # beside the encode (the driver loads no model, the workers do not wait for the check), or
-            # first, in this process; nothing of a precision that fails its check is cached
+            # texts to encode in reduced precision: compared with fp32 on a sample of them first (on a
+            # worker when there is a client: the driver loads no model), so that only vectors of an
+            # accepted precision are made and cached
             spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
             sample = items["text"].iloc[first[spread]].tolist()
-            if client is not None:
-                pending = client.submit(check_precision, chosen, device, str(path), sample, threads, pure=False)
-            else:
-                check = check_precision(chosen, device, str(path), sample)
-                if not _judge(check, report):
-                    chosen = "fp32"
-                    continue
+            check = (client.submit(check_precision, chosen, device, str(path), sample, threads, pure=False).result()
+                     if client is not None else check_precision(chosen, device, str(path), sample))
+            if not _judge(check, report):
+                chosen = "fp32"
+                continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         lookup_s = time.perf_counter() - t0
         miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
-        writer = _CacheWriter(cache, hashes, lambda: pending is None or (
-            pending.done() and pending.result()["mean_cosine"] >= MIN_MEAN_COSINE))
         t1 = time.perf_counter()
         vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client=client, precision=chosen,
-                                 settings=settings, threads=threads, progress=progress, on_chunk=writer.encoded)
+                                 settings=settings, threads=threads, progress=progress, keys=hashes.iloc[first],
+                                 cache_root=cache.root)
         encode_s = time.perf_counter() - t1
-        if pending is not None and not _judge(pending.result(), report):
-            chosen = "fp32"
-            continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         break
-    writer.flush()
-    cache.compact()
+    cache.compact(client=client)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
     repeat = np.flatnonzero(new_row >= 0)
     repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
@@ -249,7 +221,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
 
 def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
                    precision: str, settings: EmbedSettings, threads: int | dict[str, int] | None,
-                   progress: Callable[[int, int], None] | None, on_chunk=None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None, keys: pd.Series, cache_root: str) -> np.ndarray:
     """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
     numbers), written straight into the items' array (no second items x dim copy)."""
@@ -265,4 +237,4 @@ def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, 
 
     return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
                         batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
-                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, on_chunk=on_chunk)
+                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, keys=keys, cache_root=cache_root)

@@ -95,9 +95,8 @@ def test_reduced_precision_is_checked_and_keyed_apart(tmp_path, tiny_model):
 @pytest.mark.parametrize("on_cluster", [True, False])
 def test_a_failed_precision_check_falls_back_to_fp32_and_caches_nothing_of_it(tmp_path, tiny_model, dask_client,
                                                                              monkeypatch, on_cluster):
-    """Fault injected: no precision passes (threshold above 1). The check runs beside the encode (on a
-    worker) or after it (no cluster); its bf16 vectors are thrown away, fp32 ones are made and cached,
-    and bf16 is not cached."""
+    """Fault injected: no precision passes (threshold above 1). The check runs before the encode (on a
+    worker, or in this process without a cluster); no bf16 vector is made or cached, fp32 ones are."""
     import embedder.encode as encode
 
     client = dask_client if on_cluster else None
@@ -141,6 +140,22 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch)
     assert sum(done) == len(texts)
     np.testing.assert_allclose(spread, local, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(spread, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_driver_writes_no_cache_file(tmp_path, tiny_model, dask_client, monkeypatch):
+    """Fault injected in the driver's process only: any cache write here fails. The encode's tasks
+    write their vectors on the workers, so the run succeeds, and a rerun finds every vector."""
+    import embedder.cache as cache_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver wrote a cache file")
+
+    monkeypatch.setattr(cache_module.EmbeddingCache, "_write", refuse)
+    items, cache = _items(300), str(tmp_path / "cache")
+    first = _embed(items, tiny_model, cache, dask_client, precision="fp32")
+    assert first.counts.items_encoded == 300
+    monkeypatch.undo()
+    assert _embed(items, tiny_model, cache, dask_client, precision="fp32").counts.items_from_cache == 300
 
 
 def test_worker_layout_one_per_gpu_else_one_per_core():

@@ -60,8 +60,9 @@ def generate(out: Path, n_items: int, n_users: int, events_per_user: float, part
     return {"items": n_items, "users": n_users}
 
 
-def run(data: Path, work: Path, publish: bool) -> dict:
-    """The refresh in this process, with a sampler of the RSS of this process and its children."""
+def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> dict:
+    """The refresh in this process, with a sampler of the RSS of this process and its children.
+    `workers`: local Dask workers (default: one per core)."""
     import psutil
     import yaml
 
@@ -74,7 +75,7 @@ def run(data: Path, work: Path, publish: bool) -> dict:
         "items": {"path": str(data / "items-*.parquet"), "text": "{title}. {description}", "metadata": ["category"]},
         "events": {"path": str(data / "events-*.parquet")},
         "embed": {"model": "stand-in:hashing-384"},
-        "publish": {"enabled": publish}}))
+        "publish": {"enabled": publish}, **({"dask": {"n_workers": workers}} if workers else {})}))
     me = psutil.Process()
     peaks: dict[int, int] = {}
     done = threading.Event()
@@ -132,14 +133,19 @@ def main() -> None:
     args_parser.add_argument("--events-per-user", type=float, default=10.0)
     args_parser.add_argument("--parts", type=int, default=16)
     args_parser.add_argument("--publish", action="store_true")
+    args_parser.add_argument("--workers", default="", help="e.g. 1,2: a refresh with each count of local workers on "
+                             "the same data, each from a cold workdir (strong scaling); default: one per core")
     args_parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
     args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = args_parser.parse_args()
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return
+    counts = [int(w) for w in args.workers.split(",") if w] or [None]
     if args.stage == "run":
-        print(json.dumps(run(Path(args.dir) / "data", Path(args.dir), args.publish)))
+        workers = counts[0]
+        work = Path(args.dir) / (f"workers-{workers}" if workers else "")
+        print(json.dumps({"workers": workers, **run(Path(args.dir) / "data", work, args.publish, workers)}))
         return
     with tempfile.TemporaryDirectory() as tmp:  # each step in a fresh process: the driver's peak is the refresh's own
         t = time.perf_counter()
@@ -147,12 +153,19 @@ def main() -> None:
                         "--users", str(args.users), "--events-per-user", str(args.events_per_user),
                         "--parts", str(args.parts)], check=True)
         generate_s = time.perf_counter() - t
-        proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp] + (["--publish"] if args.publish else []),
-                              check=True, capture_output=True, text=True)
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
-                               "encoder": "stand-in:hashing-384", "published": args.publish,
-                               "generate_s": round(generate_s, 1), "target_peak_rss_mb": 4096, **figures})
+        runs = []
+        for workers in counts:
+            proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
+                                  + (["--publish"] if args.publish else []), check=True, capture_output=True, text=True)
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
+                                       "encoder": "stand-in:hashing-384", "published": args.publish,
+                                       "generate_s": round(generate_s, 1), "target_peak_rss_mb": 4096, **runs[-1]})
+    totals = [(r.get("seconds") or {}).get("total") for r in runs]
+    if len(runs) > 1 and all(totals):
+        emit("scale_strong_scaling", {"items": args.items, "users": args.users, "workers": counts, "total_s": totals,
+                                      "seconds_by_stage": [r["seconds"] for r in runs],
+                                      "speedup_vs_first": [round(totals[0] / t, 2) for t in totals]})
 
 
 if __name__ == "__main__":
