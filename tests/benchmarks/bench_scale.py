@@ -70,6 +70,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> di
     from recommend.run.pipeline import refresh
 
     config = work / "config.yaml"
+    work.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({
         "workdir": str(work / "work"),
         "items": {"path": str(data / "items-*.parquet"), "text": "{title}. {description}", "metadata": ["category"]},
