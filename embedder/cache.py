@@ -169,9 +169,9 @@ class EmbeddingCache:
         log.warning(message)
         return message
 
-    def add(self, hashes, vectors: np.ndarray, rows: np.ndarray | None = None) -> int:
+    def add(self, hashes, vectors: np.ndarray) -> int:
         """Store new vectors (one file per touched bucket, written whole then renamed, with its
-        checksum). Returns the count. The vector of hashes[i] is vectors[i], or vectors[rows[i]]."""
+        checksum). Returns the count. The vector of hashes[i] is vectors[i]."""
         hashes = pd.Series(list(hashes), dtype=object)
         if len(hashes) == 0:
             return 0
@@ -179,7 +179,7 @@ class EmbeddingCache:
         for bucket, idx in hashes.groupby(hashes.str[:BUCKET_CHARS]).groups.items():
             idx = np.asarray(idx)
             self._write(bucket, token, pa.array(hashes.iloc[idx].tolist(), pa.string()),
-                        np.asarray(vectors[idx if rows is None else rows[idx]], dtype=STORED_DTYPE))
+                        np.asarray(vectors[idx], dtype=STORED_DTYPE))
         return len(hashes)
 
     def _write(self, bucket: str, token: str, hashes: pa.Array, vectors: np.ndarray) -> None:

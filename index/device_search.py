@@ -82,6 +82,8 @@ def device_top_k(vectors, queries, k: int, exclude: sp.csr_matrix | None = None,
     numpy, (n_queries, k), best first; ``-inf`` and ``-1`` where fewer than k ids remain."""
     import torch
 
+    if device.startswith("cuda"):  # the exact answer: fp32 products, whatever a caller set for matmuls
+        torch.backends.cuda.matmul.allow_tf32 = False
     matrix = resident(vectors, device)
     n, nq = matrix.shape[0], len(queries)
     scores = np.full((nq, k), -np.inf, dtype=np.float32)
