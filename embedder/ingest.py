@@ -6,11 +6,14 @@ A rejected row lands in the quarantine with its file, row and a reason code (emb
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+import dask
 import numpy as np
 import pandas as pd
 
+from embedder.event_blocks import RAW, Blocks, estimate_distinct, event_blocks, sketch, user_hash, write_raw_part
 from embedder.parsing import as_id, newest_order, parse_timestamps
 from embedder.quarantine import (
     QUARANTINE_COLUMNS,
@@ -217,3 +220,74 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
                                         duplicates_dropped=int(ok.sum()) - len(rows),
                                         quarantine_reasons=q["reason"].value_counts().to_dict()))
 
+
+
+def _validate_part(part: pd.DataFrame, partition: int, folder: str, columns: dict[str, str], weights: dict[str, float],
+                   item_index: pd.Index, timezone: str) -> tuple[pd.DataFrame, int, np.ndarray]:
+    """Round 1 of the event blocks for one partition (on a worker): validated, its accepted events
+    written by user hash (embedder/event_blocks.py). Returns (its quarantined rows, rows read, sketch)."""
+    frame = validate_events(part, columns, weights, item_index, timezone)
+    bad = frame["_reason"].notna()
+    hashes = write_raw_part(folder, partition, frame.loc[~bad, ["user_id", "item_id", "ts", "event_type"]], item_index)
+    return frame[bad], len(frame), hashes
+
+
+@raw_values
+def ingest_events_to_blocks(spec: SourceSpec, columns: dict[str, str], weights: dict[str, float], item_ids,
+                            timezone: str, folder, *, block_size: int, extra_users=(), bar: Bar | None = None
+                            ) -> tuple[Ingested, Blocks]:
+    """`ingest_events`, with the accepted events written by user block on the workers instead of
+    brought here (embedder/event_blocks.py): about `block_size` users per block. `extra_users`: the
+    users file's ids (users with no events get a place in their block). Returns the quarantine and
+    counts (`rows` is empty) and the blocks."""
+    ddf = read_source(spec)
+    require_columns(ddf.columns, {f"events.{k}": v for k, v in columns.items() if v}, spec)
+    item_index = pd.Index(np.asarray(item_ids, dtype=object))
+    (Path(folder) / RAW).mkdir(parents=True, exist_ok=True)
+    task = dask.delayed(_validate_part, pure=False, nout=3)
+    index_once = once_in_graph(item_index)
+    parts = [task(p, i, str(folder), columns, weights, index_once, timezone) for i, p in enumerate(ddf.to_delayed())]
+    tick = bar("events", len(parts)) if bar else None
+    results = _compute_in_order(parts, tick)
+    quarantined = [q for q, _, _ in results]
+    rows_read = sum(n for _, n, _ in results)
+    users = estimate_distinct([s for _, _, s in results] + [sketch(user_hash(list(extra_users)))])
+    n_blocks = max(1, -(-users // block_size))
+    blocks = event_blocks(folder, n_blocks, extra_users, client=_client(),
+                          tick=bar("events by user block", n_blocks) if bar else None)
+    frame = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    result = unpack(frame, ["user_id", "item_id", "ts", "event_type"]) if len(frame) else Ingested(
+        rows=pd.DataFrame(), quarantine=pd.DataFrame(columns=QUARANTINE_COLUMNS))
+    accepted = sum(s.events for s in blocks.summaries)
+    result.counts = SourceCounts(rows_read=rows_read, accepted=accepted, quarantined=len(result.quarantine),
+                                 duplicates_dropped=sum(s.duplicates for s in blocks.summaries),
+                                 quarantine_reasons=result.quarantine["reason"].value_counts().to_dict())
+    result.rows = pd.DataFrame()
+    return result, blocks
+
+
+def _client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _compute_in_order(tasks: list, tick: Callable[[int], None] | None) -> list:
+    """Each task's result, in order, on the Dask client when there is one (each released once here)."""
+    client = _client()
+    if client is None:
+        out = list(dask.compute(*tasks))
+        if tick:
+            tick(len(out))
+        return out
+    futures = client.compute(tasks)
+    out = []
+    for future in futures:
+        out.append(future.result())
+        future.release()
+        if tick:
+            tick(1)
+    return out

@@ -138,15 +138,15 @@ def test_check_names_damage_and_eval_refuses_a_damaged_run(tmp_path, sample_dir,
     second = jsonlib.loads(recs("refresh", "-q", "--json").stdout.strip().splitlines()[-1])
     assert recs("check").returncode == 0
     run = Path(second["run_dir"])
-    _damage(run / "events.parquet", "truncated")
+    _damage(run / "events.parquet" / "block-00000.parquet", "truncated")  # one user block of the events
     _damage(sorted((tmp_path / "work" / "cache").glob("bucket=*/*.parquet"))[0], "garbled")
     found = recs("check", "--json")
     report = jsonlib.loads(found.stdout)
     problems = [f["problem"] for f in report["findings"]]
-    assert found.returncode == 1 and any("events.parquet is damaged" in p for p in problems)
+    assert found.returncode == 1 and any("events.parquet/block-00000.parquet is damaged" in p for p in problems)
     assert any("embedding cache file" in p for p in problems) and "Traceback" not in found.stderr
     evaluated = recs("eval", "--run", second["run_id"], "--no-plots")
-    assert evaluated.returncode == 1 and "events.parquet is damaged" in evaluated.stderr
+    assert evaluated.returncode == 1 and "events.parquet/block-00000.parquet is damaged" in evaluated.stderr
     assert "Traceback" not in evaluated.stderr
     repaired = jsonlib.loads(recs("check", "--repair", "--json").stdout)
     assert [f["repaired"] for f in repaired["findings"] if f["where"] == "cache"] == ["moved aside"]

@@ -1,10 +1,12 @@
 """The lists stage's blocks on the Dask workers (recommend/run/list_tasks.py) against the oracle: the
-same lists computed for every row at once in this process (`similar_items`, `recommended_items`)."""
+same lists computed for every row at once in this process (`similar_items`, `recommended_items`), from
+the same events whole (`build_space`) instead of from their user blocks (embedder/event_blocks.py)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from embedder.event_blocks import blocks_from_frame, read_user_ids
 from index.build import build_index, save_index
 from index.search import HEAVY, sample_rows
 from index.tune import set_depth
@@ -16,7 +18,7 @@ from recommend.run.list_tasks import LISTS, ListJob, list_blocks, read_parts, sa
 K = 10
 
 
-def _space(n_items=400, n_users=150, seed=0):
+def _space(folder, n_items=400, n_users=150, seed=0):
     """Events in 8 topics, 3 or 6 items per user (few or enough events); items 380.. have no events
     (placed by text); one user has seen all but 3
     items (short of K, topped up), one more than HEAVY (searched exactly), three have no events."""
@@ -33,14 +35,16 @@ def _space(n_items=400, n_users=150, seed=0):
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "event_type"])
     events["ts"] = pd.to_datetime(events["ts"], unit="s", utc=True)
     item_ids = [f"i{i:03d}" for i in range(n_items)]
-    user_ids = sorted(set(events["user_id"]) | {f"new{u}" for u in range(3)})
+    blocks = blocks_from_frame(folder, events, item_ids, block_size=64, extra_users=[f"new{u}" for u in range(3)])
+    user_ids = read_user_ids(folder, blocks.n)  # the run's user order: block by block
     settings = RankingSettings(weights={"view": 1.0}, half_life_days=14.0, blend=BlendSettings(new_item_slots=1))
-    return build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings), item_ids, user_ids
+    space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
+    return space, item_ids, user_ids, blocks, settings
 
 
 @pytest.fixture(scope="module")
-def space():
-    return _space()
+def space(tmp_path_factory):
+    return _space(tmp_path_factory.mktemp("events"))
 
 
 def _oracle(space, index, item_ids, user_ids, job):
@@ -60,7 +64,7 @@ def _oracle(space, index, item_ids, user_ids, job):
 def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space, dask_client, kind):
     """Blocks of 64 rows on the 2 workers (the index loaded there from the run folder, its vectors
     mapped from the file) give the oracle's lists, sources and user vectors; the Parts' counts add up."""
-    space, item_ids, user_ids = space
+    space, item_ids, user_ids, blocks, settings = space
     index = build_index(space.item_docs, kind)
     if kind != "exact":
         set_depth(index, 16)  # shallow: the loaded index must search at the depth it was saved with
@@ -68,8 +72,7 @@ def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space
     save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
     job = ListJob(K, new_slots=1, new_boost=1.5)
     sample = sample_rows(len(item_ids), 50, 0)
-    parts = list_blocks(dask_client, tmp_path, len(item_ids), user_ids, space.user_rows, job, sample=sample,
-                        block_size=64)
+    parts = list_blocks(dask_client, tmp_path, len(item_ids), blocks, settings, job, sample=sample, block_size=64)
     expected, i_ids = _oracle(space, index, item_ids, user_ids, job)
     got = pd.read_parquet(tmp_path / LISTS)
     pd.testing.assert_frame_equal(got.drop(columns="score"), expected.drop(columns="score"))
@@ -79,7 +82,8 @@ def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space
 
     assert [(p.kind, p.start, p.subjects) for p in parts] == \
         [("item", s, min(64, len(item_ids) - s)) for s in range(0, len(item_ids), 64)] + \
-        [("user", s, min(64, len(user_ids) - s)) for s in range(0, len(user_ids), 64)]
+        [("user", int(s), b.users) for s, b in zip(blocks.starts, blocks.summaries)]
+    assert blocks.n == 3 and sum(b.users for b in blocks.summaries) == len(user_ids) == 150
     users = got[got.subject_kind == "user"].groupby("subject_id").size().reindex(user_ids, fill_value=0)
     assert sum(p.short_of_k for p in parts) == int((users < K).sum()) == 1  # u000: 3 unseen items left
     np.testing.assert_array_equal(np.concatenate([p.sample_ids for p in parts if p.kind == "item"]), i_ids[sample])
@@ -91,7 +95,7 @@ def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space
 
 def test_without_a_client_the_blocks_run_here_and_write_the_same(tmp_path, space, dask_client):
     """A notebook (no cluster) gets the same parts as the workers."""
-    space, item_ids, user_ids = space
+    space, item_ids, user_ids, blocks, settings = space
     save_index(build_index(space.item_docs, "exact"), tmp_path / "index.faiss")
     save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
     here, there = tmp_path / "here", tmp_path / "there"
@@ -99,8 +103,7 @@ def test_without_a_client_the_blocks_run_here_and_write_the_same(tmp_path, space
         folder.mkdir()
         for name in ("index.faiss", "item-side"):
             (folder / name).symlink_to(tmp_path / name)
-        list_blocks(client, folder, len(item_ids), user_ids, space.user_rows, ListJob(K), sample=np.arange(3),
-                    block_size=100)
+        list_blocks(client, folder, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3), block_size=100)
     a, b = pd.read_parquet(here / LISTS), pd.read_parquet(there / LISTS)
     pd.testing.assert_frame_equal(a.drop(columns="score"), b.drop(columns="score"))
     assert sorted(p.name for p in (here / LISTS).iterdir()) == sorted(p.name for p in (there / LISTS).iterdir())
@@ -109,7 +112,7 @@ def test_without_a_client_the_blocks_run_here_and_write_the_same(tmp_path, space
 def test_a_failing_block_fails_the_call_and_names_the_cause(tmp_path, space, dask_client):
     """A block that cannot run (here: the index file is missing, as on a worker that cannot see the
     run folder) raises in the driver with the worker's error, not a silent short list."""
-    space, item_ids, user_ids = space
+    space, item_ids, user_ids, blocks, settings = space
     save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
     with pytest.raises(RuntimeError, match="index.faiss"):
-        list_blocks(dask_client, tmp_path, len(item_ids), user_ids, space.user_rows, ListJob(K), sample=np.arange(3))
+        list_blocks(dask_client, tmp_path, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3))

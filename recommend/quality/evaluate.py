@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import BaseModel
 
+from embedder.event_blocks import user_hash
 from index.rows import take_rows
 from index.search import ExactIndex, keep_allowed
 from index.settings import EXACT_INDEX, IndexSettings
@@ -207,11 +208,12 @@ def tune(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, setting
 
 def hash_sample(user_ids, n: int) -> list:
     """The `n` users with the smallest hash of their id (all of them when there are fewer): a sample
-    that changes only as users come and go, not from run to run."""
+    that changes only as users come and go, not from run to run (the refresh reads these same users
+    from its first user blocks, embedder/event_blocks.py)."""
     ids = pd.Series(np.asarray(user_ids, dtype=object))
     if len(ids) <= n:
         return ids.tolist()
-    hashes = pd.util.hash_pandas_object(ids, index=False).to_numpy()
+    hashes = user_hash(ids)
     return ids.iloc[np.argpartition(hashes, n - 1)[:n]].tolist()
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from sklearn.linear_model import Ridge
-from sklearn.utils.extmath import randomized_svd
 
 
 @dataclass
@@ -70,35 +69,124 @@ def exact_fit(shape: tuple[int, int], r: int) -> bool:
     return r >= small // 2 and small <= EXACT_SIDE
 
 
-def right_singular(matrix, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+class FitMatrix:
+    """The matrix X (users x items) the model is fitted on, as the fit reads it: through its Gram
+    matrix XᵀX and products with it, never whole unless its users side is small. This one holds X in
+    this process; recommend/run/user_tasks.py has one whose rows stay in user blocks on the workers,
+    each product a sum over the blocks (a map-reduce). Both give the same fit."""
+
+    def __init__(self, matrix: sp.csr_matrix):
+        self.matrix = matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    def gather(self) -> sp.csr_matrix:
+        """X whole (asked for only when its users side is at most EXACT_SIDE)."""
+        return self.matrix
+
+    def gram(self) -> np.ndarray:
+        """XᵀX in float64 (asked for only when its items side is at most EXACT_SIDE)."""
+        x = self.matrix.astype(np.float64)
+        return _dense(x.T @ x)
+
+    def gram_times(self, z: np.ndarray) -> np.ndarray:
+        """XᵀX z in float32, as Xᵀ(X z)."""
+        return gram_times(self.matrix, z)
+
+
+def gram_times(x: sp.csr_matrix, z: np.ndarray) -> np.ndarray:
+    """Xᵀ(X z) for one block of rows, float32: a user block's share of the product."""
+    return np.asarray(x.T @ np.asarray(x @ z, dtype=np.float32), dtype=np.float32)
+
+
+class WithTextRows(FitMatrix):
+    """X with the items' texts as d extra rows, β·Tᵀ: XᵀX + β²·T Tᵀ (see `fit_behaviour`)."""
+
+    def __init__(self, inner: FitMatrix, text: np.ndarray, weight: float):
+        self.inner, self.rows = inner, np.float32(weight) * np.asarray(text, np.float32).T  # (d, items)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.inner.shape[0] + self.rows.shape[0], self.inner.shape[1]
+
+    def gather(self) -> sp.csr_matrix:
+        return sp.vstack([self.inner.gather(), sp.csr_matrix(self.rows)]).tocsr()
+
+    def gram(self) -> np.ndarray:
+        rows = self.rows.astype(np.float64)
+        return self.inner.gram() + rows.T @ rows
+
+    def gram_times(self, z: np.ndarray) -> np.ndarray:
+        return self.inner.gram_times(z) + self.rows.T @ (self.rows @ z)
+
+
+OVERSAMPLE, POWER_ITERATIONS = 10, 6  # r + 10 columns as sklearn's randomized_svd; 6 products to reach its Krylov space
+
+
+def right_singular(matrix: FitMatrix, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(singular values, right singular vectors as (items, r)) of the top r. Near full rank of a small
-    side (r at least half of it, and that side at most 8,192) exactly, from that side's Gram matrix:
-    then the low-rank EASE below is exactly full EASE. Otherwise a randomized SVD in float32."""
+    side (r at least half of it, and that side at most EXACT_SIDE) exactly, from that side's Gram
+    matrix: then the low-rank EASE below is exactly full EASE. Otherwise by subspace iteration on
+    XᵀX (`subspace_svd`), which reads X only through products, so X may stay in blocks."""
     if exact_fit(matrix.shape, r):
-        x = matrix.astype(np.float64)
         if matrix.shape[0] <= matrix.shape[1]:  # users x users: X Xᵀ = U S² Uᵀ, V = Xᵀ U / S
+            x = matrix.gather().astype(np.float64)
             values, u = np.linalg.eigh(_dense(x @ x.T))
             order = np.argsort(values)[::-1][:r]
             keep = values[order] > values.max(initial=0) * 1e-10  # the rank of X, not beyond
             s = np.sqrt(values[order][keep])
             v = np.asarray(x.T @ u[:, order[keep]]) / s
         else:  # items x items: Xᵀ X = V S² Vᵀ
-            values, vecs = np.linalg.eigh(_dense(x.T @ x))
+            values, vecs = np.linalg.eigh(matrix.gram())
             order = np.argsort(values)[::-1][:r]
             keep = values[order] > values.max(initial=0) * 1e-10
             s, v = np.sqrt(values[order][keep]), vecs[:, order[keep]]
         return s.astype(np.float32), np.ascontiguousarray(v, dtype=np.float32)
-    _, s, vt = randomized_svd(matrix.astype(np.float32), r, n_iter=5, random_state=seed)
-    return s, np.ascontiguousarray(vt.T, dtype=np.float32)
+    return subspace_svd(matrix, r, seed)
+
+
+def subspace_svd(matrix: FitMatrix, r: int, seed: int = 0, n_iter: int = POWER_ITERATIONS,
+                 oversample: int = OVERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """The top r right singular pairs of X by subspace iteration on XᵀX (Halko et al. 2011, alg. 4.4
+    from the items' side): Z ← orth(XᵀX Z) from a seeded Gaussian Z of r + `oversample` columns, then
+    Rayleigh–Ritz on Zᵀ XᵀX Z. With 6 products Z spans (XᵀX)⁶Ω, as the right singular vectors of
+    sklearn's randomized_svd(n_iter=5) do; every product is a sum over row blocks."""
+    n_items = matrix.shape[1]
+    c = min(r + oversample, n_items)
+    z = np.linalg.qr(np.random.default_rng(seed).standard_normal((n_items, c)).astype(np.float32))[0]
+    for _ in range(n_iter):
+        z = np.linalg.qr(matrix.gram_times(z))[0]
+    gz = matrix.gram_times(z)
+    h = z.T.astype(np.float64) @ gz.astype(np.float64)  # Zᵀ XᵀX Z, (c, c)
+    values, w = np.linalg.eigh((h + h.T) / 2)
+    order = np.argsort(values)[::-1][:r]
+    values = np.clip(values[order], 0.0, None)
+    return np.sqrt(values).astype(np.float32), np.ascontiguousarray(z @ w[:, order].astype(np.float32), dtype=np.float32)
 
 
 def _dense(x) -> np.ndarray:
     return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
-def fit_behaviour(matrix: sp.csr_matrix, factors: int = 1024, l2: float = 200.0, seed: int = 0,
-                  memory_mb: float | None = None, text: np.ndarray | None = None, text_weight: float = 0.0
-                  ) -> Behaviour:
+@dataclass(frozen=True)
+class FitStats:
+    """What the fit needs to know of X beyond products: summed over the user blocks."""
+
+    warm: np.ndarray     # (items,) bool: the item has interactions
+    nnz: int             # interactions
+    mean_square: float   # mean of X's squared values (1 for binary input)
+
+    @classmethod
+    def of(cls, matrix: sp.csr_matrix) -> "FitStats":
+        return cls(np.asarray(matrix.getnnz(axis=0) > 0).ravel(), int(matrix.nnz),
+                   float(np.mean(np.square(matrix.data, dtype=np.float64))) if matrix.nnz else 0.0)
+
+
+def fit_behaviour(matrix: sp.csr_matrix | FitMatrix, factors: int = 1024, l2: float = 200.0, seed: int = 0,
+                  memory_mb: float | None = None, text: np.ndarray | None = None, text_weight: float = 0.0,
+                  stats: FitStats | None = None) -> Behaviour:
     """Fit rank-`factors` EASE with regularisation `l2` on a binary user x item matrix; the rank is
     at most min(users, items) (where it is full EASE) and, with `memory_mb`, what fits in it
     (`affordable_factors`). `l2` is in the units of binary input: for weighted input it is scaled by
@@ -106,21 +194,24 @@ def fit_behaviour(matrix: sp.csr_matrix, factors: int = 1024, l2: float = 200.0,
     exact, the items' texts join the fit as d extra rows: G = XᵀX + β²·T Tᵀ. Items that go together in
     text then go together in behaviour too, and an item with no events gets its behaviour from its
     text within the fit (such items count as `warm`: `project_cold` leaves them be). At a low rank
-    the dense text rows would crowd out the behaviour, so they are left out there."""
+    the dense text rows would crowd out the behaviour, so they are left out there. `matrix`: X, or a
+    FitMatrix (X in blocks) with its `stats`."""
+    if not isinstance(matrix, FitMatrix):
+        matrix, stats = FitMatrix(matrix), FitStats.of(matrix)
     n_users, n_items = matrix.shape
     if memory_mb is not None and min(n_users, n_items) > EXACT_SIDE:  # a small side is fitted exactly, in bounded memory
         factors = min(factors, affordable_factors(n_users, n_items, memory_mb))
     r = max(1, min(factors, n_users, n_items))
-    warm = np.asarray(matrix.getnnz(axis=0) > 0).ravel()
-    if matrix.nnz == 0:
+    warm = stats.warm
+    if stats.nnz == 0:
         zeros = np.zeros((n_items, 1), dtype=np.float32)
         return Behaviour(zeros, zeros.copy(), warm)
     # λ in the units of binary input: weights (ratings/5, or counts) scale the Gram matrix by their mean square
-    l2 = l2 * float(np.mean(np.square(matrix.data, dtype=np.float64)))
+    l2 = l2 * stats.mean_square
     fitted = warm
     if text is not None and text_weight > 0 and exact_fit((n_users + text.shape[1], n_items), min(factors, n_users + text.shape[1], n_items)):
         r = min(factors, n_users + text.shape[1], n_items)
-        matrix = sp.vstack([matrix, sp.csr_matrix(np.float32(text_weight) * np.asarray(text, np.float32).T)]).tocsr()
+        matrix = WithTextRows(matrix, text, text_weight)
         fitted = np.ones(n_items, dtype=bool)  # every item has a place in the fit through its text
     s, v = right_singular(matrix, r, seed)
     # float32 throughout: (items x r) float64 copies were the largest blocks at scale

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from embedder.event_blocks import user_hash
 from index.rows import Rows
-from recommend.ranking.behaviour import behaviour_matrix, fit_behaviour, project_cold
+from recommend.ranking.behaviour import FitMatrix, FitStats, behaviour_matrix, fit_behaviour, project_cold
 from recommend.ranking.profiles import interactions, popularity, rows_dot, user_profiles
 from recommend.ranking.settings import RankingSettings
 
@@ -87,20 +88,28 @@ def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np
 SCALE_SAMPLE = 500  # users whose best behaviour scores set the behaviour part's scale (a mean of maxima)
 
 
-def behaviour_scale(model, binary, seed: int = 0) -> float:
-    """One constant for every user's behaviour part: the mean over a seeded sample of users of their
-    best behaviour score among items they have not seen. Divided by it, a user's top behaviour
-    score is about 1, on the scale of the text cosine, so `behaviour_weight` shares the score
-    between them as it says; a unit-length user vector made behaviour scores small beside the text."""
-    users = np.flatnonzero(np.diff(binary.indptr) > 0)
-    if not len(users):
+def scale_sample(user_hashes: np.ndarray, n_history: np.ndarray, n: int = SCALE_SAMPLE) -> np.ndarray:
+    """Rows of the `n` users with history whose id hashes (embedder.event_blocks.user_hash) are the
+    smallest: the same users whether the rows are all in one process or in user blocks (which are
+    ranges of that hash, so these users are in the first blocks)."""
+    rows = np.flatnonzero(n_history > 0)
+    return np.sort(rows[np.argsort(user_hashes[rows], kind="stable")[:n]])
+
+
+def behaviour_scale(model, sample: sp.csr_matrix) -> float:
+    """One constant for every user's behaviour part: the mean over a sample of users (`scale_sample`;
+    `sample` is their rows of the fitted matrix) of their best behaviour score among items they have
+    not seen. Divided by it, a user's top behaviour score is about 1, on the scale of the text cosine,
+    so `behaviour_weight` shares the score between them as it says; a unit-length user vector made
+    behaviour scores small beside the text."""
+    sample = sp.csr_matrix(sample)
+    if not sample.nnz:
         return 1.0
-    users = np.sort(np.random.default_rng(seed).choice(users, min(len(users), SCALE_SAMPLE), replace=False))
-    sums = model.users(binary[users])
-    best = np.full(len(users), -np.inf, dtype=np.float32)
+    sums = model.users(sample)
+    best = np.full(sample.shape[0], -np.inf, dtype=np.float32)
     for start in range(0, model.item_vectors.shape[0], 65_536):  # a block of items at a time
         scores = sums @ model.item_vectors[start:start + 65_536].T
-        seen = binary[users][:, start:start + 65_536].tocoo()
+        seen = sample[:, start:start + 65_536].tocoo()
         scores[seen.row, seen.col] = -np.inf
         best = np.maximum(best, scores.max(axis=1, initial=-np.inf))
     scale = float(np.mean(best[np.isfinite(best)])) if np.isfinite(best).any() else 1.0
@@ -222,37 +231,56 @@ class Space:
     cold_items_projected: int
 
 
-def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, user_ids: list[str],
-                settings: RankingSettings, bar: Callable[[str, int], Callable[[int], None]] | None = None) -> Space:
-    """From accepted events and item text vectors to the blended item and user vectors.
-    `bar(description, total)`, when given, makes a progress callback for the behaviour fit."""
-    blend = settings.blend
-    item_row = {i: r for r, i in enumerate(item_ids)}
-    weighted = interactions(events, item_row, len(item_ids), settings.weights, settings.half_life_days, user_ids)
+def user_block(events: pd.DataFrame, *, n_items: int, user_ids, settings: RankingSettings,
+               item_row: dict[str, int] | None = None, now: pd.Timestamp | None = None) -> UserBlock:
+    """The interaction matrices of `user_ids` (rows in that order) from their events. `item_row`
+    None: the events carry item rows (`item`); `now`: the newest event of the whole data."""
+    weighted = interactions(events, item_row, n_items, settings.weights, settings.half_life_days, user_ids, now)
     binary = behaviour_matrix(weighted)
-    fit_on = binary if blend.fit_input == "binary" else interactions(events, item_row, len(item_ids), settings.weights,
-                                                                      float("inf"), user_ids)
-    tick = bar(f"behaviour fit ({binary.shape[0]} users x {binary.shape[1]} items)", 1) if bar else None
-    full_text = text  # the fit's text rows and the ridge map read all dimensions
-    model = fit_behaviour(fit_on, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=full_text,
-                          text_weight=blend.text_in_fit)
+    fit_on = binary if settings.blend.fit_input == "binary" else interactions(
+        events, item_row, n_items, settings.weights, float("inf"), user_ids, now)
+    return UserBlock(weighted, binary, fit_on)
+
+
+def fit_item_side(matrix: FitMatrix, stats: FitStats, pop: np.ndarray, text: np.ndarray, settings: RankingSettings,
+                  scale_rows: sp.csr_matrix, bar: Callable[[str, int], Callable[[int], None]] | None = None
+                  ) -> tuple[ItemSide, int]:
+    """The item side from the behaviour fit on `matrix` (X whole or in user blocks, with its `stats`),
+    the items' decayed popularity `pop` and text vectors; `scale_rows`: the fitted matrix's rows of
+    the `scale_sample` users. Returns it and how many items got behaviour from their text alone."""
+    blend = settings.blend
+    tick = bar(f"behaviour fit ({matrix.shape[0]} users x {matrix.shape[1]} items)", 1) if bar else None
+    model = fit_behaviour(matrix, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=text,
+                          text_weight=blend.text_in_fit, stats=stats)
     # the text part shrinks with the rank at scale: every list search costs in proportion to the dimensions
-    text = project_text(text, min(blend.text_dims or text.shape[1], max(16, model.item_vectors.shape[1] // 2)))
+    projected_text = project_text(text, min(blend.text_dims or text.shape[1], max(16, model.item_vectors.shape[1] // 2)))
     if tick:
         tick(1)
-    projected = project_cold(model, full_text, damping=blend.cold_damping)
-    n_history = np.diff(binary.indptr)
+    projected = project_cold(model, text, damping=blend.cold_damping)  # the ridge map reads all text dimensions
+    layout = Layout(int(model.item_vectors.shape[1]), int(projected_text.shape[1]), float(blend.behaviour_weight),
+                    float(blend.popularity_weight), float(blend.few_events), behaviour_scale(model, scale_rows))
+    return ItemSide(model.item_vectors, model.item_queries, projected_text, popularity_feature(pop), pop, model.warm,
+                    layout, query_scale(model.item_queries)), projected
+
+
+def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, user_ids: list[str],
+                settings: RankingSettings, bar: Callable[[str, int], Callable[[int], None]] | None = None) -> Space:
+    """From accepted events and item text vectors to the blended item and user vectors, all in this
+    process (`recs eval`, the gate). The refresh builds the same from user blocks on the workers
+    (recommend/run/user_tasks.py). `bar(description, total)`, when given, makes a progress callback
+    for the behaviour fit."""
+    rows = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
+                      item_row={i: r for r, i in enumerate(item_ids)})
+    n_history = rows.n_history
+    sample = scale_sample(user_hash(user_ids), n_history)
+    items, projected = fit_item_side(FitMatrix(rows.fit_on), FitStats.of(rows.fit_on), popularity(rows.weighted), text,
+                                     settings, rows.fit_on[sample], bar)
     has_history = n_history > 0
-    layout = Layout(int(model.item_vectors.shape[1]), int(text.shape[1]), float(blend.behaviour_weight),
-                    float(blend.popularity_weight), float(blend.few_events), behaviour_scale(model, fit_on))
-    pop = popularity(weighted)
-    items = ItemSide(model.item_vectors, model.item_queries, text, popularity_feature(pop), pop, model.warm, layout,
-                     query_scale(model.item_queries))
-    user_rows = UserBlock(weighted, binary, fit_on)
     return Space(
-        items=items, user_rows=user_rows, item_docs=items.docs(), item_queries=items.queries(),
+        items=items, user_rows=rows, item_docs=items.docs(), item_queries=items.queries(),
         item_raw_queries=items.raw_queries(),
-        users=Rows(len(user_ids), int(layout.behaviour_dim + layout.text_dim + 1),
-                   lambda idx: user_block_vectors(user_rows.rows(idx), items)),
-        has_history=has_history, few_events=has_history & (n_history < blend.few_events),
-        seen=binary, popularity=pop, warm=model.warm, layout=layout, cold_items_projected=projected)
+        users=Rows(len(user_ids), int(items.layout.behaviour_dim + items.layout.text_dim + 1),
+                   lambda idx: user_block_vectors(rows.rows(idx), items)),
+        has_history=has_history, few_events=has_history & (n_history < settings.blend.few_events),
+        seen=rows.binary, popularity=items.popularity, warm=items.warm, layout=items.layout,
+        cold_items_projected=projected)

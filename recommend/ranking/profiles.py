@@ -12,18 +12,20 @@ import pandas as pd
 import scipy.sparse as sp
 
 
-def interactions(events: pd.DataFrame, item_row: dict[str, int], n_items: int, weights: dict[str, float],
-                 half_life_days: float, user_ids: list[str]) -> sp.csr_matrix:
+def interactions(events: pd.DataFrame, item_row: dict[str, int] | None, n_items: int, weights: dict[str, float],
+                 half_life_days: float, user_ids: list[str], now: pd.Timestamp | None = None) -> sp.csr_matrix:
     """The (users, items) matrix of summed decayed weights, from events (user_id, item_id, ts,
-    event_type). `user_ids` fixes the row order and may hold users with no events (empty rows)."""
-    user_row = {u: i for i, u in enumerate(user_ids)}
+    event_type). `user_ids` fixes the row order and may hold users with no events (empty rows).
+    `item_row` None: the events carry their item rows in an `item` column (a user block's file).
+    `now`: the newest event of the whole data (default: of these events)."""
+    user_row = pd.Index(user_ids)
     if events.empty:
         return sp.csr_matrix((len(user_ids), n_items), dtype=np.float32)
-    now = events["ts"].max()
+    now = events["ts"].max() if now is None else now
     age_days = (now - events["ts"]).dt.total_seconds().to_numpy() / 86400.0
     w = events["event_type"].map(weights).to_numpy(dtype=np.float64) * 0.5 ** (age_days / half_life_days)
-    rows = events["user_id"].map(user_row).to_numpy()
-    cols = events["item_id"].map(item_row).to_numpy()
+    rows = user_row.get_indexer(events["user_id"])
+    cols = events["item"].to_numpy() if item_row is None else events["item_id"].map(item_row).to_numpy()
     matrix = sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(len(user_ids), n_items))
     matrix.sum_duplicates()
     return matrix

@@ -93,10 +93,11 @@ def verify_artifacts(run_dir: Path, *names: str) -> None:
             listed.update(json.loads(manifest.read_text()).get("files", {}))
         except ValueError:
             continue
-    for name in names:
-        problem = artifact_problem(run_dir, name, listed[name]) if name in listed else None
-        if problem:
-            raise DamagedArtifact(f"run {run_dir.name}: {problem}; pick another run (--run) or refresh again")
+    for name in names:  # a folder (events.parquet) stands for every file listed in it
+        for found in [n for n in listed if n == name or n.startswith(name + "/")]:
+            problem = artifact_problem(run_dir, found, listed[found])
+            if problem:
+                raise DamagedArtifact(f"run {run_dir.name}: {problem}; pick another run (--run) or refresh again")
 
 
 def check_workdir(config: Config, repair: bool = False) -> CheckReport:

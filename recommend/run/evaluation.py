@@ -58,4 +58,5 @@ def _load(config: Config, run_id: str | None):
     run = Path(report.run_dir)
     verify_artifacts(run, "embeddings.parquet", "events.parquet")
     emb = pq.read_table(run / "embeddings.parquet")
-    return report, pd.read_parquet(run / "events.parquet"), emb["item_id"].to_pylist(), arrow_to_vectors(emb["vector"])
+    events = pd.read_parquet(run / "events.parquet", columns=["user_id", "item_id", "ts", "event_type"])  # every block
+    return report, events, emb["item_id"].to_pylist(), arrow_to_vectors(emb["vector"])

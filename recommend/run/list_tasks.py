@@ -4,8 +4,9 @@ The driver builds the index and the item side once (items x a few dozen dimensio
 in the run folder; each worker process loads them once, as it loads the model, and then takes blocks:
 
 - a block of items: their similar items;
-- a block of users: their vectors, from their own rows of the interaction matrix (sent with the
-  task), and their recommended items (seen ones excluded, popularity and new-item fills).
+- a block of users (an event block ingest wrote, embedder/event_blocks.py): their vectors, from
+  their own events read from the block's file, and their recommended items (seen ones excluded,
+  popularity and new-item fills).
 
 Each block writes two files, whole or not at all, and returns a `Part` (their digests and counts):
 
@@ -18,7 +19,7 @@ Without a client the blocks run one after another in this process.
 
 Example (what the lists stage does):
     save_item_side(run_dir, space.items, item_ids)
-    parts = list_blocks(client, run_dir, len(item_ids), user_ids, space.user_rows, ListJob(k=10), sample=rows)
+    parts = list_blocks(client, run_dir, len(item_ids), blocks, settings, ListJob(k=10), sample=rows)
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from embedder.task_window import in_window
 from index.build import load_index
 from index.search import flat_vectors
 from index.rows import Rows, take_rows
-from recommend.ranking.blend import ItemSide, Layout, UserBlock, user_block_vectors
+from embedder.event_blocks import Blocks
+from recommend.ranking.blend import ItemSide, Layout, user_block_vectors
 from recommend.ranking.lists import LIST_SCHEMA, labels, lists_frame, recommended_items, similar_items
+from recommend.ranking.settings import RankingSettings
+from recommend.run.user_tasks import load_user_block
 
 BLOCK = 8192  # items or users per task by default: lists.block_size (Spark's ALS recommendForAll cuts 4096)
 ITEM_SIDE = "item-side"  # folder in the run folder: the item side's arrays, for the workers
@@ -165,11 +169,13 @@ def item_block(run_dir: str, block: int, start: int, stop: int, job: ListJob, sa
                 seconds=time.perf_counter() - started)
 
 
-def user_block(run_dir: str, block: int, start: int, user_ids: list[str], rows: UserBlock, job: ListJob) -> Part:
-    """Vectors and recommended items for one block of users (rows start.. of the users), `rows` their
-    interactions (run on a worker)."""
+def user_block(run_dir: str, block: int, start: int, job: ListJob, n_items: int, settings: RankingSettings, now,
+               events: str) -> Part:
+    """Vectors and recommended items for the users of one event block (rows start.. of the users),
+    their interactions read from the block's file in the folder `events` (run on a worker)."""
     started = time.perf_counter()
     side = load_item_side(run_dir)
+    user_ids, rows = load_user_block(events, block, n_items, settings, now)
     vectors = user_block_vectors(rows, side.items)
     n_history = rows.n_history
     scores, ids, source = recommended_items(
@@ -182,33 +188,26 @@ def user_block(run_dir: str, block: int, start: int, user_ids: list[str], rows: 
                 new_items_listed=int(np.isin(ids[ids >= 0], side.new_items).sum()), seconds=time.perf_counter() - started)
 
 
-def list_blocks(client, run_dir: Path, n_items: int, user_ids: list[str], user_rows: UserBlock, job: ListJob, *,
+def list_blocks(client, run_dir: Path, n_items: int, blocks: Blocks, settings: RankingSettings, job: ListJob, *,
                 sample: np.ndarray, block_size: int = BLOCK,
                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[Part]:
-    """Every item block and user block of `block_size` rows, on the workers (in this process without a
-    client), at most a few per task slot in flight. Returns their Parts in block order, items first."""
+    """Every item block of `block_size` rows and every user block (the event blocks ingest wrote), on
+    the workers (in this process without a client), at most a few per task slot in flight. Returns
+    their Parts in block order, items first."""
     (run_dir / LISTS).mkdir(exist_ok=True)
     (run_dir / PARTS).mkdir(exist_ok=True)
     folder = str(run_dir)
-    n_item_blocks, n_user_blocks = -(-n_items // block_size), -(-len(user_ids) // block_size)
-
-    blocks = [("item", b) for b in range(n_item_blocks)] + [("user", b) for b in range(n_user_blocks)]
-
-    def call(i: int) -> tuple[Callable, tuple]:
-        """Block i's function and arguments; a user block's rows are sliced only now, so that the
-        window bounds the copies waiting in the scheduler."""
-        kind, b = blocks[i]
-        start = b * block_size
-        if kind == "item":
-            return item_block, (folder, b, start, min(start + block_size, n_items), job, sample)
-        rows = slice(start, start + block_size)
-        return user_block, (folder, b, start, user_ids[rows], user_rows.rows(rows), job)
-
+    n_item_blocks = -(-n_items // block_size)
+    starts = blocks.starts
+    calls = [(item_block, (folder, b, b * block_size, min((b + 1) * block_size, n_items), job, sample))
+             for b in range(n_item_blocks)]
+    calls += [(user_block, (folder, b, int(starts[b]), job, n_items, settings, blocks.newest, blocks.folder))
+              for b in range(blocks.n)]
     ticks = {"item": progress("item->item", n_items) if progress else None,
-             "user": progress("user->item", len(user_ids)) if progress else None}
-    parts: list[Part | None] = [None] * len(blocks)
+             "user": progress("user->item", blocks.users) if progress else None}
+    parts: list[Part | None] = [None] * len(calls)
     try:
-        for i, part in _run(client, call, len(blocks)):
+        for i, part in _run(client, calls.__getitem__, len(calls)):
             parts[i] = part
             if ticks[part.kind]:
                 ticks[part.kind](part.subjects)

@@ -110,8 +110,8 @@ def _run(run: stages.Run) -> None:
         inputs.items.rows = inputs.items.rows.drop(columns="text")
     pc = config.publish
     store = version_store(pc, config.workdir) if pc.enabled else None
-    gate = stages.gate(run, store, inputs.events, emb)  # first: a bad run stops before the expensive lists
-    lists = stages.lists(run, inputs.events, inputs.users, emb)
+    gate = stages.gate(run, store, inputs.blocks, emb)  # first: a bad run stops before the expensive lists
+    lists = stages.lists(run, inputs.blocks, emb)
     if store is not None:
         stages.publish(run, store, inputs.items, emb, lists, gate)
     else:

@@ -22,7 +22,8 @@ import pyarrow as pa
 from embedder.artifacts import file_digest, vectors_to_arrow, write_parquet, write_parquet_blocks
 from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
-from embedder.ingest import ingest_events, ingest_items, ingest_user_ids
+from embedder.event_blocks import Blocks, read_user_ids
+from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT, save_index
 from index.search import Recall, is_exact, recall_on_rows, sample_rows
@@ -30,8 +31,9 @@ from index.tune import build_tuned
 from recommend.config import Config, StageSettings
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
-from recommend.ranking.blend import Space, build_space
+from recommend.ranking.blend import ItemSide, user_block, user_block_vectors
 from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, save_item_side, user_vector_rows
+from recommend.run.user_tasks import fit_blocks, sample_users
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
 from recommend.run.progress import Reporter
@@ -92,37 +94,40 @@ class Run:
 @dataclass
 class Inputs:
     items: Ingested
-    events: Ingested
+    events: Ingested  # quarantine and counts: the accepted events are in `blocks`
+    blocks: Blocks
     users: Ingested | None
 
 
 def ingest(run: Run) -> Inputs:
-    """Items, events and (optional) users read, validated and quarantined; the bad-row limits checked."""
+    """Items, events and (optional) users read, validated and quarantined; the accepted events
+    written by user block on the workers (embedder/event_blocks.py); the bad-row limits checked."""
     config, s, run_dir = run.config, run.settings, run.run_dir
     with run.stage("ingest"):
         items = ingest_items(s.items, s.item_mapping, bar=run.bar("ingest"))
         _require_rows("items", config.items.path, items)
-        events = ingest_events(s.events, s.event_columns, s.ranking.weights, items.rows["item_id"], s.timezone,
-                               bar=run.bar("ingest"))
-        _require_rows("events", config.events.path, events)
         users = ingest_user_ids(s.users, s.user_id_column) if s.users else None
+        events, blocks = ingest_events_to_blocks(
+            s.events, s.event_columns, s.ranking.weights, items.rows["item_id"], s.timezone, run_dir,
+            block_size=config.lists.block_size, extra_users=users.rows["user_id"] if users else (), bar=run.bar("ingest"))
+        _require_rows("events", config.events.path, events)
         quarantine = pd.concat([q.assign(input=name) for name, q in
                                 (("items", items.quarantine), ("events", events.quarantine),
                                  ("users", users.quarantine if users else None)) if q is not None and len(q)]
                                or [pd.DataFrame(columns=QUARANTINE_COLUMNS + ["input"])], ignore_index=True)
         write_parquet(pa.Table.from_pandas(quarantine.astype({"row": "int64"}), preserve_index=False), run_dir / "quarantine.parquet")
         write_parquet(pa.Table.from_pandas(items.rows, preserve_index=False), run_dir / "items.parquet")
-        write_parquet(pa.Table.from_pandas(events.rows, preserve_index=False), run_dir / "events.parquet")
     run.report.items, run.report.events = items.counts, events.counts
     run.report.users = users.counts if users else None
     write_manifest(run_dir, IngestManifest(
-        files=digests(run_dir, "quarantine.parquet", "items.parquet", "events.parquet"), inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
+        files={**digests(run_dir, "quarantine.parquet", "items.parquet"), **blocks.files()},
+        inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
         items=items.counts, events=events.counts, users=users.counts if users else None, seconds=run.report.seconds["ingest"],
         config={"items": config.items.model_dump(), "events": config.events.model_dump(),
                 "users": config.users.model_dump() if config.users else None}))
     run.out.say(f"[ingest] items {items.counts.accepted} accepted, {items.counts.quarantined} quarantined; "
-                f"events {events.counts.accepted} accepted, {events.counts.quarantined} quarantined "
-                f"({run.report.seconds['ingest']:.1f}s)")
+                f"events {events.counts.accepted} accepted, {events.counts.quarantined} quarantined, "
+                f"{blocks.users} users in {blocks.n} blocks ({run.report.seconds['ingest']:.1f}s)")
     for name, result, section in (("items", items, config.items), ("events", events, config.events),
                                   ("users", users, config.users)):
         if result is not None:
@@ -130,7 +135,7 @@ def ingest(run: Run) -> Inputs:
     if items.rows.empty:
         raise RecsError(f"no usable items in {config.items.path}: all {items.counts.rows_read} rows quarantined "
                         f"(reasons: {items.counts.quarantine_reasons}); see {run_dir / 'quarantine.parquet'}")
-    return Inputs(items, events, users)
+    return Inputs(items, events, blocks, users)
 
 
 def digests(run_dir: Path, *names: str) -> dict[str, str]:
@@ -176,14 +181,15 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
     return emb
 
 
-def gate(run: Run, store, events: Ingested, emb: EmbedResult) -> GateReport:
+def gate(run: Run, store, blocks: Blocks, emb: EmbedResult) -> GateReport:
     """The quality gate's figures; raises GateFailed when they are not good enough."""
     gc = run.config.gate
     if not gc.enabled:
         run.report.gate = GateReport(enabled=False)
         return run.report.gate
     with run.stage("gate"):
-        figures = holdout_score(events.rows, item_ids=emb.item_ids, text=emb.vectors, settings=run.settings.ranking,
+        _, sampled = sample_users(run.client, blocks, gc.max_users)  # from the first blocks, on a worker
+        figures = holdout_score(sampled, item_ids=emb.item_ids, text=emb.vectors, settings=run.settings.ranking,
                                 holdout=gc.holdout, k=gc.k, max_users=gc.max_users, bar=run.bar("gate"))
         live = live_gate(store, run.config.publish.prefix) if store is not None else None
         live = GateFigures(**live) if live is not None else None
@@ -200,57 +206,59 @@ def gate(run: Run, store, events: Ingested, emb: EmbedResult) -> GateReport:
 
 @dataclass
 class Lists:
-    """The index stage's output: the blended space's item side, the ids, and the parts the workers
-    wrote (recommend/run/list_tasks.py), from which the publish streams the lists and user vectors."""
+    """The index stage's output: the item side, the ids, and the parts the workers wrote
+    (recommend/run/list_tasks.py), from which the publish streams the lists and user vectors."""
 
-    space: Space
+    items: ItemSide
     item_ids: np.ndarray
-    user_ids: list[str]
+    blocks: Blocks
     parts: list[Part]
     summary: IndexSummary = field(repr=False, default=None)
 
 
 RECALL_SAMPLE = 1000  # item lists checked against exact search for the reported recall
+TUNE_USERS = 4096     # users (the smallest hashes) whose vectors the index's tuning searches with
 
 
-def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) -> Lists:
-    """The blended space and the FAISS index over it (here), then K similar items per item and K
-    items per user, a block at a time on the workers (recommend/run/list_tasks.py)."""
-    config, k = run.config, run.config.lists.k
+def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
+    """The behaviour fit over the user blocks and the item side (recommend/run/user_tasks.py), the
+    FAISS index over the items (here), then K similar items per item and K items per user, a block at
+    a time on the workers (recommend/run/list_tasks.py)."""
+    config, k, ranking = run.config, run.config.lists.k, run.settings.ranking
     bar = run.bar("index")
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
-        user_ids = sorted(set(events.rows["user_id"].unique()) | (set(users.rows["user_id"]) if users is not None else set()))
-        space = build_space(events.rows, item_ids=emb.item_ids, text=emb.vectors, user_ids=user_ids,
-                            settings=run.settings.ranking, bar=bar)
-        events.rows = None  # in the space and in events.parquet now: not held beside the index
-        release_freed_memory()
-        index, tuning = build_tuned(space.item_docs, space.item_queries, k, config.index, space.users,
-                                    np.flatnonzero(space.has_history), progress=bar)
+        fitted = fit_blocks(run.client, blocks, emb.item_ids, emb.vectors, ranking, bar=bar)
+        items = fitted.items
+        chosen, events = sample_users(run.client, blocks, TUNE_USERS)
+        tune_rows = user_block(events, n_items=len(item_ids), user_ids=chosen, settings=ranking, now=blocks.newest)
+        tune_users = user_block_vectors(tune_rows, items)
+        index, tuning = build_tuned(items.docs(), items.queries(), k, config.index, tune_users,
+                                    np.flatnonzero(tune_rows.n_history > 0), progress=bar,
+                                    n_searches=len(item_ids) + fitted.users_with_history)
+        del tune_users, tune_rows, events
         save_index(index, run.run_dir / "index.faiss")
         exact = is_exact(index)
         del index  # each worker loads its own copy
-        files = {"index.faiss": file_digest(run.run_dir / "index.faiss"), **save_item_side(run.run_dir, space.items, item_ids)}
+        files = {"index.faiss": file_digest(run.run_dir / "index.faiss"), **save_item_side(run.run_dir, items, item_ids)}
         sample = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
-        parts = list_blocks(run.client, run.run_dir, len(item_ids), user_ids, space.user_rows,
+        parts = list_blocks(run.client, run.run_dir, len(item_ids), blocks, ranking,
                             ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=sample,
                             block_size=config.lists.block_size, progress=bar)
         files.update(part_files(parts))
         recall = Recall(recall=1.0, k=k, sample=0, exact=True) if exact else recall_on_rows(
-            space.item_docs, space.item_queries, sample, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
+            items.docs(), items.queries(), sample, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
             min(k, max(len(item_ids) - 1, 0)))
-        users_with_history = int(space.has_history.sum())
-        space.user_rows = space.users = space.seen = None  # the users' share is in the parts now
         release_freed_memory()
     factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
                                                                          else config.index.kind)
     user_parts = [p for p in parts if p.kind == "user"]
     summary = IndexSummary(
-        factory=factory, items=len(item_ids), users=len(user_ids), users_with_history=users_with_history,
+        factory=factory, items=len(item_ids), users=blocks.users, users_with_history=fitted.users_with_history,
         users_short_of_k=sum(p.short_of_k for p in user_parts), k=k,
-        cold_items=int((~space.warm).sum()), cold_items_projected=space.cold_items_projected,
+        cold_items=int((~np.asarray(items.warm)).sum()), cold_items_projected=fitted.cold_items_projected,
         cold_items_in_user_lists=sum(p.new_items_listed for p in user_parts),
-        item_lists_recall=recall, search_depth=tuning, layout=space.layout.to_dict())
+        item_lists_recall=recall, search_depth=tuning, layout=items.layout.to_dict())
     run.report.index = summary
     write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
                                               index_config=config.index, lists_config=config.lists,
@@ -258,10 +266,10 @@ def lists(run: Run, events: Ingested, users: Ingested | None, emb: EmbedResult) 
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
              else f"{tuning.knob}={tuning.value if tuning.value is not None else 'faiss default'}")
     run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}; "
-                f"{len(item_ids)} item lists, {len(user_ids)} user lists in {len(parts)} blocks "
-                f"({len(user_ids) - users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
+                f"{len(item_ids)} item lists, {blocks.users} user lists in {len(parts)} blocks "
+                f"({blocks.users - fitted.users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
                 f"({run.report.seconds['index']:.1f}s)")
-    return Lists(space, item_ids, user_ids, parts, summary)
+    return Lists(items, item_ids, blocks, parts, summary)
 
 
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
@@ -269,7 +277,8 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
     The lists and user vectors are streamed from the parts, a block at a time."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
-    space, item_ids, user_ids = lists.space, lists.item_ids, lists.user_ids
+    items_side, item_ids = lists.items, lists.item_ids
+    user_ids = read_user_ids(lists.blocks.folder, lists.blocks.n)
     with run.stage("publish"):
         metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
 
@@ -286,13 +295,13 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
 
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
-                "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": space.layout.to_dict(),
+                "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": items_side.layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: upserting", len(item_ids) + len(user_ids))
-        user_dim = space.layout.behaviour_dim + space.layout.text_dim + 1
+        user_dim = items_side.layout.behaviour_dim + items_side.layout.text_dim + 1
         done = publish_version(store, run_id,
-                               {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: space.item_docs,
-                                                                      BLEND_QUERY_VECTOR: space.item_raw_queries},
+                               {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: items_side.docs(),
+                                                                      BLEND_QUERY_VECTOR: items_side.raw_queries()},
                                 "payloads": item_points()},
                                {"ids": user_ids, "vectors": user_vector_rows(run.run_dir, lists.parts, user_dim),
                                 "payloads": user_points()},

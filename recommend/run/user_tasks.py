@@ -1,0 +1,171 @@
+"""The behaviour fit over user blocks on the Dask workers: the events never come to the driver.
+
+Ingest wrote the accepted events by user block (embedder/event_blocks.py). Here each task reads a
+group of blocks, builds their interaction matrices (`ranking.blend.user_block`) and returns a sum:
+
+- `block_stats`: the items' decayed popularity, which items have events, and the count and mean
+  square of the fitted values (one round);
+- `BlockedFit`: the fitted matrix X as the fit reads it (ranking.behaviour.FitMatrix): XᵀX z as
+  Σ_b X_bᵀ(X_b z) for the subspace iteration, XᵀX itself when the items side is small, X whole only
+  when the users side is small. z (items x r) is sent to every worker once per product; the partial
+  sums are added pairwise on the workers, so the driver receives one (items x r) array.
+
+Items x a few dozen dimensions in the driver is allowed (the item side is built there); users and
+events stay in the blocks. Without a client the same tasks run one after another in this process,
+and the sums are added in the same order: the fit is the same with or without workers.
+
+Example:
+    stats, pop = block_stats(client, blocks, n_items, settings)
+    items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings, ...)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from embedder.event_blocks import Blocks, first_users, read_block
+from recommend.ranking.behaviour import FitMatrix, FitStats, gram_times
+from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, UserBlock, fit_item_side, scale_sample, user_block
+from recommend.ranking.profiles import popularity
+from recommend.ranking.settings import RankingSettings
+
+GROUP = 8  # blocks per task of the fit: fewer, larger partial sums (each is items x r)
+
+
+def load_user_block(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> tuple[np.ndarray, UserBlock]:
+    """(user ids, interaction matrices) of one block, rows in the block's user order."""
+    users, events = read_block(folder, block)
+    return users, user_block(events, n_items=n_items, user_ids=users, settings=settings, now=now)
+
+
+def _groups(n_blocks: int) -> list[range]:
+    return [range(g, min(g + GROUP, n_blocks)) for g in range(0, n_blocks, GROUP)]
+
+
+def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> tuple:
+    pop = np.zeros(n_items, np.float64)
+    counts = np.zeros(n_items, np.int64)
+    nnz, squares = 0, 0.0
+    for b in blocks:
+        _, rows = load_user_block(folder, b, n_items, settings, now)
+        pop += popularity(rows.weighted)
+        counts += rows.fit_on.getnnz(axis=0)
+        nnz += rows.fit_on.nnz
+        squares += float(np.square(rows.fit_on.data, dtype=np.float64).sum())
+    return pop, counts, nnz, squares
+
+
+def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray) -> np.ndarray:
+    out = np.zeros((n_items, z.shape[1]), np.float32)
+    for b in blocks:
+        out += gram_times(load_user_block(folder, b, n_items, settings, now)[1].fit_on, z)
+    return out
+
+
+def _gram_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> np.ndarray:
+    out = np.zeros((n_items, n_items), np.float64)
+    for b in blocks:
+        x = load_user_block(folder, b, n_items, settings, now)[1].fit_on.astype(np.float64)
+        out += (x.T @ x).toarray()
+    return out
+
+
+def _rows_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
+    return sp.vstack([load_user_block(folder, b, n_items, settings, now)[1].fit_on for b in blocks]).tocsr()
+
+
+def _add(a, b):
+    return a + b
+
+
+def _reduce(client, fn, blocks: Blocks, *args, combine=_add):
+    """fn over every group of blocks, the results combined pairwise in a fixed order: on the workers
+    with a client (only the total comes here), else in this process."""
+    groups = _groups(blocks.n)
+    if client is None:
+        parts = [fn(blocks.folder, g, *args) for g in groups]
+        while len(parts) > 1:
+            parts = [combine(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
+        return parts[0]
+    stamp = time.time_ns()
+    name = fn.__name__.strip("_").replace("_", "-")
+    parts = [client.submit(fn, blocks.folder, g, *args, pure=False, key=f"{name}-{g.start}-{stamp}") for g in groups]
+    level = 0
+    while len(parts) > 1:
+        level += 1
+        parts = [client.submit(combine, parts[i], parts[i + 1], pure=False, key=f"{name}-sum-{level}-{i}-{stamp}")
+                 for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
+    result = parts[0].result()
+    parts[0].release()
+    return result
+
+
+def block_stats(client, blocks: Blocks, n_items: int, settings: RankingSettings) -> tuple[FitStats, np.ndarray]:
+    """(the fit's stats, the items' decayed popularity) summed over the blocks."""
+    pop, counts, nnz, squares = _reduce(client, _stats_task, blocks, n_items, settings, blocks.newest,
+                                        combine=lambda a, b: tuple(x + y for x, y in zip(a, b)))
+    return FitStats(counts > 0, int(nnz), squares / nnz if nnz else 0.0), pop.astype(np.float32)
+
+
+class BlockedFit(FitMatrix):
+    """X (users x items) in user blocks on the workers, read by the fit through sums (see the module)."""
+
+    def __init__(self, client, blocks: Blocks, n_items: int, settings: RankingSettings):
+        self.client, self.blocks, self.n_items, self.settings = client, blocks, n_items, settings
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.users, self.n_items
+
+    def _args(self):
+        return self.n_items, self.settings, self.blocks.newest
+
+    def gather(self) -> sp.csr_matrix:
+        return _reduce(self.client, _rows_task, self.blocks, *self._args(),
+                       combine=lambda a, b: sp.vstack([a, b]).tocsr())
+
+    def gram(self) -> np.ndarray:
+        return _reduce(self.client, _gram_task, self.blocks, *self._args())
+
+    def gram_times(self, z: np.ndarray) -> np.ndarray:
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        if self.client is not None:
+            z = self.client.scatter(z, broadcast=True, hash=False)
+        return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z)
+
+
+def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], "object"]:
+    """`first_users` (the n users with events of smallest hash, and their events), read on a worker."""
+    if client is None:
+        return first_users(blocks.folder, blocks.n, n)
+    future = client.submit(first_users, blocks.folder, blocks.n, n, pure=False, key=f"first-users-{n}-{time.time_ns()}")
+    try:
+        return future.result()
+    finally:
+        future.release()
+
+
+@dataclass
+class BlockedSpace:
+    """The item side fitted over the user blocks, and what the driver knows of the users."""
+
+    items: ItemSide
+    cold_items_projected: int
+    users: int
+    users_with_history: int
+
+
+def fit_blocks(client, blocks: Blocks, item_ids, text: np.ndarray, settings: RankingSettings, bar=None) -> BlockedSpace:
+    """The item side from the blocks, as `ranking.blend.build_space` makes it from all events at once."""
+    n_items = len(item_ids)
+    stats, pop = block_stats(client, blocks, n_items, settings)
+    chosen, events = sample_users(client, blocks, SCALE_SAMPLE)
+    sample = user_block(events, n_items=n_items, user_ids=chosen, settings=settings, now=blocks.newest)
+    rows = scale_sample(np.arange(len(chosen), dtype=np.uint64), sample.n_history)  # in hash order already
+    items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings,
+                                     sample.fit_on[rows], bar)
+    return BlockedSpace(items, projected, blocks.users, sum(s.users_with_events for s in blocks.summaries))

@@ -1,0 +1,141 @@
+"""The events in user blocks (embedder/event_blocks.py) and the behaviour fit over them on the workers
+(recommend/run/user_tasks.py), against oracles in one process: `ingest_events` (every accepted event
+brought here), and the fit on the whole matrix (`build_space`, `FitMatrix`)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from embedder.event_blocks import blocks_from_frame, first_users, read_user_ids, user_hash
+from embedder.ingest import ingest_events, ingest_events_to_blocks
+from embedder.specs import SourceSpec
+from recommend.quality.evaluate import hash_sample
+from recommend.ranking.behaviour import FitMatrix, FitStats, subspace_svd
+from recommend.ranking.blend import build_space, user_block
+from recommend.ranking.profiles import popularity
+from recommend.ranking.settings import BlendSettings, RankingSettings
+from recommend.run.user_tasks import BlockedFit, block_stats, fit_blocks
+
+COLUMNS = {"user_id": "user", "item_id": "item", "timestamp": "ts", "event_type": "kind"}
+
+
+def _events(n_users=300, n_items=120, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for i in rng.choice(n_items, rng.integers(1, 12), replace=False):
+            rows.append((f"u{u}", f"i{i}", int(1_700_000_000 + rng.integers(0, 90 * 86400)), rng.choice(["view", "buy"])))
+    return pd.DataFrame(rows, columns=["user", "item", "ts", "kind"])
+
+
+def test_ingest_by_user_block_keeps_every_accepted_event_once(tmp_path, dask_client):
+    """Two files that share events (exact duplicates across partitions) and hold bad rows: the blocks
+    hold exactly `ingest_events`' accepted rows, each user in one block, and the counts match."""
+    events = _events()
+    items = [f"i{i}" for i in range(110)]  # i110.. are not in the catalog: quarantined
+    events.iloc[:1800].to_csv(tmp_path / "a.csv", index=False)
+    pd.concat([events.iloc[1500:], events.iloc[:3].assign(ts="not a time")]).to_csv(tmp_path / "b.csv", index=False)
+    spec = SourceSpec(str(tmp_path / "*.csv"), "events.path")
+    weights = {"view": 1.0, "buy": 3.0}
+    whole = ingest_events(spec, COLUMNS, weights, items)
+    result, blocks = ingest_events_to_blocks(spec, COLUMNS, weights, items, "UTC", tmp_path / "run", block_size=64,
+                                             extra_users=["only-in-users-file"])
+    assert result.counts == whole.counts and result.counts.duplicates_dropped == events.iloc[1500:1800]["item"].isin(items).sum() and result.counts.quarantined > 3
+    pd.testing.assert_frame_equal(result.quarantine.sort_values(["source", "row"]).reset_index(drop=True),
+                                  whole.quarantine.sort_values(["source", "row"]).reset_index(drop=True))
+    back = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    key = ["user_id", "item_id", "ts", "event_type"]
+    pd.testing.assert_frame_equal(back[key].astype(str).sort_values(key).reset_index(drop=True),
+                                  whole.rows[key].astype(str).sort_values(key).reset_index(drop=True))
+    assert (back["item"].to_numpy() == pd.Index(items).get_indexer(back["item_id"])).all()
+    assert not (tmp_path / "run" / "events-raw").exists()
+    users = read_user_ids(tmp_path / "run", blocks.n)
+    assert blocks.n == -(-len(users) // 64) and len(users) == len(set(users)) == whole.rows["user_id"].nunique() + 1
+    assert "only-in-users-file" in users
+
+
+@pytest.fixture(scope="module")
+def blocked(tmp_path_factory):
+    events = _events(n_users=400, n_items=150, seed=1).rename(columns={"user": "user_id", "item": "item_id", "kind": "event_type"})
+    events["ts"] = pd.to_datetime(events["ts"], unit="s", utc=True)
+    item_ids = [f"i{i}" for i in range(160)]  # 10 items without events
+    folder = tmp_path_factory.mktemp("run")
+    blocks = blocks_from_frame(folder, events, item_ids, block_size=50, extra_users=["nobody"])
+    return events, item_ids, blocks, read_user_ids(folder, blocks.n)
+
+
+def test_block_sums_equal_the_whole_matrix(blocked, dask_client):
+    """Stats, XᵀX, X and XᵀXz summed over 8+ blocks on the workers equal the whole matrix's."""
+    events, item_ids, blocks, user_ids = blocked
+    settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0,
+                               blend=BlendSettings(fit_input="weights"))
+    whole = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
+                       item_row={i: r for r, i in enumerate(item_ids)})
+    stats, pop = block_stats(dask_client, blocks, len(item_ids), settings)
+    expected = FitStats.of(whole.fit_on)
+    assert blocks.n >= 8 and stats.nnz == expected.nnz and (stats.warm == expected.warm).all()
+    assert stats.mean_square == pytest.approx(expected.mean_square, rel=1e-9)
+    np.testing.assert_allclose(pop, popularity(whole.weighted), rtol=1e-5)
+    fit = BlockedFit(dask_client, blocks, len(item_ids), settings)
+    assert fit.shape == whole.fit_on.shape
+    assert (fit.gather() != whole.fit_on).nnz == 0
+    np.testing.assert_allclose(fit.gram(), FitMatrix(whole.fit_on).gram(), rtol=1e-9)
+    z = np.random.default_rng(0).standard_normal((len(item_ids), 5)).astype(np.float32)
+    np.testing.assert_allclose(fit.gram_times(z), FitMatrix(whole.fit_on).gram_times(z), rtol=1e-4, atol=1e-3)
+
+
+def test_subspace_iteration_over_blocks_is_the_one_in_process(blocked, dask_client):
+    """The fit's SVD from products summed over the blocks on the workers equals the same iteration
+    on the whole matrix in this process (rank 8 of 150 items: not the exact path)."""
+    events, item_ids, blocks, user_ids = blocked
+    settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
+    s, v = subspace_svd(BlockedFit(dask_client, blocks, len(item_ids), settings), 8)
+    x = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
+                   item_row={i: r for r, i in enumerate(item_ids)}).fit_on
+    s_whole, v_whole = subspace_svd(FitMatrix(x), 8)
+    np.testing.assert_allclose(s, s_whole, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(np.sum(v * v_whole, axis=0)), 1.0, atol=1e-3)
+
+
+def test_subspace_iteration_finds_the_top_singular_vectors():
+    """Oracle: numpy's eigh of the Gram matrix, on a matrix whose spectrum decays as real
+    interactions' does (a few strong directions, then noise)."""
+    rng = np.random.default_rng(5)
+    u, _ = np.linalg.qr(rng.standard_normal((600, 12)))
+    w, _ = np.linalg.qr(rng.standard_normal((200, 12)))
+    x = (u * (40.0 * 0.75 ** np.arange(12))) @ w.T + 0.05 * rng.standard_normal((600, 200))
+    s, v = subspace_svd(FitMatrix(sp.csr_matrix(x.astype(np.float32))), 8)
+    values, vectors = np.linalg.eigh(x.T @ x)
+    np.testing.assert_allclose(s ** 2, values[::-1][:8], rtol=1e-4)
+    np.testing.assert_allclose(np.abs(np.sum(v * vectors[:, ::-1][:, :8], axis=0)), 1.0, atol=1e-4)
+
+
+def test_the_item_side_from_blocks_is_build_spaces(blocked, dask_client):
+    """The refresh's fit over the blocks (exact here: 401 users) gives `build_space`'s item side,
+    with the behaviour scale from the same hash-sampled users."""
+    events, item_ids, blocks, user_ids = blocked
+    text = np.random.default_rng(3).standard_normal((len(item_ids), 16)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
+    space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
+    fitted = fit_blocks(dask_client, blocks, item_ids, text, settings)
+    assert replace(fitted.items.layout, behaviour_scale=None) == replace(space.layout, behaviour_scale=None)
+    assert fitted.items.layout.behaviour_scale == pytest.approx(space.layout.behaviour_scale, rel=1e-5)
+    assert fitted.users == len(user_ids) == 401
+    assert fitted.users_with_history == int(space.has_history.sum()) == 400
+    for name in ("behaviour_docs", "behaviour_queries", "text", "popularity"):
+        np.testing.assert_allclose(getattr(fitted.items, name), getattr(space.items, name), rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_blocks_hold_the_hash_sample(blocked):
+    """The gate's users (`hash_sample` of every user with events) are read from the first blocks only."""
+    events, _, blocks, _ = blocked
+    chosen, sampled = first_users(blocks.folder, blocks.n, 60)
+    assert sorted(chosen) == sorted(hash_sample(events["user_id"].unique(), 60))
+    assert list(np.argsort(user_hash(chosen), kind="stable")) == list(range(60))
+    pd.testing.assert_frame_equal(sampled[["user_id", "item_id"]].sort_values(["user_id", "item_id"]).reset_index(drop=True),
+                                  events[events["user_id"].isin(chosen)][["user_id", "item_id"]].astype(str)
+                                  .sort_values(["user_id", "item_id"]).reset_index(drop=True))
