@@ -58,11 +58,11 @@ def _stop(procs):
         p.wait()
 
 
-def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_and_lists_on_the_workers(tmp_path, sample_dir, tiny_model,
+def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lists_on_the_workers(tmp_path, sample_dir, tiny_model,
                                                                                  dask_client):
     """Oracle: the same refresh on the LocalCluster; the lists are the same. A scheduler plugin
-    records where each task ran. (The index build, the gate's scoring and the publish still run in
-    the driver: the rest of issue 14.)"""
+    records where each task ran. (The index build and the publish still run in the driver: the
+    rest of issue 14.)"""
     from distributed import Client
 
     from cluster_helpers import TaskRecorder, ran
@@ -95,6 +95,8 @@ def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_and_lists_on
     # behaviour: the sums over the user blocks (here X gathered: the users side is small), the samples
     assert by_prefix["stats-task"] <= workers and by_prefix["rows-task"] <= workers
     assert by_prefix["first-users"] <= workers
+    # gate: the sampled users' fit and scoring, on a worker
+    assert by_prefix["gate-task"] <= workers
     # lists: the item blocks (32 rows each) and the user blocks (the event blocks), on both workers
     assert by_prefix["item-block"] | by_prefix["user-block"] == workers
     pd.testing.assert_frame_equal(pd.read_parquet(Path(remote.run_dir) / "lists.parquet"),

@@ -1,6 +1,7 @@
 """The nightly refresh end to end on real components (tiny model, LocalCluster, faiss, Qdrant local)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -298,3 +299,27 @@ def test_old_run_folders_are_pruned_but_never_one_behind_a_published_version(tmp
     with pytest.raises(Exception):
         refresh(config, quiet=True, client=dask_client)  # a failed run is pruned like any other, but kept as newest
     assert len(list(runs.iterdir())) == 3 and {r.run_id for r in reports[1:]} <= {p.name for p in runs.iterdir()}
+
+
+def test_the_gate_on_a_worker_scores_what_one_process_scores(tmp_path, sample_dir, tiny_model, dask_client):
+    """Oracle: `holdout_score` over the run's events whole, in this process, where `hash_sample`
+    picks the users. With 30 of the 80 users, the worker reads them from the first user blocks."""
+    import pyarrow.parquet as pq
+
+    from embedder.artifacts import arrow_to_vectors
+    from recommend.config import stage_settings
+    from recommend.quality.evaluate import holdout_score
+
+    config = load_config(write_config(tmp_path, sample_dir, tiny_model, gate={"max_users": 30, "min_vs_popularity": 0},
+                                      publish={"enabled": False}))
+    report = refresh(config, quiet=True, client=dask_client)
+    run = Path(report.run_dir)
+    assert len(list((run / "events.parquet").glob("block-*.parquet"))) == 3  # 83 users, lists.block_size 32
+    emb = pq.read_table(run / "embeddings.parquet")
+    figures = holdout_score(pd.read_parquet(run / "events.parquet", columns=["user_id", "item_id", "ts", "event_type"]),
+                            item_ids=emb["item_id"].to_pylist(), text=arrow_to_vectors(emb["vector"], np.float16),
+                            settings=stage_settings(config).ranking, holdout=config.gate.holdout, k=config.gate.k,
+                            max_users=30)
+    assert 0 < report.gate.users == figures.users <= 30
+    assert report.gate.ndcg == pytest.approx(figures.ndcg, abs=1e-9) and report.gate.ndcg > 0
+    assert report.gate.popularity_ndcg == pytest.approx(figures.popularity_ndcg, abs=1e-9)

@@ -110,7 +110,7 @@ def _run(run: stages.Run) -> None:
         inputs.items.rows = inputs.items.rows.drop(columns="text")
     pc = config.publish
     store = version_store(pc, config.workdir) if pc.enabled else None
-    gate = stages.gate(run, store, inputs.blocks, emb)  # first: a bad run stops before the expensive lists
+    gate = stages.gate(run, store, inputs.blocks)  # first: a bad run stops before the expensive lists
     lists = stages.lists(run, inputs.blocks, emb)
     if store is not None:
         stages.publish(run, store, inputs.items, emb, lists, gate)

@@ -29,11 +29,10 @@ from index.build import APPROXIMATE, EXACT, save_index
 from index.search import Recall, is_exact, recall_on_rows, sample_rows
 from index.tune import build_tuned
 from recommend.config import Config, StageSettings
-from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import ItemSide, user_block, user_block_vectors
 from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, save_item_side, user_vector_rows
-from recommend.run.user_tasks import fit_blocks, sample_users
+from recommend.run.user_tasks import fit_blocks, gate_figures, sample_users
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
 from recommend.run.progress import Reporter
@@ -181,16 +180,16 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
     return emb
 
 
-def gate(run: Run, store, blocks: Blocks, emb: EmbedResult) -> GateReport:
+def gate(run: Run, store, blocks: Blocks) -> GateReport:
     """The quality gate's figures; raises GateFailed when they are not good enough."""
     gc = run.config.gate
     if not gc.enabled:
         run.report.gate = GateReport(enabled=False)
         return run.report.gate
     with run.stage("gate"):
-        _, sampled = sample_users(run.client, blocks, gc.max_users)  # from the first blocks, on a worker
-        figures = holdout_score(sampled, item_ids=emb.item_ids, text=emb.vectors, settings=run.settings.ranking,
-                                holdout=gc.holdout, k=gc.k, max_users=gc.max_users, bar=run.bar("gate"))
+        tick = run.out.bar("gate: fit and score on a worker", 1)
+        figures = gate_figures(run.client, run.run_dir, blocks, run.settings.ranking, gc)
+        tick(1)
         live = live_gate(store, run.config.publish.prefix) if store is not None else None
         live = GateFigures(**live) if live is not None else None
         report = GateReport(**figures.model_dump(), enabled=True, live=live)

@@ -1,4 +1,5 @@
-"""The behaviour fit over user blocks on the Dask workers: the events never come to the driver.
+"""The behaviour fit and the quality gate over user blocks on the Dask workers: the events never
+come to the driver.
 
 Ingest wrote the accepted events by user block (embedder/event_blocks.py). Here each task reads a
 group of blocks, builds their interaction matrices (`ranking.blend.user_block`) and returns a sum:
@@ -9,6 +10,9 @@ group of blocks, builds their interaction matrices (`ranking.blend.user_block`) 
   Σ_b X_bᵀ(X_b z) for the subspace iteration, XᵀX itself when the items side is small, X whole only
   when the users side is small. z (items x r) is sent to every worker once per product; the partial
   sums are added pairwise on the workers, so the driver receives one (items x r) array.
+
+- `gate_figures`: the quality gate's fit and scoring, on one worker, over the users of smallest
+  hash (in the first blocks).
 
 Items x a few dozen dimensions in the driver is allowed (the item side is built there); users and
 events stay in the blocks. Without a client the same tasks run one after another in this process,
@@ -23,11 +27,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from embedder.artifacts import arrow_to_vectors
 from embedder.event_blocks import Blocks, first_users, read_block
+from recommend.quality.evaluate import holdout_score
+from recommend.quality.gate import GateFigures, GateSettings
 from recommend.ranking.behaviour import FitMatrix, FitStats, gram_times
 from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, UserBlock, fit_item_side, scale_sample, user_block
 from recommend.ranking.profiles import popularity
@@ -143,6 +152,28 @@ def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], "object"]:
     if client is None:
         return first_users(blocks.folder, blocks.n, n)
     future = client.submit(first_users, blocks.folder, blocks.n, n, pure=False, key=f"first-users-{n}-{time.time_ns()}")
+    try:
+        return future.result()
+    finally:
+        future.release()
+
+
+def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+    events = first_users(folder, n_blocks, gate.max_users)[1]
+    emb = pq.read_table(Path(run_dir) / "embeddings.parquet")
+    text = arrow_to_vectors(emb["vector"], dtype=emb["vector"].type.value_type.to_pandas_dtype())  # float16 as written
+    return holdout_score(events, item_ids=emb["item_id"].to_pylist(), text=text, settings=settings,
+                         holdout=gate.holdout, k=gate.k, max_users=gate.max_users)
+
+
+def gate_figures(client, run_dir, blocks: Blocks, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+    """The quality gate's figures (`quality.evaluate.holdout_score`), computed on a worker: the
+    `gate.max_users` users of smallest hash read from the first blocks, the item vectors from the
+    run's embeddings.parquet. The driver receives the figures only."""
+    args = (str(run_dir), blocks.folder, blocks.n, settings, gate)
+    if client is None:
+        return _gate_task(*args)
+    future = client.submit(_gate_task, *args, pure=False, key=f"gate-task-{time.time_ns()}")
     try:
         return future.result()
     finally:
