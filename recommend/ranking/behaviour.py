@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 from sklearn.linear_model import Ridge
 
@@ -155,9 +156,11 @@ def subspace_svd(matrix: FitMatrix, r: int, seed: int = 0, n_iter: int = POWER_I
     sklearn's randomized_svd(n_iter=5) do; every product is a sum over row blocks."""
     n_items = matrix.shape[1]
     c = min(r + oversample, n_items)
-    z = np.linalg.qr(np.random.default_rng(seed).standard_normal((n_items, c)).astype(np.float32))[0]
-    for _ in range(n_iter):
-        z = np.linalg.qr(matrix.gram_times(z))[0]
+    z = np.random.default_rng(seed).standard_normal((n_items, c)).astype(np.float32)
+    for i in range(n_iter):  # normalised by LU between products (as sklearn does), by QR before the last
+        y = matrix.gram_times(z)
+        z = (scipy.linalg.lu(y, permute_l=True, check_finite=False, overwrite_a=True)[0] if i < n_iter - 1 else
+             scipy.linalg.qr(y, mode="economic", check_finite=False, overwrite_a=True)[0])
     gz = matrix.gram_times(z)
     h = z.T.astype(np.float64) @ gz.astype(np.float64)  # Zᵀ XᵀX Z, (c, c)
     values, w = np.linalg.eigh((h + h.T) / 2)

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from embedder.artifacts import arrow_to_vectors
 from embedder.event_blocks import Blocks, first_users, read_block
@@ -51,6 +54,41 @@ def load_user_block(folder: str, block: int, n_items: int, settings: RankingSett
     return users, user_block(events, n_items=n_items, user_ids=users, settings=settings, now=now)
 
 
+CACHE_BYTES = 512 << 20  # fitted rows a worker process keeps between the fit's rounds (10M events: about 120 MB)
+_cache: dict[tuple, sp.csr_matrix] = {}
+_cache_lock = threading.Lock()
+
+
+def _key(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> tuple:
+    return folder, block, n_items, settings.blend.fit_input, tuple(sorted(settings.weights.items())), now
+
+
+def _keep(key: tuple, rows: sp.csr_matrix) -> None:
+    with _cache_lock:
+        held = sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in _cache.values())
+        if held + rows.data.nbytes + rows.indices.nbytes + rows.indptr.nbytes <= CACHE_BYTES:
+            _cache[key] = rows
+
+
+def fit_rows(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
+    """One block's rows of the fitted matrix X, kept in this worker process (up to CACHE_BYTES) for
+    the fit's next rounds, which read every block again (7 products: 7 times reading and coding the
+    same events otherwise)."""
+    key = _key(folder, block, n_items, settings, now)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    rows = load_user_block(folder, block, n_items, settings, now)[1].fit_on
+    _keep(key, rows)
+    return rows
+
+
+def forget_fit_rows() -> None:
+    """Drop the kept rows (run on every worker when the fit ends)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def _groups(n_blocks: int) -> list[range]:
     return [range(g, min(g + GROUP, n_blocks)) for g in range(0, n_blocks, GROUP)]
 
@@ -61,6 +99,7 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
     nnz, squares = 0, 0.0
     for b in blocks:
         _, rows = load_user_block(folder, b, n_items, settings, now)
+        _keep(_key(folder, b, n_items, settings, now), rows.fit_on)
         pop += popularity(rows.weighted)
         counts += rows.fit_on.getnnz(axis=0)
         nnz += rows.fit_on.nnz
@@ -71,20 +110,20 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
 def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray) -> np.ndarray:
     out = np.zeros((n_items, z.shape[1]), np.float32)
     for b in blocks:
-        out += gram_times(load_user_block(folder, b, n_items, settings, now)[1].fit_on, z)
+        out += gram_times(fit_rows(folder, b, n_items, settings, now), z)
     return out
 
 
 def _gram_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> np.ndarray:
     out = np.zeros((n_items, n_items), np.float64)
     for b in blocks:
-        x = load_user_block(folder, b, n_items, settings, now)[1].fit_on.astype(np.float64)
+        x = fit_rows(folder, b, n_items, settings, now).astype(np.float64)
         out += (x.T @ x).toarray()
     return out
 
 
 def _rows_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
-    return sp.vstack([load_user_block(folder, b, n_items, settings, now)[1].fit_on for b in blocks]).tocsr()
+    return sp.vstack([fit_rows(folder, b, n_items, settings, now) for b in blocks]).tocsr()
 
 
 def _add(a, b):
@@ -159,6 +198,11 @@ def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], "object"]:
 
 
 def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+    with threadpool_limits(os.cpu_count()):  # the only task while it runs: BLAS on the host's cores, not Dask's 1
+        return _gate(run_dir, folder, n_blocks, settings, gate)
+
+
+def _gate(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     events = first_users(folder, n_blocks, gate.max_users)[1]
     emb = pq.read_table(Path(run_dir) / "embeddings.parquet")
     text = arrow_to_vectors(emb["vector"], dtype=emb["vector"].type.value_type.to_pandas_dtype())  # float16 as written
@@ -197,6 +241,9 @@ def fit_blocks(client, blocks: Blocks, item_ids, text: np.ndarray, settings: Ran
     chosen, events = sample_users(client, blocks, SCALE_SAMPLE)
     sample = user_block(events, n_items=n_items, user_ids=chosen, settings=settings, now=blocks.newest)
     rows = scale_sample(np.arange(len(chosen), dtype=np.uint64), sample.n_history)  # in hash order already
-    items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings,
-                                     sample.fit_on[rows], bar)
+    try:
+        items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings,
+                                         sample.fit_on[rows], bar)
+    finally:
+        client.run(forget_fit_rows) if client is not None else forget_fit_rows()
     return BlockedSpace(items, projected, blocks.users, sum(s.users_with_events for s in blocks.summaries))
