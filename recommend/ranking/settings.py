@@ -47,7 +47,8 @@ class ListsSettings(BaseModel):
 
     k: int = Field(10, ge=1, le=1000)
     half_life_days: float = Field(14.0, gt=0, description="an event this old counts half in a user's profile")
-    block_size: int = Field(8192, ge=1, description="items or users per task on the Dask workers")
+    block_size: int = Field(8192, ge=1, description="items, or users (about: a user block is a range of a hash of "
+                            "the ids), per task on the Dask workers")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from embedder.artifacts import file_digest, vectors_to_arrow, write_parquet, write_parquet_blocks
 from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
-from embedder.event_blocks import Blocks, read_user_ids
+from embedder.event_blocks import Blocks, UserIds
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT, save_index
@@ -277,7 +277,7 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
     The lists and user vectors are streamed from the parts, a block at a time."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
     items_side, item_ids = lists.items, lists.item_ids
-    user_ids = read_user_ids(lists.blocks.folder, lists.blocks.n)
+    user_ids = UserIds(lists.blocks)  # read a block at a time, as the parts are
     with run.stage("publish"):
         metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
 

@@ -9,8 +9,8 @@ group of blocks, builds their interaction matrices (`ranking.blend.user_block`) 
 - `BlockedFit`: the fitted matrix X as the fit reads it (ranking.behaviour.FitMatrix): XᵀX z as
   Σ_b X_bᵀ(X_b z) for the subspace iteration, XᵀX itself when the items side is small, X whole only
   when the users side is small. z (items x r) is sent to every worker once per product; the partial
-  sums are added pairwise on the workers, so the driver receives one (items x r) array.
-
+  sums are added pairwise on the workers, so the driver receives one (items x r) array. Each worker
+  process keeps the blocks' fitted rows it read until the fit ends (`fit_rows`);
 - `gate_figures`: the quality gate's fit and scoring, on one worker, over the users of smallest
   hash (in the first blocks).
 
@@ -109,8 +109,11 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
 
 def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray) -> np.ndarray:
     out = np.zeros((n_items, z.shape[1]), np.float32)
-    for b in blocks:
-        out += gram_times(fit_rows(folder, b, n_items, settings, now), z)
+    for b in blocks:  # only the items a block touches: no second (items x r) array per block
+        x = fit_rows(folder, b, n_items, settings, now)
+        touched = np.unique(x.indices)
+        local = sp.csr_matrix((x.data, np.searchsorted(touched, x.indices), x.indptr), shape=(x.shape[0], len(touched)))
+        out[touched] += gram_times(local, z[touched])
     return out
 
 
@@ -143,9 +146,10 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add):
     name = fn.__name__.strip("_").replace("_", "-")
     parts = [client.submit(fn, blocks.folder, g, *args, pure=False, key=f"{name}-{g.start}-{stamp}") for g in groups]
     level = 0
-    while len(parts) > 1:
+    while len(parts) > 1:  # a sum runs as soon as its two parts exist (before further groups): few partials held
         level += 1
-        parts = [client.submit(combine, parts[i], parts[i + 1], pure=False, key=f"{name}-sum-{level}-{i}-{stamp}")
+        parts = [client.submit(combine, parts[i], parts[i + 1], pure=False, priority=level,
+                               key=f"{name}-sum-{level}-{i}-{stamp}")
                  for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
     result = parts[0].result()
     parts[0].release()
@@ -204,8 +208,8 @@ def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettin
 
 def _gate(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     events = first_users(folder, n_blocks, gate.max_users)[1]
-    emb = pq.read_table(Path(run_dir) / "embeddings.parquet")
-    text = arrow_to_vectors(emb["vector"], dtype=emb["vector"].type.value_type.to_pandas_dtype())  # float16 as written
+    emb = pq.read_table(Path(run_dir) / "embeddings.parquet", columns=["item_id", "vector"])
+    text = arrow_to_vectors(emb["vector"], dtype=emb["vector"].type.value_type.to_pandas_dtype())  # float16, a view
     return holdout_score(events, item_ids=emb["item_id"].to_pylist(), text=text, settings=settings,
                          holdout=gate.holdout, k=gate.k, max_users=gate.max_users)
 

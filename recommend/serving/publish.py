@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from qdrant_client import models
@@ -31,6 +31,22 @@ INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment 
 def point_id(kind: str, business_id: str) -> str:
     """Deterministic point id: the same item or user gets the same id in every run (idempotent reruns)."""
     return str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))
+
+
+class PointIds(Sequence):
+    """The point ids of business ids, made as sliced: `ids` may be read from files a block at a time
+    (embedder.event_blocks.UserIds), so a million users' ids are never all in one list."""
+
+    def __init__(self, kind: str, ids: Sequence[str]):
+        self.kind, self.ids = kind, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [point_id(self.kind, b) for b in self.ids[index]]
+        return point_id(self.kind, self.ids[index])
 
 
 def _clean(value):
@@ -91,7 +107,7 @@ def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, *,
                                   for n, v in vectors.items()},
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
             metadata={**metadata, "kind": kind})
-        ids = [point_id(kind[:-1], b) for b in data["ids"]]
+        ids = PointIds(kind[:-1], data["ids"])
         with bulk_load(client, name):
             upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))

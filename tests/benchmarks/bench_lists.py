@@ -1,4 +1,4 @@
-"""All-user top-10 lists, this project beside implicit's ALS, on the same generated files, in one run.
+"""All-user top-10 lists, this project beside implicit's ALS and Spark's ALS, on the same generated files, in one run.
 
 bench_scale's generator (seed 0) writes items and events; each system then runs in its own process
 (so that its peak memory is its own), from the events already loaded into memory:
@@ -6,12 +6,17 @@ bench_scale's generator (seed 0) writes items and events; each system then runs 
   index (`index.tune.build_tuned`: exact or approximate, decided by measuring) and every user's
   top-10 with seen items excluded (`recommend.ranking.lists.recommended_items`). Item texts are
   encoded by the stand-in beforehand, outside the clock (a nightly run reads them from the cache).
+- this project on its workers (`workers`): the same, as the refresh runs it: the events
+  written in user blocks, the fit over them and the lists in blocks on a LocalCluster of 2 workers
+  (`recommend.run.stages.lists`); peak memory for the driver and the largest worker;
+- Spark ML's ALS (`spark`; needs pyspark and a Java 17 runtime), local[2]: fit, then
+  recommendForAllUsers (seen items not left out: Spark has no such option);
 - implicit 0.7.3's AlternatingLeastSquares (64 factors, 15 iterations, 2 threads, BLAS on 1 thread as
   its docs advise): fit, then `recommend` for all users with already-liked items filtered.
-It prints one JSON line per system and size, and one with the ratio.
+It prints one JSON line per system and size, and one with each system's time over ours (on the workers).
 
-    .venv/bin/pip install -e ".[bench]"      # implicit: a benchmark-only dependency
-    .venv/bin/python tests/benchmarks/bench_lists.py --sizes 100000 300000
+    .venv/bin/pip install -e ".[bench]"      # implicit and pyspark: benchmark-only dependencies
+    .venv/bin/python tests/benchmarks/bench_lists.py --sizes 100000 300000 --systems ours workers implicit spark
 """
 
 from __future__ import annotations
@@ -68,6 +73,54 @@ def ours(data: Path) -> dict:
             "decision": tuning.decision, "users_listed": int((ids >= 0).any(axis=1).sum())}
 
 
+def workers(data: Path) -> dict:
+    """This project as the refresh runs it: the events written in user blocks, the behaviour fit over
+    them and the lists in blocks, on a LocalCluster of 2 workers (1 thread each); the index and the
+    item side built in this process (`recommend.run.stages.lists`)."""
+    import yaml
+    from types import SimpleNamespace
+
+    from distributed import Client, LocalCluster
+
+    from embedder.encoder import load_encoder
+    from embedder.event_blocks import blocks_from_frame
+    from embedder.standin import NAME
+    from recommend.config import load_config, stage_settings
+    from recommend.run.progress import Reporter
+    from recommend.run.report import RefreshReport
+    from recommend.run.stages import Run, lists
+
+    events, items = load(data)
+    text = load_encoder(NAME).encode((items["title"] + ". " + items["description"]).tolist()).astype(np.float16)
+    item_ids = items["item_id"].tolist()
+    work = data / "workers"
+    work.mkdir()
+    (work / "config.yaml").write_text(yaml.safe_dump({
+        "workdir": str(work / "work"), "items": {"path": str(data / "items-*.parquet")},
+        "events": {"path": str(data / "events-*.parquet"), "weights": {"view": 1.0, "cart": 3.0, "purchase": 5.0}},
+        "lists": {"k": 10, "half_life_days": 14.0}, "embed": {"model": NAME}, "publish": {"enabled": False}}))
+    config = load_config(work / "config.yaml")
+    run_dir = work / "run"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        start = time.perf_counter()
+        blocks = blocks_from_frame(run_dir, events[["user_id", "item_id", "ts", "event_type"]], item_ids,
+                                   block_size=config.lists.block_size, client=client)
+        written = time.perf_counter() - start
+        del events
+        run = Run(config, stage_settings(config), run_dir, Reporter(True), RefreshReport(run_id="bench", run_dir=str(run_dir)),
+                  client)
+        out = lists(run, blocks, SimpleNamespace(item_ids=item_ids, vectors=text))
+        total = time.perf_counter() - start
+        worker_peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    tuning = out.summary.search_depth
+    return {"blocks_s": round(written, 1), "fit_and_lists_s": round(total - written, 1), "total_s": round(total, 1),
+            "user_blocks": blocks.n, "rank": out.items.layout.behaviour_dim,
+            "index": "exact" if tuning.exact or tuning.fallback == "exact" else f"{tuning.knob}={tuning.value}",
+            "users_listed": out.summary.users - out.summary.users_short_of_k,
+            "worker_peak_mb": round(max(worker_peaks.values()))}
+
+
 def implicit_als(data: Path) -> dict:
     import implicit
     import scipy.sparse as sp
@@ -89,14 +142,65 @@ def implicit_als(data: Path) -> dict:
             "implicit": implicit.__version__, "users_listed": int((ids >= 0).any(axis=1).sum())}
 
 
+def spark_als(data: Path) -> dict:
+    """Spark ML's ALS (implicit preferences, rank 64, 15 iterations, local[2]): fit, then
+    `recommendForAllUsers(10)`, which does not leave out seen items (Spark has no such option), so it
+    answers an easier question than the other two. Peak memory: the JVM's RSS, sampled."""
+    import threading
+
+    import psutil
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
+
+    events, _ = load(data)
+    pairs = pd.DataFrame({"user": events["user_id"].cat.codes.astype(np.int32),
+                          "item": events["item_id"].cat.codes.astype(np.int32)}).drop_duplicates()
+    pairs["rating"] = np.float32(1.0)
+    del events
+    spark = (SparkSession.builder.master("local[2]").config("spark.driver.memory", "6g")
+             .config("spark.ui.enabled", "false").config("spark.sql.execution.arrow.pyspark.enabled", "true")
+             .config("spark.sql.shuffle.partitions", "8").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    peak, done = {"jvm": 0}, threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    peak["jvm"] = max(peak["jvm"], child.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    frame = spark.createDataFrame(pairs).cache()
+    frame.count()  # loaded before the clock, as the other systems' matrices are
+    start = time.perf_counter()
+    model = ALS(rank=64, maxIter=15, implicitPrefs=True, userCol="user", itemCol="item", ratingCol="rating",
+                seed=0).fit(frame)
+    model.itemFactors.count()
+    fit = time.perf_counter() - start
+    listed = model.recommendForAllUsers(10).count()
+    total = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    version = spark.version
+    spark.stop()
+    return {"fit_s": round(fit, 1), "lists_s": round(total - fit, 1), "total_s": round(total, 1), "spark": version,
+            "users_listed": int(listed), "seen_items_filtered": False, "jvm_peak_mb": round(peak["jvm"] / 2**20)}
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000], help="items = users, 10 events each")
-    p.add_argument("--system", choices=["ours", "implicit"], help="(internal: run one system)")
+    p.add_argument("--system", choices=["ours", "workers", "implicit", "spark"], help="(internal: run one system)")
+    p.add_argument("--systems", nargs="+", default=["ours", "workers", "implicit", "spark"],
+                   help="which to run (spark: pip install pyspark and a Java 17 runtime)")
     p.add_argument("--data", type=Path, help="(internal)")
     args = p.parse_args()
     if args.system:  # one system, in its own process: its figures and its peak RSS
-        figures = (ours if args.system == "ours" else implicit_als)(args.data)
+        figures = {"ours": ours, "workers": workers, "implicit": implicit_als, "spark": spark_als}[args.system](args.data)
         figures["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(figures))
         return
@@ -106,14 +210,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             generate(Path(tmp), size, size, 10.0, 8)
             results = {}
-            for system in ("ours", "implicit"):
+            for system in args.systems:
                 out = subprocess.run([sys.executable, __file__, "--system", system, "--data", tmp],
                                      capture_output=True, text=True, check=True)
                 results[system] = json.loads(out.stdout.strip().splitlines()[-1])
                 emit(f"lists_{system}", {"items": size, "users": size, "events": size * 10, **results[system]})
-            emit("lists_ratio", {"items": size, "users": size,
-                                 "implicit_over_ours_total": round(results["implicit"]["total_s"] / results["ours"]["total_s"], 2),
-                                 "implicit_over_ours_peak": round(results["implicit"]["peak_mb"] / results["ours"]["peak_mb"], 2)})
+            base = results.get("workers") or results.get("ours")
+            if base:
+                emit("lists_ratio", {"items": size, "users": size, "baseline": "workers" if "workers" in results else "ours",
+                                     **{f"{name}_total_over_ours": round(r["total_s"] / base["total_s"], 2)
+                                        for name, r in results.items()}})
 
 
 if __name__ == "__main__":

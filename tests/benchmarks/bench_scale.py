@@ -80,7 +80,9 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> di
     me = psutil.Process()
     peaks: dict[int, int] = {}
     done = threading.Event()
-    stage = {"name": "start", "peaks": {}, "ends": {}}  # the driver's peak per stage: which stage to shrink next
+    # the driver's and the largest worker's peak per stage: which stage to shrink next ("after ingest": the
+    # stage after ingest's line, i.e. embed)
+    stage = {"name": "start", "peaks": {}, "worker_peaks": {}, "ends": {}}
 
     from recommend.run.progress import Reporter
 
@@ -103,8 +105,8 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> di
                 except psutil.Error:
                     continue
                 peaks[proc.pid] = max(peaks.get(proc.pid, 0), rss)
-                if proc.pid == me.pid:
-                    stage["peaks"][stage["name"]] = max(stage["peaks"].get(stage["name"], 0), rss)
+                kind = "peaks" if proc.pid == me.pid else "worker_peaks"
+                stage[kind][stage["name"]] = max(stage[kind].get(stage["name"], 0), rss)
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -120,6 +122,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> di
     return {"driver_peak_rss_mb": round(driver / 2**20),
             "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()},
             "driver_rss_mb_at_stage_end": {k: round(v / 2**20) for k, v in stage["ends"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
+            "worker_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["worker_peaks"].items()},
             "seconds": report.get("seconds"), "items_encoded": (report.get("embed") or {}).get("items_encoded"),
             "users": (report.get("index") or {}).get("users"), "events_read": (report.get("events") or {}).get("rows_read"),
             "item_lists_recall": (report.get("index") or {}).get("item_lists_recall"),
