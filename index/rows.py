@@ -54,3 +54,32 @@ class Rows:
 def take_rows(x: RowSource, rows: np.ndarray) -> RowSource:
     """`x[rows]`, lazily when `x` is a `Rows`."""
     return x.take(rows) if isinstance(x, Rows) else x[rows]
+
+
+def parquet_rows(path, column: str = "vector", dtype=None) -> Rows:
+    """The fixed-size-list `column` of a Parquet file as a row source, read a row group at a time (the
+    last one read is kept): the run's embeddings.parquet, written in blocks, without holding it whole.
+    `dtype`: of the rows given (default: as stored, e.g. float16)."""
+    import pyarrow.parquet as pq
+
+    from embedder.artifacts import arrow_to_vectors
+
+    file = pq.ParquetFile(path)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    field = file.schema_arrow.field(column).type
+    dtype = np.dtype(dtype or field.value_type.to_pandas_dtype())
+    last: dict[int, np.ndarray] = {}
+
+    def compute(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), field.list_size), dtype=dtype)
+        which = np.searchsorted(starts, idx, side="right") - 1
+        for g in np.unique(which):
+            if g not in last:
+                last.clear()
+                last[g] = arrow_to_vectors(file.read_row_group(int(g), columns=[column]).column(0), dtype)
+            here = which == g
+            out[here] = last[g][idx[here] - starts[g]]
+        return out
+
+    return Rows(int(starts[-1]), int(field.list_size), compute)

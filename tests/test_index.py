@@ -2,6 +2,7 @@
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from index.build import build_index, choose_factory, load_index, save_index
@@ -350,3 +351,21 @@ def test_the_search_that_pays_is_chosen_by_its_measured_cost(monkeypatch):
     index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(**unreachable, exact_budget_s=100),
                                 n_searches=10**6)
     assert not is_exact(index) and tuning.fallback == "plateau" and "over index.exact_budget_s 100" in tuning.decision
+
+
+def test_parquet_rows_read_the_file_a_row_group_at_a_time(tmp_path):
+    """Oracle: the array written. Slices across row groups, single rows, index arrays out of order."""
+    from embedder.artifacts import vectors_to_arrow, write_parquet_blocks
+    from index.rows import parquet_rows
+
+    vectors = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float16)
+    write_parquet_blocks((pa.table({"vector": vectors_to_arrow(vectors[i:i + 300])}) for i in range(0, 1000, 300)),
+                         tmp_path / "embeddings.parquet")
+    rows = parquet_rows(tmp_path / "embeddings.parquet")
+    assert rows.shape == (1000, 8) and rows[0:1].dtype == np.float16
+    np.testing.assert_array_equal(rows[:], vectors)
+    np.testing.assert_array_equal(rows[250:650], vectors[250:650])
+    picked = np.array([999, 3, 301, 300, 299, 650])
+    np.testing.assert_array_equal(rows[picked], vectors[picked])
+    np.testing.assert_array_equal(rows[7], vectors[7])
+    np.testing.assert_array_equal(parquet_rows(tmp_path / "embeddings.parquet", dtype=np.float32)[5:9], vectors[5:9].astype(np.float32))

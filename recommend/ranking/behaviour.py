@@ -106,7 +106,7 @@ class WithTextRows(FitMatrix):
     """X with the items' texts as d extra rows, β·Tᵀ: XᵀX + β²·T Tᵀ (see `fit_behaviour`)."""
 
     def __init__(self, inner: FitMatrix, text: np.ndarray, weight: float):
-        self.inner, self.rows = inner, np.float32(weight) * np.asarray(text, np.float32).T  # (d, items)
+        self.inner, self.rows = inner, np.float32(weight) * np.asarray(text[:], np.float32).T  # (d, items)
 
     @property
     def shape(self) -> tuple[int, int]:

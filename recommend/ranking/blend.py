@@ -55,12 +55,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def project_text(text: np.ndarray, dims: int | None) -> np.ndarray:
-    """Item text vectors (n, d) onto their `dims` main directions (float32), for the blend: inner
-    products are kept as far as that many dimensions can (the uncentred SVD, as for the behaviour
-    side, from the d x d Gram matrix summed a block at a time), and every list search costs in
-    proportion to the dimensions. `dims` None or >= d: as given."""
+    """Item text vectors (n, d: an array or a row source) onto their `dims` main directions (float32),
+    for the blend: inner products are kept as far as that many dimensions can (the uncentred SVD, as
+    for the behaviour side, from the d x d Gram matrix summed a block at a time), and every list
+    search costs in proportion to the dimensions. `dims` None or >= d: as given (as an array)."""
     if dims is None or dims >= text.shape[1] or len(text) == 0:
-        return text
+        return text if isinstance(text, np.ndarray) else text[:]  # a row source (a file) as an array
     gram = np.zeros((text.shape[1], text.shape[1]), dtype=np.float64)
     for start in range(0, len(text), 65_536):
         block = np.asarray(text[start:start + 65_536], dtype=np.float64)

@@ -26,6 +26,7 @@ from embedder.event_blocks import Blocks, UserIds
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT, save_index
+from index.rows import parquet_rows
 from index.search import Recall, is_exact, recall_on_rows, sample_rows
 from index.tune import build_tuned
 from recommend.config import Config, StageSettings
@@ -171,6 +172,8 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
                                         "vector": vectors_to_arrow(emb.vectors[i:i + BLOCK])})
                               for i in range(0, max(len(emb.item_ids), 1), BLOCK)), run.run_dir / "embeddings.parquet")
         emb.content_hashes = None  # written: not needed again
+        # read back a block at a time from now on (the fit, the publish): 768 MB not held at 1M items
+        emb.vectors = parquet_rows(run.run_dir / "embeddings.parquet")
     run.report.embed = emb.counts
     write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model, model_fingerprint=emb.model_fingerprint,
                                               cache=config.cache_root, counts=emb.counts,
