@@ -36,6 +36,7 @@ def main() -> None:
     from bench_lists import load
     from bench_scale import generate
     from embedder.encoder import load_encoder
+    from embedder.event_blocks import blocks_from_frame, read_user_ids
     from embedder.standin import NAME
     from index.build import save_index
     from index.search import sample_rows
@@ -52,7 +53,10 @@ def main() -> None:
         generate(tmp / "data", args.size, args.size, 10.0, 8)
         events, items = load(tmp / "data")
         text = load_encoder(NAME).encode((items["title"] + ". " + items["description"]).tolist()).astype(np.float16)
-        item_ids, user_ids = items["item_id"].tolist(), sorted(events["user_id"].unique())
+        item_ids = items["item_id"].tolist()
+        blocks = blocks_from_frame(tmp / "events", events[["user_id", "item_id", "ts", "event_type"]], item_ids,
+                                   block_size=8192)  # the user blocks ingest writes
+        user_ids = read_user_ids(tmp / "events", blocks.n)
         blend = BlendSettings()
         settings = RankingSettings(weights={"view": 1.0, "cart": 3.0, "purchase": 5.0}, half_life_days=14.0, blend=blend)
         space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
@@ -71,7 +75,7 @@ def main() -> None:
             n = 0 if mode == "in_process" else int(mode[-1])
             with (dask_client(DaskSettings(n_workers=n, threads_per_worker=1)) if n else nullcontext()) as client:
                 start, cpu = time.perf_counter(), time.process_time()  # the workers are up: their start is not counted
-                parts = list_blocks(client, folder, len(item_ids), user_ids, space.user_rows, job, sample=sample)
+                parts = list_blocks(client, folder, len(item_ids), blocks, settings, job, sample=sample)
                 figures[f"{mode}_s"] = round(time.perf_counter() - start, 1)
                 figures[f"{mode}_driver_cpu_s"] = round(time.process_time() - cpu, 1)
                 figures[f"{mode}_blocks_s"] = round(sum(part.seconds for part in parts), 1)
