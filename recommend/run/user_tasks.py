@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from embedder.artifacts import arrow_to_vectors
 from embedder.event_blocks import Blocks, first_users, read_block
+from index.rows import parquet_rows
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateSettings
 from recommend.ranking.behaviour import FitMatrix, FitStats, gram_times
@@ -208,10 +208,11 @@ def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettin
 
 def _gate(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     events = first_users(folder, n_blocks, gate.max_users)[1]
-    emb = pq.read_table(Path(run_dir) / "embeddings.parquet", columns=["item_id", "vector"])
-    text = arrow_to_vectors(emb["vector"], dtype=emb["vector"].type.value_type.to_pandas_dtype())  # float16, a view
-    return holdout_score(events, item_ids=emb["item_id"].to_pylist(), text=text, settings=settings,
-                         holdout=gate.holdout, k=gate.k, max_users=gate.max_users)
+    path = Path(run_dir) / "embeddings.parquet"
+    text = parquet_rows(path)  # read a row group at a time, as the driver's fit reads it (1M items: 768 MB not held)
+    item_ids = pq.read_table(path, columns=["item_id"]).column(0).to_pylist()
+    return holdout_score(events, item_ids=item_ids, text=text, settings=settings, holdout=gate.holdout, k=gate.k,
+                         max_users=gate.max_users)
 
 
 def gate_figures(client, run_dir, blocks: Blocks, settings: RankingSettings, gate: GateSettings) -> GateFigures:
