@@ -257,12 +257,12 @@ def ingest_events_to_blocks(spec: SourceSpec, columns: dict[str, str], weights: 
                           tick=bar("events by user block", n_blocks) if bar else None)
     frame = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     result = unpack(frame, ["user_id", "item_id", "ts", "event_type"]) if len(frame) else Ingested(
-        rows=pd.DataFrame(), quarantine=pd.DataFrame(columns=QUARANTINE_COLUMNS))
+        rows=None, quarantine=pd.DataFrame(columns=QUARANTINE_COLUMNS))
     accepted = sum(s.events for s in blocks.summaries)
     result.counts = SourceCounts(rows_read=rows_read, accepted=accepted, quarantined=len(result.quarantine),
                                  duplicates_dropped=sum(s.duplicates for s in blocks.summaries),
                                  quarantine_reasons=result.quarantine["reason"].value_counts().to_dict())
-    result.rows = pd.DataFrame()
+    result.rows = pd.DataFrame()  # the accepted events are in the blocks
     return result, blocks
 
 

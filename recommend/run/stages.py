@@ -230,9 +230,9 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
     bar = run.bar("index")
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
-        fitted = fit_blocks(run.client, blocks, emb.item_ids, emb.vectors, ranking, bar=bar)
+        chosen, events = sample_users(run.client, blocks, TUNE_USERS)  # read once: the fit's scale sample is its first users
+        fitted = fit_blocks(run.client, blocks, emb.item_ids, emb.vectors, ranking, bar=bar, sample=(chosen, events))
         items = fitted.items
-        chosen, events = sample_users(run.client, blocks, TUNE_USERS)
         tune_rows = user_block(events, n_items=len(item_ids), user_ids=chosen, settings=ranking, now=blocks.newest)
         tune_users = user_block_vectors(tune_rows, items)
         index, tuning = build_tuned(items.docs(), items.queries(), k, config.index, tune_users,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
@@ -190,7 +191,7 @@ class BlockedFit(FitMatrix):
         return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z)
 
 
-def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], "object"]:
+def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], pd.DataFrame]:
     """`first_users` (the n users with events of smallest hash, and their events), read on a worker."""
     if client is None:
         return first_users(blocks.folder, blocks.n, n)
@@ -239,11 +240,13 @@ class BlockedSpace:
     users_with_history: int
 
 
-def fit_blocks(client, blocks: Blocks, item_ids, text: np.ndarray, settings: RankingSettings, bar=None) -> BlockedSpace:
-    """The item side from the blocks, as `ranking.blend.build_space` makes it from all events at once."""
+def fit_blocks(client, blocks: Blocks, item_ids, text: np.ndarray, settings: RankingSettings, bar=None,
+               sample: tuple[list[str], pd.DataFrame] | None = None) -> BlockedSpace:
+    """The item side from the blocks, as `ranking.blend.build_space` makes it from all events at once.
+    `sample`: `sample_users` of at least SCALE_SAMPLE users, when the caller has it (read otherwise)."""
     n_items = len(item_ids)
     stats, pop = block_stats(client, blocks, n_items, settings)
-    chosen, events = sample_users(client, blocks, SCALE_SAMPLE)
+    chosen, events = sample if sample is not None else sample_users(client, blocks, SCALE_SAMPLE)
     sample = user_block(events, n_items=n_items, user_ids=chosen, settings=settings, now=blocks.newest)
     rows = scale_sample(np.arange(len(chosen), dtype=np.uint64), sample.n_history)  # in hash order already
     try:
