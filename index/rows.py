@@ -56,30 +56,43 @@ def take_rows(x: RowSource, rows: np.ndarray) -> RowSource:
     return x.take(rows) if isinstance(x, Rows) else x[rows]
 
 
-def parquet_rows(path, column: str = "vector", dtype=None) -> Rows:
+class ParquetRows(Rows):
     """The fixed-size-list `column` of a Parquet file as a row source, read a row group at a time (the
     last one read is kept): the run's embeddings.parquet, written in blocks, without holding it whole.
-    `dtype`: of the rows given (default: as stored, e.g. float16)."""
-    import pyarrow.parquet as pq
+    `dtype`: of the rows given (default: as stored, e.g. float16). It pickles as its path, so a task
+    sent to a worker takes the file, not its rows (the worker reads it from the shared run folder)."""
 
-    from embedder.artifacts import arrow_to_vectors
+    def __init__(self, path, column: str = "vector", dtype=None):
+        import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path)
-    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    field = file.schema_arrow.field(column).type
-    dtype = np.dtype(dtype or field.value_type.to_pandas_dtype())
-    last: dict[int, np.ndarray] = {}
+        self.path, self.column, self.dtype = str(path), column, dtype
+        self._file = pq.ParquetFile(self.path)
+        meta = self._file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        field = self._file.schema_arrow.field(column).type
+        self._size, self._dtype = int(field.list_size), np.dtype(dtype or field.value_type.to_pandas_dtype())
+        self._last: dict[int, np.ndarray] = {}
+        super().__init__(int(self._starts[-1]), self._size, self._rows)
 
-    def compute(idx: np.ndarray) -> np.ndarray:
-        out = np.empty((len(idx), field.list_size), dtype=dtype)
-        which = np.searchsorted(starts, idx, side="right") - 1
+    def __reduce__(self):
+        return ParquetRows, (self.path, self.column, self.dtype)
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        from embedder.artifacts import arrow_to_vectors
+
+        out = np.empty((len(idx), self._size), dtype=self._dtype)
+        which = np.searchsorted(self._starts, idx, side="right") - 1
         for g in np.unique(which):
-            if g not in last:
-                last.clear()
-                last[g] = arrow_to_vectors(file.read_row_group(int(g), columns=[column]).column(0), dtype)
+            if g not in self._last:
+                self._last.clear()
+                column = self._file.read_row_group(int(g), columns=[self.column]).column(0)
+                self._last[g] = arrow_to_vectors(column, self._dtype)
             here = which == g
-            out[here] = last[g][idx[here] - starts[g]]
+            out[here] = self._last[g][idx[here] - self._starts[g]]
         return out
 
-    return Rows(int(starts[-1]), int(field.list_size), compute)
+
+def parquet_rows(path, column: str = "vector", dtype=None) -> ParquetRows:
+    """`ParquetRows(path, column, dtype)`."""
+    return ParquetRows(path, column, dtype)

@@ -61,8 +61,7 @@ def _stop(procs):
 def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lists_on_the_workers(tmp_path, sample_dir, tiny_model,
                                                                                  dask_client):
     """Oracle: the same refresh on the LocalCluster; the lists are the same. A scheduler plugin
-    records where each task ran. (The index build and the publish still run in the driver: the
-    rest of issue 14.)"""
+    records where each task ran. (The publish still runs in the driver: the rest of issue 14.)"""
     from distributed import Client
 
     from cluster_helpers import TaskRecorder, ran
@@ -95,6 +94,9 @@ def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lis
     # behaviour: the sums over the user blocks (here X gathered: the users side is small), the samples
     assert by_prefix["stats-task"] <= workers and by_prefix["rows-task"] <= workers
     assert by_prefix["first-users"] <= workers
+    # the item side made from the fit and saved, the index built and saved: each on a worker
+    assert by_prefix["behaviour-from-svd"] <= workers and by_prefix["item-side-of"] <= workers, sorted(by_prefix)
+    assert by_prefix["save"] <= workers and by_prefix["index-task"] <= workers
     # gate: the sampled users' fit and scoring, on a worker
     assert by_prefix["gate-task"] <= workers
     # lists: the item blocks (32 rows each) and the user blocks (the event blocks), on both workers

@@ -369,3 +369,8 @@ def test_parquet_rows_read_the_file_a_row_group_at_a_time(tmp_path):
     np.testing.assert_array_equal(rows[picked], vectors[picked])
     np.testing.assert_array_equal(rows[7], vectors[7])
     np.testing.assert_array_equal(parquet_rows(tmp_path / "embeddings.parquet", dtype=np.float32)[5:9], vectors[5:9].astype(np.float32))
+    import pickle
+
+    sent = pickle.dumps(parquet_rows(tmp_path / "embeddings.parquet", dtype=np.float32))
+    assert len(sent) < 1000  # a task sent to a worker carries the path, not the rows
+    np.testing.assert_array_equal(pickle.loads(sent)[picked], vectors[picked].astype(np.float32))

@@ -13,7 +13,8 @@ from index.tune import set_depth
 from recommend.ranking.blend import build_space
 from recommend.ranking.lists import labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
-from recommend.run.list_tasks import LISTS, ListJob, list_blocks, read_parts, save_item_side, user_vector_rows
+from recommend.run.item_tasks import save_item_side
+from recommend.run.list_tasks import LISTS, ListJob, list_blocks, read_parts, user_vector_rows
 
 K = 10
 

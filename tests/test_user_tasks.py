@@ -17,7 +17,8 @@ from recommend.ranking.behaviour import FitMatrix, FitStats, subspace_svd
 from recommend.ranking.blend import build_space, user_block
 from recommend.ranking.profiles import popularity
 from recommend.ranking.settings import BlendSettings, RankingSettings
-from recommend.run.user_tasks import BlockedFit, block_stats, fit_blocks
+from recommend.run.item_tasks import fit_blocks, read_item_side
+from recommend.run.user_tasks import BlockedFit, block_stats
 
 COLUMNS = {"user_id": "user", "item_id": "item", "timestamp": "ts", "event_type": "kind"}
 
@@ -84,7 +85,7 @@ def test_block_sums_equal_the_whole_matrix(blocked, dask_client):
     assert (fit.gather() != whole.fit_on).nnz == 0
     np.testing.assert_allclose(fit.gram(), FitMatrix(whole.fit_on).gram(), rtol=1e-9)
     z = np.random.default_rng(0).standard_normal((len(item_ids), 5)).astype(np.float32)
-    np.testing.assert_allclose(fit.gram_times(z), FitMatrix(whole.fit_on).gram_times(z), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(fit.fetch(fit.gram_times(z)), FitMatrix(whole.fit_on).gram_times(z), rtol=1e-4, atol=1e-3)
 
 
 def test_subspace_iteration_over_blocks_is_the_one_in_process(blocked, dask_client):
@@ -92,7 +93,9 @@ def test_subspace_iteration_over_blocks_is_the_one_in_process(blocked, dask_clie
     on the whole matrix in this process (rank 8 of 150 items: not the exact path)."""
     events, item_ids, blocks, user_ids = blocked
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
-    s, v = subspace_svd(BlockedFit(dask_client, blocks, len(item_ids), settings), 8)
+    fit = BlockedFit(dask_client, blocks, len(item_ids), settings)
+    s, v = subspace_svd(fit, 8)
+    v = fit.fetch(v)  # the vectors stay on a worker until asked for
     x = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
                    item_row={i: r for r, i in enumerate(item_ids)}).fit_on
     s_whole, v_whole = subspace_svd(FitMatrix(x), 8)
@@ -113,21 +116,45 @@ def test_subspace_iteration_finds_the_top_singular_vectors():
     np.testing.assert_allclose(np.abs(np.sum(v * vectors[:, ::-1][:, :8], axis=0)), 1.0, atol=1e-4)
 
 
-def test_the_item_side_from_blocks_is_build_spaces(blocked, dask_client):
+def test_the_item_side_from_blocks_is_build_spaces(blocked, dask_client, tmp_path):
     """The refresh's fit over the blocks (exact here: 401 users) gives `build_space`'s item side,
-    with the behaviour scale from the same hash-sampled users."""
+    with the behaviour scale from the same hash-sampled users; a worker builds and saves it, and the
+    saved files are what is compared."""
     events, item_ids, blocks, user_ids = blocked
     text = np.random.default_rng(3).standard_normal((len(item_ids), 16)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
     space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
-    fitted = fit_blocks(dask_client, blocks, item_ids, text, settings)
-    assert replace(fitted.items.layout, behaviour_scale=None) == replace(space.layout, behaviour_scale=None)
-    assert fitted.items.layout.behaviour_scale == pytest.approx(space.layout.behaviour_scale, rel=1e-5)
-    assert fitted.users == len(user_ids) == 401
-    assert fitted.users_with_history == int(space.has_history.sum()) == 400
+    saved = fit_blocks(dask_client, tmp_path, blocks, item_ids, text, settings)
+    items = read_item_side(tmp_path)
+    assert items.layout == saved.layout
+    assert replace(items.layout, behaviour_scale=None) == replace(space.layout, behaviour_scale=None)
+    assert items.layout.behaviour_scale == pytest.approx(space.layout.behaviour_scale, rel=1e-5)
+    assert saved.users == len(user_ids) == 401
+    assert saved.users_with_history == int(space.has_history.sum()) == 400
+    assert saved.cold_items == int((~space.warm).sum())
+    assert set(saved.files) == {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "item-side").iterdir()}
     for name in ("behaviour_docs", "behaviour_queries", "text", "popularity"):
-        np.testing.assert_allclose(getattr(fitted.items, name), getattr(space.items, name), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(getattr(items, name), getattr(space.items, name), rtol=1e-4, atol=1e-4)
+
+
+def test_the_item_side_at_a_rank_below_full_stays_on_the_workers(blocked, dask_client, tmp_path):
+    """Rank 8 of 150 items (the subspace iteration, not the exact path): the item side saved by a
+    worker equals the one built in this process from the same blocks without a client, and the
+    steps between the products (the start, LU, QR, Rayleigh–Ritz, the item side) ran as tasks."""
+    events, item_ids, blocks, _ = blocked
+    text = np.random.default_rng(4).standard_normal((len(item_ids), 16)).astype(np.float32)
+    settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0,
+                               blend=BlendSettings(factors=8, text_in_fit=0.0))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    on_workers = fit_blocks(dask_client, tmp_path / "a", blocks, item_ids, text, settings)
+    here = fit_blocks(None, tmp_path / "b", blocks, item_ids, text, settings)
+    assert on_workers.layout.behaviour_dim == 8
+    a, b = read_item_side(tmp_path / "a"), read_item_side(tmp_path / "b")
+    for name in ("behaviour_docs", "behaviour_queries", "text"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-3, atol=1e-4)
+    prefixes = set(dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+    assert {"gaussian", "lu-basis", "qr-basis", "ritz", "rotate", "behaviour-from-svd", "item-side-of", "save"} <= prefixes
 
 
 def test_the_first_blocks_hold_the_hash_sample(blocked):

@@ -96,6 +96,16 @@ class FitMatrix:
         """XᵀX z in float32, as Xᵀ(X z)."""
         return gram_times(self.matrix, z)
 
+    def run(self, fn, *args):
+        """fn(*args) where the fit's (items x r) arrays are kept: here. A FitMatrix in blocks runs it
+        on a worker and returns a handle (a future) instead, which `gram_times` and `run` accept as
+        arguments, so that those arrays never come to the driver; `fetch` brings a (small) result."""
+        return fn(*args)
+
+    def fetch(self, x):
+        """The value behind what `run` or `gram_times` returned."""
+        return x
+
 
 def gram_times(x: sp.csr_matrix, z: np.ndarray) -> np.ndarray:
     """Xᵀ(X z) for one block of rows, float32: a user block's share of the product."""
@@ -120,7 +130,17 @@ class WithTextRows(FitMatrix):
         return self.inner.gram() + rows.T @ rows
 
     def gram_times(self, z: np.ndarray) -> np.ndarray:
-        return self.inner.gram_times(z) + self.rows.T @ (self.rows @ z)
+        return self.inner.run(_plus_rows, self.inner.gram_times(z), self.rows, z)
+
+    def run(self, fn, *args):
+        return self.inner.run(fn, *args)
+
+    def fetch(self, x):
+        return self.inner.fetch(x)
+
+
+def _plus_rows(product: np.ndarray, rows: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return product + rows.T @ (rows @ z)
 
 
 OVERSAMPLE, POWER_ITERATIONS = 10, 6  # r + 10 columns as sklearn's randomized_svd; 6 products to reach its Krylov space
@@ -153,20 +173,39 @@ def subspace_svd(matrix: FitMatrix, r: int, seed: int = 0, n_iter: int = POWER_I
     """The top r right singular pairs of X by subspace iteration on XᵀX (Halko et al. 2011, alg. 4.4
     from the items' side): Z ← orth(XᵀX Z) from a seeded Gaussian Z of r + `oversample` columns, then
     Rayleigh–Ritz on Zᵀ XᵀX Z. With 6 products Z spans (XᵀX)⁶Ω, as the right singular vectors of
-    sklearn's randomized_svd(n_iter=5) do; every product is a sum over row blocks."""
+    sklearn's randomized_svd(n_iter=5) do; every product is a sum over row blocks. Z and the products
+    stay where `matrix.run` keeps them (on a worker for X in blocks): the singular vectors returned
+    are a handle there too; only the (c x c) Rayleigh–Ritz matrix comes here."""
     n_items = matrix.shape[1]
     c = min(r + oversample, n_items)
-    z = np.random.default_rng(seed).standard_normal((n_items, c)).astype(np.float32)
+    z = matrix.run(_gaussian, n_items, c, seed)
     for i in range(n_iter):  # normalised by LU between products (as sklearn does), by QR before the last
-        y = matrix.gram_times(z)
-        z = (scipy.linalg.lu(y, permute_l=True, check_finite=False, overwrite_a=True)[0] if i < n_iter - 1 else
-             scipy.linalg.qr(y, mode="economic", check_finite=False, overwrite_a=True)[0])
-    gz = matrix.gram_times(z)
-    h = z.T.astype(np.float64) @ gz.astype(np.float64)  # Zᵀ XᵀX Z, (c, c)
+        z = matrix.run(_lu_basis if i < n_iter - 1 else _qr_basis, matrix.gram_times(z))
+    h = matrix.fetch(matrix.run(_ritz, z, matrix.gram_times(z)))  # Zᵀ XᵀX Z, (c, c)
     values, w = np.linalg.eigh((h + h.T) / 2)
     order = np.argsort(values)[::-1][:r]
     values = np.clip(values[order], 0.0, None)
-    return np.sqrt(values).astype(np.float32), np.ascontiguousarray(z @ w[:, order].astype(np.float32), dtype=np.float32)
+    return np.sqrt(values).astype(np.float32), matrix.run(_rotate, z, w[:, order].astype(np.float32))
+
+
+def _gaussian(n: int, c: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, c)).astype(np.float32)
+
+
+def _lu_basis(y: np.ndarray) -> np.ndarray:
+    return scipy.linalg.lu(y, permute_l=True, check_finite=False, overwrite_a=True)[0]
+
+
+def _qr_basis(y: np.ndarray) -> np.ndarray:
+    return scipy.linalg.qr(y, mode="economic", check_finite=False, overwrite_a=True)[0]
+
+
+def _ritz(z: np.ndarray, gz: np.ndarray) -> np.ndarray:
+    return z.T.astype(np.float64) @ gz.astype(np.float64)
+
+
+def _rotate(z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(z @ w, dtype=np.float32)
 
 
 def _dense(x) -> np.ndarray:
@@ -198,7 +237,7 @@ def fit_behaviour(matrix: sp.csr_matrix | FitMatrix, factors: int = 1024, l2: fl
     text then go together in behaviour too, and an item with no events gets its behaviour from its
     text within the fit (such items count as `warm`: `project_cold` leaves them be). At a low rank
     the dense text rows would crowd out the behaviour, so they are left out there. `matrix`: X, or a
-    FitMatrix (X in blocks) with its `stats`."""
+    FitMatrix (X in blocks) with its `stats`; then the Behaviour is where `matrix.run` keeps it."""
     if not isinstance(matrix, FitMatrix):
         matrix, stats = FitMatrix(matrix), FitStats.of(matrix)
     n_users, n_items = matrix.shape
@@ -217,7 +256,13 @@ def fit_behaviour(matrix: sp.csr_matrix | FitMatrix, factors: int = 1024, l2: fl
         matrix = WithTextRows(matrix, text, text_weight)
         fitted = np.ones(n_items, dtype=bool)  # every item has a place in the fit through its text
     s, v = right_singular(matrix, r, seed)
-    # float32 throughout: (items x r) float64 copies were the largest blocks at scale
+    return matrix.run(behaviour_from_svd, s, v, warm, fitted, l2)  # where v is: on a worker for X in blocks
+
+
+def behaviour_from_svd(s: np.ndarray, v: np.ndarray, warm: np.ndarray, fitted: np.ndarray, l2: float) -> Behaviour:
+    """Rank-r EASE's two item sides from the top singular pairs (s, v) of X (see the module); `l2`
+    already in the units of X. Float32 throughout: (items x r) float64 copies were the largest blocks
+    at scale, and v is reused in place."""
     s2 = s.astype(np.float64) ** 2
     shrink, inv = (s2 / (s2 + l2)).astype(np.float32), (1.0 / (s2 + l2)).astype(np.float32)
     squared = v ** 2

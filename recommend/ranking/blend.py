@@ -243,19 +243,29 @@ def user_block(events: pd.DataFrame, *, n_items: int, user_ids, settings: Rankin
 
 
 def fit_item_side(matrix: FitMatrix, stats: FitStats, pop: np.ndarray, text: np.ndarray, settings: RankingSettings,
-                  scale_rows: sp.csr_matrix, bar: Callable[[str, int], Callable[[int], None]] | None = None
-                  ) -> tuple[ItemSide, int]:
+                  scale_rows: sp.csr_matrix, bar: Callable[[str, int], Callable[[int], None]] | None = None):
     """The item side from the behaviour fit on `matrix` (X whole or in user blocks, with its `stats`),
-    the items' decayed popularity `pop` and text vectors; `scale_rows`: the fitted matrix's rows of
-    the `scale_sample` users. Returns it and how many items got behaviour from their text alone."""
+    the items' decayed popularity `pop` and text vectors (an array or a row source; a
+    `index.rows.ParquetRows` travels to a worker as its path); `scale_rows`: the fitted matrix's rows
+    of the `scale_sample` users. Returns (ItemSide, how many items got behaviour from their text
+    alone), where `matrix.run` keeps the fit's arrays: here for X whole, a future on a worker for X in
+    blocks (recommend/run/item_tasks.py saves it there)."""
     blend = settings.blend
     tick = bar(f"behaviour fit ({matrix.shape[0]} users x {matrix.shape[1]} items)", 1) if bar else None
     model = fit_behaviour(matrix, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=text,
                           text_weight=blend.text_in_fit, stats=stats)
-    # the text part shrinks with the rank at scale: every list search costs in proportion to the dimensions
-    projected_text = project_text(text, min(blend.text_dims or text.shape[1], max(16, model.item_vectors.shape[1] // 2)))
+    side = matrix.run(item_side_of, model, text, pop, settings, scale_rows)
     if tick:
         tick(1)
+    return side
+
+
+def item_side_of(model, text: np.ndarray, pop: np.ndarray, settings: RankingSettings,
+                 scale_rows: sp.csr_matrix) -> tuple[ItemSide, int]:
+    """The item side from a fitted behaviour model (`fit_item_side`)."""
+    blend = settings.blend
+    # the text part shrinks with the rank at scale: every list search costs in proportion to the dimensions
+    projected_text = project_text(text, min(blend.text_dims or text.shape[1], max(16, model.item_vectors.shape[1] // 2)))
     projected = project_cold(model, text, damping=blend.cold_damping)  # the ridge map reads all text dimensions
     layout = Layout(int(model.item_vectors.shape[1]), int(projected_text.shape[1]), float(blend.behaviour_weight),
                     float(blend.popularity_weight), float(blend.few_events), behaviour_scale(model, scale_rows))

@@ -1,7 +1,8 @@
 """The lists stage's work on the Dask workers: blocks of items and blocks of users, each writing its part.
 
-The driver builds the index and the item side once (items x a few dozen dimensions) and saves both
-in the run folder; each worker process loads them once, as it loads the model, and then takes blocks:
+A worker built the index and the item side once (items x a few dozen dimensions) and saved both in
+the run folder (recommend/run/item_tasks.py); each worker process loads them once, as it loads the
+model, and then takes blocks:
 
 - a block of items: their similar items;
 - a block of users (an event block ingest wrote, embedder/event_blocks.py): their vectors, from
@@ -18,13 +19,12 @@ the lists are those of the whole run computed in one process (tests/test_list_ta
 Without a client the blocks run one after another in this process.
 
 Example (what the lists stage does):
-    save_item_side(run_dir, space.items, item_ids)
+    save_item_side(run_dir, space.items, item_ids)   # recommend/run/item_tasks.py
     parts = list_blocks(client, run_dir, len(item_ids), blocks, settings, ListJob(k=10), sample=rows)
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,17 +40,15 @@ from index.build import load_index
 from index.search import flat_vectors
 from index.rows import Rows, take_rows
 from embedder.event_blocks import Blocks
-from recommend.ranking.blend import ItemSide, Layout, user_block_vectors
+from recommend.ranking.blend import ItemSide, user_block_vectors
 from recommend.ranking.lists import LIST_SCHEMA, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import RankingSettings
+from recommend.run.item_tasks import INDEX, read_item_ids, read_item_side
 from recommend.run.user_tasks import load_user_block
 
 BLOCK = 8192  # items or users per task by default: lists.block_size (Spark's ALS recommendForAll cuts 4096)
-ITEM_SIDE = "item-side"  # folder in the run folder: the item side's arrays, for the workers
 LISTS = "lists.parquet"  # folder of Parquet parts (pandas and pyarrow read it as one table)
 PARTS = "parts"
-INDEX = "index.faiss"
-_ARRAYS = ("behaviour_docs", "behaviour_queries", "text", "pop_feature", "popularity", "warm")
 
 
 @dataclass(frozen=True)
@@ -77,22 +75,6 @@ class Part:
     sample_ids: np.ndarray | None = field(default=None, repr=False)  # item blocks: the listed ids of the sampled rows
 
 
-def save_item_side(run_dir: Path, items: ItemSide, item_ids) -> dict[str, str]:
-    """The item side's arrays as .npy files and its layout as JSON, under <run>/item-side/. Returns
-    their digests (for the manifest)."""
-    folder = run_dir / ITEM_SIDE
-    folder.mkdir(exist_ok=True)
-    for name in _ARRAYS:
-        with atomic_path(folder / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(getattr(items, name)))
-    write_parquet(pa.table({"item_id": pa.array(list(item_ids), pa.string())}), folder / "item_ids.parquet")
-    with atomic_path(folder / "layout.json") as tmp:
-        Path(tmp).write_text(json.dumps({"layout": items.layout.to_dict(), "query_scale": items.query_scale}))
-    names = [*(f"{n}.npy" for n in _ARRAYS), "item_ids.parquet", "layout.json"]
-    return {f"{ITEM_SIDE}/{n}": file_digest(folder / n) for n in names}
-
-
 @dataclass
 class Loaded:
     """One run's item side and index, as a worker process holds them."""
@@ -116,13 +98,7 @@ def load_item_side(run_dir: str) -> Loaded:
     with _loading:
         if run_dir not in _loaded:
             _loaded.clear()
-            folder = Path(run_dir) / ITEM_SIDE
-            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-            meta = json.loads((folder / "layout.json").read_text())
-            items = ItemSide(**arrays, layout=Layout(**meta["layout"]), query_scale=meta["query_scale"])
-            import pyarrow.parquet as pq
-
-            item_ids = np.asarray(pq.read_table(folder / "item_ids.parquet").column(0).to_pylist(), dtype=object)
+            items, item_ids = read_item_side(run_dir), read_item_ids(run_dir)
             index = load_index(Path(run_dir) / INDEX, mmap=True)  # one copy per host, in the page cache
             stored = flat_vectors(index)  # an exact index holds the documents as they are: no need to recompute them
             _loaded[run_dir] = Loaded(items, item_ids, index, items.docs() if stored is None else stored, items.queries(),

@@ -25,15 +25,15 @@ from embedder.errors import InputError, RecsError
 from embedder.event_blocks import Blocks, UserIds
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
-from index.build import APPROXIMATE, EXACT, save_index
+from index.build import APPROXIMATE, EXACT
 from index.rows import parquet_rows
-from index.search import Recall, is_exact, recall_on_rows, sample_rows
-from index.tune import build_tuned
+from index.search import Recall, sample_rows
 from recommend.config import Config, StageSettings
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
-from recommend.ranking.blend import ItemSide, user_block, user_block_vectors
-from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, save_item_side, user_vector_rows
-from recommend.run.user_tasks import fit_blocks, gate_figures, sample_users
+from recommend.ranking.blend import Layout
+from recommend.run.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
+from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, user_vector_rows
+from recommend.run.user_tasks import gate_figures, sample_users
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
 from recommend.run.progress import Reporter
@@ -208,10 +208,11 @@ def gate(run: Run, store, blocks: Blocks) -> GateReport:
 
 @dataclass
 class Lists:
-    """The index stage's output: the item side, the ids, and the parts the workers wrote
+    """The index stage's output: the item side's layout (the item side itself and the index are in the
+    run folder, recommend/run/item_tasks.py), the ids, and the parts the workers wrote
     (recommend/run/list_tasks.py), from which the publish streams the lists and user vectors."""
 
-    items: ItemSide
+    layout: Layout
     item_ids: np.ndarray
     blocks: Blocks
     parts: list[Part]
@@ -223,55 +224,50 @@ TUNE_USERS = 4096     # users (the smallest hashes) whose vectors the index's tu
 
 
 def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
-    """The behaviour fit over the user blocks and the item side (recommend/run/user_tasks.py), the
-    FAISS index over the items (here), then K similar items per item and K items per user, a block at
-    a time on the workers (recommend/run/list_tasks.py)."""
-    config, k, ranking = run.config, run.config.lists.k, run.settings.ranking
+    """On the workers: the behaviour fit over the user blocks, the item side and the FAISS index
+    (built and saved on a worker, recommend/run/item_tasks.py), then K similar items per item and K
+    items per user, a block at a time (recommend/run/list_tasks.py). The driver holds summaries."""
+    config, k, ranking, client, run_dir = run.config, run.config.lists.k, run.settings.ranking, run.client, run.run_dir
     bar = run.bar("index")
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
-        chosen, events = sample_users(run.client, blocks, TUNE_USERS)  # read once: the fit's scale sample is its first users
-        fitted = fit_blocks(run.client, blocks, emb.item_ids, emb.vectors, ranking, bar=bar, sample=(chosen, events))
-        items = fitted.items
-        tune_rows = user_block(events, n_items=len(item_ids), user_ids=chosen, settings=ranking, now=blocks.newest)
-        tune_users = user_block_vectors(tune_rows, items)
-        index, tuning = build_tuned(items.docs(), items.queries(), k, config.index, tune_users,
-                                    np.flatnonzero(tune_rows.n_history > 0), progress=bar,
-                                    n_searches=len(item_ids) + fitted.users_with_history)
-        del tune_users, tune_rows, events
-        save_index(index, run.run_dir / "index.faiss")
-        exact = is_exact(index)
-        del index  # each worker loads its own copy
-        files = {"index.faiss": file_digest(run.run_dir / "index.faiss"), **save_item_side(run.run_dir, items, item_ids)}
-        sample = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
-        parts = list_blocks(run.client, run.run_dir, len(item_ids), blocks, ranking,
-                            ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=sample,
+        sample = sample_users(client, blocks, TUNE_USERS)  # read once: the fit's scale sample is its first users
+        saved = fit_blocks(client, run_dir, blocks, item_ids, emb.vectors, ranking, bar=bar, sample=sample)
+        tick = bar("building and tuning the index on a worker", 1)
+        built = build_index(client, run_dir, k, config.index, sample, blocks.newest, ranking,
+                            n_searches=len(item_ids) + saved.users_with_history)
+        tick(1)
+        del sample
+        tuning, files = built.tuning, {**built.files, **saved.files}
+        rows = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
+        parts = list_blocks(client, run_dir, len(item_ids), blocks, ranking,
+                            ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=rows,
                             block_size=config.lists.block_size, progress=bar)
         files.update(part_files(parts))
-        recall = Recall(recall=1.0, k=k, sample=0, exact=True) if exact else recall_on_rows(
-            items.docs(), items.queries(), sample, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
+        recall = Recall(recall=1.0, k=k, sample=0, exact=True) if built.exact else item_lists_recall(
+            client, run_dir, rows, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
             min(k, max(len(item_ids) - 1, 0)))
         release_freed_memory()
     factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
                                                                          else config.index.kind)
     user_parts = [p for p in parts if p.kind == "user"]
     summary = IndexSummary(
-        factory=factory, items=len(item_ids), users=blocks.users, users_with_history=fitted.users_with_history,
+        factory=factory, items=len(item_ids), users=blocks.users, users_with_history=saved.users_with_history,
         users_short_of_k=sum(p.short_of_k for p in user_parts), k=k,
-        cold_items=int((~np.asarray(items.warm)).sum()), cold_items_projected=fitted.cold_items_projected,
+        cold_items=saved.cold_items, cold_items_projected=saved.cold_items_projected,
         cold_items_in_user_lists=sum(p.new_items_listed for p in user_parts),
-        item_lists_recall=recall, search_depth=tuning, layout=items.layout.to_dict())
+        item_lists_recall=recall, search_depth=tuning, layout=saved.layout.to_dict())
     run.report.index = summary
-    write_manifest(run.run_dir, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
-                                              index_config=config.index, lists_config=config.lists,
-                                              blend_config=config.blend))
+    write_manifest(run_dir, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
+                                          index_config=config.index, lists_config=config.lists,
+                                          blend_config=config.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
              else f"{tuning.knob}={tuning.value if tuning.value is not None else 'faiss default'}")
     run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}; "
                 f"{len(item_ids)} item lists, {blocks.users} user lists in {len(parts)} blocks "
-                f"({blocks.users - fitted.users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
+                f"({blocks.users - saved.users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
                 f"({run.report.seconds['index']:.1f}s)")
-    return Lists(items, item_ids, blocks, parts, summary)
+    return Lists(saved.layout, item_ids, blocks, parts, summary)
 
 
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
@@ -279,7 +275,7 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
     The lists and user vectors are streamed from the parts, a block at a time."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
-    items_side, item_ids = lists.items, lists.item_ids
+    items_side, item_ids = read_item_side(run.run_dir), lists.item_ids  # memory-mapped, read a batch at a time
     user_ids = UserIds(lists.blocks)  # read a block at a time, as the parts are
     with run.stage("publish"):
         metadata = {c: items.rows[c].tolist() for c in config.items.metadata}

@@ -8,19 +8,21 @@ group of blocks, builds their interaction matrices (`ranking.blend.user_block`) 
   square of the fitted values (one round);
 - `BlockedFit`: the fitted matrix X as the fit reads it (ranking.behaviour.FitMatrix): XᵀX z as
   Σ_b X_bᵀ(X_b z) for the subspace iteration, XᵀX itself when the items side is small, X whole only
-  when the users side is small. z (items x r) is sent to every worker once per product; the partial
-  sums are added pairwise on the workers, so the driver receives one (items x r) array. Each worker
-  process keeps the blocks' fitted rows it read until the fit ends (`fit_rows`);
+  when the users side is small. z (items x r) goes to every worker once per product; the partial
+  sums are added pairwise on the workers, and the total stays there: the fit's (items x r) arrays
+  (z, the products, their normalisation) live on the workers as futures (`BlockedFit.run`), and
+  the driver receives only the (c x c) Rayleigh–Ritz matrix. Each worker process keeps the blocks'
+  fitted rows it read until the fit ends (`fit_rows`);
 - `gate_figures`: the quality gate's fit and scoring, on one worker, over the users of smallest
   hash (in the first blocks).
 
-Items x a few dozen dimensions in the driver is allowed (the item side is built there); users and
-events stay in the blocks. Without a client the same tasks run one after another in this process,
-and the sums are added in the same order: the fit is the same with or without workers.
+Users and events stay in the blocks, and the item side is built on a worker
+(recommend/run/item_tasks.py). Without a client the same tasks run one after another in this
+process, and the sums are added in the same order: the fit is the same with or without workers.
 
 Example:
     stats, pop = block_stats(client, blocks, n_items, settings)
-    items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings, ...)
+    side = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings, ...)  # a future
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from distributed import Future
 from threadpoolctl import threadpool_limits
 
 from embedder.event_blocks import Blocks, first_users, read_block
@@ -42,7 +44,7 @@ from index.rows import parquet_rows
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateSettings
 from recommend.ranking.behaviour import FitMatrix, FitStats, gram_times
-from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, UserBlock, fit_item_side, scale_sample, user_block
+from recommend.ranking.blend import UserBlock, user_block
 from recommend.ranking.profiles import popularity
 from recommend.ranking.settings import RankingSettings
 
@@ -134,9 +136,10 @@ def _add(a, b):
     return a + b
 
 
-def _reduce(client, fn, blocks: Blocks, *args, combine=_add):
+def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False):
     """fn over every group of blocks, the results combined pairwise in a fixed order: on the workers
-    with a client (only the total comes here), else in this process."""
+    with a client (only the total comes here; with `keep`, the total stays on its worker and its
+    future comes here), else in this process."""
     groups = _groups(blocks.n)
     if client is None:
         parts = [fn(blocks.folder, g, *args) for g in groups]
@@ -152,6 +155,8 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add):
         parts = [client.submit(combine, parts[i], parts[i + 1], pure=False, priority=level,
                                key=f"{name}-sum-{level}-{i}-{stamp}")
                  for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
+    if keep:
+        return parts[0]
     result = parts[0].result()
     parts[0].release()
     return result
@@ -184,22 +189,38 @@ class BlockedFit(FitMatrix):
     def gram(self) -> np.ndarray:
         return _reduce(self.client, _gram_task, self.blocks, *self._args())
 
-    def gram_times(self, z: np.ndarray) -> np.ndarray:
-        z = np.ascontiguousarray(z, dtype=np.float32)
-        if self.client is not None:
-            z = self.client.scatter(z, broadcast=True, hash=False)
-        return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z)
+    def gram_times(self, z):
+        """XᵀX z: `z` an array, or a future of one (`run`'s); with a client the result stays on a
+        worker (a future): (items x r) arrays of the fit never come to the driver."""
+        if isinstance(z, np.ndarray):
+            z = np.ascontiguousarray(z, dtype=np.float32)
+            if self.client is not None:
+                z = self.client.scatter(z, broadcast=True, hash=False)
+        return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z, keep=True)
+
+    def run(self, fn, *args):
+        if self.client is None:
+            return fn(*args)
+        return self.client.submit(fn, *args, pure=False, key=f"{fn.__name__.strip('_').replace('_', '-')}-{time.time_ns()}")
+
+    def fetch(self, x):
+        return x.result() if isinstance(x, Future) else x
 
 
-def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], pd.DataFrame]:
-    """`first_users` (the n users with events of smallest hash, and their events), read on a worker."""
+def one_task(client, fn, *args):
+    """fn(*args) as one task on a worker, its result brought here (in this process without a client)."""
     if client is None:
-        return first_users(blocks.folder, blocks.n, n)
-    future = client.submit(first_users, blocks.folder, blocks.n, n, pure=False, key=f"first-users-{n}-{time.time_ns()}")
+        return fn(*args)
+    future = client.submit(fn, *args, pure=False, key=f"{fn.__name__.strip('_').replace('_', '-')}-{time.time_ns()}")
     try:
         return future.result()
     finally:
         future.release()
+
+
+def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], pd.DataFrame]:
+    """`first_users` (the n users with events of smallest hash, and their events), read on a worker."""
+    return one_task(client, first_users, blocks.folder, blocks.n, n)
 
 
 def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
@@ -220,38 +241,4 @@ def gate_figures(client, run_dir, blocks: Blocks, settings: RankingSettings, gat
     """The quality gate's figures (`quality.evaluate.holdout_score`), computed on a worker: the
     `gate.max_users` users of smallest hash read from the first blocks, the item vectors from the
     run's embeddings.parquet. The driver receives the figures only."""
-    args = (str(run_dir), blocks.folder, blocks.n, settings, gate)
-    if client is None:
-        return _gate_task(*args)
-    future = client.submit(_gate_task, *args, pure=False, key=f"gate-task-{time.time_ns()}")
-    try:
-        return future.result()
-    finally:
-        future.release()
-
-
-@dataclass
-class BlockedSpace:
-    """The item side fitted over the user blocks, and what the driver knows of the users."""
-
-    items: ItemSide
-    cold_items_projected: int
-    users: int
-    users_with_history: int
-
-
-def fit_blocks(client, blocks: Blocks, item_ids, text: np.ndarray, settings: RankingSettings, bar=None,
-               sample: tuple[list[str], pd.DataFrame] | None = None) -> BlockedSpace:
-    """The item side from the blocks, as `ranking.blend.build_space` makes it from all events at once.
-    `sample`: `sample_users` of at least SCALE_SAMPLE users, when the caller has it (read otherwise)."""
-    n_items = len(item_ids)
-    stats, pop = block_stats(client, blocks, n_items, settings)
-    chosen, events = sample if sample is not None else sample_users(client, blocks, SCALE_SAMPLE)
-    sample = user_block(events, n_items=n_items, user_ids=chosen, settings=settings, now=blocks.newest)
-    rows = scale_sample(np.arange(len(chosen), dtype=np.uint64), sample.n_history)  # in hash order already
-    try:
-        items, projected = fit_item_side(BlockedFit(client, blocks, n_items, settings), stats, pop, text, settings,
-                                         sample.fit_on[rows], bar)
-    finally:
-        client.run(forget_fit_rows) if client is not None else forget_fit_rows()
-    return BlockedSpace(items, projected, blocks.users, sum(s.users_with_events for s in blocks.summaries))
+    return one_task(client, _gate_task, str(run_dir), blocks.folder, blocks.n, settings, gate)

@@ -46,7 +46,8 @@ def main() -> None:
     from recommend.ranking.settings import BlendSettings, RankingSettings
     from recommend.config import DaskSettings
     from recommend.run.cluster import dask_client
-    from recommend.run.list_tasks import LISTS, ListJob, list_blocks, save_item_side
+    from recommend.run.item_tasks import save_item_side
+    from recommend.run.list_tasks import LISTS, ListJob, list_blocks
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
