@@ -78,9 +78,9 @@ def verify_table(table: pa.Table) -> str | None:
     return None
 
 
-def _lookup_bucket(root: str, bucket: str, keys: list[str]) -> tuple[pa.Table | None, list[str]]:
+def _lookup_bucket(root: str, bucket: str, keys: list[str], vectors: bool = True) -> tuple[pa.Table | None, list[str]]:
     """One bucket's share of a lookup, run on a Dask worker."""
-    return EmbeddingCache(root).lookup_bucket(bucket, keys)
+    return EmbeddingCache(root).lookup_bucket(bucket, keys, vectors)
 
 
 def _compact_bucket(root: str, bucket: str, max_files: int) -> int:
@@ -107,8 +107,9 @@ class EmbeddingCache:
     def _bucket_dir(self, bucket: str) -> str:
         return f"{self.base}/bucket={bucket}"
 
-    def lookup(self, hashes, client=None) -> Lookup:
+    def lookup(self, hashes, client=None, vectors: bool = True) -> Lookup:
         """Vectors for the given hashes that the cache holds; absent hashes are simply missing.
+        `vectors` False: which hashes it holds (`found` maps each to None): only the hashes travel.
 
         A partition-wise join: each bucket is read by one task that keeps only the wanted rows, so no
         process ever holds the whole cache. With a Dask `client` the buckets are read on its workers
@@ -119,23 +120,27 @@ class EmbeddingCache:
         if client is not None and len(groups) > 1:
             # keys as arrays, not lists: Dask walks a list argument element by element (0.4 s at 200k keys)
             futures = client.map(_lookup_bucket, [self.root] * len(groups), [b for b, _ in groups],
-                                 [np.asarray(k, dtype=object) for _, k in groups], pure=False)
+                                 [np.asarray(k, dtype=object) for _, k in groups], [vectors] * len(groups), pure=False)
             results = client.gather(futures)
         else:
-            results = [self.lookup_bucket(bucket, keys) for bucket, keys in groups]
+            results = [self.lookup_bucket(bucket, keys, vectors) for bucket, keys in groups]
         lookup = Lookup({})
         for table, set_aside in results:
             lookup.set_aside += set_aside
             if table is not None and table.num_rows:
-                lookup.found.update(zip(table["content_hash"].to_pylist(), arrow_to_vectors(table["vector"], STORED_DTYPE)))
+                hashes = table["content_hash"].to_pylist()
+                lookup.found.update(zip(hashes, arrow_to_vectors(table["vector"], STORED_DTYPE)) if vectors
+                                    else dict.fromkeys(hashes))
         return lookup
 
-    def lookup_bucket(self, bucket: str, keys) -> tuple[pa.Table | None, list[str]]:
-        """The rows of one bucket whose content hash is in `keys`, and the damaged files set aside."""
+    def lookup_bucket(self, bucket: str, keys, vectors: bool = True) -> tuple[pa.Table | None, list[str]]:
+        """The rows of one bucket whose content hash is in `keys` (without `vectors`: their hashes
+        only), and the damaged files set aside."""
         keys = pa.array(list(keys), pa.string())
         parts, set_aside = [], []
         for path, table in self._bucket_tables(bucket, set_aside):
-            parts.append(table.filter(pc.is_in(table["content_hash"], value_set=keys)))
+            found = table.filter(pc.is_in(table["content_hash"], value_set=keys))
+            parts.append(found if vectors else found.select(["content_hash"]))
         return (pa.concat_tables(parts) if parts else None), set_aside
 
     def _bucket_tables(self, bucket: str, set_aside: list[str], move: bool = True):

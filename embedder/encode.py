@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel
 
-from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hashes
+from embedder.artifacts import arrow_to_vectors, vectors_to_arrow, write_parquet_blocks
+from embedder.cache import BUCKET_CHARS, STORED_DTYPE, EmbeddingCache, content_hashes
+from embedder.errors import InputError
 from embedder.encoder import load_encoder
 from embedder.model import model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
@@ -55,7 +59,7 @@ class EmbedResult:
 
     item_ids: list[str]
     content_hashes: list[str] | None  # None once the refresh has written them to embeddings.parquet
-    vectors: np.ndarray  # (n, dim) L2-normalised, float16 as stored in the cache (half the memory; cast where needed)
+    vectors: np.ndarray | None  # (n, dim) L2-normalised, float16 as stored in the cache (cast where needed); None: in `out`
     model_fingerprint: str
     counts: EmbedCounts
 
@@ -77,15 +81,22 @@ def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", 
 def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
                  device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | dict[str, int] | None = None,
                  progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
-                 n_out: int | None = None, keys: pd.Series | None = None, cache_root: str | None = None) -> np.ndarray:
+                 n_out: int | None = None, keys: pd.Series | None = None, cache_root: str | None = None,
+                 collect: bool = True) -> np.ndarray | None:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
     With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
     that assembles a larger array gets it without a second copy (rows no text maps to are left unset).
     With `keys` (text i's cache key) and `cache_root`, each chunk's task also adds its vectors to the
-    embedding cache, where it runs (a worker), before it returns: a crash loses only unfinished chunks."""
+    embedding cache, where it runs (a worker), before it returns: a crash loses only unfinished chunks.
+    `collect` False (with `keys` and `cache_root`): the vectors stay in the cache, none come back
+    (returns None)."""
     options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads, "dtype": dtype}
+    if not collect:
+        if keys is None or cache_root is None:
+            raise ValueError("encode_texts(collect=False) needs keys and cache_root: the vectors go to the cache only")
+        options["collect"] = False
     if len(texts) == 0:
         dim = load_encoder(model_path, precision=precision, device=device).dim
         return np.zeros((n_out or 0, dim), dtype=dtype)
@@ -99,11 +110,14 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
     vectors: np.ndarray | None = None
 
-    def place(rows: np.ndarray, block: np.ndarray) -> None:
+    def place(rows: np.ndarray, block: np.ndarray | None) -> None:
         nonlocal vectors
-        if vectors is None:
+        if block is None:  # not collected: in the cache
+            pass
+        elif vectors is None:
             vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
-        vectors[rows if out_rows is None else out_rows[rows]] = block
+        if block is not None:
+            vectors[rows if out_rows is None else out_rows[rows]] = block
         if progress:
             progress(len(rows))
 
@@ -123,13 +137,15 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     return vectors
 
 
-def encode_and_store(texts: list[str], keys, model_path: str, cache_root: str | None, **options) -> np.ndarray:
+def encode_and_store(texts: list[str], keys, model_path: str, cache_root: str | None, collect: bool = True,
+                     **options) -> np.ndarray | None:
     """One chunk's task: `encode_chunk`, then, with `keys` and `cache_root`, its vectors added to the
-    embedding cache from here (the worker), as float16, under those keys."""
+    embedding cache from here (the worker), as float16, under those keys. Returns them, or None
+    without `collect` (they are in the cache)."""
     vectors = encode_chunk(texts, model_path, **options)
     if keys is not None and cache_root is not None:
         EmbeddingCache(cache_root).add(keys, vectors)
-    return vectors
+    return vectors if collect else None
 
 
 def check_precision(precision: str, device: str, model_path: str, sample: list[str],
@@ -153,7 +169,7 @@ def _judge(check: dict, report: PrecisionCheck) -> bool:
 
 def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), *, cache_root: str, client=None,
                 threads: int | dict[str, int] | None = None, progress: Callable[[int, int], None] | None = None,
-                check_sample: int = 64) -> EmbedResult:
+                check_sample: int = 64, out: str | Path | None = None) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
     known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
     A precision other than fp32 is first checked against fp32 on `check_sample` of the texts it will
@@ -161,6 +177,11 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     in fp32 instead. Each chunk's task adds its vectors to the cache where it runs, as it finishes, so a
     crash keeps the work done and the driver writes no cache file; damaged cache files are moved aside
     and their items encoded again (`counts.cache_files_set_aside`).
+
+    With `out` (a run's embeddings.parquet) no vector comes to this process: the lookup brings back
+    which hashes the cache holds, the encode tasks keep their vectors in the cache, and one task on a
+    worker (`write_embeddings`) reads them all back from the cache, in item order, into `out`;
+    `result.vectors` is then None (read `out`).
 
     Example:
         result = embed_items(items, EmbedSettings(), cache_root=".recs/cache")
@@ -178,7 +199,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
         t0 = time.perf_counter()
         # vectors made in another precision are other vectors: they get their own cache keys
         hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
-        lookup = cache.lookup(hashes, client)
+        lookup = cache.lookup(hashes, client, vectors=out is None)
         found = lookup.found
         set_aside += lookup.set_aside
         unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
@@ -199,10 +220,26 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
         t1 = time.perf_counter()
         vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client=client, precision=chosen,
                                  settings=settings, threads=threads, progress=progress, keys=hashes.iloc[first],
-                                 cache_root=cache.root)
+                                 cache_root=cache.root, collect=out is None)
         encode_s = time.perf_counter() - t1
         break
     cache.compact(client=client)
+    counts = EmbedCounts(items_encoded=len(miss_texts),
+                         items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
+                         cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
+                         texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
+                         precision=report, cache_files_set_aside=set_aside)
+    if out is not None:
+        args = (str(out), items["item_id"].to_numpy(dtype=object), hashes.to_numpy(dtype=object), cache.root)
+        if client is None:
+            write_embeddings(*args)
+        else:
+            future = client.submit(write_embeddings, *args, pure=False, key=f"write-embeddings-{time.time_ns()}")
+            try:
+                future.result()
+            finally:
+                future.release()
+        return EmbedResult(items["item_id"].tolist(), None, None, fingerprint, counts)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
     repeat = np.flatnonzero(new_row >= 0)
     repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
@@ -211,22 +248,51 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     for start in range(0, len(cached), 1 << 16):  # from the cache: a block of rows at a time
         rows = cached[start:start + (1 << 16)]
         vectors[rows] = np.stack([found[key] for key in keys[rows]])
-    counts = EmbedCounts(items_encoded=len(miss_texts),
-                         items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
-                         cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
-                         texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
-                         precision=report, cache_files_set_aside=set_aside)
     return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)
+
+
+EMBEDDINGS_BLOCK = 65_536  # rows per row group of embeddings.parquet (readers read one at a time)
+
+
+def write_embeddings(out: str, item_ids: np.ndarray, keys: np.ndarray, cache_root: str) -> None:
+    """embeddings.parquet (`item_id`, `content_hash`, `vector`; rows in item order) from the cache,
+    where every key is after the encode (run as one task on a worker: the items x dim array is made
+    there, a bucket of the cache read at a time). A key the cache no longer holds (a file damaged
+    since the encode) stops the run, naming the bucket: nothing half-made is written."""
+    cache = EmbeddingCache(cache_root)
+    keys = pd.Series(keys, dtype=object)
+    vectors, filled = None, 0
+    for bucket, rows in keys.groupby(keys.str[:BUCKET_CHARS]).indices.items():
+        wanted = keys.iloc[rows]
+        table, set_aside = cache.lookup_bucket(bucket, wanted.unique())
+        found = {} if table is None else dict(zip(table["content_hash"].to_pylist(), range(table.num_rows)))
+        at = np.array([found.get(k, -1) for k in wanted], dtype=np.int64)
+        if (at < 0).any() or set_aside:
+            raise InputError(f"embedding cache {cache_root}, bucket {bucket}: {int((at < 0).sum())} vector(s) this run "
+                             f"encoded or found are gone{' (' + '; '.join(set_aside) + ')' if set_aside else ''}; "
+                             "run the refresh again: they are encoded anew")
+        got = arrow_to_vectors(table["vector"], STORED_DTYPE)
+        if vectors is None:
+            vectors = np.empty((len(keys), got.shape[1]), dtype=STORED_DTYPE)
+        vectors[rows] = got[at]
+        filled += len(rows)
+    if vectors is None:
+        raise InputError(f"embedding cache {cache_root}: no vectors for the {len(keys)} items")
+    write_parquet_blocks((pa.table({"item_id": pa.array(item_ids[i:i + EMBEDDINGS_BLOCK], pa.string()),
+                                    "content_hash": pa.array(keys.iloc[i:i + EMBEDDINGS_BLOCK], pa.string()),
+                                    "vector": vectors_to_arrow(vectors[i:i + EMBEDDINGS_BLOCK])})
+                          for i in range(0, len(keys), EMBEDDINGS_BLOCK)), out)
 
 
 def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
                    precision: str, settings: EmbedSettings, threads: int | dict[str, int] | None,
-                   progress: Callable[[int, int], None] | None, keys: pd.Series, cache_root: str) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None, keys: pd.Series, cache_root: str,
+                   collect: bool = True) -> np.ndarray | None:
     """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
     numbers), written straight into the items' array (no second items x dim copy)."""
     if not len(texts):
-        return np.empty((n_out, len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE)
+        return np.empty((n_out, len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE) if collect else None
     done = 0
 
     def tick(n: int) -> None:
@@ -237,4 +303,4 @@ def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, 
 
     return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
                         batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
-                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, keys=keys, cache_root=cache_root)
+                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, keys=keys, cache_root=cache_root, collect=collect)

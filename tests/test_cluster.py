@@ -89,6 +89,7 @@ def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lis
     # the encode, spread over both workers
     assert by_prefix["read_file"] <= workers and by_prefix["lookup_bucket"] <= workers, sorted(by_prefix)
     assert by_prefix["encode"] == workers
+    assert by_prefix["write-embeddings"] <= workers  # embeddings.parquet from the cache: no vector in the driver
     # ingest: each partition validated and written by user hash, then each user block merged
     assert by_prefix["validate_part"] <= workers and by_prefix["merge-block"] <= workers, sorted(by_prefix)
     # behaviour: the sums over the user blocks (here X gathered: the users side is small), the samples

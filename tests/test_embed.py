@@ -158,6 +158,38 @@ def test_the_driver_writes_no_cache_file(tmp_path, tiny_model, dask_client, monk
     assert _embed(items, tiny_model, cache, dask_client, precision="fp32").counts.items_from_cache == 300
 
 
+def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path, tiny_model, dask_client, monkeypatch):
+    """Oracle: the same items embedded with their vectors brought to this process. With `out`, a
+    first run (every text encoded) and a rerun after edits (most from the cache, a repeated text)
+    write embeddings.parquet on a worker; no vector comes here: a lookup that would bring vectors
+    is refused in this process (fault injected here only)."""
+    import embedder.encode as encode_module
+    from embedder.artifacts import arrow_to_vectors
+
+    items = _items(120)
+    edited = items.copy()
+    edited.loc[[3, 7, 20], "text"] = ["a brand new text", "another new text", "a brand new text"]
+    expected = [_embed(frame, tiny_model, str(tmp_path / "oracle"), client=dask_client).vectors for frame in (items, edited)]
+    original_lookup = encode_module.EmbeddingCache.lookup
+
+    def keys_only(self, hashes, client=None, vectors=True):
+        assert not vectors, "the vectors were brought to the driver"
+        return original_lookup(self, hashes, client, vectors)
+
+    monkeypatch.setattr(encode_module.EmbeddingCache, "lookup", keys_only)
+    for n, (frame, vectors) in enumerate(zip((items, edited), expected)):
+        out = tmp_path / f"embeddings-{n}.parquet"
+        result = embed_items(frame, EmbedSettings(model=str(tiny_model), device="cpu", precision="fp32"),
+                             cache_root=str(tmp_path / "cache"), client=dask_client, out=out)
+        assert result.vectors is None and result.counts.items_encoded == (120 if n == 0 else 2)
+        table = pq.read_table(out)
+        assert table["item_id"].to_pylist() == frame["item_id"].tolist()
+        np.testing.assert_allclose(arrow_to_vectors(table["vector"], np.float32), vectors.astype(np.float32), atol=1e-3)
+        assert pq.ParquetFile(out).metadata.num_row_groups == 1
+    prefixes = set(dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+    assert "write-embeddings" in prefixes
+
+
 def test_worker_layout_one_per_gpu_else_one_per_core():
     import os
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from embedder.artifacts import file_digest, vectors_to_arrow, write_parquet, write_parquet_blocks
+from embedder.artifacts import file_digest, write_parquet
 from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
 from embedder.event_blocks import Blocks, UserIds
@@ -57,7 +57,6 @@ from recommend.serving.publish import (
     user_payloads,
 )
 
-BLOCK = 65_536  # rows per block where an artifact is written a block at a time
 log = logging.getLogger("recs")
 
 
@@ -165,14 +164,10 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
         bar["done"] = done
 
     with run.stage("embed"):
+        # written on a worker from the cache; no vector comes here (768 MB at 1M items): the fit and the
+        # publish read the file a row group at a time
         emb = embed_items(items.rows, config.embed, cache_root=config.cache_root, client=client, threads=threads,
-                          progress=encode_progress)
-        write_parquet_blocks((pa.table({"item_id": pa.array(emb.item_ids[i:i + BLOCK], pa.string()),
-                                        "content_hash": pa.array(emb.content_hashes[i:i + BLOCK], pa.string()),
-                                        "vector": vectors_to_arrow(emb.vectors[i:i + BLOCK])})
-                              for i in range(0, max(len(emb.item_ids), 1), BLOCK)), run.run_dir / "embeddings.parquet")
-        emb.content_hashes = None  # written: not needed again
-        # read back a block at a time from now on (the fit, the publish): 768 MB not held at 1M items
+                          progress=encode_progress, out=run.run_dir / "embeddings.parquet")
         emb.vectors = parquet_rows(run.run_dir / "embeddings.parquet")
     run.report.embed = emb.counts
     write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model, model_fingerprint=emb.model_fingerprint,
