@@ -12,7 +12,6 @@ import dask
 
 from embedder.errors import RecsError
 from recommend.config import DaskSettings
-from recommend.run.memory import ARROW_POOL
 
 
 class DaskUnavailable(RecsError):
@@ -84,11 +83,8 @@ def dask_client(settings: DaskSettings, *, device: str = "cpu", keep_malloc_trim
 def worker_environ(keep_malloc_trim: bool = False) -> dict:
     """The environment the nanny sets before it starts a worker: Dask's, less MALLOC_TRIM_THRESHOLD_=65536.
     That setting makes glibc hand memory back after every free, which slowed the encode measurably
-    (tests/benchmarks/bench_encode.py measures it; README, "Performance"). Arrow allocates from the
-    system allocator (ARROW_DEFAULT_MEMORY_POOL, unless set already): its own pool keeps what it
-    frees (recommend/run/memory.py)."""
+    (tests/benchmarks/bench_encode.py measures it; README, "Performance")."""
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     if not keep_malloc_trim:
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
-    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", os.environ.get("ARROW_DEFAULT_MEMORY_POOL", ARROW_POOL))
     return env

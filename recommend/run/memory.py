@@ -11,14 +11,14 @@ A full collection walks every object the process holds, most of them modules' fu
 what was made since. Reference counting still frees frozen objects; pandas frames and numpy arrays
 hold no reference cycles, so nothing a stage drops waits for the end of the run.
 
-Arrow allocates from its own pool (mimalloc in the wheels), which keeps what it freed: at 1M items
-the driver held 550 MB more after the embed stage with it than with the system allocator, whose free
-memory `malloc_trim` returns (`arrow_on_system_allocator`; workers get ARROW_DEFAULT_MEMORY_POOL,
-recommend/run/cluster.py).
+Arrow allocates from its own pool (mimalloc in the wheels), which keeps what it freed, above all
+what other threads (Dask's, Parquet's) allocated: at 1M items the driver held 550 MB of it after the
+embed stage. `release_freed_memory` asks the pool to return it too. (Arrow on the system allocator
+returned it as well, but made the driver's side of the encode 2.3x slower at 1M items.)
 
 Example:
-    from recommend.run.memory import arrow_on_system_allocator, release_freed_memory, survivors_frozen
-    with arrow_on_system_allocator(), survivors_frozen():
+    from recommend.run.memory import release_freed_memory, survivors_frozen
+    with survivors_frozen():
         ...  # a stage
         release_freed_memory()
 """
@@ -47,29 +47,14 @@ def release_freed_memory() -> bool:
     gc.collect()
     if _freezing:
         gc.freeze()
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # Arrow's pool first: what it returns to malloc is trimmed next
     trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
-
-
-ARROW_POOL = "system"  # the value of ARROW_DEFAULT_MEMORY_POOL the refresh's local workers start with
-
-
-@contextmanager
-def arrow_on_system_allocator():
-    """Arrow's allocations in this process from the system allocator within the block (the pool it
-    had is restored after it: a notebook keeps its own). What a stage frees then goes back to the OS
-    with `release_freed_memory`."""
-    import pyarrow as pa
-
-    before = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(before)
 
 
 @contextmanager

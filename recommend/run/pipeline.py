@@ -23,7 +23,7 @@ from embedder.precision import resolve_precision
 from recommend.config import Config, ConfigError, stage_settings
 from recommend.run import stages
 from recommend.run.cluster import dask_client
-from recommend.run.memory import arrow_on_system_allocator, survivors_frozen
+from recommend.run.memory import survivors_frozen
 from recommend.run.preflight import preflight
 from recommend.run.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
@@ -67,7 +67,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
         started = time.perf_counter()
         try:
             cluster = nullcontext(client) if client is not None else dask_client(config.dask, device=config.embed.device)
-            with arrow_on_system_allocator(), cluster as run.client, out.bars, survivors_frozen():
+            with cluster as run.client, out.bars, survivors_frozen():
                 if client is None and run.client.dashboard_link:
                     out.say(f"refresh: Dask dashboard at {run.client.dashboard_link}")
                 run.current = "preflight"

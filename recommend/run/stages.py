@@ -83,6 +83,8 @@ class Run:
         start = time.perf_counter()
         yield
         release_freed_memory()  # what the stage dropped goes back to the OS, not kept at its peak
+        if self.client is not None:
+            self.client.run(release_freed_memory)  # and on the workers
         self.report.seconds[name] = round(time.perf_counter() - start, 3)
 
     def bar(self, stage: str):
