@@ -116,6 +116,31 @@ def test_subspace_iteration_finds_the_top_singular_vectors():
     np.testing.assert_allclose(np.abs(np.sum(v * vectors[:, ::-1][:, :8], axis=0)), 1.0, atol=1e-4)
 
 
+def test_the_fit_on_the_warm_columns_is_the_fit_on_all(monkeypatch):
+    """A matrix whose last 700 of 1,000 items have no interactions (as a 5,000-user sample of a large
+    catalog): the fit runs on the 300 warm columns, and gives the singular pairs of the whole (the
+    same iteration, computed on all rows), with zero rows for the cold items."""
+    from recommend.ranking.behaviour import right_singular
+
+    rng = np.random.default_rng(7)
+    u, _ = np.linalg.qr(rng.standard_normal((5000, 12)))
+    w, _ = np.linalg.qr(rng.standard_normal((300, 12)))
+    warm_part = np.abs((u * (60.0 * 0.8 ** np.arange(12))) @ w.T + 0.02 * rng.standard_normal((5000, 300)))
+    x = sp.csr_matrix(np.hstack([warm_part, np.zeros((5000, 700))]).astype(np.float32))
+    warm = np.asarray(x.getnnz(axis=0) > 0)
+    import recommend.ranking.behaviour as behaviour
+
+    shapes, iterate = [], behaviour.subspace_svd
+    monkeypatch.setattr(behaviour, "subspace_svd", lambda m, *a, **k: shapes.append(m.shape) or iterate(m, *a, **k))
+    s, v = right_singular(FitMatrix(x), 8, warm=warm)
+    assert shapes == [(5000, 300)]  # the iteration's arrays are 300 rows, not 1,000
+    monkeypatch.undo()
+    s_all, v_all = subspace_svd(FitMatrix(x), 8)  # every row of every product, as before
+    np.testing.assert_allclose(s, s_all, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(np.sum(v * v_all, axis=0)), 1.0, atol=1e-4)
+    assert v.shape == (1000, 8) and not v[~warm].any() and warm.sum() == 300
+
+
 def test_the_item_side_from_blocks_is_build_spaces(blocked, dask_client, tmp_path):
     """The refresh's fit over the blocks (exact here: 401 users) gives `build_space`'s item side,
     with the behaviour scale from the same hash-sampled users; a worker builds and saves it, and the

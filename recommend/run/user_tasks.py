@@ -198,6 +198,9 @@ class BlockedFit(FitMatrix):
                 z = self.client.scatter(z, broadcast=True, hash=False)
         return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z, keep=True)
 
+    def columns(self, keep: np.ndarray) -> "BlockedFit":
+        return self
+
     def run(self, fn, *args):
         if self.client is None:
             return fn(*args)
