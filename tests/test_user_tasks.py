@@ -174,7 +174,8 @@ def test_the_item_side_at_a_rank_below_full_stays_on_the_workers(blocked, dask_c
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     on_workers = fit_blocks(dask_client, tmp_path / "a", blocks, item_ids, text, settings)
     here = fit_blocks(None, tmp_path / "b", blocks, item_ids, text, settings)
-    assert on_workers.layout.behaviour_dim == 8
+    assert on_workers.layout.behaviour_dim == 8 and on_workers.cold_items == here.cold_items == 10
+    assert on_workers.layout.behaviour_scale == pytest.approx(here.layout.behaviour_scale, rel=1e-4)
     a, b = read_item_side(tmp_path / "a"), read_item_side(tmp_path / "b")
     for name in ("behaviour_docs", "behaviour_queries", "text"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-3, atol=1e-4)
