@@ -230,7 +230,8 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
                          texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
                          precision=report, cache_files_set_aside=set_aside)
     if out is not None:
-        args = (str(out), items["item_id"].to_numpy(dtype=object), hashes.to_numpy(dtype=object), cache.root)
+        # as Arrow arrays: two buffers each, not 2M Python strings pickled (and held by the scheduler)
+        args = (str(out), pa.array(items["item_id"], pa.string()), pa.array(hashes, pa.string()), cache.root)
         if client is None:
             write_embeddings(*args)
         else:
@@ -254,13 +255,14 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
 EMBEDDINGS_BLOCK = 65_536  # rows per row group of embeddings.parquet (readers read one at a time)
 
 
-def write_embeddings(out: str, item_ids: np.ndarray, keys: np.ndarray, cache_root: str) -> None:
+def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
     """embeddings.parquet (`item_id`, `content_hash`, `vector`; rows in item order) from the cache,
     where every key is after the encode (run as one task on a worker: the items x dim array is made
     there, a bucket of the cache read at a time). A key the cache no longer holds (a file damaged
     since the encode) stops the run, naming the bucket: nothing half-made is written."""
     cache = EmbeddingCache(cache_root)
-    keys = pd.Series(keys, dtype=object)
+    item_ids = pa.array(item_ids, pa.string())  # arrays or Arrow arrays
+    keys = pd.Series(keys.to_pylist() if isinstance(keys, pa.Array) else keys, dtype=object)
     vectors, filled = None, 0
     for bucket, rows in keys.groupby(keys.str[:BUCKET_CHARS]).indices.items():
         wanted = keys.iloc[rows]
@@ -278,7 +280,7 @@ def write_embeddings(out: str, item_ids: np.ndarray, keys: np.ndarray, cache_roo
         filled += len(rows)
     if vectors is None:
         raise InputError(f"embedding cache {cache_root}: no vectors for the {len(keys)} items")
-    write_parquet_blocks((pa.table({"item_id": pa.array(item_ids[i:i + EMBEDDINGS_BLOCK], pa.string()),
+    write_parquet_blocks((pa.table({"item_id": item_ids[i:i + EMBEDDINGS_BLOCK],
                                     "content_hash": pa.array(keys.iloc[i:i + EMBEDDINGS_BLOCK], pa.string()),
                                     "vector": vectors_to_arrow(vectors[i:i + EMBEDDINGS_BLOCK])})
                           for i in range(0, len(keys), EMBEDDINGS_BLOCK)), out)
