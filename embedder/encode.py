@@ -19,13 +19,13 @@ from pydantic import BaseModel
 
 from embedder.artifacts import arrow_to_vectors, vectors_to_arrow, write_parquet_blocks
 from embedder.cache import BUCKET_CHARS, STORED_DTYPE, EmbeddingCache, content_hashes
-from embedder.errors import InputError
+from embedder.errors import StorageError
 from embedder.encoder import load_encoder
 from embedder.model import model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
 from embedder.settings import EmbedSettings
 from embedder.standin import is_standin
-from embedder.task_window import in_window, task_slots
+from embedder.task_window import in_window, one_task, task_slots
 
 
 GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
@@ -112,11 +112,9 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
 
     def place(rows: np.ndarray, block: np.ndarray | None) -> None:
         nonlocal vectors
-        if block is None:  # not collected: in the cache
-            pass
-        elif vectors is None:
-            vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
-        if block is not None:
+        if block is not None:  # None: not collected, in the cache
+            if vectors is None:
+                vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
             vectors[rows if out_rows is None else out_rows[rows]] = block
         if progress:
             progress(len(rows))
@@ -232,14 +230,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     if out is not None:
         # as Arrow arrays: two buffers each, not 2M Python strings pickled (and held by the scheduler)
         args = (str(out), pa.array(items["item_id"], pa.string()), pa.array(hashes, pa.string()), cache.root)
-        if client is None:
-            write_embeddings(*args)
-        else:
-            future = client.submit(write_embeddings, *args, pure=False, key=f"write-embeddings-{time.time_ns()}")
-            try:
-                future.result()
-            finally:
-                future.release()
+        one_task(client, write_embeddings, *args)
         return EmbedResult(items["item_id"].tolist(), None, None, fingerprint, counts)
     new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
     repeat = np.flatnonzero(new_row >= 0)
@@ -263,23 +254,22 @@ def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
     cache = EmbeddingCache(cache_root)
     item_ids = pa.array(item_ids, pa.string())  # arrays or Arrow arrays
     keys = pd.Series(keys.to_pylist() if isinstance(keys, pa.Array) else keys, dtype=object)
-    vectors, filled = None, 0
+    vectors = None
     for bucket, rows in keys.groupby(keys.str[:BUCKET_CHARS]).indices.items():
         wanted = keys.iloc[rows]
         table, set_aside = cache.lookup_bucket(bucket, wanted.unique())
         found = {} if table is None else dict(zip(table["content_hash"].to_pylist(), range(table.num_rows)))
         at = np.array([found.get(k, -1) for k in wanted], dtype=np.int64)
         if (at < 0).any() or set_aside:
-            raise InputError(f"embedding cache {cache_root}, bucket {bucket}: {int((at < 0).sum())} vector(s) this run "
+            raise StorageError(f"embedding cache {cache_root}, bucket {bucket}: {int((at < 0).sum())} vector(s) this run "
                              f"encoded or found are gone{' (' + '; '.join(set_aside) + ')' if set_aside else ''}; "
                              "run the refresh again: they are encoded anew")
         got = arrow_to_vectors(table["vector"], STORED_DTYPE)
         if vectors is None:
             vectors = np.empty((len(keys), got.shape[1]), dtype=STORED_DTYPE)
         vectors[rows] = got[at]
-        filled += len(rows)
     if vectors is None:
-        raise InputError(f"embedding cache {cache_root}: no vectors for the {len(keys)} items")
+        raise StorageError(f"embedding cache {cache_root}: no vectors for the {len(keys)} items")
     write_parquet_blocks((pa.table({"item_id": item_ids[i:i + EMBEDDINGS_BLOCK],
                                     "content_hash": pa.array(keys.iloc[i:i + EMBEDDINGS_BLOCK], pa.string()),
                                     "vector": vectors_to_arrow(vectors[i:i + EMBEDDINGS_BLOCK])})

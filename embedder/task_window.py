@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator
 
 PER_SLOT = 3  # tasks submitted ahead per worker thread: one running, the next ones already there
@@ -47,3 +48,19 @@ def in_window(client, n_tasks: int, submit: Callable[[int], object], window: int
             launch(following)
             following += 1
         yield i, result
+
+
+def task_key(fn: Callable) -> str:
+    """A unique task key named after `fn` (its prefix is what the dashboard and tests see)."""
+    return f"{fn.__name__.strip('_').replace('_', '-')}-{time.time_ns()}"
+
+
+def one_task(client, fn: Callable, *args):
+    """fn(*args) as one task on a worker, its result brought here (in this process without a client)."""
+    if client is None:
+        return fn(*args)
+    future = client.submit(fn, *args, pure=False, key=task_key(fn))
+    try:
+        return future.result()
+    finally:
+        future.release()

@@ -28,13 +28,14 @@ from threadpoolctl import threadpool_limits
 
 from embedder.artifacts import atomic_path, file_digest, write_parquet
 from embedder.event_blocks import Blocks
+from embedder.task_window import one_task
 from index.build import save_index
 from index.search import Recall, is_exact, recall_on_rows
 from index.settings import IndexSettings
 from index.tune import Tuning, build_tuned
 from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, Layout, fit_item_side, scale_sample, user_block, user_block_vectors
 from recommend.ranking.settings import RankingSettings
-from recommend.run.user_tasks import BlockedFit, block_stats, forget_fit_rows, one_task, sample_users
+from recommend.run.user_tasks import BlockedFit, block_stats, forget_fit_rows, sample_users
 
 ITEM_SIDE = "item-side"  # folder in the run folder: the item side's arrays, for the workers
 INDEX = "index.faiss"

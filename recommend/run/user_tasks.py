@@ -40,6 +40,7 @@ from distributed import Future
 from threadpoolctl import threadpool_limits
 
 from embedder.event_blocks import Blocks, first_users, read_block
+from embedder.task_window import one_task, task_key
 from index.rows import parquet_rows
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateSettings
@@ -204,21 +205,10 @@ class BlockedFit(FitMatrix):
     def run(self, fn, *args):
         if self.client is None:
             return fn(*args)
-        return self.client.submit(fn, *args, pure=False, key=f"{fn.__name__.strip('_').replace('_', '-')}-{time.time_ns()}")
+        return self.client.submit(fn, *args, pure=False, key=task_key(fn))
 
     def fetch(self, x):
         return x.result() if isinstance(x, Future) else x
-
-
-def one_task(client, fn, *args):
-    """fn(*args) as one task on a worker, its result brought here (in this process without a client)."""
-    if client is None:
-        return fn(*args)
-    future = client.submit(fn, *args, pure=False, key=f"{fn.__name__.strip('_').replace('_', '-')}-{time.time_ns()}")
-    try:
-        return future.result()
-    finally:
-        future.release()
 
 
 def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], pd.DataFrame]:
