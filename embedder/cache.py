@@ -37,8 +37,16 @@ def content_hash(model_fingerprint: str, text: str) -> str:
     return xxhash.xxh3_128_hexdigest(f"{model_fingerprint}\0{PREPROCESSING_VERSION}\0{text}".encode())
 
 
-def content_hashes(model_fingerprint: str, texts) -> pd.Series:
-    return pd.Series([content_hash(model_fingerprint, t) for t in texts], dtype=object)
+def arrow_strings(values) -> pa.Array | pa.ChunkedArray:
+    """`values` (Arrow, a pandas Series, a list) as Arrow strings: a few buffers, where a million Python
+    strings would be ~100 MB of objects. Arrow strings already (a Series of them gives its own chunks)
+    are not copied: the result may be chunked, and of type string or large_string."""
+    if isinstance(values, pd.Series) and (getattr(values.dtype, "storage", None) == "pyarrow"
+                                          or isinstance(values.dtype, pd.ArrowDtype)):
+        values = pa.chunked_array(values)
+    elif not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(values if isinstance(values, pd.Series) else list(values), pa.string())
+    return values if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) else values.cast(pa.string())
 
 
 # Each file carries xxh3-128 over its content hashes and vector bytes in its Parquet metadata; a read
@@ -52,8 +60,9 @@ DAMAGED = "damaged"  # <root>/damaged/: files set aside, kept for a look, never 
 class Lookup:
     """What a lookup found, and the damaged files it set aside (their items are simply misses)."""
 
-    found: dict[str, np.ndarray]
+    found: dict[str, np.ndarray]  # empty when the lookup was asked for hashes only
     set_aside: list[str] = field(default_factory=list)
+    keys: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # every hash found, as Arrow
 
 
 def _checksum(hashes: pa.Array, vectors: np.ndarray) -> bytes:
@@ -78,7 +87,7 @@ def verify_table(table: pa.Table) -> str | None:
     return None
 
 
-def _lookup_bucket(root: str, bucket: str, keys: list[str], vectors: bool = True) -> tuple[pa.Table | None, list[str]]:
+def _lookup_bucket(root: str, bucket: str, keys, vectors: bool = True) -> tuple[pa.Table | None, list[str]]:
     """One bucket's share of a lookup, run on a Dask worker."""
     return EmbeddingCache(root).lookup_bucket(bucket, keys, vectors)
 
@@ -109,34 +118,39 @@ class EmbeddingCache:
 
     def lookup(self, hashes, client=None, vectors: bool = True) -> Lookup:
         """Vectors for the given hashes that the cache holds; absent hashes are simply missing.
-        `vectors` False: which hashes it holds (`found` maps each to None): only the hashes travel.
+        `vectors` False: which hashes it holds (`keys`, an Arrow array; `found` stays empty): only the
+        hashes travel, and none becomes a Python string here.
 
         A partition-wise join: each bucket is read by one task that keeps only the wanted rows, so no
         process ever holds the whole cache. With a Dask `client` the buckets are read on its workers
         in parallel, and only the matches travel back. A file that fails its checks is moved aside
         (`Lookup.set_aside`) and its items count as misses: they are encoded again."""
-        wanted = pd.Series(list(hashes), dtype=object).drop_duplicates()
-        groups = [(bucket, keys.tolist()) for bucket, keys in wanted.groupby(wanted.str[:BUCKET_CHARS])]
+        wanted = pc.unique(arrow_strings(hashes)).cast(pa.string())
+        prefix = pc.utf8_slice_codeunits(wanted, 0, BUCKET_CHARS)
+        # keys as Arrow arrays (taken, so each carries its own rows only): two buffers to send, where a
+        # list is walked by Dask element by element and pickled string by string
+        groups = [(bucket, wanted.filter(pc.equal(prefix, bucket))) for bucket in pc.unique(prefix).to_pylist()]
         if client is not None and len(groups) > 1:
-            # keys as arrays, not lists: Dask walks a list argument element by element (0.4 s at 200k keys)
             futures = client.map(_lookup_bucket, [self.root] * len(groups), [b for b, _ in groups],
-                                 [np.asarray(k, dtype=object) for _, k in groups], [vectors] * len(groups), pure=False)
+                                 [k for _, k in groups], [vectors] * len(groups), pure=False)
             results = client.gather(futures)
         else:
             results = [self.lookup_bucket(bucket, keys, vectors) for bucket, keys in groups]
-        lookup = Lookup({})
+        lookup, keys = Lookup({}), []
         for table, set_aside in results:
             lookup.set_aside += set_aside
             if table is not None and table.num_rows:
-                hashes = table["content_hash"].to_pylist()
-                lookup.found.update(zip(hashes, arrow_to_vectors(table["vector"], STORED_DTYPE)) if vectors
-                                    else dict.fromkeys(hashes))
+                keys.append(table["content_hash"].combine_chunks().cast(pa.string()))
+                if vectors:
+                    lookup.found.update(zip(keys[-1].to_pylist(), arrow_to_vectors(table["vector"], STORED_DTYPE)))
+        if keys:
+            lookup.keys = pa.concat_arrays(keys)
         return lookup
 
     def lookup_bucket(self, bucket: str, keys, vectors: bool = True) -> tuple[pa.Table | None, list[str]]:
         """The rows of one bucket whose content hash is in `keys` (without `vectors`: their hashes
         only), and the damaged files set aside."""
-        keys = pa.array(list(keys), pa.string())
+        keys = arrow_strings(keys).cast(pa.string())  # the files' type
         parts, set_aside = [], []
         for path, table in self._bucket_tables(bucket, set_aside):
             found = table.filter(pc.is_in(table["content_hash"], value_set=keys))
@@ -177,7 +191,8 @@ class EmbeddingCache:
     def add(self, hashes, vectors: np.ndarray) -> int:
         """Store new vectors (one file per touched bucket, written whole then renamed, with its
         checksum). Returns the count. The vector of hashes[i] is vectors[i]."""
-        hashes = pd.Series(list(hashes), dtype=object)
+        hashes = pd.Series(hashes.to_pylist() if isinstance(hashes, (pa.Array, pa.ChunkedArray)) else list(hashes),
+                           dtype=object)
         if len(hashes) == 0:
             return 0
         token = uuid.uuid4().hex

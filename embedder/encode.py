@@ -15,10 +15,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from embedder.artifacts import arrow_to_vectors, vectors_to_arrow, write_parquet_blocks
-from embedder.cache import BUCKET_CHARS, STORED_DTYPE, EmbeddingCache, content_hashes
+from embedder.cache import BUCKET_CHARS, STORED_DTYPE, EmbeddingCache, arrow_strings, content_hash
 from embedder.errors import StorageError
 from embedder.encoder import load_encoder
 from embedder.model import model_fingerprint, pick_device, resolve_model_path
@@ -29,6 +30,7 @@ from embedder.task_window import in_window, one_task, task_slots
 
 
 GPU_CHUNK = 4096  # texts per task at least, on a GPU (fewer, larger tasks keep it fed)
+HASH_CHUNK = 1 << 16  # texts per hashing task
 
 
 class PrecisionCheck(BaseModel):
@@ -78,16 +80,16 @@ def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", 
     return vectors.astype(dtype, copy=False)
 
 
-def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, precision: str = "fp32",
+def encode_texts(texts: list[str] | pd.Series | pa.Array, model_path: str, *, client=None, precision: str = "fp32",
                  device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | dict[str, int] | None = None,
-                 progress: Callable[[int], None] | None = None, dtype=np.float32, out_rows: np.ndarray | None = None,
-                 n_out: int | None = None, keys: pd.Series | None = None, cache_root: str | None = None,
-                 collect: bool = True) -> np.ndarray | None:
+                 progress: Callable[[int], None] | None = None, dtype=np.float32, rows: np.ndarray | None = None,
+                 keys: pa.Array | None = None, cache_root: str | None = None, collect: bool = True) -> np.ndarray | None:
     """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
-    With `out_rows`, text i goes to row out_rows[i] of an (n_out, dim) result instead, so a caller
-    that assembles a larger array gets it without a second copy (rows no text maps to are left unset).
+    With `rows` (positions), only those texts are encoded, each into its own row of the (n, dim)
+    result (the other rows are left unset): a caller that fills the rest from elsewhere gets one array,
+    and neither the texts nor their keys are copied for the selection.
     With `keys` (text i's cache key) and `cache_root`, each chunk's task also adds its vectors to the
     embedding cache, where it runs (a worker), before it returns: a crash loses only unfinished chunks.
     `collect` False (with `keys` and `cache_root`): the vectors stay in the cache, none come back
@@ -97,30 +99,32 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
         if keys is None or cache_root is None:
             raise ValueError("encode_texts(collect=False) needs keys and cache_root: the vectors go to the cache only")
         options["collect"] = False
-    if len(texts) == 0:
+    rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
         dim = load_encoder(model_path, precision=precision, device=device).dim
-        return np.zeros((n_out or 0, dim), dtype=dtype)
-    texts = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
-    texts = texts.reset_index(drop=True)  # rows are positions; chunks are made Python strings only when sent
-    order = np.argsort(texts.str.len().to_numpy(dtype=np.int64), kind="stable")
+        return np.zeros((len(texts), dim), dtype=dtype) if collect else None
+    texts = arrow_strings(texts)  # chunks travel as Arrow arrays and become Python strings on the worker
+    keys = None if keys is None else arrow_strings(keys)
+    lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
+    order = rows[np.argsort(lengths[rows], kind="stable")]
     if pick_device(device).startswith("cuda"):
         chunk_size = max(chunk_size, GPU_CHUNK)
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
-        chunk_size = max(64, min(chunk_size, -(-len(texts) // (task_slots(client) * 8))))
+        chunk_size = max(64, min(chunk_size, -(-len(rows) // (task_slots(client) * 8))))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)][::-1]  # longest first
     vectors: np.ndarray | None = None
 
-    def place(rows: np.ndarray, block: np.ndarray | None) -> None:
+    def place(chunk: np.ndarray, block: np.ndarray | None) -> None:
         nonlocal vectors
         if block is not None:  # None: not collected, in the cache
             if vectors is None:
-                vectors = np.empty((len(texts) if out_rows is None else n_out, block.shape[1]), dtype=dtype)
-            vectors[rows if out_rows is None else out_rows[rows]] = block
+                vectors = np.empty((len(texts), block.shape[1]), dtype=dtype)
+            vectors[chunk] = block
         if progress:
-            progress(len(rows))
+            progress(len(chunk))
 
-    def arguments(rows: np.ndarray) -> tuple:
-        return texts.iloc[rows].tolist(), None if keys is None else keys.iloc[rows].to_numpy(dtype=object)
+    def arguments(rows: np.ndarray) -> tuple:  # taken, not sliced: a pickled slice carries its whole buffers
+        return texts.take(rows), None if keys is None else keys.take(rows)
 
     if client is None:
         for rows in chunks:
@@ -135,11 +139,12 @@ def encode_texts(texts: list[str] | pd.Series, model_path: str, *, client=None, 
     return vectors
 
 
-def encode_and_store(texts: list[str], keys, model_path: str, cache_root: str | None, collect: bool = True,
+def encode_and_store(texts: pa.Array | list[str], keys, model_path: str, cache_root: str | None, collect: bool = True,
                      **options) -> np.ndarray | None:
     """One chunk's task: `encode_chunk`, then, with `keys` and `cache_root`, its vectors added to the
     embedding cache from here (the worker), as float16, under those keys. Returns them, or None
     without `collect` (they are in the cache)."""
+    texts = texts.to_pylist() if isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
     vectors = encode_chunk(texts, model_path, **options)
     if keys is not None and cache_root is not None:
         EmbeddingCache(cache_root).add(keys, vectors)
@@ -192,55 +197,79 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
     chosen = "fp32" if is_standin(path) else resolve_precision(settings.precision, pick_device(device))
     report = PrecisionCheck(requested=settings.precision, chosen=chosen)
     cache = EmbeddingCache(cache_root)
+    texts = arrow_strings(items["text"])  # hashed and encoded on the workers: here they stay Arrow buffers
     set_aside: list[str] = []
     while True:
         t0 = time.perf_counter()
         # vectors made in another precision are other vectors: they get their own cache keys
-        hashes = content_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", items["text"])
+        hashes = text_hashes(fingerprint if chosen == "fp32" else f"{fingerprint}:{chosen}", texts, client)
         lookup = cache.lookup(hashes, client, vectors=out is None)
-        found = lookup.found
         set_aside += lookup.set_aside
-        unique_missing = hashes[~hashes.isin(list(found))].drop_duplicates()
-        first = unique_missing.index.to_numpy()  # the item row of each text to encode (`hashes` has a RangeIndex)
+        held = pc.is_in(hashes, value_set=lookup.keys).to_numpy(zero_copy_only=False)
+        missing = np.flatnonzero(~held)
+        # a text repeated in the catalog is encoded once: codes number the missing hashes in the order
+        # they first appear, so the first row of code c is missing[at[c]]
+        codes = pc.dictionary_encode(hashes.take(missing)).indices.to_numpy(zero_copy_only=False)
+        first = missing[np.unique(codes, return_index=True)[1]]  # the item row of each text to encode
         if chosen != "fp32" and len(first) and report.mean_cosine is None:
             # texts to encode in reduced precision: compared with fp32 on a sample of them first (on a
             # worker when there is a client: the driver loads no model), so that only vectors of an
             # accepted precision are made and cached
             spread = np.linspace(0, len(first) - 1, min(check_sample, len(first))).astype(int)
-            sample = items["text"].iloc[first[spread]].tolist()
+            sample = texts.take(first[spread]).to_pylist()
             check = (client.submit(check_precision, chosen, device, str(path), sample, threads, pure=False).result()
                      if client is not None else check_precision(chosen, device, str(path), sample))
             if not _judge(check, report):
                 chosen = "fp32"
                 continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         lookup_s = time.perf_counter() - t0
-        miss_texts = items["text"].iloc[first]  # a Series: Arrow strings, not a million str objects
         t1 = time.perf_counter()
-        vectors = _encode_misses(miss_texts, first, len(hashes), found, str(path), client=client, precision=chosen,
-                                 settings=settings, threads=threads, progress=progress, keys=hashes.iloc[first],
+        vectors = _encode_misses(texts, first, lookup.found, str(path), client=client, precision=chosen,
+                                 settings=settings, threads=threads, progress=progress, keys=hashes,
                                  cache_root=cache.root, collect=out is None)
         encode_s = time.perf_counter() - t1
         break
     cache.compact(client=client)
-    counts = EmbedCounts(items_encoded=len(miss_texts),
-                         items_from_cache=int(len(hashes) - hashes.isin(unique_missing).sum()),
+    counts = EmbedCounts(items_encoded=len(first), items_from_cache=int(held.sum()),
                          cache_lookup_seconds=round(lookup_s, 3), encode_seconds=round(encode_s, 3),
-                         texts_per_second=round(len(miss_texts) / encode_s, 1) if len(miss_texts) and encode_s > 0 else None,
+                         texts_per_second=round(len(first) / encode_s, 1) if len(first) and encode_s > 0 else None,
                          precision=report, cache_files_set_aside=set_aside)
     if out is not None:
         # as Arrow arrays: two buffers each, not 2M Python strings pickled (and held by the scheduler)
-        args = (str(out), pa.array(items["item_id"], pa.string()), pa.array(hashes, pa.string()), cache.root)
-        one_task(client, write_embeddings, *args)
+        one_task(client, write_embeddings, str(out), arrow_strings(items["item_id"]), hashes, cache.root)
         return EmbedResult(items["item_id"].tolist(), None, None, fingerprint, counts)
-    new_row = pd.Index(unique_missing.tolist()).get_indexer(hashes)
-    repeat = np.flatnonzero(new_row >= 0)
-    repeat = repeat[first[new_row[repeat]] != repeat]  # a text that repeats an encoded one: copy its vector
-    vectors[repeat] = vectors[first[new_row[repeat]]]
-    cached, keys = np.flatnonzero(new_row < 0), hashes.to_numpy()
+    source = first[codes]  # the row each missing row's vector was encoded for
+    copies = source != missing  # a text that repeats an encoded one: its vector copied
+    vectors[missing[copies]] = vectors[source[copies]]
+    cached = np.flatnonzero(held)
     for start in range(0, len(cached), 1 << 16):  # from the cache: a block of rows at a time
         rows = cached[start:start + (1 << 16)]
-        vectors[rows] = np.stack([found[key] for key in keys[rows]])
-    return EmbedResult(items["item_id"].tolist(), hashes.tolist(), vectors, fingerprint, counts)
+        vectors[rows] = np.stack([lookup.found[key] for key in hashes.take(rows).to_pylist()])
+    return EmbedResult(items["item_id"].tolist(), hashes.to_pylist(), vectors, fingerprint, counts)
+
+
+def hash_texts(key_prefix: str, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The cache keys of `texts` under `key_prefix` (the model's fingerprint, and the precision when
+    not fp32), as an Arrow array: one hashing task's work on a worker."""
+    return pa.array([content_hash(key_prefix, text) for text in texts.to_pylist()], pa.string())
+
+
+def text_hashes(key_prefix: str, texts: pa.Array | pa.ChunkedArray, client=None) -> pa.Array:
+    """Every text's cache key, in text order: hashed on the workers of a Dask `client`, HASH_CHUNK
+    texts per task, a window of them in flight (in this process without a client)."""
+    if client is None:
+        return hash_texts(key_prefix, texts)
+    starts = range(0, len(texts), HASH_CHUNK)
+    parts: list[pa.Array] = [pa.array([], pa.string())] * len(starts)
+    stamp = time.time_ns()
+
+    def submit(i: int):  # taken, not sliced: a pickled slice carries its whole buffers
+        rows = np.arange(starts[i], min(starts[i] + HASH_CHUNK, len(texts)))
+        return client.submit(hash_texts, key_prefix, texts.take(rows), pure=False, key=f"hash-texts-{i}-{stamp}")
+
+    for i, hashed in in_window(client, len(starts), submit):
+        parts[i] = hashed
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
 
 
 EMBEDDINGS_BLOCK = 65_536  # rows per row group of embeddings.parquet (readers read one at a time)
@@ -252,7 +281,7 @@ def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
     there, a bucket of the cache read at a time). A key the cache no longer holds (a file damaged
     since the encode) stops the run, naming the bucket: nothing half-made is written."""
     cache = EmbeddingCache(cache_root)
-    item_ids = pa.array(item_ids, pa.string())  # arrays or Arrow arrays
+    item_ids = arrow_strings(item_ids).cast(pa.string())  # arrays or Arrow arrays
     keys = pd.Series(keys.to_pylist() if isinstance(keys, pa.Array) else keys, dtype=object)
     vectors = None
     for bucket, rows in keys.groupby(keys.str[:BUCKET_CHARS]).indices.items():
@@ -276,23 +305,23 @@ def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
                           for i in range(0, len(keys), EMBEDDINGS_BLOCK)), out)
 
 
-def _encode_misses(texts: pd.Series, rows: np.ndarray, n_out: int, found: dict, model_path: str, *, client,
+def _encode_misses(texts: pa.Array, rows: np.ndarray, found: dict, model_path: str, *, client,
                    precision: str, settings: EmbedSettings, threads: int | dict[str, int] | None,
-                   progress: Callable[[int, int], None] | None, keys: pd.Series, cache_root: str,
+                   progress: Callable[[int, int], None] | None, keys: pa.Array, cache_root: str,
                    collect: bool = True) -> np.ndarray | None:
-    """An (n_out, dim) float16 array with `texts` encoded into `rows` (the other rows left unset):
+    """An (n, dim) float16 array with `texts[rows]` encoded into `rows` (the other rows left unset):
     float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
     numbers), written straight into the items' array (no second items x dim copy)."""
-    if not len(texts):
-        return np.empty((n_out, len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE) if collect else None
+    if not len(rows):
+        return np.empty((len(texts), len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE) if collect else None
     done = 0
 
     def tick(n: int) -> None:
         nonlocal done
         done += n
         if progress:
-            progress(done, len(texts))
+            progress(done, len(rows))
 
     return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
                         batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
-                        dtype=STORED_DTYPE, out_rows=rows, n_out=n_out, keys=keys, cache_root=cache_root, collect=collect)
+                        dtype=STORED_DTYPE, rows=rows, keys=keys, cache_root=cache_root, collect=collect)

@@ -85,9 +85,10 @@ def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lis
     by_prefix: dict[str, set] = {}
     for prefix, worker in records:
         by_prefix.setdefault(prefix, set()).add(worker)
-    # ingest: each file read and validated (fused into one task per file); embed: the cache lookup and
-    # the encode, spread over both workers
+    # ingest: each file read and validated (fused into one task per file); embed: the texts' hashes,
+    # the cache lookup and the encode, spread over both workers
     assert by_prefix["read_file"] <= workers and by_prefix["lookup_bucket"] <= workers, sorted(by_prefix)
+    assert by_prefix["hash-texts"] <= workers
     assert by_prefix["encode"] == workers
     assert by_prefix["write-embeddings"] <= workers  # embeddings.parquet from the cache: no vector in the driver
     # ingest: each partition validated and written by user hash, then each user block merged

@@ -161,8 +161,8 @@ def test_the_driver_writes_no_cache_file(tmp_path, tiny_model, dask_client, monk
 def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path, tiny_model, dask_client, monkeypatch):
     """Oracle: the same items embedded with their vectors brought to this process. With `out`, a
     first run (every text encoded) and a rerun after edits (most from the cache, a repeated text)
-    write embeddings.parquet on a worker; no vector comes here: a lookup that would bring vectors
-    is refused in this process (fault injected here only)."""
+    write embeddings.parquet on a worker; no vector comes here and no text is hashed here: a lookup
+    that would bring vectors, and a hash, are refused in this process (faults injected here only)."""
     import embedder.encode as encode_module
     from embedder.artifacts import arrow_to_vectors
 
@@ -176,7 +176,11 @@ def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path,
         assert not vectors, "the vectors were brought to the driver"
         return original_lookup(self, hashes, client, vectors)
 
+    def no_hash_here(*args):
+        raise AssertionError("a text was hashed in the driver")
+
     monkeypatch.setattr(encode_module.EmbeddingCache, "lookup", keys_only)
+    monkeypatch.setattr(encode_module, "content_hash", no_hash_here)
     for n, (frame, vectors) in enumerate(zip((items, edited), expected)):
         out = tmp_path / f"embeddings-{n}.parquet"
         result = embed_items(frame, EmbedSettings(model=str(tiny_model), device="cpu", precision="fp32"),
@@ -187,7 +191,7 @@ def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path,
         np.testing.assert_allclose(arrow_to_vectors(table["vector"], np.float32), vectors.astype(np.float32), atol=1e-3)
         assert pq.ParquetFile(out).metadata.num_row_groups == 1
     prefixes = set(dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
-    assert "write-embeddings" in prefixes
+    assert {"write-embeddings", "hash-texts"} <= prefixes
 
 
 def test_worker_layout_one_per_gpu_else_one_per_core():
