@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from sklearn.linear_model import Ridge
 
 
 @dataclass
@@ -148,7 +147,8 @@ class WithTextRows(FitMatrix):
 
 
 def _plus_rows(product: np.ndarray, rows: np.ndarray, z: np.ndarray) -> np.ndarray:
-    return product + rows.T @ (rows @ z)
+    product += rows.T @ (rows @ z)  # in place: the product is this sum's alone
+    return product
 
 
 OVERSAMPLE, POWER_ITERATIONS = 10, 6  # r + 10 columns as sklearn's randomized_svd; 6 products to reach its Krylov space
@@ -209,13 +209,38 @@ def subspace_svd(matrix: FitMatrix, r: int, seed: int = 0, n_iter: int = POWER_I
     return np.sqrt(values).astype(np.float32), matrix.run(_rotate, z, w[:, order].astype(np.float32))
 
 
+DRAW_ROWS = 1 << 16  # rows of the start drawn, and of the Ritz product summed, at a time
+
+
 def _gaussian(n: int, c: int, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
-    z = np.random.default_rng(seed).standard_normal((n, c)).astype(np.float32)
-    return z if rows is None else z[rows]
+    """The seeded (n, c) Gaussian start, float32 (its `rows` only). Drawn a block of rows at a time:
+    the generator fills rows in order, so the numbers are one draw's, without an (n x c) float64 array."""
+    rng = np.random.default_rng(seed)
+    z = np.empty((n if rows is None else len(rows), c), np.float32)
+    done = 0
+    for start in range(0, n, DRAW_ROWS):
+        block = rng.standard_normal((min(DRAW_ROWS, n - start), c))
+        if rows is None:
+            z[start:start + len(block)] = block
+        else:
+            mine = rows[(rows >= start) & (rows < start + len(block))]  # `rows` sorted
+            z[done:done + len(mine)] = block[mine - start]
+            done += len(mine)
+    return z
 
 
 def _lu_basis(y: np.ndarray) -> np.ndarray:
-    return scipy.linalg.lu(y, permute_l=True, check_finite=False, overwrite_a=True)[0]
+    """P·L of y's LU (scipy's lu(y, permute_l=True)), made in y's memory when y is Fortran-ordered (the
+    products are): LAPACK's getrf overwrites y with L and U, U's triangle is cleared, the unit
+    diagonal set, and the c row swaps undone in reverse. No second (items x c) array."""
+    lu, pivots = scipy.linalg.lu_factor(np.asfortranarray(y), overwrite_a=True, check_finite=False)
+    c = lu.shape[1]
+    lu[np.triu_indices(c)] = 0
+    lu[np.arange(c), np.arange(c)] = 1
+    for i in range(len(pivots) - 1, -1, -1):
+        if pivots[i] != i:
+            lu[[i, pivots[i]]] = lu[[pivots[i], i]]
+    return lu
 
 
 def _qr_basis(y: np.ndarray) -> np.ndarray:
@@ -223,7 +248,11 @@ def _qr_basis(y: np.ndarray) -> np.ndarray:
 
 
 def _ritz(z: np.ndarray, gz: np.ndarray) -> np.ndarray:
-    return z.T.astype(np.float64) @ gz.astype(np.float64)
+    """Zᵀ (XᵀX Z) in float64, summed over blocks of rows (no float64 copy of either whole)."""
+    h = np.zeros((z.shape[1], gz.shape[1]))
+    for start in range(0, len(z), DRAW_ROWS):
+        h += z[start:start + DRAW_ROWS].T.astype(np.float64) @ gz[start:start + DRAW_ROWS].astype(np.float64)
+    return h
 
 
 def _rotate(z: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -318,6 +347,8 @@ def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 
     fit_rows = np.flatnonzero(warm)
     if len(fit_rows) > RIDGE_SAMPLE:  # a linear map from d text dimensions needs no million examples
         fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, RIDGE_SAMPLE, replace=False))
+    from sklearn.linear_model import Ridge  # here: sklearn is 69 MB of a process; a refresh's driver never fits this
+
     targets = np.hstack([behaviour.item_vectors[fit_rows], behaviour.item_queries[fit_rows]])
     model = Ridge(alpha=alpha, fit_intercept=True).fit(np.asarray(text_vectors[fit_rows], np.float32), targets)
     r = behaviour.item_vectors.shape[1]
