@@ -116,6 +116,34 @@ def test_subspace_iteration_finds_the_top_singular_vectors():
     np.testing.assert_allclose(np.abs(np.sum(v * vectors[:, ::-1][:, :8], axis=0)), 1.0, atol=1e-4)
 
 
+def test_the_iterations_steps_in_place_are_the_whole_array_ones(monkeypatch):
+    """Oracles: scipy's lu(permute_l=True), one seeded draw of the whole start, and the float64
+    product. The steps made without a second (items x c) array give the same numbers: the LU in the
+    product's own memory (a Fortran-ordered product, as the fit's sums are), the start drawn and the
+    Ritz product summed a block of rows at a time."""
+    import scipy.linalg
+
+    import recommend.ranking.behaviour as behaviour
+
+    monkeypatch.setattr(behaviour, "DRAW_ROWS", 1000)  # several blocks at test size
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((4500, 14)).astype(np.float32)
+    expected = scipy.linalg.lu(y, permute_l=True, check_finite=False)[0]
+    np.testing.assert_array_equal(behaviour._lu_basis(y.copy()), expected)  # C order: a copy, the same result
+    product = np.asfortranarray(y)
+    basis = behaviour._lu_basis(product)
+    assert np.shares_memory(basis, product)
+    np.testing.assert_array_equal(basis, expected)
+
+    whole = np.random.default_rng(11).standard_normal((4500, 14)).astype(np.float32)
+    np.testing.assert_array_equal(behaviour._gaussian(4500, 14, 11), whole)
+    rows = np.sort(rng.choice(4500, 700, replace=False))
+    np.testing.assert_array_equal(behaviour._gaussian(4500, 14, 11, rows), whole[rows])
+
+    gz = rng.standard_normal((4500, 14)).astype(np.float32)
+    np.testing.assert_allclose(behaviour._ritz(whole, gz), whole.T.astype(np.float64) @ gz.astype(np.float64), rtol=1e-12)
+
+
 def test_the_fit_on_the_warm_columns_is_the_fit_on_all(monkeypatch):
     """A matrix whose last 700 of 1,000 items have no interactions (as a 5,000-user sample of a large
     catalog): the fit runs on the 300 warm columns, and gives the singular pairs of the whole (the

@@ -112,7 +112,7 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
 
 
 def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray) -> np.ndarray:
-    out = np.zeros((n_items, z.shape[1]), np.float32)
+    out = np.zeros((n_items, z.shape[1]), np.float32, order="F")  # Fortran: the LU that follows works in place
     for b in blocks:  # only the items a block touches: no second (items x r) array per block
         x = fit_rows(folder, b, n_items, settings, now)
         touched = np.unique(x.indices)
@@ -134,7 +134,10 @@ def _rows_task(folder: str, blocks: range, n_items: int, settings: RankingSettin
 
 
 def _add(a, b):
-    return a + b
+    """a + b, in a's memory: each partial sum is used by its one sum only (a sum that failed is
+    recomputed from its inputs, which a failure loses too), and is items x r at scale."""
+    a += b
+    return a
 
 
 def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False):
