@@ -81,8 +81,21 @@ def popularity_feature(pop: np.ndarray) -> np.ndarray:
 
 
 def item_documents(behaviour_docs: np.ndarray, text: np.ndarray, pop_feature: np.ndarray, layout: Layout) -> np.ndarray:
-    return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_docs, np.sqrt(layout.text_weight) * text,
-                      np.sqrt(layout.popularity_weight) * pop_feature[:, None]]).astype(np.float32)
+    return side_by_side(len(text), (lambda: np.sqrt(layout.behaviour_weight) * behaviour_docs, behaviour_docs.shape[1]),
+                        (lambda: np.sqrt(layout.text_weight) * text, text.shape[1]),
+                        (lambda: np.sqrt(layout.popularity_weight) * pop_feature[:, None], 1))
+
+
+def side_by_side(n: int, *parts: tuple[Callable[[], np.ndarray], int]) -> np.ndarray:
+    """np.hstack of the parts, as float32: each part (a function giving it, and its width) made and
+    cast into one float32 array in turn, so the whole is never held in float64 (the parts are, as
+    numpy promotes them); the same numbers as hstack(...).astype(float32)."""
+    out = np.empty((n, sum(width for _, width in parts)), np.float32)
+    at = 0
+    for make, width in parts:
+        out[:, at:at + width] = make()
+        at += width
+    return out
 
 
 SCALE_SAMPLE = 500  # users whose best behaviour scores set the behaviour part's scale (a mean of maxima)
@@ -127,8 +140,9 @@ def item_queries(behaviour_queries: np.ndarray, text: np.ndarray, layout: Layout
     norms over all items, `query_scale`), not per item, so that an item with little evidence (a cold
     item's damped prediction) asks with less weight on behaviour and more on its text."""
     scale = query_scale(behaviour_queries) if scale is None else scale
-    return np.hstack([np.sqrt(layout.behaviour_weight) * behaviour_queries / scale, np.sqrt(layout.text_weight) * text,
-                      np.zeros((len(text), 1), np.float32)]).astype(np.float32)
+    return side_by_side(len(text), (lambda: np.sqrt(layout.behaviour_weight) * behaviour_queries / scale,
+                                     behaviour_queries.shape[1]),
+                        (lambda: np.sqrt(layout.text_weight) * text, text.shape[1]), (lambda: 0.0, 1))
 
 
 def item_queries_from_raw(raw: np.ndarray, layout: Layout) -> np.ndarray:
