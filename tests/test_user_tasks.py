@@ -88,6 +88,20 @@ def test_block_sums_equal_the_whole_matrix(blocked, dask_client):
     np.testing.assert_allclose(fit.fetch(fit.gram_times(z)), FitMatrix(whole.fit_on).gram_times(z), rtol=1e-4, atol=1e-3)
 
 
+def test_block_products_added_in_slices_equal_the_whole_matrix(blocked, monkeypatch):
+    """XᵀXz summed in this process, each block's product added into the sum 7 rows at a time."""
+    import recommend.run.user_tasks as user_tasks
+
+    events, item_ids, blocks, user_ids = blocked
+    settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
+    whole = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
+                       item_row={i: r for r, i in enumerate(item_ids)}).fit_on
+    monkeypatch.setattr(user_tasks, "ADD_ROWS", 7)
+    z = np.asfortranarray(np.random.default_rng(2).standard_normal((len(item_ids), 5)).astype(np.float32))
+    product = BlockedFit(None, blocks, len(item_ids), settings).gram_times(z)
+    np.testing.assert_allclose(product, FitMatrix(whole).gram_times(z), rtol=1e-4, atol=1e-3)
+
+
 def test_subspace_iteration_over_blocks_is_the_one_in_process(blocked, dask_client):
     """The fit's SVD from products summed over the blocks on the workers equals the same iteration
     on the whole matrix in this process (rank 8 of 150 items: not the exact path)."""

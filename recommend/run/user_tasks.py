@@ -44,12 +44,13 @@ from embedder.task_window import one_task, task_key
 from index.rows import parquet_rows
 from recommend.quality.evaluate import holdout_score
 from recommend.quality.gate import GateFigures, GateSettings
-from recommend.ranking.behaviour import FitMatrix, FitStats, gram_times
+from recommend.ranking.behaviour import FitMatrix, FitStats
 from recommend.ranking.blend import UserBlock, user_block
 from recommend.ranking.profiles import popularity
 from recommend.ranking.settings import RankingSettings
 
 GROUP = 8  # blocks per task of the fit: fewer, larger partial sums (each is items x r)
+ADD_ROWS = 1 << 16  # rows of a block's product added into the partial sum at a time
 
 
 def load_user_block(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> tuple[np.ndarray, UserBlock]:
@@ -117,7 +118,11 @@ def _gram_times_task(folder: str, blocks: range, n_items: int, settings: Ranking
         x = fit_rows(folder, b, n_items, settings, now)
         touched = np.unique(x.indices)
         local = sp.csr_matrix((x.data, np.searchsorted(touched, x.indices), x.indptr), shape=(x.shape[0], len(touched)))
-        out[touched] += gram_times(local, z[touched])
+        xz = np.asarray(local @ z[touched], dtype=np.float32)  # (block users x c); z's rows gathered, then dropped
+        product = np.asarray(local.T @ xz, dtype=np.float32)  # (touched x c): one such array at a time
+        for start in range(0, len(touched), ADD_ROWS):  # added in slices: no second (touched x c) gathered copy
+            rows = touched[start:start + ADD_ROWS]
+            out[rows] += product[start:start + ADD_ROWS]
     return out
 
 
