@@ -88,18 +88,25 @@ def test_block_sums_equal_the_whole_matrix(blocked, dask_client):
     np.testing.assert_allclose(fit.fetch(fit.gram_times(z)), FitMatrix(whole.fit_on).gram_times(z), rtol=1e-4, atol=1e-3)
 
 
-def test_block_products_added_in_slices_equal_the_whole_matrix(blocked, monkeypatch):
-    """XᵀXz summed in this process, each block's product added into the sum 7 rows at a time."""
+def test_chains_of_groups_and_slices_equal_the_whole_matrix(blocked, dask_client, monkeypatch):
+    """One block per group (9 groups: 3 chains of 3, each adding into its running total), each
+    block's product added 7 rows at a time: XᵀXz and X (rows in block order) equal the whole
+    matrix's, in this process and on the workers, and both give the same numbers."""
     import recommend.run.user_tasks as user_tasks
 
     events, item_ids, blocks, user_ids = blocked
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
     whole = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
                        item_row={i: r for r, i in enumerate(item_ids)}).fit_on
-    monkeypatch.setattr(user_tasks, "ADD_ROWS", 7)
+    monkeypatch.setattr(user_tasks, "GROUP", 1)
+    monkeypatch.setattr(user_tasks, "ADD_ROWS", 7)  # in this process only: the workers add 65,536 at a time
+    assert blocks.n >= 9
     z = np.asfortranarray(np.random.default_rng(2).standard_normal((len(item_ids), 5)).astype(np.float32))
-    product = BlockedFit(None, blocks, len(item_ids), settings).gram_times(z)
+    here, there = BlockedFit(None, blocks, len(item_ids), settings), BlockedFit(dask_client, blocks, len(item_ids), settings)
+    product = here.gram_times(z)
     np.testing.assert_allclose(product, FitMatrix(whole).gram_times(z), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(there.fetch(there.gram_times(z)), product)
+    assert (here.gather() != whole).nnz == 0 and (there.gather() != whole).nnz == 0
 
 
 def test_subspace_iteration_over_blocks_is_the_one_in_process(blocked, dask_client):

@@ -82,10 +82,16 @@ class Run:
         log.info("stage %s started (run %s)", name, self.run_id)
         start = time.perf_counter()
         yield
-        release_freed_memory()  # what the stage dropped goes back to the OS, not kept at its peak
-        if self.client is not None:
-            self.client.run(release_freed_memory)  # and on the workers
+        self.release()
         self.report.seconds[name] = round(time.perf_counter() - start, 3)
+
+    def release(self) -> None:
+        """What was dropped goes back to the OS, here and on the workers, not kept at its peak: at each
+        stage's end, and between the steps of the index stage (a worker that held the fit's arrays
+        would otherwise keep their heap through an hour of lists)."""
+        release_freed_memory()
+        if self.client is not None:
+            self.client.run(release_freed_memory)
 
     def bar(self, stage: str):
         """A progress-bar factory whose bars are named after `stage`."""
@@ -230,11 +236,13 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
         item_ids = np.asarray(emb.item_ids, dtype=object)
         sample = sample_users(client, blocks, TUNE_USERS)  # read once: the fit's scale sample is its first users
         saved = fit_blocks(client, run_dir, blocks, item_ids, emb.vectors, ranking, bar=bar, sample=sample)
+        run.release()
         tick = bar("building and tuning the index on a worker", 1)
         built = build_index(client, run_dir, k, config.index, sample, blocks.newest, ranking,
                             n_searches=len(item_ids) + saved.users_with_history)
         tick(1)
         del sample
+        run.release()
         tuning, files = built.tuning, {**built.files, **saved.files}
         rows = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
         parts = list_blocks(client, run_dir, len(item_ids), blocks, ranking,

@@ -8,8 +8,9 @@ group of blocks, builds their interaction matrices (`ranking.blend.user_block`) 
   square of the fitted values (one round);
 - `BlockedFit`: the fitted matrix X as the fit reads it (ranking.behaviour.FitMatrix): XᵀX z as
   Σ_b X_bᵀ(X_b z) for the subspace iteration, XᵀX itself when the items side is small, X whole only
-  when the users side is small. z (items x r) goes to every worker once per product; the partial
-  sums are added pairwise on the workers, and the total stays there: the fit's (items x r) arrays
+  when the users side is small. z (items x r) goes to every worker once per product; each chain of
+  groups adds into one running sum, the chains' sums are added pairwise on the workers, and the
+  total stays there: the fit's (items x r) arrays
   (z, the products, their normalisation) live on the workers as futures (`BlockedFit.run`), and
   the driver receives only the (c x c) Rayleigh–Ritz matrix. Each worker process keeps the blocks'
   fitted rows it read until the fit ends (`fit_rows`);
@@ -27,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -112,8 +114,10 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
     return pop, counts, nnz, squares
 
 
-def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray) -> np.ndarray:
-    out = np.zeros((n_items, z.shape[1]), np.float32, order="F")  # Fortran: the LU that follows works in place
+def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray,
+                     into: np.ndarray | None = None) -> np.ndarray:
+    """The blocks' share of XᵀXz, added into `into` (its chain's running total) when given."""
+    out = np.zeros((n_items, z.shape[1]), np.float32, order="F") if into is None else into  # Fortran: the LU works in place
     for b in blocks:  # only the items a block touches: no second (items x r) array per block
         x = fit_rows(folder, b, n_items, settings, now)
         touched = np.unique(x.indices)
@@ -145,21 +149,42 @@ def _add(a, b):
     return a
 
 
+ADDS_INTO = ("_gram_times_task",)  # tasks that add their share into a running total given as `into`
+
+
+def _step(fn, combine, total, folder: str, group: range, *args):
+    """One group's result added to its chain's running total (None: the chain's first group): in
+    that total's memory where `fn` can add into it, so a chain holds one total, not one per group."""
+    if total is not None and fn.__name__ in ADDS_INTO:
+        return fn(folder, group, *args, into=total)
+    part = fn(folder, group, *args)
+    return part if total is None else combine(total, part)
+
+
 def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False):
-    """fn over every group of blocks, the results combined pairwise in a fixed order: on the workers
-    with a client (only the total comes here; with `keep`, the total stays on its worker and its
-    future comes here), else in this process."""
+    """fn over every group of blocks, combined in one fixed order whatever the cluster: the groups in
+    runs of √(groups) (chains), each chain adding its groups into one running total in turn, then the
+    chains' totals combined pairwise, in block order (X's rows stay in order). Only a chain's total is alive, not one result per group
+    (121 blocks at 1M users: 16 products of 1M x 74 waited for their sums on two workers). On the
+    workers with a client (only the total comes here; with `keep`, it stays on its worker and its
+    future comes here), else in this process, in the same order: the same numbers either way."""
     groups = _groups(blocks.n)
+    per_chain = max(1, math.isqrt(len(groups)))
+    chains: list = [None] * -(-len(groups) // per_chain)
     if client is None:
-        parts = [fn(blocks.folder, g, *args) for g in groups]
+        for j, g in enumerate(groups):
+            chains[j // per_chain] = _step(fn, combine, chains[j // per_chain], blocks.folder, g, *args)
+        parts = chains
         while len(parts) > 1:
             parts = [combine(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
         return parts[0]
     stamp = time.time_ns()
     name = fn.__name__.strip("_").replace("_", "-")
-    parts = [client.submit(fn, blocks.folder, g, *args, pure=False, key=f"{name}-{g.start}-{stamp}") for g in groups]
-    level = 0
-    while len(parts) > 1:  # a sum runs as soon as its two parts exist (before further groups): few partials held
+    for j, g in enumerate(groups):  # a chain's next task runs where its total is (the largest input)
+        chains[j // per_chain] = client.submit(_step, fn, combine, chains[j // per_chain], blocks.folder, g, *args,
+                                               pure=False, key=f"{name}-{g.start}-{stamp}")
+    parts, level = chains, 0
+    while len(parts) > 1:
         level += 1
         parts = [client.submit(combine, parts[i], parts[i + 1], pure=False, priority=level,
                                key=f"{name}-sum-{level}-{i}-{stamp}")
