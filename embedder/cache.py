@@ -127,7 +127,7 @@ class EmbeddingCache:
         (`Lookup.set_aside`) and its items count as misses: they are encoded again."""
         wanted = pc.unique(arrow_strings(hashes)).cast(pa.string())
         prefix = pc.utf8_slice_codeunits(wanted, 0, BUCKET_CHARS)
-        # keys as Arrow arrays (taken, so each carries its own rows only): two buffers to send, where a
+        # keys as Arrow arrays (filtered: each carries its own rows only): two buffers to send, where a
         # list is walked by Dask element by element and pickled string by string
         groups = [(bucket, wanted.filter(pc.equal(prefix, bucket))) for bucket in pc.unique(prefix).to_pylist()]
         if client is not None and len(groups) > 1:

@@ -208,7 +208,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
         held = pc.is_in(hashes, value_set=lookup.keys).to_numpy(zero_copy_only=False)
         missing = np.flatnonzero(~held)
         # a text repeated in the catalog is encoded once: codes number the missing hashes in the order
-        # they first appear, so the first row of code c is missing[at[c]]
+        # they first appear, and np.unique's return_index gives each code's first position
         codes = pc.dictionary_encode(hashes.take(missing)).indices.to_numpy(zero_copy_only=False)
         first = missing[np.unique(codes, return_index=True)[1]]  # the item row of each text to encode
         if chosen != "fp32" and len(first) and report.mean_cosine is None:
