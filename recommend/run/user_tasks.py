@@ -149,23 +149,22 @@ def _add(a, b):
     return a
 
 
-ADDS_INTO = ("_gram_times_task",)  # tasks that add their share into a running total given as `into`
-
-
-def _step(fn, combine, total, folder: str, group: range, *args):
-    """One group's result added to its chain's running total (None: the chain's first group): in
-    that total's memory where `fn` can add into it, so a chain holds one total, not one per group."""
-    if total is not None and fn.__name__ in ADDS_INTO:
+def _step(fn, combine, adds_into: bool, total, folder: str, group: range, *args):
+    """One group's result added to its chain's running total (None: the chain's first group). With
+    `adds_into`, `fn` adds its share into that total's memory itself (`into=`): a chain then holds
+    one total, not one per group."""
+    if total is not None and adds_into:
         return fn(folder, group, *args, into=total)
     part = fn(folder, group, *args)
     return part if total is None else combine(total, part)
 
 
-def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False):
+def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False, adds_into: bool = False):
     """fn over every group of blocks, combined in one fixed order whatever the cluster: the groups in
-    runs of √(groups) (chains), each chain adding its groups into one running total in turn, then the
-    chains' totals combined pairwise, in block order (X's rows stay in order). Only a chain's total is alive, not one result per group
-    (121 blocks at 1M users: 16 products of 1M x 74 waited for their sums on two workers). On the
+    runs of √(groups) (chains), each chain adding its groups into one running total in turn (`_step`),
+    then the chains' totals combined pairwise, in block order (X's rows stay in order). Only a
+    chain's total is alive, not one result per group (121 blocks at 1M users: 16 products of 1M x 74
+    waited for their sums on two workers). On the
     workers with a client (only the total comes here; with `keep`, it stays on its worker and its
     future comes here), else in this process, in the same order: the same numbers either way."""
     groups = _groups(blocks.n)
@@ -173,7 +172,7 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False)
     chains: list = [None] * -(-len(groups) // per_chain)
     if client is None:
         for j, g in enumerate(groups):
-            chains[j // per_chain] = _step(fn, combine, chains[j // per_chain], blocks.folder, g, *args)
+            chains[j // per_chain] = _step(fn, combine, adds_into, chains[j // per_chain], blocks.folder, g, *args)
         parts = chains
         while len(parts) > 1:
             parts = [combine(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
@@ -181,8 +180,8 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False)
     stamp = time.time_ns()
     name = fn.__name__.strip("_").replace("_", "-")
     for j, g in enumerate(groups):  # a chain's next task runs where its total is (the largest input)
-        chains[j // per_chain] = client.submit(_step, fn, combine, chains[j // per_chain], blocks.folder, g, *args,
-                                               pure=False, key=f"{name}-{g.start}-{stamp}")
+        chains[j // per_chain] = client.submit(_step, fn, combine, adds_into, chains[j // per_chain], blocks.folder, g,
+                                               *args, pure=False, key=f"{name}-{g.start}-{stamp}")
     parts, level = chains, 0
     while len(parts) > 1:
         level += 1
@@ -230,7 +229,7 @@ class BlockedFit(FitMatrix):
             z = np.ascontiguousarray(z, dtype=np.float32)
             if self.client is not None:
                 z = self.client.scatter(z, broadcast=True, hash=False)
-        return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z, keep=True)
+        return _reduce(self.client, _gram_times_task, self.blocks, *self._args(), z, keep=True, adds_into=True)
 
     def columns(self, keep: np.ndarray) -> "BlockedFit":
         return self
