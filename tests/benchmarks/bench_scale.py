@@ -60,9 +60,23 @@ def generate(out: Path, n_items: int, n_users: int, events_per_user: float, part
     return {"items": n_items, "users": n_users}
 
 
-def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> dict:
+def settings(pairs: list[str]) -> dict:
+    """`--set index.exact_budget_s=1` pairs as a nested dict of config sections (values read as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: expected section.key=value, e.g. index.exact_budget_s=1")
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra: dict | None = None) -> dict:
     """The refresh in this process, with a sampler of the RSS of this process and its children.
-    `workers`: local Dask workers (default: one per core)."""
+    `workers`: local Dask workers (default: one per core); `extra`: config sections to add (`settings`)."""
     import psutil
     import yaml
 
@@ -76,7 +90,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None) -> di
         "items": {"path": str(data / "items-*.parquet"), "text": "{title}. {description}", "metadata": ["category"]},
         "events": {"path": str(data / "events-*.parquet")},
         "embed": {"model": "stand-in:hashing-384"},
-        "publish": {"enabled": publish}, **({"dask": {"n_workers": workers}} if workers else {})}))
+        "publish": {"enabled": publish}, **({"dask": {"n_workers": workers}} if workers else {}), **(extra or {})}))
     me = psutil.Process()
     peaks: dict[int, int] = {}
     done = threading.Event()
@@ -139,9 +153,12 @@ def main() -> None:
     args_parser.add_argument("--publish", action="store_true")
     args_parser.add_argument("--workers", default="", help="e.g. 1,2: a refresh with each count of local workers on "
                              "the same data, each from a cold workdir (strong scaling); default: one per core")
+    args_parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="a config setting for the refresh, e.g. index.exact_budget_s=1 (repeatable)")
     args_parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
     args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = args_parser.parse_args()
+    extra = settings(args.set)  # a malformed --set stops here, before any data is made
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return
@@ -149,7 +166,7 @@ def main() -> None:
     if args.stage == "run":
         workers = counts[0]
         work = Path(args.dir) / (f"workers-{workers}" if workers else "")
-        print(json.dumps({"workers": workers, **run(Path(args.dir) / "data", work, args.publish, workers)}))
+        print(json.dumps({"workers": workers, **run(Path(args.dir) / "data", work, args.publish, workers, extra)}))
         return
     with tempfile.TemporaryDirectory() as tmp:  # each step in a fresh process: the driver's peak is the refresh's own
         t = time.perf_counter()
@@ -160,7 +177,7 @@ def main() -> None:
         runs = []
         for workers in counts:
             proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
-                                  + (["--publish"] if args.publish else []), check=True, capture_output=True, text=True)
+                                  + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set], check=True, capture_output=True, text=True)
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
                                        "encoder": "stand-in:hashing-384", "published": args.publish,
