@@ -28,7 +28,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -219,43 +219,9 @@ def read_block(folder: Path | str, block: int, columns: list[str] | None = None)
     return np.asarray(users, dtype=object), events
 
 
-class UserIds(Sequence):
-    """Every user id of a run in the run's order, read from the users' block files as sliced (the
-    publish reads them a block at a time: the driver never holds them all). The last block read is
-    kept."""
-
-    def __init__(self, blocks: Blocks):
-        self.folder, self.starts = Path(blocks.folder), blocks.starts
-        self.sizes = np.array([s.users for s in blocks.summaries], dtype=np.int64)
-        self._last: tuple[int, list[str]] | None = None
-
-    def __len__(self) -> int:
-        return int(self.sizes.sum())
-
-    def _block(self, b: int) -> list[str]:
-        if self._last is None or self._last[0] != b:
-            table = pq.read_table(self.folder / USERS / f"block-{b:05d}.parquet", columns=["user_id"])
-            self._last = (b, table.column(0).to_pylist())
-        return self._last[1]
-
-    def __getitem__(self, index):
-        if not isinstance(index, slice):
-            index = int(index) + (len(self) if int(index) < 0 else 0)
-            if not 0 <= index < len(self):
-                raise IndexError(index)
-            b = int(np.searchsorted(self.starts, index, side="right") - 1)
-            return self._block(b)[index - int(self.starts[b])]
-        start, stop, step = index.indices(len(self))
-        if step != 1:
-            return [self[i] for i in range(start, stop, step)]
-        out: list[str] = []
-        while start < stop:
-            b = int(np.searchsorted(self.starts, start, side="right") - 1)
-            first = start - int(self.starts[b])
-            take = min(stop - start, int(self.sizes[b]) - first)
-            out += self._block(b)[first:first + take]
-            start += take
-        return out
+def block_user_ids(folder: Path | str, block: int) -> list[str]:
+    """The user ids of one block, in the run's order."""
+    return pq.read_table(Path(folder) / USERS / f"block-{block:05d}.parquet", columns=["user_id"]).column(0).to_pylist()
 
 
 def read_user_ids(folder: Path | str, n_blocks: int) -> list[str]:

@@ -61,7 +61,8 @@ def _stop(procs):
 def test_a_refresh_through_dask_address_runs_ingest_embed_behaviour_gate_and_lists_on_the_workers(tmp_path, sample_dir, tiny_model,
                                                                                  dask_client):
     """Oracle: the same refresh on the LocalCluster; the lists are the same. A scheduler plugin
-    records where each task ran. (The publish still runs in the driver: the rest of issue 14.)"""
+    records where each task ran. (The publish is off: local mode has one writer, the driver; the
+    publish's tasks on the workers, for a server, are checked in tests/test_publish_tasks.py.)"""
     from distributed import Client
 
     from cluster_helpers import TaskRecorder, ran

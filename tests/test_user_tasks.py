@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from embedder.event_blocks import UserIds, blocks_from_frame, first_users, read_user_ids, user_hash
+from embedder.event_blocks import blocks_from_frame, first_users, read_user_ids, user_hash
 from embedder.ingest import ingest_events, ingest_events_to_blocks
 from embedder.specs import SourceSpec
 from recommend.quality.evaluate import hash_sample
@@ -243,14 +243,3 @@ def test_the_first_blocks_hold_the_hash_sample(blocked):
                                   .sort_values(["user_id", "item_id"]).reset_index(drop=True))
 
 
-def test_user_ids_read_a_block_at_a_time_are_the_runs_order(blocked):
-    """The publish's user ids (`UserIds`, read from the users' block files as sliced) equal the
-    whole list, for slices within a block, across blocks, and single rows."""
-    _, _, blocks, user_ids = blocked
-    lazy = UserIds(blocks)
-    assert len(lazy) == len(user_ids) and lazy[:] == user_ids
-    for start, stop in ((0, 3), (40, 120), (45, 46), (len(user_ids) - 5, len(user_ids) + 10)):
-        assert lazy[start:stop] == user_ids[start:stop]
-    assert [lazy[i] for i in (0, 57, -1)] == [user_ids[0], user_ids[57], user_ids[-1]]
-    with pytest.raises(IndexError):
-        lazy[len(user_ids)]

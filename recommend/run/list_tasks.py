@@ -14,8 +14,9 @@ Each block writes two files, whole or not at all, and returns a `Part` (their di
     lists.parquet/<kind>-<block>.parquet   its lists in long format (one row per subject and rank)
     parts/<kind>-<block>.npz               the same as arrays (scores, ids, source; users: their vectors)
 
-The publish streams the `.npz` parts, a block at a time. Every list depends on its own row only, so
-the lists are those of the whole run computed in one process (tests/test_list_tasks.py checks it).
+The publish makes its points from the `.npz` parts, a part at a time (recommend/run/publish_tasks.py).
+Every list depends on its own row only, so the lists are those of the whole run computed in one
+process (tests/test_list_tasks.py checks it).
 Without a client the blocks run one after another in this process.
 
 Example (what the lists stage does):
@@ -209,32 +210,3 @@ def _run(client, call: Callable[[int], tuple[Callable, tuple]], n: int) -> Itera
 
 def part_files(parts: list[Part]) -> dict[str, str]:
     return {name: digest for part in parts for name, digest in part.files.items()}
-
-
-def read_parts(run_dir: Path, parts: list[Part], kind: str) -> Iterator[tuple[Part, dict[str, np.ndarray]]]:
-    """The `kind` parts' arrays, a block at a time, in block order, each with its Part."""
-    for part in sorted((p for p in parts if p.kind == kind), key=lambda p: p.block):
-        with np.load(run_dir / PARTS / f"{kind}-{part.block:06d}.npz") as arrays:
-            yield part, {name: arrays[name] for name in arrays.files}
-
-
-def user_vector_rows(run_dir: Path, parts: list[Part], dim: int) -> Rows:
-    """The users' vectors from the user parts, as a row source meant to be read in order (the publish
-    reads it a batch at a time; the last part read is kept)."""
-    users = sorted((p for p in parts if p.kind == "user"), key=lambda p: p.start)
-    starts = np.array([p.start for p in users], dtype=np.int64)
-    last: dict[int, np.ndarray] = {}
-
-    def compute(idx: np.ndarray) -> np.ndarray:
-        out = np.empty((len(idx), dim), dtype=np.float32)
-        which = np.searchsorted(starts, idx, side="right") - 1
-        for j in np.unique(which):
-            if j not in last:
-                last.clear()
-                with np.load(run_dir / PARTS / f"user-{users[j].block:06d}.npz") as arrays:
-                    last[j] = arrays["vectors"]
-            here = which == j
-            out[here] = last[j][idx[here] - starts[j]]
-        return out
-
-    return Rows(sum(p.subjects for p in users), dim, compute)

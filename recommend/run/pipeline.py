@@ -71,7 +71,9 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
                 if client is None and run.client.dashboard_link:
                     out.say(f"refresh: Dask dashboard at {run.client.dashboard_link}")
                 run.current = "preflight"
-                preflight(run.client, sources=_sources(config), cache_root=config.cache_root, model=config.embed.model)
+                pc = config.publish
+                preflight(run.client, sources=_sources(config), cache_root=config.cache_root, model=config.embed.model,
+                          qdrant=(pc.url, pc.api_key_env) if pc.enabled and pc.url and pc.upload_on_workers else None)
                 _run(run)
         except BaseException as exc:
             _failed(run, exc, time.perf_counter() - started)

@@ -6,7 +6,9 @@ once with a clear message instead of quietly doing the wrong thing:
   the cache with vectors of another model);
 - every input's files listed and the first one opened (workers are handed the driver's paths);
 - the embedding cache location written and read back (a cache the workers cannot see was silently
-  all misses).
+  all misses);
+- when the workers will upload the publish to a Qdrant server, that server answering them (with the
+  API key from their own environment).
 
 On a LocalCluster this costs a fraction of a second and always passes.
 """
@@ -36,8 +38,9 @@ def project_version() -> str:
         return "unknown"
 
 
-def worker_view(sources: dict[str, str], cache_root: str, model: str) -> dict:
-    """What this process sees (run on each worker): version, model fingerprint, inputs, cache."""
+def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None) -> dict:
+    """What this process sees (run on each worker): version, model fingerprint, inputs, cache, and
+    with `qdrant` (url, API key variable) whether that server answers."""
     from embedder.model import model_fingerprint, resolve_model_path
     from embedder.sources import list_files
     from embedder.specs import SourceSpec
@@ -65,17 +68,26 @@ def worker_view(sources: dict[str, str], cache_root: str, model: str) -> dict:
         fs.rm(path)
     except Exception as exc:
         view["problems"].append(f"embed.cache: cannot write and read back {cache_root!r}: {exc}")
+    if qdrant is not None:
+        from recommend.serving.store import open_store
+
+        try:
+            open_store(*qdrant, retries=1)
+        except Exception as exc:
+            view["problems"].append(f"publish.url: {exc}")
     return view
 
 
-def preflight(client, *, sources: dict[str, str], cache_root: str, model: str) -> dict:
+def preflight(client, *, sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None
+              ) -> dict:
     """Ask every worker (`worker_view`) and compare with the driver; raise PreflightFailed naming each
-    worker and what it lacks. Returns the driver's own view."""
+    worker and what it lacks. `qdrant`: (url, API key variable) of the server the workers upload to.
+    Returns the driver's own view."""
     mine = worker_view(sources, cache_root, model)
     if mine["problems"]:
         raise PreflightFailed("this machine: " + "; ".join(mine["problems"]))
     found = []
-    for address, view in client.run(worker_view, sources, cache_root, model).items():
+    for address, view in client.run(worker_view, sources, cache_root, model, qdrant).items():
         where = f"worker {address} ({view['host']})"
         if view["version"] != mine["version"]:
             found.append(f"{where} runs nightly-recs {view['version']}, the driver {mine['version']}")

@@ -22,7 +22,7 @@ import pyarrow as pa
 from embedder.artifacts import file_digest, write_parquet
 from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
-from embedder.event_blocks import Blocks, UserIds
+from embedder.event_blocks import Blocks
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT
@@ -32,7 +32,8 @@ from recommend.config import Config, StageSettings
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import Layout
 from recommend.run.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
-from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files, read_parts, user_vector_rows
+from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files
+from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
 from recommend.run.user_tasks import gate_figures, sample_users
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
@@ -47,15 +48,7 @@ from recommend.run.report import (
     RefreshReport,
 )
 from recommend.run.workdir import write_manifest
-from recommend.serving.publish import (
-    BLEND_QUERY_VECTOR,
-    BLEND_VECTOR,
-    ITEM_VECTOR,
-    item_payloads,
-    live_gate,
-    publish_version,
-    user_payloads,
-)
+from recommend.serving.publish import Storage, live_gate, publish_version
 
 log = logging.getLogger("recs")
 
@@ -213,7 +206,7 @@ def gate(run: Run, store, blocks: Blocks) -> GateReport:
 class Lists:
     """The index stage's output: the item side's layout (the item side itself and the index are in the
     run folder, recommend/run/item_tasks.py), the ids, and the parts the workers wrote
-    (recommend/run/list_tasks.py), from which the publish streams the lists and user vectors."""
+    (recommend/run/list_tasks.py), from which the publish makes its points (recommend/run/publish_tasks.py)."""
 
     layout: Layout
     item_ids: np.ndarray
@@ -278,38 +271,28 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
     """Publish the new version as one transaction (written, verified, marked complete, switched live),
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
-    The lists and user vectors are streamed from the parts, a block at a time."""
+    The points are made a lists part at a time (recommend/run/publish_tasks.py): streamed from this
+    process into local mode, uploaded from the workers to a server."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
-    items_side, item_ids = read_item_side(run.run_dir), lists.item_ids  # memory-mapped, read a batch at a time
-    user_ids = UserIds(lists.blocks)  # read a block at a time, as the parts are
+    layout = read_item_side(run.run_dir).layout
+    on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
     with run.stage("publish"):
-        metadata = {c: items.rows[c].tolist() for c in config.items.metadata}
-
-        def item_points():
-            for part, lists_ in read_parts(run.run_dir, lists.parts, "item"):
-                rows = slice(part.start, part.start + part.subjects)
-                yield from item_payloads(item_ids, {c: v[rows] for c, v in metadata.items()}, lists_["scores"],
-                                         lists_["ids"], run_id, lists_["source"], subjects=item_ids[rows])
-
-        def user_points():
-            for part, lists_ in read_parts(run.run_dir, lists.parts, "user"):
-                yield from user_payloads(user_ids[part.start:part.start + part.subjects], item_ids, lists_["scores"],
-                                         lists_["ids"], run_id, lists_["source"])
-
+        source = PointSource(str(run.run_dir), run_id, lists.blocks.folder, emb.vectors)
+        target = Target(url=pc.url, api_key_env=pc.api_key_env) if on_workers else None
+        sizes = vector_sizes(layout, emb.vectors.shape[1])
+        metadata = {c: items.rows[c] for c in config.items.metadata}
+        points = {kind: collection_points(run.client, source, lists.parts, kind, metadata, sizes[kind], target=target,
+                                          batch_size=pc.batch_size, parallel=pc.parallel) for kind in ("item", "user")}
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
-                "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": items_side.layout.to_dict(),
+                "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
-        tick = run.out.bar("publish: upserting", len(item_ids) + len(user_ids))
-        user_dim = items_side.layout.behaviour_dim + items_side.layout.text_dim + 1
-        done = publish_version(store, run_id,
-                               {"ids": item_ids.tolist(), "vectors": {ITEM_VECTOR: emb.vectors, BLEND_VECTOR: items_side.docs(),
-                                                                      BLEND_QUERY_VECTOR: items_side.raw_queries()},
-                                "payloads": item_points()},
-                               {"ids": user_ids, "vectors": user_vector_rows(run.run_dir, lists.parts, user_dim),
-                                "payloads": user_points()},
-                               metadata=meta, keep=pc.keep_versions, batch_size=pc.batch_size, progress=tick,
-                               parallel=pc.parallel, index_wait_s=pc.index_wait_s)
+        tick = run.out.bar("publish: upserting" + (" from the workers" if on_workers else ""),
+                           points["item"].count + points["user"].count)
+        done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, keep=pc.keep_versions,
+                               batch_size=pc.batch_size, progress=tick, parallel=pc.parallel,
+                               index_wait_s=pc.index_wait_s,
+                               storage=Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk))
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]

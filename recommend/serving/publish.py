@@ -34,8 +34,7 @@ def point_id(kind: str, business_id: str) -> str:
 
 
 class PointIds(Sequence):
-    """The point ids of business ids, made as sliced: `ids` may be read from files a block at a time
-    (embedder.event_blocks.UserIds), so a million users' ids are never all in one list."""
+    """The point ids of business ids, made as sliced (a batch of points at a time)."""
 
     def __init__(self, kind: str, ids: Sequence[str]):
         self.kind, self.ids = kind, ids
@@ -86,35 +85,76 @@ def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.
         time.sleep(poll_s)
 
 
-def stage_version(client, prefix: str, run_id: str, items: dict, users: dict, *, metadata: dict,
+@dataclass(frozen=True)
+class Storage:
+    """How a server stores a version's collections (config: publish.shards, replicas, vectors_on_disk,
+    payload_on_disk; None: the server's default). Local mode has none of these and ignores them."""
+
+    shards: int | None = None
+    replicas: int | None = None
+    vectors_on_disk: bool = False
+    payload_on_disk: bool | None = None
+
+    def collection_options(self) -> dict:
+        options = {"shard_number": self.shards, "replication_factor": self.replicas, "on_disk_payload": self.payload_on_disk}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+@dataclass
+class Points:
+    """One collection's points as `stage_version` writes them: the named vectors' sizes, how many
+    points, and `load(client, name, progress)`, which writes them all into collection `name` (in this
+    process, or from tasks on the workers: recommend/run/publish_tasks.py)."""
+
+    sizes: dict[str, int]
+    count: int
+    load: Callable[[object, str, Callable[[int], None] | None], None]
+
+
+def in_process(kind: str, data: dict, batch_size: int = 256, parallel: int = 1) -> Points:
+    """`Points` of `kind` ("item" or "user") from {"ids": [...], "vectors": {name: (n, d) array} or one
+    (n, d) array (named "text" for items, "profile" for users), "payloads": [dict, ...]}, uploaded
+    from this process."""
+    vectors = data["vectors"]
+    if not isinstance(vectors, dict):
+        vectors = {ITEM_VECTOR if kind == "item" else USER_VECTOR: vectors}
+    ids = PointIds(kind, data["ids"])
+
+    def load(client, name: str, progress) -> None:
+        upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
+
+    return Points({n: int(v.shape[1]) for n, v in vectors.items()}, len(ids), load)
+
+
+def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
                   batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
-                  index_wait_s: float = 600.0) -> dict:
+                  index_wait_s: float = 600.0, storage: Storage = Storage()) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
 
-    `items`/`users`: {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array (named "text"
-    for items, "profile" for users), "payloads": [dict, ...]}. Indexing is deferred during the bulk
-    load (on a server; local mode has no index to defer) and the version is ready only once indexed.
-    Returns the counts written.
+    `items`/`users`: `Points`, or {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array
+    (named "text" for items, "profile" for users), "payloads": [dict, ...]} (`in_process`). Indexing
+    is deferred during the bulk load (on a server; local mode has no index to defer) and the version
+    is ready only once indexed. Returns the counts written.
     """
     counts = {}
-    for kind, data, default_name in (("items", items, ITEM_VECTOR), ("users", users, USER_VECTOR)):
+    for kind, data in (("items", items), ("users", users)):
         name = collection(prefix, kind, run_id)
-        vectors = data["vectors"] if isinstance(data["vectors"], dict) else {default_name: data["vectors"]}
+        points = data if isinstance(data, Points) else in_process(kind[:-1], data, batch_size, parallel)
         if client.collection_exists(name):
             client.delete_collection(name)  # a half-filled leftover of a crashed attempt at this run
         client.create_collection(
-            name, vectors_config={n: models.VectorParams(size=int(v.shape[1]), distance=models.Distance.DOT)
-                                  for n, v in vectors.items()},
+            name, vectors_config={n: models.VectorParams(size=size, distance=models.Distance.DOT,
+                                                         on_disk=storage.vectors_on_disk or None)
+                                  for n, size in points.sizes.items()},
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
-            metadata={**metadata, "kind": kind})
-        ids = PointIds(kind[:-1], data["ids"])
+            metadata={**metadata, "kind": kind}, **storage.collection_options())
         with bulk_load(client, name):
-            upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
+            points.load(client, name, progress)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
         wait_indexed(client, name, index_wait_s)
         found = client.count(name, exact=True).count
-        if found != len(ids):
-            raise PublishError(f"collection {name}: wrote {len(ids)} points, Qdrant counts {found}; not switching")
+        if found != points.count:
+            raise PublishError(f"collection {name}: wrote {points.count} points, Qdrant counts {found}; not switching")
         counts[kind] = found
     return counts
 
@@ -133,9 +173,9 @@ class Published:
     removed_incomplete: list[str]
 
 
-def publish_version(store: VersionStore, run_id: str, items: dict, users: dict, *, metadata: dict, keep: int = 3,
-                    batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
-                    index_wait_s: float = 600.0) -> Published:
+def publish_version(store: VersionStore, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
+                    keep: int = 3, batch_size: int = 256, progress: Callable[[int], None] | None = None,
+                    parallel: int = 1, index_wait_s: float = 600.0, storage: Storage = Storage()) -> Published:
     """The whole publish as a transaction: remove what crashed publishes left, write the version
     (`stage_version`), verify it and write its completion marker, switch it live, prune old versions.
 
@@ -149,7 +189,7 @@ def publish_version(store: VersionStore, run_id: str, items: dict, users: dict, 
     removed = store.clean_incomplete(protect={previous})
     counts = store.publish(run_id, lambda client: stage_version(
         client, store.prefix, run_id, items, users, metadata=metadata, batch_size=batch_size, progress=progress,
-        parallel=parallel, index_wait_s=index_wait_s), metadata)
+        parallel=parallel, index_wait_s=index_wait_s, storage=storage), metadata)
     previous = store.switch(run_id)
     pruned = store.prune(keep, protect={run_id, previous})
     return Published(counts, previous, pruned, removed)

@@ -16,7 +16,18 @@ class PublishSettings(BaseModel):
     prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     keep_versions: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
-    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server (local mode writes in one)")
+    parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server when the driver uploads "
+                                                 "(local mode writes in one)")
+    upload_on_workers: bool = Field(True, description="with a server URL and Dask workers: each lists part is "
+                                                      "uploaded by a task on a worker, in parallel (false: the driver "
+                                                      "uploads them all); the workers need the API key variable too")
+    shards: int | None = Field(None, ge=1, description="shards per collection on a server (Qdrant's shard_number); "
+                                                      "default: the server's")
+    replicas: int | None = Field(None, ge=1, description="copies of each shard on a cluster (replication_factor); "
+                                                        "default: the server's")
+    vectors_on_disk: bool = Field(False, description="a server keeps the vectors in memory-mapped files, not in RAM")
+    payload_on_disk: bool | None = Field(None, description="a server keeps payloads on disk (on_disk_payload); "
+                                                           "default: the server's")
     index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
 
 

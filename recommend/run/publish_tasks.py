@@ -1,0 +1,178 @@
+"""The publish's points, a lists part at a time, and where they are uploaded from.
+
+Every part the lists stage wrote (recommend/run/list_tasks.py: a block of items or of users) becomes
+that many Qdrant points, made by `part_points` from the run folder's files:
+
+    items  ids from item-side/item_ids.parquet; vectors "text" (embeddings.parquet), "blend" and
+           "blend_query" (the item side); payloads from parts/item-<block>.npz and the catalog's
+           metadata columns (sent with the task: a block's rows)
+    users  ids from the block's users file (embedder/event_blocks.py); the vector "profile" and the
+           payloads from parts/user-<block>.npz
+
+The same function runs wherever the upload does:
+- local mode (the embedded default) has one writer, so the driver streams the parts into it in order;
+- with a Qdrant server (`publish.url`) and Dask workers, each part is a task that uploads its points
+  from a worker over that worker's own connection, a few per task slot in flight.
+Either way the driver creates the collections, counts what arrived and switches the aliases
+(recommend/serving/publish.py), and no process holds more than a part's payloads.
+
+The server path was not run against a Qdrant server (none runs on our machines): its tasks were run
+against local mode, through a single worker (tests/test_publish_tasks.py).
+
+Example (what the publish stage does):
+    source = PointSource(str(run_dir), run_id, blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
+    items = collection_points(client, source, parts, "item", metadata, sizes["item"], target=Target(url))
+    publish_version(store, run_id, items, users, metadata=meta)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from embedder.event_blocks import block_user_ids
+from embedder.task_window import in_window
+from index.rows import RowSource
+from recommend.ranking.blend import ItemSide, Layout
+from recommend.run.item_tasks import read_item_ids, read_item_side
+from recommend.run.list_tasks import PARTS, Part
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,
+                                       item_payloads, upload, user_payloads)
+from recommend.serving.store import open_local, open_store
+
+
+@dataclass(frozen=True)
+class PointSource:
+    """What every part's points are made from (small: it travels with each task)."""
+
+    run_dir: str
+    run_id: str
+    events: str       # the event blocks' folder: the users' ids
+    text: RowSource   # the items' text vectors: embeddings.parquet as ParquetRows, which pickles as its path
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a task uploads: a Qdrant server by URL (one connection per worker process, its API key
+    from the worker's environment variable `api_key_env`), or a local-mode folder, which takes one
+    writer at a time (a cluster of one single-threaded worker)."""
+
+    url: str | None = None
+    path: str | None = None
+    api_key_env: str = "QDRANT_API_KEY"
+
+    def open(self):
+        if self.url:
+            return open_store(self.url, self.api_key_env)
+        with _lock:
+            if self.path not in _local:
+                _local[self.path] = open_local(Path(self.path))
+            return _local[self.path]
+
+
+_lock = threading.Lock()
+_sides: dict[str, tuple[ItemSide, np.ndarray]] = {}
+_local: dict[str, object] = {}
+
+
+def _item_side(run_dir: str) -> tuple[ItemSide, np.ndarray]:
+    """The run's item side (memory-mapped) and item ids, read once per process."""
+    with _lock:
+        if run_dir not in _sides:
+            _sides.clear()
+            _sides[run_dir] = (read_item_side(run_dir), read_item_ids(run_dir))
+        return _sides[run_dir]
+
+
+def forget_sources() -> None:
+    """Drop the item side and ids read for the publish, and close local-mode folders opened by tasks
+    (run in the driver and on every worker when the publish ends)."""
+    with _lock:
+        _sides.clear()
+        for client in _local.values():
+            client.close()
+        _local.clear()
+
+
+def vector_sizes(layout: Layout, text_dim: int) -> dict[str, dict[str, int]]:
+    """The named vectors' sizes of each kind of point."""
+    blend = layout.behaviour_dim + layout.text_dim
+    return {"item": {ITEM_VECTOR: int(text_dim), BLEND_VECTOR: blend + 1, BLEND_QUERY_VECTOR: blend},
+            "user": {USER_VECTOR: blend + 1}}
+
+
+def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
+                ) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:
+    """(business ids, named vectors, payloads) of one part's subjects. `metadata`: the catalog's
+    chosen columns for an item part's rows."""
+    side, item_ids = _item_side(source.run_dir)
+    with np.load(Path(source.run_dir) / PARTS / f"{part.kind}-{part.block:06d}.npz") as arrays:
+        lists = {name: arrays[name] for name in arrays.files}
+    if part.kind == "item":
+        rows = np.arange(part.start, part.start + part.subjects, dtype=np.int64)
+        subjects = item_ids[rows]
+        vectors = {ITEM_VECTOR: source.text[rows], BLEND_VECTOR: side.docs()[rows], BLEND_QUERY_VECTOR: side.raw_queries()[rows]}
+        payloads = item_payloads(item_ids, metadata, lists["scores"], lists["ids"], source.run_id, lists["source"],
+                                 subjects=subjects)
+        return subjects.tolist(), vectors, payloads
+    subjects = block_user_ids(source.events, part.block)
+    payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], source.run_id, lists["source"])
+    return subjects, {USER_VECTOR: lists["vectors"]}, payloads
+
+
+def upload_part(qdrant, name: str, source: PointSource, part: Part, metadata: Mapping[str, list], batch_size: int,
+                progress: Callable[[int], None] | None = None, parallel: int = 1) -> int:
+    """Upload one part's points into collection `name`; returns how many."""
+    ids, vectors, payloads = part_points(source, part, metadata)
+    upload(qdrant, name, PointIds(part.kind, ids), vectors, payloads, batch_size, progress, parallel)
+    return len(ids)
+
+
+def upload_part_task(target: Target, name: str, source: PointSource, part: Part, metadata: Mapping[str, list],
+                     batch_size: int) -> int:
+    """`upload_part` on a worker, over its own connection to `target`."""
+    return upload_part(target.open(), name, source, part, metadata, batch_size)
+
+
+def collection_points(client, source: PointSource, parts: list[Part], kind: str, metadata: Mapping[str, object],
+                      sizes: dict[str, int], *, target: Target | None = None, batch_size: int = 256,
+                      parallel: int = 1) -> Points:
+    """The `kind` ("item" or "user") parts' points for `stage_version`: uploaded from tasks on the
+    workers of `client` when a `target` is given, else streamed from this process into the client
+    the store gives. `metadata`: column -> the catalog's values for every item (pandas Series or
+    sequences), sent a part's rows at a time."""
+    mine = sorted((p for p in parts if p.kind == kind), key=lambda p: p.block)
+
+    def rows_of(part: Part) -> dict[str, list]:
+        if kind != "item":
+            return {}
+        cut = slice(part.start, part.start + part.subjects)
+        return {c: (v.iloc[cut] if hasattr(v, "iloc") else np.asarray(v[cut])).tolist() for c, v in metadata.items()}
+
+    def load(qdrant, name: str, progress: Callable[[int], None] | None) -> None:
+        if target is None or client is None:
+            for part in mine:
+                upload_part(qdrant, name, source, part, rows_of(part), batch_size, progress, parallel)
+            forget_sources()
+            return
+        stamp = time.time_ns()
+
+        def submit(i: int):
+            part = mine[i]
+            return client.submit(upload_part_task, target, name, source, part, rows_of(part), batch_size, pure=False,
+                                 key=f"upload-part-{kind}-{part.block}-{stamp}")
+
+        try:
+            for _, written in in_window(client, len(mine), submit):
+                if progress:
+                    progress(written)
+        finally:
+            client.run(forget_sources)
+
+    return Points(sizes, sum(p.subjects for p in mine), load)
+

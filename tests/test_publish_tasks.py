@@ -1,0 +1,150 @@
+"""The publish's points made a lists part at a time (recommend/run/publish_tasks.py), checked by
+rereading Qdrant: every point's vectors and payload against the files the lists stage wrote, whether
+the driver streams the parts (local mode) or tasks upload them from a worker. No Qdrant server runs
+here: the workers' uploads are checked against a local-mode folder through one worker, and a worker
+that cannot reach its server fails the publish without a trace."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from qdrant_client import QdrantClient, models
+
+from embedder.artifacts import vectors_to_arrow, write_parquet
+from index.build import build_index, save_index
+from index.rows import parquet_rows
+from recommend.run.item_tasks import save_item_side
+from recommend.run.list_tasks import LISTS, ListJob, list_blocks
+from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection,
+                                       publish_version, stage_version)
+from recommend.serving.store import StoreUnavailable, open_local
+from recommend.serving.versions import ServerVersions
+from test_list_tasks import _space
+
+RUN = "20260101T000000-aaaa"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as the index stage leaves it: item side, index, embeddings and the lists' parts
+    (blocks of 64 items; the users' 3 event blocks), with the space they were computed from."""
+    space, item_ids, user_ids, blocks, settings = _space(tmp_path_factory.mktemp("events"))
+    run_dir = tmp_path_factory.mktemp("run")
+    item_ids = np.asarray(item_ids, dtype=object)
+    save_index(build_index(space.item_docs, "exact"), run_dir / "index.faiss")
+    save_item_side(run_dir, space.items, item_ids)
+    write_parquet(pa.table({"item_id": item_ids.tolist(), "vector": vectors_to_arrow(space.items.text)}),
+                  run_dir / "embeddings.parquet")
+    parts = list_blocks(None, run_dir, len(item_ids), blocks, settings, ListJob(10, new_slots=1), sample=np.arange(3),
+                        block_size=64)
+    source = PointSource(str(run_dir), RUN, blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
+    metadata = {"title": pd.Series([f"title {i}" for i in item_ids]), "price": np.arange(len(item_ids)) / 4}
+    return space, item_ids, user_ids, parts, source, metadata
+
+
+def _points(client, run, target=None, dask=None):
+    space, item_ids, user_ids, parts, source, metadata = run
+    sizes = vector_sizes(space.items.layout, space.items.text.shape[1])
+    return [collection_points(dask, source, parts, kind, metadata, sizes[kind], target=target, batch_size=50)
+            for kind in ("item", "user")]
+
+
+def _reread(client, name):
+    points, _ = client.scroll(name, limit=100_000, with_payload=True, with_vectors=True)
+    return {p.payload.get("item_id", p.payload.get("user_id")): p for p in points}
+
+
+def _check_against_the_run(client, run):
+    """Every point reread from Qdrant equals the run's files: the lists (lists.parquet), the item
+    side's vectors, the text vectors and the users' vectors."""
+    space, item_ids, user_ids, parts, source, metadata = run
+    lists = pd.read_parquet(source.run_dir + "/" + LISTS)
+    items, users = _reread(client, collection("t", "items", RUN)), _reread(client, collection("t", "users", RUN))
+    assert sorted(items) == sorted(item_ids) and sorted(users) == sorted(user_ids)
+    for kind, points, key, field in (("item", items, "item_id", "similar"), ("user", users, "user_id", "recommended")):
+        for subject, rows in lists[lists.subject_kind == kind].groupby("subject_id"):
+            payload = points[subject].payload
+            assert [e["item_id"] for e in payload[field]] == rows["item_id"].tolist()
+            np.testing.assert_allclose([e["score"] for e in payload[field]], rows["score"], atol=1e-5)
+            assert payload["source"] == rows["source"].iloc[0] and payload["run_id"] == RUN
+    rows = np.array([list(item_ids).index(i) for i in items])
+    got = {name: np.array([items[i].vector[name] for i in items]) for name in (ITEM_VECTOR, BLEND_VECTOR, BLEND_QUERY_VECTOR)}
+    np.testing.assert_allclose(got[ITEM_VECTOR], space.items.text[rows], atol=1e-6)
+    np.testing.assert_allclose(got[BLEND_VECTOR], space.item_docs[rows], atol=1e-6)
+    np.testing.assert_allclose(got[BLEND_QUERY_VECTOR], space.items.raw_queries()[rows], atol=1e-6)
+    assert [items[i].payload["title"] for i in items] == [f"title {i}" for i in items]
+    assert [items[i].payload["price"] for i in items] == (rows / 4).tolist()
+    user_rows = np.array([user_ids.index(u) for u in users])
+    np.testing.assert_allclose(np.array([users[u].vector[USER_VECTOR] for u in users]), space.users[user_rows], atol=1e-6)
+
+
+def test_the_driver_streams_each_part_into_local_mode_and_the_reread_equals_the_run(tmp_path, run):
+    client = open_local(tmp_path / "store")
+    counts = stage_version(client, "t", RUN, *_points(client, run), metadata={})
+    assert counts == {"items": 400, "users": 150}
+    _check_against_the_run(client, run)
+    client.close()
+
+
+def test_tasks_on_a_worker_upload_the_same_points(tmp_path, run):
+    """The server path's tasks, run on a Dask worker: the worker opens its own connection (here a
+    local-mode folder, which takes one writer: a cluster of one single-threaded worker, while the
+    driver's client is closed) and uploads its parts; the reread equals the run as above."""
+    from dask.utils import key_split
+    from distributed import Client, LocalCluster, get_task_stream
+
+    folder = tmp_path / "store"
+    client = open_local(folder)
+    sizes = vector_sizes(run[0].items.layout, run[0].items.text.shape[1])
+    for kind in ("items", "users"):
+        client.create_collection(collection("t", kind, RUN), vectors_config={
+            n: models.VectorParams(size=s, distance=models.Distance.DOT) for n, s in sizes[kind[:-1]].items()})
+    client.close()
+    ticks = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=40) as cluster, Client(cluster) as dask, get_task_stream(dask) as stream:
+        items, users = _points(None, run, Target(path=str(folder)), dask)
+        items.load(None, collection("t", "items", RUN), ticks.append)
+        users.load(None, collection("t", "users", RUN), ticks.append)
+    ran = sorted(key_split(t["key"]) for t in stream.data)
+    assert ran == ["upload-part-item"] * 7 + ["upload-part-user"] * 3  # one task per part, all on the worker
+    assert sorted(ticks) == sorted([64] * 6 + [16] + [p.subjects for p in run[3] if p.kind == "user"])
+    assert (items.count, users.count) == (400, 150)
+    client = QdrantClient(path=str(folder))
+    _check_against_the_run(client, run)
+    client.close()
+
+
+def test_a_worker_that_cannot_reach_the_server_fails_the_publish_and_leaves_nothing(run, dask_client):
+    """The driver's store answers (the server code path on in-memory mode), the workers' target does
+    not: the publish fails with the workers' error naming the URL, the new version's collections are
+    removed and the live version stays live."""
+    store = ServerVersions(QdrantClient(":memory:"), "t")
+    dead = Target(url="http://127.0.0.1:9")
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:9"):
+        publish_version(store, RUN, *_points(None, run, dead, dask_client), metadata={})
+    assert store.live() is None and store.versions() == [] and store.incomplete() == []
+    assert not store.client.collection_exists(collection("t", "items", RUN))
+
+
+def test_storage_options_reach_the_collections(run):
+    """publish.vectors_on_disk is in the collections' config as Qdrant reports it, on every named vector."""
+    client = QdrantClient(":memory:")
+    stage_version(client, "t", RUN, *_points(client, run), metadata={},
+                  storage=Storage(shards=2, replicas=1, vectors_on_disk=True, payload_on_disk=True))
+    for kind, names in (("items", (ITEM_VECTOR, BLEND_VECTOR, BLEND_QUERY_VECTOR)), ("users", (USER_VECTOR,))):
+        vectors = client.get_collection(collection("t", kind, RUN)).config.params.vectors
+        assert sorted(vectors) == sorted(names) and all(vectors[n].on_disk is True for n in names)
+
+
+def test_preflight_stops_a_run_whose_workers_cannot_reach_the_server(tmp_path, dask_client):
+    """Workers that will upload the publish are asked first whether the server answers them: each
+    one unreachable is named, with the URL, before any work (exit code 2)."""
+    from recommend.run.preflight import PreflightFailed, preflight
+
+    common = {"sources": {}, "cache_root": str(tmp_path / "cache"), "model": "stand-in:hashing-384"}
+    assert preflight(dask_client, **common)["problems"] == []  # the same workers, no server asked
+    with pytest.raises(PreflightFailed, match=r"worker tcp://.*publish\.url: Qdrant at http://127\.0\.0\.1:9 unreachable") as err:
+        preflight(dask_client, **common, qdrant=("http://127.0.0.1:9", "QDRANT_API_KEY"))
+    assert str(err.value).count("publish.url") == len(dask_client.scheduler_info()["workers"]) and err.value.exit_code == 2
