@@ -79,22 +79,6 @@ def test_low_rank_ease_ranks_like_exact_ease():
     assert np.allclose(ratio, ratio[0], rtol=1e-3) and ratio[0] > 0
 
 
-def test_the_memory_budget_sets_the_rank_from_the_items_and_more_users_leave_it_be():
-    """Above the exact side (4,096) the rank is what the items' arrays afford in factor_memory_mb,
-    never below 64: the users' side stays in blocks, so ten times the users fit at the same rank."""
-    rng = np.random.default_rng(3)
-    n_items, budget_mb = 4200, 8.0
-    expected = int(budget_mb * 2**20 // (4 * 5 * n_items))  # 99
-    assert expected > 64
-    for n_users in (4200, 42000):
-        x = sp.random(n_users, n_items, density=8 / n_items, format="csr", random_state=rng, dtype=np.float32)
-        x.data[:] = 1.0
-        model = fit_behaviour(x, factors=4096, l2=50.0, memory_mb=budget_mb)
-        assert model.item_vectors.shape == (n_items, expected)
-    small = fit_behaviour(x, factors=4096, l2=50.0, memory_mb=0.5)  # 6 affordable: the floor
-    assert small.item_vectors.shape[1] == 64
-
-
 def test_cold_items_get_vectors_from_text():
     rng = np.random.default_rng(2)
     text = rng.normal(size=(500, 8)).astype(np.float32)

@@ -52,14 +52,12 @@ def behaviour_matrix(matrix: sp.csr_matrix) -> sp.csr_matrix:
 MIN_FACTORS = 64  # the rank never goes below this, whatever the memory budget says
 
 
-def affordable_factors(n_items: int, memory_mb: float) -> int:
-    """The largest rank whose item-side float32 arrays fit in `memory_mb`, but at least MIN_FACTORS.
-    What one process holds whole is on the items' side: the subspace iteration's start, a product,
-    its LU and the running sum (items x (r+10) each), then the fitted model's two (items x r) sides.
-    The users' side never is whole: it stays in the user blocks on the workers (`lists.block_size`
-    users each, one block's rows at a time), so the rank does not fall as users grow. With 192 MB: 64
-    at a million items, 100 at 100k, over 900 for ml-latest-small."""
-    return max(MIN_FACTORS, int(memory_mb * 2**20 // max(4 * 5 * n_items, 1)))
+def affordable_factors(n_users: int, n_items: int, memory_mb: float) -> int:
+    """The largest rank whose float32 blocks fit in `memory_mb`, but at least MIN_FACTORS: the SVD's
+    range finder holds about three (users x r) and three (items x r) blocks at once, and the fitted
+    model two (items x r) sides. With 192 MB: 64 at 100k users and items, over 900 for ml-latest-small."""
+    per_factor = 4 * (3 * n_users + 5 * n_items)
+    return max(MIN_FACTORS, int(memory_mb * 2**20 // max(per_factor, 1)))
 
 
 EXACT_SIDE = 4096  # a smaller side up to this size is fitted exactly (a Gram matrix of at most 128 MB)
@@ -295,7 +293,7 @@ def fit_behaviour(matrix: sp.csr_matrix | FitMatrix, factors: int = 1024, l2: fl
         matrix, stats = FitMatrix(matrix), FitStats.of(matrix)
     n_users, n_items = matrix.shape
     if memory_mb is not None and min(n_users, n_items) > EXACT_SIDE:  # a small side is fitted exactly, in bounded memory
-        factors = min(factors, affordable_factors(n_items, memory_mb))
+        factors = min(factors, affordable_factors(n_users, n_items, memory_mb))
     r = max(1, min(factors, n_users, n_items))
     warm = stats.warm
     if stats.nnz == 0:
