@@ -55,7 +55,10 @@ MIN_FACTORS = 64  # the rank never goes below this, whatever the memory budget s
 def affordable_factors(n_users: int, n_items: int, memory_mb: float) -> int:
     """The largest rank whose float32 blocks fit in `memory_mb`, but at least MIN_FACTORS: the SVD's
     range finder holds about three (users x r) and three (items x r) blocks at once, and the fitted
-    model two (items x r) sides. With 192 MB: 64 at 100k users and items, over 900 for ml-latest-small."""
+    model two (items x r) sides. With 192 MB: 64 at 100k users and items, over 900 for ml-latest-small.
+    In the refresh the users' rows stay in blocks on the workers, yet they are still counted: the
+    rank sets the cost of every user's list too. Counting the items only gave rank 100 at 100k, 1.45x
+    the whole refresh's time (2.4x the fit and lists) for the same gate nDCG (README, Performance)."""
     per_factor = 4 * (3 * n_users + 5 * n_items)
     return max(MIN_FACTORS, int(memory_mb * 2**20 // max(per_factor, 1)))
 

@@ -115,7 +115,7 @@ def workers(data: Path) -> dict:
         worker_peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     tuning = out.summary.search_depth
     return {"blocks_s": round(written, 1), "fit_and_lists_s": round(total - written, 1), "total_s": round(total, 1),
-            "user_blocks": blocks.n, "rank": out.items.layout.behaviour_dim,
+            "user_blocks": blocks.n, "rank": out.layout.behaviour_dim,
             "index": "exact" if tuning.exact or tuning.fallback == "exact" else f"{tuning.knob}={tuning.value}",
             "users_listed": out.summary.users - out.summary.users_short_of_k,
             "worker_peak_mb": round(max(worker_peaks.values()))}
@@ -212,7 +212,7 @@ def main() -> None:
             results = {}
             for system in args.systems:
                 out = subprocess.run([sys.executable, __file__, "--system", system, "--data", tmp],
-                                     capture_output=True, text=True, check=True)
+                                     stdout=subprocess.PIPE, text=True, check=True)  # its errors show
                 results[system] = json.loads(out.stdout.strip().splitlines()[-1])
                 emit(f"lists_{system}", {"items": size, "users": size, "events": size * 10, **results[system]})
             base = "workers" if "workers" in results else "ours" if "ours" in results else None
