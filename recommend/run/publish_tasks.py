@@ -14,7 +14,9 @@ The same function runs wherever the upload does:
 - with a Qdrant server (`publish.url`) and Dask workers, each part is a task that uploads its points
   from a worker over that worker's own connection, a few per task slot in flight.
 Either way the driver creates the collections, counts what arrived and switches the aliases
-(recommend/serving/publish.py), and no process holds more than a part's payloads.
+(recommend/serving/publish.py), and no process holds more than a part's payloads. A part uploaded
+twice (its worker lost mid-part, Dask runs the task again) writes the same point ids (UUID5 of the
+business ids), so the count the driver checks stays right.
 
 The server path was not run against a Qdrant server (none runs on our machines): its tasks were run
 against local mode, through a single worker (tests/test_publish_tasks.py).
@@ -175,4 +177,3 @@ def collection_points(client, source: PointSource, parts: list[Part], kind: str,
             client.run(forget_sources)
 
     return Points(sizes, sum(p.subjects for p in mine), load)
-
