@@ -68,7 +68,7 @@ def settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or "." not in key:
-            raise SystemExit(f"--set {pair!r}: expected section.key=value, e.g. index.exact_budget_s=1")
+            raise ValueError(f"--set {pair!r}: expected section.key=value, e.g. index.exact_budget_s=1")
         section, name = key.split(".", 1)
         out.setdefault(section, {})[name] = yaml.safe_load(value)
     return out
@@ -158,7 +158,10 @@ def main() -> None:
     args_parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
     args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = args_parser.parse_args()
-    extra = settings(args.set)  # a malformed --set stops here, before any data is made
+    try:
+        extra = settings(args.set)  # a malformed --set stops here (exit 2), before any data is made
+    except ValueError as exc:
+        args_parser.error(str(exc))
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return
