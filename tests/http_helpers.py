@@ -81,8 +81,8 @@ def publish_small(store, run_id: str, created_at: str = "2026-01-01T00:00:00+00:
 if __name__ == "__main__":  # publish one small version from another process: ROOT PREFIX RUN_ID
     import sys
 
-    from recommend.serving.versions import LocalVersions
+    from recommend.serving.versions import EmbeddedVersions
 
     root, prefix, run = sys.argv[1:4]
-    publish_small(LocalVersions(root, prefix), run, seed=1, n_items=400, n_users=400)
+    publish_small(EmbeddedVersions(root, prefix), run, seed=1, n_items=400, n_users=400)
     print("published", run, flush=True)

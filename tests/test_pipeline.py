@@ -46,8 +46,8 @@ def _published_vectors(config, kind, names, ids):
     from recommend.serving.versions import version_store
 
     snap = LiveVersion(version_store(config.publish, config.workdir)).current()
-    points = snap.client.retrieve(snap.items if kind == "item" else snap.users, ids=[point_id(kind, i) for i in ids],
-                                  with_vectors=names)
+    engines = snap.reader.items if kind == "item" else snap.reader.users  # the engine's shards, each read back
+    points = [p for e in engines for p in e.retrieve([point_id(kind, i) for i in ids], with_payload=True, with_vector=names)]
     by_id = {p.payload[f"{kind}_id"]: p for p in points}
     return {n: np.array([by_id[i].vector[n] for i in ids], dtype=np.float32) for n in names}
 

@@ -1,6 +1,7 @@
-"""Publishing to real Qdrant (local-mode folders, and the server code path on qdrant-client's in-memory
-mode): readers see the old version until the switch and the new one after it without reopening, a
-reread returns what was written, pruning keeps the live and the previous version, rollback works."""
+"""Publishing to real Qdrant (the embedded store on Qdrant's engine, and the server code path on
+qdrant-client's in-memory mode): readers see the old version until the switch and the new one after
+it without reopening, a reread returns what was written, pruning keeps the live and the previous
+version, rollback works. The engine store's own guarantees (views, routing, faults): tests/test_store.py."""
 
 import numpy as np
 import pytest
@@ -8,10 +9,9 @@ from qdrant_client import QdrantClient
 
 from recommend.serving.facade import NotFound, Recommender
 from recommend.serving.live import LiveVersion
-from recommend.serving.publish import (PublishError, collection, item_payloads, point_id, publish_version, stage_version,
-                                       user_payloads)
-from recommend.serving.store import load_readonly
-from recommend.serving.versions import LocalVersions, ServerVersions
+from recommend.serving.publish import (PublishError, in_process, item_payloads, publish_version, read_list, stage_version,
+                                       user_payloads, write_version)
+from recommend.serving.versions import EmbeddedVersions, ServerVersions
 
 
 def _version(run_id, n_items=20, n_users=5, seed=0):
@@ -36,10 +36,10 @@ def publish(store, run_id, keep=3, **kwargs):
                            metadata={"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00"}, keep=keep)
 
 
-@pytest.fixture(params=["local", "server-code-path"])
+@pytest.fixture(params=["embedded", "server-code-path"])
 def store(request, tmp_path):
-    if request.param == "local":
-        return LocalVersions(tmp_path / "qdrant", "t")
+    if request.param == "embedded":
+        return EmbeddedVersions(tmp_path / "store", "t")
     return ServerVersions(QdrantClient(":memory:"), "t")
 
 
@@ -54,14 +54,14 @@ def test_old_version_answers_until_switch_and_readers_follow_without_reopening(s
     assert answer.age_seconds > 0
 
     items, users = _version("20260102T000000-bbbb", seed=1)
-    users["payloads"][1]["recommended"] = [{"item_id": "i9", "score": 0.9}]
+    users["payloads"][1]["recommended"] = '[["i9"],[0.9]]'
     held = live.current()  # a query under way keeps its snapshot across the switch
     result = publish_version(store, "20260102T000000-bbbb", items, users, metadata={"created_at": "2026-01-02T00:00:00+00:00"})
     assert result.previous == "20260101T000000-aaaa"
     answer = rec.for_user("u1")
     assert answer.version == "20260102T000000-bbbb" and [r.item_id for r in answer.items] == ["i9"]
     assert answer.items[0].metadata["title"] == "title 9"
-    assert held.run_id == "20260101T000000-aaaa" and held.client.count(held.users).count == 5  # still answers
+    assert held.run_id == "20260101T000000-aaaa" and held.reader.count("user") == 5  # still answers
     assert [(v.run_id, v.live) for v in store.versions()] == [("20260102T000000-bbbb", True), ("20260101T000000-aaaa", False)]
 
 
@@ -73,8 +73,8 @@ def test_reread_matches_written_and_rerun_is_idempotent(store):
     items, _ = _version(run)
     for i in (0, 7, 19):
         got = rec.similar(f"i{i}")
-        expected = items["payloads"][i]["similar"]
-        assert [(r.item_id, r.score) for r in got.items] == [(e["item_id"], e["score"]) for e in expected]
+        expected = read_list(items["payloads"][i]["similar"])
+        assert [(r.item_id, r.score) for r in got.items] == expected and len(expected) == 3
     with pytest.raises(NotFound, match="unknown item 'nope'"):
         rec.similar("nope")
     with pytest.raises(NotFound) as err:  # an id is shown cut short, whatever its length
@@ -99,10 +99,11 @@ def test_prune_keeps_newest_live_and_previous_and_rollback(store):
     assert len(str(err.value)) < 400
 
 
-def test_a_version_still_indexing_is_not_published(store):
-    """Fault injected: the target reports the new collection as still optimising (status yellow)."""
+def test_a_version_still_indexing_is_not_published():
+    """Fault injected: the server reports the new collection as still optimising (status yellow)."""
     from qdrant_client import models
 
+    store = ServerVersions(QdrantClient(":memory:"), "t")
     publish(store, "20260101T000000-aaaa")
 
     class StillIndexing:
@@ -125,18 +126,15 @@ def test_a_version_still_indexing_is_not_published(store):
 
 
 def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_leftovers(tmp_path):
-    store = LocalVersions(tmp_path / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path / "store", "t")
     publish(store, "20260101T000000-aaaa")
     leftover = store.folder / "20260102T000000-bbbb"
     run = leftover.name
-    with pytest.raises(KeyboardInterrupt):  # the process stopped between the load and the marker
-        store.publish(run, lambda c: (stage_version(c, "t", run, *_version(run), metadata={}), _raise())[0], {})
+    items, users = (in_process(k, p) for k, p in zip(("item", "user"), _version(run)))
+    with pytest.raises(KeyboardInterrupt):  # the process stopped between the shards and the marker
+        store.publish(run, lambda folder: (write_version(folder, items, users), _raise())[0], {})
     assert not leftover.exists()  # an orderly failure cleans up after itself
-    from recommend.serving.store import open_local
-
-    client = open_local(leftover)  # a kill -9 does not: half a version on disk
-    stage_version(client, "t", run, *_version(run), metadata={})
-    client.close()
+    write_version(leftover, items, users, shards=2)  # a kill -9 does not: a version's shards without a marker
     assert store.incomplete() == [run] and [v.run_id for v in store.versions()] == ["20260101T000000-aaaa"]
     assert store.live_gate()["run_id"] == "20260101T000000-aaaa"
     with pytest.raises(PublishError, match="unknown version"):
@@ -147,63 +145,3 @@ def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_le
 
 def _raise():
     raise KeyboardInterrupt
-
-
-def test_readers_load_a_version_without_writing_to_it_or_taking_its_lock(tmp_path):
-    """The reader's view: several readers load one version at once, write nothing into its folder,
-    and leave its lock free for anyone; what they loaded stays readable after the folder is deleted."""
-    import shutil
-
-    store = LocalVersions(tmp_path / "qdrant", "t")
-    publish(store, "20260101T000000-aaaa", n_items=300, n_users=40)
-    folder = store.folder / "20260101T000000-aaaa"
-    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
-    readers = [load_readonly(folder) for _ in range(2)]
-    writer = QdrantClient(path=str(folder))  # would raise "already accessed" if a reader held the lock
-    writer.close()
-    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")} == before
-    shutil.rmtree(folder)
-    name = collection("t", "items", "20260101T000000-aaaa")
-    for reader in readers:
-        assert reader.count(name).count == 300
-        assert reader.retrieve(name, [point_id("item", "i7")])[0].payload["item_id"] == "i7"
-
-
-def test_a_bulk_load_is_on_disk_and_whole_when_reopened(tmp_path):
-    """Local mode loads a version without a disk sync per point (WAL during the load); what a fresh
-    client reads back from disk afterwards is exactly what was written, in SQLite's default journal."""
-    from recommend.serving.store import _local_sqlite, bulk_load, open_local
-
-    folder, run = tmp_path / "v", "20260101T000000-aaaa"
-    client = open_local(folder)
-    items, users = _version(run, n_items=300, n_users=40)
-    stage_version(client, "t", run, items, users, metadata={})
-    name = collection("t", "items", run)
-    sqlite = _local_sqlite(client, name)
-    assert sqlite is not None, "qdrant-client's local storage moved: bulk_load would fall back to a sync per point"
-    with bulk_load(client, name):
-        assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert sqlite.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    client.close()
-
-    reread = load_readonly(folder)
-    points, _ = reread.scroll(name, limit=1000, with_vectors=True, with_payload=True)
-    assert len(points) == 300 and not list(folder.rglob("*-wal"))
-    expected = {pid: row for row, pid in enumerate(point_id("item", i) for i in items["ids"])}
-    for p in points:
-        row = expected[str(p.id)]
-        assert p.payload == items["payloads"][row]
-        np.testing.assert_allclose(p.vector["text"], items["vectors"][row], rtol=1e-6)
-
-
-def test_bulk_load_leaves_in_memory_mode_alone_and_quiet(caplog):
-    """In-memory local mode has no file to sync: the load runs as is, with no warning about internals."""
-    from qdrant_client import models
-
-    from recommend.serving.store import bulk_load
-
-    client = QdrantClient(":memory:")
-    client.create_collection("m", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
-    with caplog.at_level("WARNING", logger="recs"), bulk_load(client, "m"):
-        client.upsert("m", [models.PointStruct(id=1, vector=[1.0, 0.0, 0.0, 0.0])])
-    assert client.count("m").count == 1 and not caplog.records

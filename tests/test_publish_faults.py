@@ -1,5 +1,5 @@
-"""Faults injected into publishing: a refresh killed (kill -9) in the middle of its publish, a version's
-Qdrant metadata truncated, a full disk, a permission error. Each must leave the live version
+"""Faults injected into publishing: a refresh killed (kill -9) while its shards are written, a version's
+shard file truncated, a full disk, a permission error. Each must leave the live version
 answering, nothing incomplete visible, a clear message naming the path, and never a traceback."""
 
 import json
@@ -22,7 +22,7 @@ from recommend.serving.facade import Recommender
 from recommend.serving.live import LiveVersion
 from recommend.serving.publish import PublishError
 from recommend.serving.store import DamagedVersion, StoreUnavailable
-from recommend.serving.versions import LocalVersions
+from recommend.serving.versions import EmbeddedVersions
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -39,7 +39,7 @@ def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_nex
     path = write_config(tmp_path, tmp_path / "data", tiny_model)
     config = load_config(path)
     first = refresh(config, quiet=True, client=dask_client)
-    versions = Path(config.workdir) / "qdrant" / "recs" / "versions"
+    versions = Path(config.workdir) / "store" / "recs" / "versions"
 
     proc = subprocess.Popen([sys.executable, "-m", "recommend.cli", "refresh", "-v", "-c", str(path)], env=ENV,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -48,7 +48,7 @@ def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_nex
             if "stage publish started" in line:
                 break
         deadline = time.monotonic() + 30
-        while not list(versions.glob("*/collection/*/storage.sqlite")) or len(list(versions.iterdir())) < 2:
+        while len(list(versions.glob("*/*-000/segments"))) < 2:  # the new version's shards being written
             assert time.monotonic() < deadline and proc.poll() is None, "the publish never started writing"
             time.sleep(0.002)
         time.sleep(0.05)  # let it write a little
@@ -56,7 +56,7 @@ def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_nex
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9: the refresh and its Dask workers
         proc.wait()
     killed = [p.name for p in versions.iterdir() if p.name != first.run_id]
-    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    store = EmbeddedVersions(Path(config.workdir) / "store", "recs")
     assert store.incomplete() == killed, "the kill came after the publish finished"
 
     assert Recommender.from_config(config).for_user("U00001").version == first.run_id  # still answers
@@ -71,77 +71,83 @@ def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_nex
     assert store.incomplete() == [] and [v.run_id for v in store.versions()] == [again.run_id, first.run_id]
 
 
-def test_a_truncated_version_metadata_file_is_named_at_once_and_the_others_stay_usable(tmp_path, sample_dir, tiny_model):
+def test_a_damaged_shard_is_named_at_once_a_reader_refuses_it_and_the_others_stay_usable(tmp_path, sample_dir, tiny_model):
     path = write_config(tmp_path, sample_dir, tiny_model)
     config = load_config(path, check_inputs=False)
-    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    store = EmbeddedVersions(Path(config.workdir) / "store", "recs")
     for run in (V1, V2):
         publish_small(store, run)
-    meta = store.folder / V1 / "meta.json"
-    meta.write_bytes(meta.read_bytes()[: len(meta.read_bytes()) // 2])
+    shard = max((p for p in (store.folder / V1 / "users-000").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     started = time.monotonic()
-    with pytest.raises(DamagedVersion, match=f"{meta} is damaged"):
+    with pytest.raises(DamagedVersion, match=f"{shard} is damaged"):
         store.open(V1)
     assert time.monotonic() - started < 2
     assert Recommender.from_config(config).for_user("u1").version == V2  # the live one is untouched
     result = runner.invoke(app, ["rollback", "-c", str(path)])  # plain rollback never makes a broken version live
     assert result.exit_code == 1 and "no version older than the live one" in result.output
-    assert f"{meta} is damaged" in result.output and "Traceback" not in result.output and store.live() == V2
+    assert f"{shard} is damaged" in result.output and "Traceback" not in result.output and store.live() == V2
     problems = {f.where: f.problem for f in check_workdir(config).findings}
-    assert f"{meta} is damaged" in problems[f"version {V1}"]
+    assert f"{shard} is damaged" in problems[f"version {V1}"]
 
-    live_meta = store.folder / V2 / "meta.json"  # now the live version's: a fresh reader says which file, at once
-    live_meta.write_bytes(live_meta.read_bytes()[:20])
+    live = max((p for p in (store.folder / V2 / "items-000").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(live.read_bytes())  # the live version's, same size, other bytes: only the digests see it
+    data[len(data) // 2] ^= 0xFF
+    live.write_bytes(bytes(data))
+    problems = {f.where: f.problem for f in check_workdir(config).findings}
+    assert f"{live} is damaged: its bytes are not those written" in problems[f"version {V2}"]
+    live.write_bytes(live.read_bytes()[:20])  # now truncated: a fresh reader says which file, at once
     started = time.monotonic()
     result = runner.invoke(app, ["recommend", "u1", "-c", str(path)])
-    assert result.exit_code == 1 and f"{live_meta} is damaged" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and f"{live} is damaged" in result.output and "Traceback" not in result.output
     assert time.monotonic() - started < 2 and "unreachable" not in result.output
 
 
 def test_a_full_disk_fails_the_publish_naming_the_path_and_the_live_version_stays_readable(tmp_path):
     small = tmp_path / "small"
-    unmount = mount_small_filesystem(small, "1m")
+    unmount = mount_small_filesystem(small, "8m")
     try:
-        store = LocalVersions(small / "qdrant", "t")
+        store = EmbeddedVersions(small / "store", "t")
         publish_small(store, V1)
         with pytest.raises(PublishError) as err:
-            publish_small(store, V2, n_items=3000, n_users=2000, dim=64)
+            publish_small(store, V2, n_items=20000, n_users=10000, dim=64)
         message = str(err.value)
-        assert str(store.folder / V2) in message and ("database or disk is full" in message or "No space left" in message)
+        assert str(store.folder / V2) in message and "No space left" in message
         assert "Traceback" not in message and not (store.folder / V2).exists()
         assert [(v.run_id, v.live) for v in store.versions()] == [(V1, True)] and store.incomplete() == []
-        with open(small / "filler", "wb") as f:  # not a byte left: a reader needs none
-            try:
+        reader = Recommender(LiveVersion(store))  # a reader's view takes a little room (its bookkeeping files)...
+        assert reader.for_user("u1").version == V1
+        try:
+            with open(small / "filler", "wb") as f:  # ...and then, with not a byte left, it keeps answering
                 while True:
                     f.write(b"\0" * 65536)
-            except OSError:
-                pass
-        assert Recommender(LiveVersion(store)).for_user("u1").version == V1
+        except OSError:
+            pass
+        assert reader.for_user("u2").version == V1 and reader.similar("i3").items
     finally:
         unmount()
 
 
 def test_a_permission_error_fails_the_publish_naming_the_path(tmp_path, monkeypatch):
-    import recommend.serving.versions as versions
+    import recommend.serving.publish as publish
 
-    store = LocalVersions(tmp_path / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path / "store", "t")
     publish_small(store, V1)
-    real = versions.open_local
+    real = publish.write_shard
 
-    def denied(folder):
-        client = real(folder)
-        client.close()
-        raise PermissionError(13, "Permission denied", str(folder / "meta.json"))
+    def denied(folder, *args):
+        real(folder, *args)
+        raise PermissionError(13, "Permission denied", f"{folder}/edge_config.json")
 
-    monkeypatch.setattr(versions, "open_local", denied)
+    monkeypatch.setattr(publish, "write_shard", denied)
     with pytest.raises(PublishError, match=f"into {store.folder / V2} failed: PermissionError.*Permission denied"):
         publish_small(store, V2)
     assert not (store.folder / V2).exists() and store.live() == V1 and store.incomplete() == []
 
 
 def test_a_damaged_live_pointer_is_a_clear_error_and_a_publish_writes_it_again(tmp_path):
-    store = LocalVersions(tmp_path / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path / "store", "t")
     publish_small(store, V1)
     store.pointer.write_text('{"run_')
     with pytest.raises(StoreUnavailable, match=f"{store.pointer} is damaged"):
@@ -150,12 +156,10 @@ def test_a_damaged_live_pointer_is_a_clear_error_and_a_publish_writes_it_again(t
 
 
 def test_check_repair_removes_an_unfinished_version_but_never_the_live_one(tmp_path, sample_dir, tiny_model):
-    from recommend.serving.store import open_local
-
     config = load_config(write_config(tmp_path, sample_dir, tiny_model), check_inputs=False)
-    store = LocalVersions(Path(config.workdir) / "qdrant", "recs")
+    store = EmbeddedVersions(Path(config.workdir) / "store", "recs")
     publish_small(store, V1)
-    open_local(store.folder / V2).close()  # what a publish killed before its marker leaves
+    (store.folder / V2 / "users-000").mkdir(parents=True)  # what a publish killed before its marker leaves
     found = check_workdir(config)
     assert not found.ok and [f.where for f in found.findings] == [f"version {V2}"]
     assert "incomplete: no version.json" in found.findings[0].problem

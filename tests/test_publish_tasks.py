@@ -16,7 +16,7 @@ from index.rows import parquet_rows
 from recommend.run.item_tasks import save_item_side
 from recommend.run.list_tasks import LISTS, ListJob, list_blocks
 from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
-from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection,
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, read_list,
                                        publish_version, stage_version)
 from recommend.serving.store import StoreUnavailable, open_local
 from recommend.serving.versions import ServerVersions
@@ -55,18 +55,19 @@ def _reread(client, name):
     return {p.payload.get("item_id", p.payload.get("user_id")): p for p in points}
 
 
-def _check_against_the_run(client, run):
+def _check_against_the_run(client, run, reread=None):
     """Every point reread from Qdrant equals the run's files: the lists (lists.parquet), the item
-    side's vectors, the text vectors and the users' vectors."""
+    side's vectors, the text vectors and the users' vectors. `reread`: (items, users) already reread."""
     space, item_ids, user_ids, parts, source, metadata = run
     lists = pd.read_parquet(source.run_dir + "/" + LISTS)
-    items, users = _reread(client, collection("t", "items", RUN)), _reread(client, collection("t", "users", RUN))
+    items, users = reread or (_reread(client, collection("t", "items", RUN)), _reread(client, collection("t", "users", RUN)))
     assert sorted(items) == sorted(item_ids) and sorted(users) == sorted(user_ids)
     for kind, points, key, field in (("item", items, "item_id", "similar"), ("user", users, "user_id", "recommended")):
         for subject, rows in lists[lists.subject_kind == kind].groupby("subject_id"):
             payload = points[subject].payload
-            assert [e["item_id"] for e in payload[field]] == rows["item_id"].tolist()
-            np.testing.assert_allclose([e["score"] for e in payload[field]], rows["score"], atol=1e-5)
+            listed = read_list(payload[field])
+            assert [i for i, _ in listed] == rows["item_id"].tolist()
+            np.testing.assert_allclose([s for _, s in listed], rows["score"], atol=1e-5)
             assert payload["source"] == rows["source"].iloc[0] and payload["run_id"] == RUN
     rows = np.array([list(item_ids).index(i) for i in items])
     got = {name: np.array([items[i].vector[name] for i in items]) for name in (ITEM_VECTOR, BLEND_VECTOR, BLEND_QUERY_VECTOR)}
@@ -114,6 +115,42 @@ def test_tasks_on_a_worker_upload_the_same_points(tmp_path, run):
     client = QdrantClient(path=str(folder))
     _check_against_the_run(client, run)
     client.close()
+
+
+def test_the_embedded_stores_shards_are_written_by_tasks_on_the_workers_each_user_where_its_hash_routes(
+        tmp_path, run, dask_client):
+    """The default publish: one task per shard on the workers (two item shards from runs of item
+    parts, two user shards from the event blocks overlapping their hash ranges); every user lies in
+    the shard its hash routes to, and the reread, shard by shard, equals the run."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+    from qdrant_edge import ScrollRequest
+
+    from recommend.serving.shards import user_shard
+    from recommend.serving.versions import EmbeddedVersions
+
+    store, ticks = EmbeddedVersions(tmp_path / "store", "t"), []
+    with get_task_stream(dask_client) as stream:
+        done = publish_version(store, RUN, *_points(None, run, dask=dask_client), metadata={}, progress=ticks.append,
+                               dask=dask_client)
+    assert done.counts == {"items": 400, "users": 150} and sum(ticks) == 550
+    tasks = [(key_split(t["key"]), t["worker"]) for t in stream.data]
+    assert sorted(k for k, _ in tasks) == ["write-shard-items"] * 2 + ["write-shard-users"] * 2
+    assert len({w for _, w in tasks}) == 2  # side by side, on both workers
+    reader = store.open(RUN)
+    try:
+        def scrolled(engine):
+            return {r.payload.get("item_id", r.payload.get("user_id")): r
+                    for r in engine.scroll(ScrollRequest(limit=100_000, with_payload=True, with_vector=True))[0]}
+
+        shards = [scrolled(e) for e in reader.users]
+        for s, found in enumerate(shards):
+            assert found and (user_shard(list(found), 2) == s).all()
+        items = {k: v for e in reader.items for k, v in scrolled(e).items()}
+        _check_against_the_run(None, run, (items, {k: v for found in shards for k, v in found.items()}))
+        assert all(reader.payload("user", u)["user_id"] == u for u in run[2])  # routed by hash, found in one shard
+    finally:
+        reader.close()
 
 
 def test_a_worker_that_cannot_reach_the_server_fails_the_publish_and_leaves_nothing(run, dask_client):

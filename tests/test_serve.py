@@ -20,7 +20,7 @@ from http_helpers import ServerThread, get, publish_small
 from recommend.serving.live import LiveVersion
 from recommend.serving.service import create_app
 from recommend.serving.settings import ServeSettings
-from recommend.serving.versions import LocalVersions
+from recommend.serving.versions import EmbeddedVersions
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
@@ -45,7 +45,7 @@ def served(tmp_path_factory, tiny_model):
     """A server over one published version built for the tiny model (so /search encodes for real)."""
     from embedder.model import model_fingerprint
 
-    store = LocalVersions(tmp_path_factory.mktemp("serve") / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path_factory.mktemp("serve") / "store", "t")
     publish_small(store, V1, dim=32, meta={"model": str(tiny_model), "model_fingerprint": model_fingerprint(tiny_model)})
     settings = ServeSettings(poll_s=0.2, head_timeout_s=1.0)
     app = create_app(LiveVersion(store, poll_s=0.2, freeze=True), settings, default_k=3, model=str(tiny_model))
@@ -118,7 +118,7 @@ def test_search_encodes_in_batches_and_health_and_metrics(served):
 
 
 def test_the_api_key_guards_every_route_but_health(tmp_path, monkeypatch):
-    store = LocalVersions(tmp_path / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path / "store", "t")
     settings = ServeSettings(poll_s=0.2)
     app = create_app(LiveVersion(store, poll_s=0.2), settings, api_key="s3cret", encoder=None)
     with ServerThread(app, settings) as server:
@@ -142,7 +142,7 @@ def test_the_api_key_guards_every_route_but_health(tmp_path, monkeypatch):
 
 
 def test_a_version_published_by_another_process_is_served_without_a_restart_and_no_request_fails(tmp_path):
-    store = LocalVersions(tmp_path / "qdrant", "t")
+    store = EmbeddedVersions(tmp_path / "store", "t")
     publish_small(store, V1, n_items=400, n_users=400)
     settings = ServeSettings(poll_s=0.2)
     app = create_app(LiveVersion(store, poll_s=0.2, freeze=True), settings, encoder=None)
@@ -198,7 +198,7 @@ def test_recs_serve_follows_config_and_clients_that_go_away_leave_no_traceback(t
     from embedder.model import model_fingerprint
 
     config = write_config(tmp_path, sample_dir, tiny_model, serve={"port": 0, "poll_s": 0.2})
-    publish_small(LocalVersions(tmp_path / "work" / "qdrant", "recs"), V1, dim=32,
+    publish_small(EmbeddedVersions(tmp_path / "work" / "store", "recs"), V1, dim=32,
                   meta={"model": str(tiny_model), "model_fingerprint": model_fingerprint(tiny_model)})
     proc = subprocess.Popen([sys.executable, "-m", "recommend.cli", "serve", "-c", str(config)], env=ENV,
                             stderr=subprocess.PIPE, text=True)
@@ -244,8 +244,8 @@ def test_a_qdrant_server_outage_is_503_and_degraded_never_500():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]
-        store.client = live.snap.client = QdrantClient(url=f"http://127.0.0.1:{closed}", timeout=1,
-                                                       check_compatibility=False)
+        store.client = live.snap.reader.client = QdrantClient(url=f"http://127.0.0.1:{closed}", timeout=1,
+                                                              check_compatibility=False)
         time.sleep(0.6)
         status, body, _ = get(port, "/users/u2")
         assert status == 503 and body["error"].startswith(f"Qdrant did not answer for version {V1}")

@@ -129,7 +129,7 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
 
 
 def _check_store(config: Config, findings: list, repair: bool) -> tuple[int | None, set[str] | None]:
-    """Every published version verified (its files, its counts; SQLite's quick_check in local mode),
+    """Every published version verified (the embedded store: every shard file's size and digest and the engine's own counts; a server: its counts),
     and those whose publish never finished; `repair` removes those that are not live (never while a
     refresh is running: its own version is unfinished until it switches). Returns (how many complete
     versions, their run ids), or (None, None) when the store cannot be read."""

@@ -9,12 +9,15 @@ that many Qdrant points, made by `part_points` from the run folder's files:
     users  ids from the block's users file (embedder/event_blocks.py); the vector "profile" and the
            payloads from parts/user-<block>.npz
 
-The same function runs wherever the upload does:
-- local mode (the embedded default) has one writer, so the driver streams the parts into it in order;
+The same function runs wherever the writing does:
+- the embedded default: each shard is a task on a worker that reads its parts (`Points.pieces`: the
+  user blocks overlapping its hash range, or a run of item blocks) and writes them with the engine
+  (recommend/serving/publish.py, `write_version`);
 - with a Qdrant server (`publish.url`) and Dask workers, each part is a task that uploads its points
-  from a worker over that worker's own connection, a few per task slot in flight.
-Either way the driver creates the collections, counts what arrived and switches the aliases
-(recommend/serving/publish.py), and no process holds more than a part's payloads. A part uploaded
+  from a worker over that worker's own connection, a few per task slot in flight; the driver creates
+  the collections, counts what arrived and switches the aliases;
+- without workers, the driver streams the parts in order.
+No process holds more than a part's payloads. A part uploaded
 twice (its worker lost mid-part, Dask runs the task again) writes the same point ids (UUID5 of the
 business ids), so the count the driver checks stays right.
 
@@ -29,6 +32,7 @@ Example (what the publish stage does):
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -176,4 +180,6 @@ def collection_points(client, source: PointSource, parts: list[Part], kind: str,
         finally:
             client.run(forget_sources)
 
-    return Points(sizes, sum(p.subjects for p in mine), load)
+    pieces = [functools.partial(part_points, source, part, rows_of(part)) for part in mine]
+    in_order = [p.block for p in mine] == list(range(len(mine)))  # user parts are the event blocks, 0..n-1
+    return Points(sizes, sum(p.subjects for p in mine), load, pieces, len(mine) if kind == "user" and in_order else None)

@@ -103,7 +103,7 @@ class IndexManifest(IndexSummary):
 
 class PublishManifest(BaseModel):
     stage: Literal["publish"] = "publish"
-    target: str                   # the Qdrant server URL, or the local-mode folder
+    target: str                   # the Qdrant server URL, or the embedded store's folder
     prefix: str
     points: dict[str, int]        # items, users
     previous_version: str | None

@@ -49,6 +49,7 @@ from recommend.run.report import (
 )
 from recommend.run.workdir import write_manifest
 from recommend.serving.publish import Storage, live_gate, publish_version
+from recommend.serving.shards import Graph
 
 log = logging.getLogger("recs")
 
@@ -271,8 +272,8 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
 def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
     """Publish the new version as one transaction (written, verified, marked complete, switched live),
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
-    The points are made a lists part at a time (recommend/run/publish_tasks.py): streamed from this
-    process into local mode, uploaded from the workers to a server."""
+    The points are made a lists part at a time (recommend/run/publish_tasks.py): the embedded store's
+    shards are written by tasks on the workers, a server's points uploaded from the workers."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
     layout = read_item_side(run.run_dir).layout
     on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
@@ -287,12 +288,14 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
                 "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
-        tick = run.out.bar("publish: upserting" + (" from the workers" if on_workers else ""),
+        tick = run.out.bar("publish: writing shards" if store.embedded else
+                           "publish: upserting" + (" from the workers" if on_workers else ""),
                            points["item"].count + points["user"].count)
         done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, keep=pc.keep_versions,
                                batch_size=pc.batch_size, progress=tick, parallel=pc.parallel,
-                               index_wait_s=pc.index_wait_s,
-                               storage=Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk))
+                               index_wait_s=pc.index_wait_s, dask=run.client,
+                               storage=Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk,
+                                               Graph(pc.hnsw_m, pc.hnsw_ef_construct)))
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]

@@ -18,16 +18,13 @@ import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from qdrant_client import models
 
 from embedder.errors import RecsError
-from recommend.ranking.blend import Layout, user_from_items
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
-from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, point_id
+from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, read_list
 from recommend.serving.store import StoreUnavailable, shown
 
 __all__ = ["Answer", "NotFound", "Recommendation", "Recommender"]
-_NO_LISTS = models.PayloadSelectorExclude(exclude=["similar", "run_id", "source"])
 
 
 @dataclass
@@ -54,7 +51,7 @@ class Answer:
 
 
 class Recommender:
-    """Queries against the live version (local mode or a server: the same calls)."""
+    """Queries against the live version (the embedded store or a server: the same calls)."""
 
     def __init__(self, live: LiveVersion, model: str | None = None, device: str = "auto", k: int = 10):
         """`model`: the sentence-transformers model for text queries (default: the live version's)."""
@@ -107,14 +104,16 @@ class Recommender:
 
 def _store_errors(query):
     """A store that stops answering mid-query (a Qdrant server outage) is StoreUnavailable (HTTP 503,
-    a message in the CLI), never a traceback."""
-    from qdrant_client.http.exceptions import ApiException
+    a message in the CLI), never a traceback. qdrant-client is not imported for this: the embedded
+    store's readers never load it."""
 
     @functools.wraps(query)
     def guarded(snap: Snapshot, *args, **kwargs):
         try:
             return query(snap, *args, **kwargs)
-        except (ApiException, ConnectionError) as exc:
+        except Exception as exc:
+            if not (isinstance(exc, ConnectionError) or type(exc).__module__.startswith("qdrant_client.http")):
+                raise
             raise StoreUnavailable(f"Qdrant did not answer for version {snap.run_id}: {type(exc).__name__}: "
                                    f"{str(exc)[:200]}") from None
     return guarded
@@ -144,19 +143,20 @@ def similar_answer(snap: Snapshot, item_id: str, k: int) -> Answer:
 
 @_store_errors
 def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None = None) -> Answer:
+    from recommend.ranking.blend import Layout, user_from_items  # the real-time path only: pandas and scipy with it
+
     layout = snap.meta.get("layout")
     name = BLEND_QUERY_VECTOR if layout else ITEM_VECTOR  # versions before the blend had text only
-    points = snap.client.retrieve(snap.items, ids=[point_id("item", i) for i in item_ids], with_vectors=[name],
-                                  with_payload=False)
-    if not points:
+    found, vectors = snap.reader.vectors(item_ids, name)
+    if not found:
         listed = ", ".join(shown(i, 32) for i in item_ids[:5]) + (f" and {len(item_ids) - 5} more" if len(item_ids) > 5 else "")
         raise NotFound(f"none of the items {listed} is in version {snap.run_id}")
-    rows = np.array([p.vector[name] for p in points], dtype=np.float32)
+    rows = np.array(vectors, dtype=np.float32)
     if layout:
         vector, using = user_from_items(rows, Layout(**layout)), BLEND_VECTOR
     else:
         vector, using = rows.mean(axis=0) / (np.linalg.norm(rows.mean(axis=0)) or 1.0), ITEM_VECTOR
-    hits = search_items(snap, vector, k, exclude=[p.id for p in points], using=using)
+    hits = search_items(snap, vector, k, exclude=found, using=using)
     return answer(snap, query or f"items {','.join(item_ids)}", "realtime", hits)
 
 
@@ -179,28 +179,24 @@ def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int) -> Answer
 
 def search_items(snap: Snapshot, vector: np.ndarray, k: int, exclude: list | None = None,
                  using: str = ITEM_VECTOR) -> list[Recommendation]:
-    flt = models.Filter(must_not=[models.HasIdCondition(has_id=exclude)]) if exclude else None
-    hits = snap.client.query_points(snap.items, query=np.asarray(vector).tolist(), using=using, limit=k,
-                                    query_filter=flt, with_payload=_NO_LISTS).points
-    return [Recommendation(h.payload["item_id"], round(float(h.score), 5),
-                           {k2: v for k2, v in h.payload.items() if k2 != "item_id"}) for h in hits]
+    """The `k` nearest items on vector `using`, `exclude` (point ids) left out: a vector query on the store."""
+    return [Recommendation(payload["item_id"], round(float(score), 5),
+                           {k2: v for k2, v in payload.items() if k2 != "item_id"})
+            for payload, score in snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude)]
 
 
 def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
     key = (kind, business_id)
     payload = snap.cache.get(key)
     if payload is None:
-        found = snap.client.retrieve(snap.items if kind == "item" else snap.users, ids=[point_id(kind, business_id)],
-                                     with_payload=True)
-        payload = found[0].payload if found else None
+        payload = snap.reader.payload(kind, business_id)
         if payload is not None:
             snap.cache.put(key, payload)
     return payload
 
 
 def _listed(snap: Snapshot, query: str, payload: dict, field_name: str, k: int) -> Answer:
-    entries = payload[field_name][:k]
-    points = snap.client.retrieve(snap.items, ids=[point_id("item", e["item_id"]) for e in entries], with_payload=_NO_LISTS)
-    meta = {p.payload["item_id"]: {k2: v for k2, v in p.payload.items() if k2 != "item_id"} for p in points}
-    items = [Recommendation(e["item_id"], e["score"], meta.get(e["item_id"], {})) for e in entries]
+    entries = read_list(payload[field_name])[:k]
+    meta = snap.reader.metadata([i for i, _ in entries])
+    items = [Recommendation(i, s, {k2: v for k2, v in meta.get(i, {}).items() if k2 != "item_id"}) for i, s in entries]
     return answer(snap, query, payload.get("source", field_name), items)

@@ -1,11 +1,11 @@
 """Readers follow the live version: one immutable `Snapshot` per version, swapped in one assignment.
 
-`LiveVersion.poll_once()` asks the version store which version is live (local mode: a small file;
+`LiveVersion.poll_once()` asks the version store which version is live (the embedded store: a small file;
 a server: the alias) and, when that changed, opens the new version beside the old one and swaps the
-reference. Each query takes the snapshot once, at its start, and uses only it: its client, its
-collection names, its cache and its version fields. So a query never mixes two versions and never
-fails across a switch; the old snapshot is not closed, only dropped, and freed when the last query
-holding it ends. A failed open keeps the old snapshot and says why (`error`).
+reference. Each query takes the snapshot once, at its start, and uses only it: its reader, its
+cache and its version fields. So a query never mixes two versions and never fails across a switch;
+the old snapshot is only dropped, and its reader closed when the last query holding it ends. A
+failed open keeps the old snapshot and says why (`error`).
 
 Example:
     live = LiveVersion(version_store(config.publish, config.workdir))
@@ -18,10 +18,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +29,6 @@ from recommend.serving.store import StoreUnavailable
 from recommend.serving.versions import VersionStore
 
 log = logging.getLogger("recs")
-_OPEN = weakref.WeakSet()  # clients of local snapshots, closed at exit (local mode's __del__ at shutdown is noisy)
 
 
 class NotFound(RecsError):
@@ -71,11 +68,15 @@ class Snapshot:
 
     run_id: str
     created_at: str
-    client: object
-    items: str  # the concrete collection names of this version
-    users: str
+    reader: object  # the store's reader of this version: payload(), metadata(), vectors(), search(), count()
     meta: dict
     cache: Cache = field(default_factory=lambda: Cache(10_000))
+
+    def __del__(self):
+        try:
+            self.reader.close()  # the last query holding this version ended
+        except Exception:
+            pass
 
     def __post_init__(self):
         try:
@@ -89,8 +90,8 @@ class Snapshot:
 
 class LiveVersion:
     """The live version of one version store, followed. `poll_s`: how often `current()` asks the store
-    again. `freeze`: after a load, move the version's objects out of the garbage collector's scans
-    (a long-running server: the local store's millions of objects made each full collection ~175 ms)."""
+    again. `freeze`: after a switch, move the objects alive then out of the garbage collector's scans
+    (a long-running server)."""
 
     def __init__(self, store: VersionStore, poll_s: float = 1.0, cache_size: int = 10_000, freeze: bool = False):
         self.store, self.poll_s, self.cache_size, self.freeze = store, poll_s, cache_size, freeze
@@ -144,20 +145,9 @@ class LiveVersion:
             return True
 
     def _open(self, run_id: str) -> Snapshot:
-        # A load is Python-heavy (local mode unpickles every point): switch threads often meanwhile, so
-        # that a server's event loop keeps answering from the old snapshot, and skip GC passes over it.
-        interval, enabled = sys.getswitchinterval(), gc.isenabled()
-        sys.setswitchinterval(0.0005)
-        gc.disable()
-        try:
-            client, items, users, meta = self.store.open(run_id)
-        finally:
-            sys.setswitchinterval(interval)
-            if enabled:
-                gc.enable()
-        if client is not getattr(self.store, "client", None):
-            _OPEN.add(client)
-        return Snapshot(run_id, meta.get("created_at") or "", client, items, users, meta, Cache(self.cache_size))
+        meta = self.store.metadata(run_id)
+        reader = self.store.open(run_id)
+        return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size))
 
 
 def _describe(exc: Exception) -> str:
@@ -169,16 +159,3 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the old version's freed pages back (glibc only)
     except (OSError, AttributeError):
         pass
-
-
-def close_all() -> None:
-    for client in list(_OPEN):
-        try:
-            client.close()
-        except Exception:
-            pass
-
-
-import atexit  # noqa: E402
-
-atexit.register(close_all)

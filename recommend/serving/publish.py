@@ -1,36 +1,39 @@
 """Publish a run as a new version and switch it live: the points, their payloads, the transaction.
 
-A version is two collections, ``<prefix>_items_<run_id>`` and ``<prefix>_users_<run_id>``, written by
-`stage_version` into whatever client the version store gives (a local folder of its own, or a server),
-then marked complete and switched live by `recommend.serving.versions` (`publish_version` runs the
-whole transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
+A version holds the items and the users, written by `write_version` into engine shards (the embedded
+default, recommend/serving/embedded.py: each shard by one task on a Dask worker, side by side) or by
+`stage_version` into two collections of a Qdrant server, ``<prefix>_items_<run_id>`` and
+``<prefix>_users_<run_id>``; then marked complete and switched live (`publish_version` runs the whole
+transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
+
+A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores]]`
+(`list_text`; read back by `read_list`): one string field costs the engine a fraction of a list of
+objects per point.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import math
+import shutil
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from qdrant_client import models
+import orjson
 
-from recommend.serving.store import StoreUnavailable, bulk_load
-from recommend.serving.versions import PublishError, Version, VersionStore, alias, collection  # noqa: F401 (re-exported)
-
-NAMESPACE = uuid.UUID("6f1d7e2a-1c55-4f3e-9a49-2b8f4a6c0d11")
+from recommend.serving.shards import Graph, VectorSpec, blocks_of_shard, user_shard, write_shard
+from recommend.serving.store import StoreUnavailable
+from recommend.serving.version_store import (NAMESPACE, PublishError, Version, VersionStore,  # noqa: F401 (re-exported)
+                                             alias, collection, point_id)
 # Named vectors. Items: "text" (the embedding, for text queries), "blend" (what lists are ranked by)
 # and "blend_query" (raw behaviour query side + text, for real-time user vectors). Users: "profile".
 ITEM_VECTOR, USER_VECTOR = "text", "profile"
 BLEND_VECTOR, BLEND_QUERY_VECTOR = "blend", "blend_query"
 INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment gets an HNSW index), restored after the load
-
-
-def point_id(kind: str, business_id: str) -> str:
-    """Deterministic point id: the same item or user gets the same id in every run (idempotent reruns)."""
-    return str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))
 
 
 class PointIds(Sequence):
@@ -57,6 +60,8 @@ def _clean(value):
 def _points(ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict], batch_size: int,
             progress: Callable[[int], None] | None):
     """Points one at a time, vectors read a block of `batch_size` rows at a time, ticking `progress` per block."""
+    from qdrant_client import models  # here, not at the top: readers import this module and need no client
+
     payloads = iter(payloads)
     for start in range(0, len(ids), batch_size):  # vectors fetched a block at a time: they may be computed on demand
         stop = min(start + batch_size, len(ids))
@@ -70,14 +75,16 @@ def _points(ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[d
 def upload(client, name: str, ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict],
            batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1) -> None:
     """Bulk upload of (id, named vectors, payload) points into collection `name`: batches of
-    `batch_size`, `parallel` upload processes on a server (local mode writes in this process)."""
+    `batch_size`, `parallel` upload processes on a server."""
     client.upload_points(name, points=_points(ids, vectors, payloads, batch_size, progress), batch_size=batch_size,
                          parallel=parallel, max_retries=3, wait=True)
 
 
 def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> None:
     """Wait until Qdrant reports the collection optimised (status green), so that a version goes live
-    with its search index built. Local mode is always green."""
+    with its search index built. (qdrant-client's in-memory mode is always green.)"""
+    from qdrant_client import models
+
     deadline = time.monotonic() + timeout_s
     while client.get_collection(name).status != models.CollectionStatus.GREEN:
         if time.monotonic() > deadline:
@@ -87,13 +94,15 @@ def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.
 
 @dataclass(frozen=True)
 class Storage:
-    """How a server stores a version's collections (config: publish.shards, replicas, vectors_on_disk,
-    payload_on_disk; None: the server's default). Local mode has none of these and ignores them."""
+    """How a version is stored (config: publish.shards, replicas, vectors_on_disk, payload_on_disk,
+    hnsw_m, hnsw_ef_construct). On a server None is the server's default; the embedded store takes
+    `shards` (default: one per Dask worker) and `graph`, and maps everything from disk."""
 
     shards: int | None = None
     replicas: int | None = None
     vectors_on_disk: bool = False
     payload_on_disk: bool | None = None
+    graph: Graph = Graph()
 
     def collection_options(self) -> dict:
         options = {"shard_number": self.shards, "replication_factor": self.replicas, "on_disk_payload": self.payload_on_disk}
@@ -102,13 +111,19 @@ class Storage:
 
 @dataclass
 class Points:
-    """One collection's points as `stage_version` writes them: the named vectors' sizes, how many
-    points, and `load(client, name, progress)`, which writes them all into collection `name` (in this
-    process, or from tasks on the workers: recommend/run/publish_tasks.py)."""
+    """One kind's points: the named vectors' sizes, how many points, and two ways to write them.
+    - `load(client, name, progress)` writes them all into collection `name` of a server (in this
+      process, or from tasks on the workers: recommend/run/publish_tasks.py);
+    - `pieces` (picklable callables, each returning (business ids, {name: (n, d) array}, payloads))
+      are what the embedded store's shard tasks read; for users, `blocks` says the pieces are the
+      event blocks in order (hash ranges: a user shard reads only those overlapping its own range),
+      None that any piece may hold any user."""
 
     sizes: dict[str, int]
     count: int
     load: Callable[[object, str, Callable[[int], None] | None], None]
+    pieces: list[Callable[[], tuple[list, dict, list]]] = field(default_factory=list)
+    blocks: int | None = None
 
 
 def in_process(kind: str, data: dict, batch_size: int = 256, parallel: int = 1) -> Points:
@@ -123,7 +138,100 @@ def in_process(kind: str, data: dict, batch_size: int = 256, parallel: int = 1) 
     def load(client, name: str, progress) -> None:
         upload(client, name, ids, vectors, data["payloads"], batch_size, progress, parallel)
 
-    return Points({n: int(v.shape[1]) for n, v in vectors.items()}, len(ids), load)
+    piece = functools.partial(_given, list(data["ids"]), vectors, list(data["payloads"]))
+    return Points({n: int(v.shape[1]) for n, v in vectors.items()}, len(ids), load, [piece])
+
+
+def _given(ids: list, vectors: dict, payloads: list) -> tuple[list, dict, list]:
+    return ids, vectors, payloads
+
+
+def _shard_batches(kind: str, pieces: list, route: tuple[int, int] | None):
+    """(point ids, vectors, payloads) of each piece; `route` (shard, shards): only that shard's users."""
+    for piece in pieces:
+        ids, vectors, payloads = piece()
+        if route is not None and len(ids):
+            keep = np.flatnonzero(user_shard(ids, route[1]) == route[0])
+            if len(keep) < len(ids):
+                ids, payloads = [ids[i] for i in keep], [payloads[i] for i in keep]
+                vectors = {n: np.asarray(v)[keep] for n, v in vectors.items()}
+        yield [point_id(kind, b) for b in ids], vectors, payloads
+
+
+def write_shard_task(folder: str, kind: str, specs: dict[str, VectorSpec], pieces: list,
+                     route: tuple[int, int] | None, graph: Graph) -> dict:
+    """One shard of a version, written from its pieces (a task on a Dask worker, or in this process)."""
+    return write_shard(folder, specs, _shard_batches(kind, pieces, route), graph)
+
+
+def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str, list, tuple | None]]:
+    """(shard name, kind, pieces, route) of every shard: the item pieces cut into `shards` runs in
+    order; users in `shards` hash ranges, each with the pieces that may hold its users."""
+    jobs = []
+    n_items = max(1, min(shards, len(items.pieces)))
+    for s, run in enumerate(np.array_split(np.arange(len(items.pieces)), n_items)):
+        jobs.append((f"items-{s:03d}", "item", [items.pieces[i] for i in run], None))
+    for s in range(shards):
+        mine = (users.pieces if users.blocks is None
+                else [users.pieces[b] for b in blocks_of_shard(s, shards, users.blocks)])
+        jobs.append((f"users-{s:03d}", "user", mine, (s, shards)))
+    return jobs
+
+
+def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1, graph: Graph = Graph(),
+                  dask=None, progress: Callable[[int], None] | None = None) -> tuple[dict, dict, int]:
+    """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
+    distributed Client; None: one after the other in this process). Item shards build an HNSW graph
+    over the text vector (what text search asks), no other vector gets one. Returns (counts,
+    {shard name: its points and files}, user shards) for the store's marker."""
+    specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
+             "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}
+    need, free = space_needed(items, users, shards), shutil.disk_usage(folder).free
+    if free < need:  # the engine writes through memory maps: a disk that fills up mid-write kills the writer (SIGBUS)
+        raise OSError(errno.ENOSPC, f"No space left on device for this version: about {need / 2**20:,.1f} MiB "
+                                    f"needed, {free / 2**20:,.1f} MiB free", str(folder))
+    jobs = shard_jobs(items, users, shards)
+    calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph) for name, kind, pieces, route in jobs}
+    written = {}
+    if dask is None:
+        for name, args in calls.items():
+            written[name] = write_shard_task(*args)
+            if progress:
+                progress(written[name]["points"])
+    else:
+        from distributed import as_completed
+
+        stamp = time.time_ns()
+        futures = {dask.submit(write_shard_task, *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
+                   for name, args in calls.items()}
+        for future in as_completed(futures):
+            written[futures[future]] = future.result()
+            if progress:
+                progress(written[futures[future]]["points"])
+    counts = {kind: sum(w["points"] for n, w in written.items() if n.startswith(kind)) for kind in ("items", "users")}
+    return counts, written, shards
+
+
+def space_needed(items: Points, users: Points, shards: int) -> int:
+    """Bytes a version's shards take on disk, roughly and on the high side: every vector twice (the
+    load's segment and the optimised one), about half a kilobyte of payload and graph per point, and
+    the engine's files per shard."""
+    per_point = {kind: 2 * 4 * sum(p.sizes.values()) + 512 for kind, p in (("item", items), ("user", users))}
+    return items.count * per_point["item"] + users.count * per_point["user"] + 2 * shards * 256 * 1024
+
+
+def list_text(ids: Sequence[str], scores: Sequence[float]) -> str:
+    """A list of (item id, score) as the one JSON text a payload holds: `[[ids], [scores]]`."""
+    return orjson.dumps([list(ids), [round(float(x), 5) for x in scores]]).decode()
+
+
+def read_list(value) -> list[tuple[str, float]]:
+    """(item id, score) pairs of a payload's list: the JSON text `list_text` writes, or a list of
+    {"item_id", "score"} objects (versions published before the text form)."""
+    if isinstance(value, str):
+        ids, scores = orjson.loads(value)
+        return list(zip(ids, scores))
+    return [(e["item_id"], e["score"]) for e in value or []]
 
 
 def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
@@ -133,9 +241,10 @@ def stage_version(client, prefix: str, run_id: str, items: dict | Points, users:
 
     `items`/`users`: `Points`, or {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array
     (named "text" for items, "profile" for users), "payloads": [dict, ...]} (`in_process`). Indexing
-    is deferred during the bulk load (on a server; local mode has no index to defer) and the version
-    is ready only once indexed. Returns the counts written.
+    is deferred during the bulk load and the version is ready only once indexed. Returns the counts written.
     """
+    from qdrant_client import models
+
     counts = {}
     for kind, data in (("items", items), ("users", users)):
         name = collection(prefix, kind, run_id)
@@ -148,8 +257,7 @@ def stage_version(client, prefix: str, run_id: str, items: dict | Points, users:
                                   for n, size in points.sizes.items()},
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
             metadata={**metadata, "kind": kind}, **storage.collection_options())
-        with bulk_load(client, name):
-            points.load(client, name, progress)
+        points.load(client, name, progress)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
         wait_indexed(client, name, index_wait_s)
         found = client.count(name, exact=True).count
@@ -175,9 +283,12 @@ class Published:
 
 def publish_version(store: VersionStore, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
                     keep: int = 3, batch_size: int = 256, progress: Callable[[int], None] | None = None,
-                    parallel: int = 1, index_wait_s: float = 600.0, storage: Storage = Storage()) -> Published:
+                    parallel: int = 1, index_wait_s: float = 600.0, storage: Storage = Storage(),
+                    dask=None) -> Published:
     """The whole publish as a transaction: remove what crashed publishes left, write the version
-    (`stage_version`), verify it and write its completion marker, switch it live, prune old versions.
+    (`write_version` into the embedded store, its shards as tasks on `dask`'s workers when given;
+    `stage_version` into a server), verify it and write its completion marker, switch it live, prune
+    old versions.
 
     Until the switch nothing live changes; a failure at any point leaves no trace of this version.
     Pruning keeps `keep` versions, and never the live one or the one live before the switch.
@@ -187,9 +298,15 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
     except StoreUnavailable:
         previous = None  # a damaged pointer: the switch writes it again
     removed = store.clean_incomplete(protect={previous})
-    counts = store.publish(run_id, lambda client: stage_version(
-        client, store.prefix, run_id, items, users, metadata=metadata, batch_size=batch_size, progress=progress,
-        parallel=parallel, index_wait_s=index_wait_s, storage=storage), metadata)
+    if store.embedded:
+        items, users = (p if isinstance(p, Points) else in_process(k, p) for k, p in (("item", items), ("user", users)))
+        shards = storage.shards or (len(dask.scheduler_info()["workers"]) if dask is not None else 1)
+        counts = store.publish(run_id, lambda folder: write_version(
+            folder, items, users, shards=shards, graph=storage.graph, dask=dask, progress=progress), metadata)
+    else:
+        counts = store.publish(run_id, lambda client: stage_version(
+            client, store.prefix, run_id, items, users, metadata=metadata, batch_size=batch_size, progress=progress,
+            parallel=parallel, index_wait_s=index_wait_s, storage=storage), metadata)
     previous = store.switch(run_id)
     pruned = store.prune(keep, protect={run_id, previous})
     return Published(counts, previous, pruned, removed)
@@ -206,8 +323,7 @@ def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: 
     for r, item_id in enumerate(subjects):
         valid = ids[r] >= 0
         payload = {"item_id": item_id, "run_id": run_id, "source": str(sources[r]),
-                   "similar": [{"item_id": i, "score": round(float(s), 5)}
-                               for i, s in zip(item_ids[ids[r][valid]], scores[r][valid])]}
+                   "similar": list_text(item_ids[ids[r][valid]].tolist(), scores[r][valid])}
         payload.update({k: _clean(v[r]) for k, v in metadata.items()})
         out.append(payload)
     return out
@@ -220,6 +336,5 @@ def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, run_i
     for r, user_id in enumerate(user_ids):
         valid = ids[r] >= 0
         out.append({"user_id": user_id, "run_id": run_id, "source": str(sources[r]),
-                    "recommended": [{"item_id": i, "score": round(float(s), 5)}
-                                    for i, s in zip(item_ids[ids[r][valid]], scores[r][valid])]})
+                    "recommended": list_text(item_ids[ids[r][valid]].tolist(), scores[r][valid])})
     return out

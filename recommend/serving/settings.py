@@ -11,24 +11,31 @@ class PublishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
-    url: str | None = Field(None, description="Qdrant server URL; default: local mode under <workdir>/qdrant")
+    url: str | None = Field(None, description="Qdrant server URL; default: the embedded store (Qdrant's engine "
+                                               "in-process) under <workdir>/store")
     api_key_env: str = "QDRANT_API_KEY"
     prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     keep_versions: int = Field(3, ge=1)
     batch_size: int = Field(256, ge=1)
     parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server when the driver uploads "
-                                                 "(local mode writes in one)")
+                                                 "(the embedded store writes a task per shard)")
     upload_on_workers: bool = Field(True, description="with a server URL and Dask workers: each lists part is "
                                                       "uploaded by a task on a worker, in parallel (false: the driver "
                                                       "uploads them all); the workers need the API key variable too")
-    shards: int | None = Field(None, ge=1, description="shards per collection on a server (Qdrant's shard_number); "
-                                                      "default: the server's")
+    shards: int | None = Field(None, ge=1, le=256, description="shards of the items and of the users each: on a "
+                                                              "server Qdrant's shard_number (default: the "
+                                                              "server's); embedded, written side by side, one "
+                                                              "task each (default: one per Dask worker)")
     replicas: int | None = Field(None, ge=1, description="copies of each shard on a cluster (replication_factor); "
                                                         "default: the server's")
     vectors_on_disk: bool = Field(False, description="a server keeps the vectors in memory-mapped files, not in RAM")
     payload_on_disk: bool | None = Field(None, description="a server keeps payloads on disk (on_disk_payload); "
                                                            "default: the server's")
     index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
+    hnsw_m: int = Field(16, ge=4, le=64, description="embedded store: edges per node of the HNSW graph over the "
+                                                   "items' text vectors (text search); more: better recall, "
+                                                   "slower publish")
+    hnsw_ef_construct: int = Field(64, ge=8, le=512, description="embedded store: candidates while building that graph")
 
 
 class ServeSettings(BaseModel):

@@ -1,7 +1,11 @@
-"""Qdrant publish throughput (local mode unless --url): `stage_version` as the refresh calls it against
-qdrant-client's own `upload_points` with its defaults, the same points, in the same run.
+"""Publish throughput, the same points in the same run: the embedded store (Qdrant's engine in
+process, shards written side by side by Dask workers) against qdrant-client's local mode (the
+embedded default before it), or a server with --url.
 
-    .venv/bin/python tests/benchmarks/bench_publish.py --points 20000
+Items carry the refresh's three named vectors (text 384, blend 98 with HNSW over text only) and a
+10-item list; users a 98-dim profile and a 10-item list, as the refresh writes them.
+
+    .venv/bin/python tests/benchmarks/bench_publish.py --points 20000 --workers 2
 """
 
 from __future__ import annotations
@@ -19,41 +23,54 @@ import numpy as np  # noqa: E402
 from common import emit, parser  # noqa: E402
 
 
+def version(n: int, dim: int, seed: int = 0) -> tuple[dict, dict]:
+    from recommend.serving.publish import item_payloads, user_payloads
+
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"i{i}" for i in range(n)], dtype=object)
+    text = rng.normal(size=(n, dim)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    blend = rng.normal(size=(n, 98)).astype(np.float32)
+    lists, scores = rng.integers(0, n, (n, 10)), rng.random((n, 10)).astype(np.float32)
+    items = {"ids": ids.tolist(), "vectors": {"text": text, "blend": blend, "blend_query": blend[:, :97]},
+             "payloads": item_payloads(ids, {"title": [f"title {i}" for i in range(n)]}, scores, lists, "bench",
+                                       ["similar"] * n)}
+    users = {"ids": [f"u{u}" for u in range(n)], "vectors": {"profile": blend},
+             "payloads": user_payloads([f"u{u}" for u in range(n)], ids, scores, lists, "bench", ["history"] * n)}
+    return items, users
+
+
 def main() -> None:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--points", type=int, default=20_000)
+    args_parser.add_argument("--points", type=int, default=20_000, help="items, and as many users")
     args_parser.add_argument("--dim", type=int, default=384)
-    args_parser.add_argument("--batch-size", type=int, default=256)
-    args_parser.add_argument("--url", default=None, help="a Qdrant server; default: local mode in a temp folder")
+    args_parser.add_argument("--workers", type=int, default=2, help="Dask workers writing the embedded shards")
+    args_parser.add_argument("--url", default=None, help="a Qdrant server instead of local mode for the baseline")
     args = args_parser.parse_args()
-    from qdrant_client import QdrantClient, models
+    from distributed import Client, LocalCluster
+    from qdrant_client import QdrantClient
 
-    from recommend.serving.publish import item_payloads, point_id, stage_version
+    from recommend.serving.publish import publish_version, stage_version
+    from recommend.serving.versions import EmbeddedVersions
 
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(args.points, args.dim)).astype(np.float32)
-    ids = [f"i{i}" for i in range(args.points)]
-    neighbours = rng.integers(0, args.points, (args.points, 10))
-    payloads = item_payloads(np.array(ids, dtype=object), {}, rng.random((args.points, 10)).astype(np.float32),
-                             neighbours, "bench", ["similar"] * args.points)
-    users = {"ids": ["u0"], "vectors": vectors[:1], "payloads": [{"user_id": "u0"}]}
+    items, users = version(args.points, args.dim)
+    points = 2 * args.points
     with tempfile.TemporaryDirectory() as tmp:
-        client = QdrantClient(url=args.url) if args.url else QdrantClient(path=tmp)
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0",
+                          silence_logs=40) as cluster, Client(cluster) as dask:
+            t = time.perf_counter()
+            publish_version(EmbeddedVersions(Path(tmp) / "store", "bench"), "a", items, users, metadata={}, dask=dask)
+            ours = time.perf_counter() - t
+        client = QdrantClient(url=args.url) if args.url else QdrantClient(path=str(Path(tmp) / "local"))
         t = time.perf_counter()
-        stage_version(client, "bench", "a", {"ids": ids, "vectors": vectors, "payloads": payloads}, users, metadata={},
-                      batch_size=args.batch_size)
-        ours = time.perf_counter() - t
-        client.create_collection("baseline", vectors_config={"text": models.VectorParams(size=args.dim, distance=models.Distance.DOT)})
-        t = time.perf_counter()
-        client.upload_points("baseline", points=[models.PointStruct(id=point_id("item", i), vector={"text": v.tolist()}, payload=p)
-                                                 for i, v, p in zip(ids, vectors, payloads)])
-        assert client.count("baseline", exact=True).count == args.points
+        stage_version(client, "bench", "a", items, users, metadata={})
         baseline = time.perf_counter() - t
         client.close()
-    emit("publish_points_per_s", {"points": args.points, "dim": args.dim, "target": args.url or "local mode",
-                                  "batch_size": args.batch_size, "ours_points_per_s": round(args.points / ours, 1),
-                                  "upload_points_default_per_s": round(args.points / baseline, 1),
-                                  "ratio": round(baseline / ours, 3)})
+    emit("publish_points_per_s", {"points": points, "dim": args.dim, "workers": args.workers,
+                                  "embedded_points_per_s": round(points / ours, 1), "embedded_s": round(ours, 2),
+                                  "baseline": args.url or "qdrant-client local mode",
+                                  "baseline_points_per_s": round(points / baseline, 1), "baseline_s": round(baseline, 2),
+                                  "speedup": round(baseline / ours, 2)})
 
 
 if __name__ == "__main__":

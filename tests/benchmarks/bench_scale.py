@@ -4,7 +4,7 @@ through the whole refresh, with the peak memory (RSS) of the driver and of each 
 For this scale test only, items are encoded by the clearly named stand-in `stand-in:hashing-384`
 (feature hashing, not a language model; see embedder/standin.py): the data path is what is measured
 here, the model's encode rate is measured by bench_encode.py. Publishing is off unless --publish
-(Qdrant local mode is not meant for millions of points; use publish.url for that).
+(into the embedded store, Qdrant's engine in-process, as the default config does).
 
     .venv/bin/python tests/benchmarks/bench_scale.py --items 1000000 --users 1000000
 """

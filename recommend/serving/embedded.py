@@ -1,0 +1,273 @@
+"""The embedded default store: each version a folder of engine shards (recommend/serving/shards.py).
+
+    <workdir>/store/<prefix>/LIVE                         the live version, replaced atomically
+    <workdir>/store/<prefix>/versions/<run_id>/           one version:
+        items-000/ ...  users-000/ ...                    its shards (users routed by hash, items in shards of their own)
+        version.json                                      the completion marker, written last: counts, every
+                                                          shard's files with sizes and digests, metadata
+    <workdir>/store/<prefix>/views/<pid>-<token>/         readers' private views (removed when they close)
+
+A version without a sound version.json is incomplete: invisible to versions, rollback, pruning and
+readers, and removed by the next publish. Shards are written by tasks on the Dask workers, side by
+side (recommend/serving/publish.py, `write_version`); the driver holds no points. Readers open a
+version in milliseconds with memory by what they touch (`ShardReader`), never a copy of it.
+
+Example:
+    store = EmbeddedVersions(Path(".recs") / "store", "recs")
+    reader = store.open(store.live())
+    reader.payload("user", "U0000042")["recommended"]
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import weakref
+from pathlib import Path
+from typing import Callable
+
+from recommend.serving.shards import ENGINE, ShardView, problems, user_shard
+from recommend.serving.store import DamagedVersion, StoreUnavailable, write_json_atomic
+from recommend.serving.version_store import NAMESPACE, PublishError, Version, VersionStore, point_id
+
+log = logging.getLogger("recs")
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # readers of this process, closed at exit (their views removed)
+LISTS = ("similar", "recommended", "run_id", "source")  # payload fields that are not item metadata
+
+
+class ShardReader:
+    """One version opened through private views of its shards: reads by id, vector queries over the
+    items. Thread-safe for reads (the engine's own locking); `close()` ends the views."""
+
+    def __init__(self, folder: Path, marker: dict, views: Path):
+        self.run_id, self.folder = marker["run_id"], folder
+        self.user_shards = int(marker["user_shards"])
+        self.counts = marker["points"]
+        self.view_root = view_root = views / f"{os.getpid()}-{secrets.token_hex(4)}-{self.run_id}"
+        self.views: dict[str, ShardView] = {}
+        try:
+            for name in sorted(marker["shards"]):
+                self.views[name] = ShardView(folder / name, view_root / name)
+        except Exception as exc:
+            self.close()
+            raise DamagedVersion(f"version {self.run_id}: shard {folder / name} cannot be opened "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        _OPEN.add(self)
+        self.items = [v.engine for n, v in sorted(self.views.items()) if n.startswith("items-")]
+        self.users = [v.engine for n, v in sorted(self.views.items()) if n.startswith("users-")]
+
+    def _user_engine(self, user_id: str):
+        return self.users[int(user_shard([user_id], self.user_shards)[0])]
+
+    def payload(self, kind: str, business_id: str) -> dict | None:
+        """The whole payload of one item or user, or None."""
+        pid = point_id(kind, business_id)
+        for engine in ([self._user_engine(business_id)] if kind == "user" else self.items):
+            found = engine.retrieve([pid], with_payload=True, with_vector=False)
+            if found:
+                return found[0].payload
+        return None
+
+    def metadata(self, item_ids: list[str]) -> dict[str, dict]:
+        """item id -> its payload without the lists, for the ids found."""
+        from qdrant_edge import PayloadSelector
+
+        pids, out = [point_id("item", i) for i in item_ids], {}
+        for engine in self.items:
+            for rec in engine.retrieve(pids, with_payload=PayloadSelector.Exclude(list(LISTS)), with_vector=False):
+                out[rec.payload["item_id"]] = rec.payload
+        return out
+
+    def vectors(self, item_ids: list[str], name: str) -> tuple[list, list]:
+        """(point ids, vectors `name`) of the items found."""
+        pids, found, rows = [point_id("item", i) for i in item_ids], [], []
+        for engine in self.items:
+            for rec in engine.retrieve(pids, with_payload=False, with_vector=[name]):
+                found.append(rec.id)
+                rows.append(rec.vector[name])
+        return found, rows
+
+    def search(self, vector, using: str, k: int, exclude: list | None = None) -> list[tuple[dict, float]]:
+        """The `k` items of highest dot product with `vector` on vector `using` across the item
+        shards, `exclude` (point ids) left out: [(payload without the lists, score)]."""
+        from qdrant_edge import Filter, HasIdCondition, PayloadSelector, Query, QueryRequest
+
+        request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using),
+                               filter=Filter(must_not=[HasIdCondition(set(exclude))]) if exclude else None,
+                               with_payload=PayloadSelector.Exclude(list(LISTS)))
+        hits = [h for engine in self.items for h in engine.query(request)]
+        return [(h.payload, h.score) for h in heapq.nlargest(k, hits, key=lambda h: h.score)]
+
+    def count(self, kind: str) -> int:
+        from qdrant_edge import CountRequest
+
+        return sum(e.count(CountRequest(exact=True)) for e in (self.items if kind == "item" else self.users))
+
+    def changed(self) -> list[str]:
+        """Shard files linked into this reader's views whose time or size changed (should be none)."""
+        return [p for v in self.views.values() for p in v.changed()]
+
+    def close(self) -> None:
+        for view in self.views.values():
+            try:
+                view.close()
+            except Exception as exc:
+                log.warning("closing a view of %s: %s", view.shard, exc)
+        self.views = {}
+        shutil.rmtree(self.view_root, ignore_errors=True)
+
+
+class EmbeddedVersions(VersionStore):
+    """Versions as folders of engine shards under `root`/<prefix> (the layout in the module's doc)."""
+
+    embedded = True
+
+    def __init__(self, root: str | Path, prefix: str = "recs"):
+        self.prefix, self.root = prefix, Path(root)
+        self.home = self.root / prefix
+        self.folder, self.pointer, self.views = self.home / "versions", self.home / "LIVE", self.home / "views"
+        self.where = str(self.home)
+
+    def _marker(self, run_id: str) -> dict | None:
+        """The version's marker; None when there is none (incomplete), {} when it is damaged."""
+        path = self.folder / run_id / "version.json"
+        try:
+            marker = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        fields = {"points": dict, "metadata": dict, "shards": dict, "user_shards": int}
+        return marker if all(isinstance(marker.get(k), t) for k, t in fields.items()) else {}
+
+    def live(self) -> str | None:
+        try:
+            return json.loads(self.pointer.read_text())["run_id"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreUnavailable(f"{self.pointer} is damaged ({type(exc).__name__}); "
+                                   "`recs rollback <version>` writes it again") from None
+
+    def _folders(self) -> list[str]:
+        return sorted((p.name for p in self.folder.iterdir() if p.is_dir()), reverse=True) if self.folder.is_dir() else []
+
+    def versions(self) -> list[Version]:
+        live, found = self.live(), []
+        for run_id in self._folders():
+            if marker := self._marker(run_id):
+                points = marker["points"]
+                found.append(Version(run_id, run_id == live, points.get("items"), points.get("users"), marker["metadata"]))
+        return found
+
+    def incomplete(self) -> list[str]:
+        return [r for r in self._folders() if not self._marker(r)]
+
+    def metadata(self, run_id: str) -> dict:
+        return (self._marker(run_id) or {}).get("metadata", {})
+
+    def verify(self, run_id: str, deep: bool = False) -> str | None:
+        """What is wrong with a version's shards (None: sound): files missing or of another size;
+        `deep`: their digests too, and the engine's own count of each shard."""
+        folder, marker = self.folder / run_id, self._marker(run_id)
+        if marker is None:
+            return "incomplete: no version.json (its publish did not finish)"
+        if not marker:
+            return f"{folder / 'version.json'} is damaged"
+        for name, shard in sorted(marker["shards"].items()):
+            if found := problems(folder / name, shard["files"], deep=deep):
+                return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        if deep:
+            try:
+                reader = ShardReader(folder, marker, self.views)
+            except DamagedVersion as exc:
+                return str(exc)
+            try:
+                for kind in ("items", "users"):
+                    if (n := reader.count(kind[:-1])) != marker["points"].get(kind):
+                        return f"the {kind} shards of {folder} hold {n} points, version.json says {marker['points'].get(kind)}"
+            finally:
+                reader.close()
+        return None
+
+    def publish(self, run_id: str, fill: Callable[[Path], tuple[dict, dict, int]], metadata: dict) -> dict:
+        """Write version `run_id` with `fill(folder) -> (counts, shards, user_shards)` (the shards
+        written in `folder`), then its marker. Any failure removes the folder and raises."""
+        folder = self.folder / run_id
+        try:
+            if folder.exists():
+                shutil.rmtree(folder)  # a leftover of a crashed attempt at this run
+            folder.mkdir(parents=True)
+            counts, shards, user_shards = fill(folder)
+            for kind in ("items", "users"):
+                stored = sum(s["points"] for n, s in shards.items() if n.startswith(kind))
+                if stored != counts[kind]:
+                    raise PublishError(f"version {run_id}: {counts[kind]} {kind} to write, {stored} in the shards of {folder}")
+            write_json_atomic(folder / "version.json", {
+                "run_id": run_id, "prefix": self.prefix, "engine": ENGINE, "namespace": str(NAMESPACE),
+                "points": counts, "user_shards": user_shards, "shards": shards, "metadata": metadata})
+            return counts
+        except BaseException as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError) or type(exc) is Exception:  # the engine raises plain Exceptions
+                raise PublishError(f"publishing version {run_id} into {folder} failed: {type(exc).__name__}: "
+                                   f"{str(exc)[:300]}; the partial version was removed and the live version "
+                                   "stays live") from None
+            raise
+
+    def switch(self, run_id: str) -> str | None:
+        try:
+            previous = self.live()
+        except StoreUnavailable:
+            previous = None  # a damaged pointer is replaced
+        self.home.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.pointer, {"run_id": run_id, "previous": previous, "switched_at": time.time()})
+        return previous
+
+    def remove(self, run_id: str) -> None:
+        shutil.rmtree(self.folder / run_id, ignore_errors=True)
+
+    def open(self, run_id: str) -> ShardReader:
+        """A reader of a complete version (DamagedVersion naming the file when its shards are not
+        what was written: missing, or of another size)."""
+        marker = self._marker(run_id)
+        if not marker:
+            raise DamagedVersion(f"version {run_id} in {self.folder} is not there or incomplete" if marker is None
+                                 else f"{self.folder / run_id / 'version.json'} is damaged")
+        folder = self.folder / run_id
+        for name, shard in marker["shards"].items():
+            if found := problems(folder / name, shard["files"]):
+                raise DamagedVersion(f"version {run_id} is damaged: {found[0]}")
+        self._clean_views()
+        return ShardReader(folder, marker, self.views)
+
+    def _clean_views(self) -> None:
+        """Remove views left by readers that died without closing (their process is gone)."""
+        if not self.views.is_dir():
+            return
+        for view in self.views.iterdir():
+            pid = view.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(view, ignore_errors=True)
+
+
+@atexit.register
+def _close_readers() -> None:
+    for reader in list(_OPEN):
+        reader.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,191 @@
+"""Qdrant's engine in-process (qdrant-edge-py, pinned): one shard per folder, written once, read
+through private views.
+
+A shard is written by one process (`write_shard`): created without a write-ahead log, filled in
+batches, optimised into immutable segments, flushed, closed, and its files listed with their sizes
+and digests. Nothing writes into it after that.
+
+Readers never open a shard's folder itself. The engine writes into a folder it opens (it takes the
+write-ahead log's lock, rewrites a few small bookkeeping files in place and replaces `segment.json`,
+even when nothing changed), so each reader opens a private view (`ShardView`): a folder of its own
+where the bulk files the engine only reads (vectors, payload pages, the HNSW graph, the id mappings)
+are hard links to the shard's, mapped and paged in by what a query touches, and every other file
+is a private copy (small). Any number of readers open one version together, while a refresh writes
+the next one beside it; tests/test_store.py checks that a view leaves the shard's files
+byte-identical and untouched.
+
+Users are routed to shards by the hash the event blocks use (`user_shard`): shard s of S holds the
+users whose 64-bit hash lies in the s-th of S equal ranges, so a reader finds a user's shard
+without asking any other, and the writer of shard s reads only the user blocks that overlap its range.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from embedder.artifacts import file_digest
+from embedder.errors import RecsError
+from embedder.event_blocks import block_of, bounds, user_hash
+
+ENGINE = "qdrant-edge-py"
+BATCH = 2048  # points per engine update
+# Files the engine only reads once a shard is closed: linked into readers' views. Everything else
+# (bookkeeping bitmaps, trackers, configs) is copied, since the engine rewrites some of it on open.
+_LINKED = re.compile(r"^(matrix\.dat|page_\d+\.dat|chunk_\d+\.mmap|links(_compressed)?\.bin|graph\.bin|"
+                     r"id_tracker\.mappings|id_tracker\.versions)$")
+
+
+class ShardError(RecsError):
+    """A shard could not be written, or its files are not what was written."""
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """One named vector of a shard: its size, and whether the engine builds an HNSW graph over it
+    (only where a vector query is asked; a vector read by id needs none)."""
+
+    size: int
+    indexed: bool = False
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The HNSW graph's settings for indexed vectors (config: publish.hnsw_m, publish.hnsw_ef_construct)."""
+
+    m: int = 16
+    ef_construct: int = 100
+    threads: int = 1  # per shard writer: writers run side by side, one per task slot
+
+
+def _config(vectors: dict[str, VectorSpec], graph: Graph):
+    from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig, Memory)
+
+    def hnsw(m: int):
+        return HnswIndexConfig(m=m, ef_construct=graph.ef_construct, full_scan_threshold=10_000,
+                               max_indexing_threads=graph.threads, memory=Memory.Cold)
+
+    params = {name: EdgeVectorParams(size=spec.size, distance=Distance.Dot, memory=Memory.Cold,
+                                     hnsw_config=hnsw(graph.m if spec.indexed else 0))  # m=0: no graph
+              for name, spec in vectors.items()}
+    # indexing_threshold 1 kB: every segment is optimised into an immutable one when the load ends
+    return EdgeConfig(vectors=params, payload_memory=Memory.Cold, wal_enabled=False, hnsw_config=hnsw(0),
+                      optimizers=EdgeOptimizersConfig(indexing_threshold=1, default_segment_number=1))
+
+
+def point_id(kind: str, business_id: str, namespace: uuid.UUID) -> str:
+    return str(uuid.uuid5(namespace, f"{kind}:{business_id}"))
+
+
+def shard_files(folder: Path) -> dict[str, list]:
+    """{relative path: [size, digest]} of every file of a closed shard."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, file_digest(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Iterable[tuple[list, dict, list]],
+                graph: Graph = Graph()) -> dict:
+    """Write one shard at `folder` (replaced if there) from `batches` of (point ids, {name: (n, d)
+    array}, payloads), optimise and close it. Returns {"points": n, "files": shard_files(folder)};
+    ShardError when the engine counts other than what was written."""
+    from qdrant_edge import EdgeShard, Point, UpdateOperation
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)  # a leftover of a task that ran before (a lost worker's)
+    shard, written = EdgeShard.create(str(folder), _config(vectors, graph)), 0
+    try:
+        for ids, named, payloads in batches:
+            for start in range(0, len(ids), BATCH):
+                stop = min(start + BATCH, len(ids))
+                block = {n: np.ascontiguousarray(v[start:stop], dtype=np.float32) for n, v in named.items()}
+                points = [Point(ids[i], {n: b[i - start] for n, b in block.items()}, payloads[i]) for i in range(start, stop)]
+                shard.update(UpdateOperation.upsert_points(points))
+                written += stop - start
+        shard.optimize()
+        shard.flush()
+        found = shard.info().points_count
+    finally:
+        shard.close()
+    if found != written:
+        raise ShardError(f"shard {folder}: wrote {written} points, the engine counts {found}")
+    return {"points": written, "files": shard_files(folder)}
+
+
+def user_shard(user_ids, shards: int) -> np.ndarray:
+    """The shard of each user id: the s-th of `shards` equal ranges of the users' 64-bit hash."""
+    return block_of(user_hash(user_ids), shards)
+
+
+def blocks_of_shard(shard: int, shards: int, n_blocks: int) -> range:
+    """The event blocks (hash ranges too, `n_blocks` of them) that overlap shard `shard`'s range."""
+    starts = [int(b) for b in bounds(shards)] + [2 ** 64]
+    first, last = block_of(np.array([starts[shard], starts[shard + 1] - 1], np.uint64), n_blocks)
+    return range(int(first), int(last) + 1)
+
+
+def problems(folder: Path, files: dict[str, list], deep: bool = False) -> list[str]:
+    """What differs between a shard's files and those it was written with: missing, extra, another
+    size; `deep`: another digest too. Empty: sound."""
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    out = [f"{folder / name} is missing" for name in sorted(set(files) - found)]
+    out += [f"{folder / name} was not written by the publish" for name in sorted(found - set(files))]
+    for name in sorted(set(files) & found):
+        size, digest = files[name]
+        if (now := (folder / name).stat().st_size) != size:
+            out.append(f"{folder / name} is damaged: {now} bytes, {size} written")
+        elif deep and file_digest(folder / name) != digest:
+            out.append(f"{folder / name} is damaged: its bytes are not those written")
+    return out
+
+
+class ShardView:
+    """One reader's private view of a closed shard, opened with the engine (see the module's doc).
+    `close()` closes the engine and removes the view."""
+
+    def __init__(self, shard: Path, view: Path):
+        from qdrant_edge import EdgeShard
+
+        self.shard, self.view = Path(shard), Path(view)
+        self.linked: dict[str, tuple[int, int]] = {}  # shard file -> (mtime_ns, size) when linked
+        try:
+            for path in sorted(self.shard.rglob("*")):
+                target = self.view / path.relative_to(self.shard)
+                if path.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if _LINKED.match(path.name):
+                    os.link(path, target)
+                    st = path.stat()
+                    self.linked[str(path)] = (st.st_mtime_ns, st.st_size)
+                else:
+                    shutil.copy2(path, target)
+            self.engine = EdgeShard.load(str(self.view))
+        except BaseException:
+            shutil.rmtree(self.view, ignore_errors=True)
+            raise
+
+    def changed(self) -> list[str]:
+        """Linked shard files whose time or size changed since the view was opened (empty: none)."""
+        changed = []
+        for path, (mtime, size) in self.linked.items():
+            st = os.stat(path)
+            if (st.st_mtime_ns, st.st_size) != (mtime, size):
+                changed.append(path)
+        return changed
+
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            shutil.rmtree(self.view, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The embedded store on Qdrant's engine (recommend/serving/shards.py, embedded.py): readers open a
+version through private views that leave the shard's files byte-identical and untouched, any number
+of them in several processes at once, beside a writer publishing the next version."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from http_helpers import publish_small
+from recommend.serving.facade import Recommender
+from recommend.serving.live import LiveVersion
+from recommend.serving.shards import shard_files
+from recommend.serving.versions import EmbeddedVersions
+
+ROOT = Path(__file__).parent.parent
+V1, V2 = "20260101T000000-aaaa", "20260102T000000-bbbb"
+READ = """
+import sys
+from recommend.serving.versions import EmbeddedVersions
+reader = EmbeddedVersions(sys.argv[1], "t").open(sys.argv[2])
+print(reader.payload("user", "u7")["user_id"], reader.count("item"), flush=True)
+sys.stdin.readline()  # hold the view open until told
+reader.close()
+"""
+
+
+def _state(folder: Path) -> dict:
+    """Every file's bytes digest, size, inode and modification time."""
+    return {name: (size, digest, (folder / name).stat().st_ino, (folder / name).stat().st_mtime_ns)
+            for name, (size, digest) in shard_files(folder).items()}
+
+
+def test_readers_in_several_processes_leave_the_shards_untouched_beside_a_writer(tmp_path):
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_small(store, V1, n_items=300, n_users=200)
+    folder = store.folder / V1
+    before = {shard.name: _state(shard) for shard in folder.iterdir() if shard.is_dir()}
+    assert sorted(before) == ["items-000", "users-000"]
+
+    here = store.open(V1)
+    others = [subprocess.Popen([sys.executable, "-c", READ, str(store.root), V1], cwd=ROOT, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for proc in others:  # each opened the version while this process holds it too
+            assert proc.stdout.readline().split() == ["u7", "300"]
+        publish_small(store, V2, n_items=300, n_users=200, seed=2)  # a writer beside them
+        rec = Recommender(LiveVersion(store))
+        assert rec.for_user("u7").version == V2
+        assert here.payload("user", "u7")["run_id"] == V1 and here.count("user") == 200  # still reads its own
+        assert len(list(store.views.iterdir())) == 4  # one private view per reader
+    finally:
+        for proc in others:
+            proc.communicate("\n", timeout=30)
+    assert [p.returncode for p in others] == [0, 0]
+    assert here.changed() == []
+    here.close()
+    del rec  # the last holder of V2's snapshot: its reader closes
+    after = {shard.name: _state(shard) for shard in folder.iterdir() if shard.is_dir()}
+    assert after == before  # same bytes, same inodes, same times: nothing wrote into the shards
+    assert not list(store.views.iterdir())  # every view removed when its reader closed
+    assert store.verify(V1, deep=True) is None and store.verify(V2, deep=True) is None
+
+
+def test_a_view_left_by_a_killed_reader_is_removed_by_the_next_open(tmp_path):
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_small(store, V1)
+    proc = subprocess.Popen([sys.executable, "-c", READ, str(store.root), V1], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().split()[0] == "u7"
+    proc.kill()  # kill -9: no close, its view stays behind
+    proc.wait()
+    assert len(list(store.views.iterdir())) == 1
+    store.open(V1).close()
+    assert not list(store.views.iterdir())
