@@ -74,3 +74,12 @@ def test_a_view_left_by_a_killed_reader_is_removed_by_the_next_open(tmp_path):
     assert len(list(store.views.iterdir())) == 1
     store.open(V1).close()
     assert not list(store.views.iterdir())
+
+
+def test_point_ids_are_uuid5_of_kind_and_id_as_on_a_server():
+    import uuid
+
+    from recommend.serving.version_store import NAMESPACE, point_id
+
+    for kind, business_id in (("user", "U0000042"), ("item", "ü-日本-\x00"), ("item", ""), ("user", "x" * 5000)):
+        assert point_id(kind, business_id) == str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))

@@ -186,6 +186,7 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
     {shard name: its points and files}, user shards) for the store's marker."""
     specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
              "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
     need, free = space_needed(items, users, shards), shutil.disk_usage(folder).free
     if free < need:  # the engine writes through memory maps: a disk that fills up mid-write kills the writer (SIGBUS)
         raise OSError(errno.ENOSPC, f"No space left on device for this version: about {need / 2**20:,.1f} MiB "

@@ -7,6 +7,10 @@ process, on the same cores as the server.
 
     .venv/bin/python tests/benchmarks/bench_serve.py                   # sample 3,000 items x 20,000 users, real model
     .venv/bin/python tests/benchmarks/bench_serve.py --seconds 3 --users 5000
+    .venv/bin/python tests/benchmarks/bench_serve.py --config DIR/config.yaml --items 100000 --users 100000 --id-digits 7
+        (a workdir bench_scale.py refreshed with --publish: its ids are U0000042, I0000042)
+
+Serve's memory (RSS, with its children) is sampled throughout: steady, and its peak across the refresh.
 """
 
 from __future__ import annotations
@@ -95,6 +99,32 @@ def wait_health(port: int, want=lambda h: h.get("status") == "ok", timeout: floa
         time.sleep(0.5)
 
 
+class Memory:
+    """The peak RSS of a process and its children, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        import psutil
+
+        self.process, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.05):
+            try:
+                rss = self.process.memory_info().rss + sum(c.memory_info().rss for c in self.process.children(recursive=True))
+            except Exception:
+                continue
+            self.peak = max(self.peak, rss)
+
+    def peak_mb(self) -> int:
+        return self.peak // 2**20
+
+    def stop(self) -> None:
+        self.done.set()
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--items", type=int, default=3000)
@@ -103,11 +133,13 @@ def main() -> None:
     ap.add_argument("--clients", default="1,16,64")
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
     ap.add_argument("--workdir", default=None, help="reuse a folder (sample and first refresh kept)")
+    ap.add_argument("--config", default=None, help="serve this refreshed config instead of a sample")
+    ap.add_argument("--id-digits", type=int, default=5, help="digits in the ids (U00042: 5)")
     args = ap.parse_args()
     recs = [sys.executable, "-m", "recommend.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serve-"))
-    config = folder / "config.yaml"
+    config = Path(args.config) if args.config else folder / "config.yaml"
     if not config.exists():
         subprocess.run([*recs, "sample", str(folder / "data" / "sample"), "--items", str(args.items), "--users", str(args.users)],
                        check=True, env=env, stdout=subprocess.DEVNULL)
@@ -116,14 +148,18 @@ def main() -> None:
         data["serve"]["port"] = 0
         config.write_text(yaml.safe_dump(data))
         subprocess.run([*recs, "refresh", "-q", "-c", str(config)], check=True, env=env, stdout=subprocess.DEVNULL)
-    server = subprocess.Popen([*recs, "serve", "-q", "-c", str(config)], env=env, stderr=subprocess.PIPE, text=True)
+    live_file = Path(yaml.safe_load(config.read_text())["workdir"])
+    live_file = (live_file if live_file.is_absolute() else config.parent / live_file) / "store" / "recs" / "LIVE"
+    server = subprocess.Popen([*recs, "serve", "-q", "-c", str(config), "--port", "0"], env=env, stderr=subprocess.PIPE,
+                              text=True)
+    memory = Memory(server.pid)
     try:
         line = server.stderr.readline()
         port = int(line.split("http://")[1].split(":")[1].split()[0])
         first = wait_health(port, lambda h: h.get("search") == "ready")["version"]
         clients = [int(c) for c in args.clients.split(",")]
-        users = [f"U{u:05d}" for u in range(args.users)]
-        items = [f"I{i:05d}" for i in range(args.items)]
+        users = [f"U{u:0{args.id_digits}d}" for u in range(args.users)]
+        items = [f"I{i:0{args.id_digits}d}" for i in range(args.items)]
         rng = random.Random(0)
         hot = [f"/users/{u}".encode() for u in rng.sample(users, 1000)]
         drive(port, iter(hot), 4, 30)  # warm: every hot answer cached once
@@ -138,6 +174,8 @@ def main() -> None:
                 figures = drive(port, paths, n, args.seconds)
                 figures.pop("_versions")
                 emit("serve", {"route": route, **figures, "items": args.items, "users": args.users, "model": args.model})
+        steady_mb = memory.peak_mb()
+        emit("serve_memory", {"steady_peak_rss_mb": steady_mb, "items": args.items, "users": args.users})
 
         # a refresh in the middle: 16 clients on /users (hot) throughout, then until answers move
         refresh = subprocess.Popen([*recs, "refresh", "-q", "-c", str(config)], env=env, stdout=subprocess.DEVNULL)
@@ -152,15 +190,17 @@ def main() -> None:
         results.append(drive(port, cycle(hot), 16, 1.0, versions=True))
         seen = [v for r in results for v in r["_versions"]]
         moved = next((t for t, v in seen if v != first), None)
-        switched = json.loads((folder / ".recs" / "qdrant" / "recs" / "LIVE").read_text())["switched_at"]
+        switched = json.loads(live_file.read_text())["switched_at"]
         p99s = [r["p99_ms"] for r in results if r["p99_ms"] is not None]
         emit("serve", {"route": "/users hot across a refresh", "clients": 16, "refresh_exit_code": refresh.returncode,
                        "requests": sum(r["requests"] for r in results), "failed": sum(r["failed"] for r in results),
                        "versions": sorted({v for _, v in seen}), "new_version_served_s_after_switch":
                        round(moved - switched, 2) if moved else None, "worst_2s_p99_ms": max(p99s),
                        "worst_max_ms": max(r["max_ms"] for r in results if r["max_ms"] is not None),
-                       "median_window_p99_ms": sorted(p99s)[len(p99s) // 2], "items": args.items, "users": args.users})
+                       "median_window_p99_ms": sorted(p99s)[len(p99s) // 2], "items": args.items, "users": args.users,
+                       "serve_peak_rss_mb": memory.peak_mb(), "serve_peak_over_steady": round(memory.peak_mb() / steady_mb, 2)})
     finally:
+        memory.stop()
         server.terminate()
         server.wait(30)
 
