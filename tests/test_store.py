@@ -83,3 +83,13 @@ def test_point_ids_are_uuid5_of_kind_and_id_as_on_a_server():
 
     for kind, business_id in (("user", "U0000042"), ("item", "ü-日本-\x00"), ("item", ""), ("user", "x" * 5000)):
         assert point_id(kind, business_id) == str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))
+
+
+def test_a_readers_hash_of_one_id_is_the_event_blocks_hash():
+    """The reader routes one id with a fast path; it must be the hash the writers split users by."""
+    import numpy as np
+
+    from embedder.event_blocks import user_hash, user_hash_few
+
+    ids = [f"U{i:07d}" for i in range(500)] + ["ü日本", "", "x" * 300, "1", "None"]
+    assert (user_hash_few(ids) == user_hash(ids)).all() and user_hash_few(ids).dtype == np.uint64

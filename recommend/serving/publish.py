@@ -182,7 +182,7 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
                   dask=None, progress: Callable[[int], None] | None = None) -> tuple[dict, dict, int]:
     """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
     distributed Client; None: one after the other in this process). Item shards build an HNSW graph
-    over the text vector (what text search asks), no other vector gets one. Returns (counts,
+    over the text vector (what text search asks) when `graph.m` > 0; no other vector gets one. Returns (counts,
     {shard name: its points and files}, user shards) for the store's marker."""
     specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
              "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,7 +33,7 @@ import numpy as np
 
 from embedder.artifacts import file_digest
 from embedder.errors import RecsError
-from embedder.event_blocks import block_of, bounds, user_hash
+from embedder.event_blocks import block_of, bounds, user_hash, user_hash_few
 
 ENGINE = "qdrant-edge-py"
 BATCH = 2048  # points per engine update
@@ -58,9 +58,10 @@ class VectorSpec:
 
 @dataclass(frozen=True)
 class Graph:
-    """The HNSW graph's settings for indexed vectors (config: publish.hnsw_m, publish.hnsw_ef_construct)."""
+    """The HNSW graph's settings for indexed vectors (config: publish.hnsw_m, publish.hnsw_ef_construct;
+    m=0: no graph, the vector is scanned exactly)."""
 
-    m: int = 16
+    m: int = 0
     ef_construct: int = 100
     threads: int = 1  # per shard writer: writers run side by side, one per task slot
 
@@ -80,10 +81,6 @@ def _config(vectors: dict[str, VectorSpec], graph: Graph):
                       optimizers=EdgeOptimizersConfig(indexing_threshold=1, default_segment_number=1))
 
 
-def point_id(kind: str, business_id: str, namespace: uuid.UUID) -> str:
-    return str(uuid.uuid5(namespace, f"{kind}:{business_id}"))
-
-
 def shard_files(folder: Path) -> dict[str, list]:
     """{relative path: [size, digest]} of every file of a closed shard."""
     return {str(p.relative_to(folder)): [p.stat().st_size, file_digest(p)]
@@ -101,27 +98,42 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
     if folder.exists():
         shutil.rmtree(folder)  # a leftover of a task that ran before (a lost worker's)
     shard, written = EdgeShard.create(str(folder), _config(vectors, graph)), 0
+    seconds = dict.fromkeys(("read", "points", "update", "optimize", "digest"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] += now - clock
+        clock = now
+
     try:
         for ids, named, payloads in batches:
+            lap("read")
             for start in range(0, len(ids), BATCH):
                 stop = min(start + BATCH, len(ids))
                 block = {n: np.ascontiguousarray(v[start:stop], dtype=np.float32) for n, v in named.items()}
                 points = [Point(ids[i], {n: b[i - start] for n, b in block.items()}, payloads[i]) for i in range(start, stop)]
+                lap("points")
                 shard.update(UpdateOperation.upsert_points(points))
+                lap("update")
                 written += stop - start
         shard.optimize()
         shard.flush()
         found = shard.info().points_count
     finally:
         shard.close()
+    lap("optimize")
     if found != written:
         raise ShardError(f"shard {folder}: wrote {written} points, the engine counts {found}")
-    return {"points": written, "files": shard_files(folder)}
+    files = shard_files(folder)
+    lap("digest")
+    return {"points": written, "files": files, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
 def user_shard(user_ids, shards: int) -> np.ndarray:
     """The shard of each user id: the s-th of `shards` equal ranges of the users' 64-bit hash."""
-    return block_of(user_hash(user_ids), shards)
+    return block_of(user_hash_few(user_ids) if len(user_ids) < 64 else user_hash(user_ids), shards)
 
 
 def blocks_of_shard(shard: int, shards: int, n_blocks: int) -> range:
