@@ -101,8 +101,16 @@ def arrow_to_vectors(column, dtype=np.float32) -> np.ndarray:
 def write_parquet(table: pa.Table, path: Path | str) -> Path:
     """The table as one Parquet file, written whole or not at all."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, use_dictionary=dictionary_columns(table.schema))
     return Path(path)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but lists (vectors). Vector elements rarely repeat,
+    and decoding a dictionary-encoded float16 vector column took 2.3x as long as a plain one
+    (65,536 x 384 rows: 0.75 s against 0.33 s, for the same size on disk)."""
+    return [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
+                                            or pa.types.is_large_list(f.type))]
 
 
 def write_parquet_blocks(tables: Iterable[pa.Table], path: Path | str) -> Path:
@@ -113,7 +121,7 @@ def write_parquet_blocks(tables: Iterable[pa.Table], path: Path | str) -> Path:
         try:
             for table in tables:
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
+                    writer = pq.ParquetWriter(tmp, table.schema, use_dictionary=dictionary_columns(table.schema))
                 writer.write_table(table.cast(writer.schema))
         finally:
             if writer is not None:

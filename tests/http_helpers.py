@@ -57,7 +57,7 @@ def get(port: int, path: str, headers: dict | None = None, method: str = "GET", 
             conn.close()
 
 
-def small_version(run_id: str, n_items: int = 40, n_users: int = 20, dim: int = 8, seed: int = 0, metadata=None):
+def small_version(n_items: int = 40, n_users: int = 20, dim: int = 8, seed: int = 0, metadata=None):
     """(items, users) of a small made-up version: item i is similar to i+1..i+3, user u gets u+1..u+5."""
     rng = np.random.default_rng(seed)
     vecs = rng.normal(size=(n_items, dim)).astype(np.float32)
@@ -67,14 +67,14 @@ def small_version(run_id: str, n_items: int = 40, n_users: int = 20, dim: int = 
     scores = np.tile(np.linspace(0.9, 0.5, 5, dtype=np.float32), (n_items, 1))
     users = [f"u{u}" for u in range(n_users)]
     return ({"ids": item_ids.tolist(), "vectors": vecs,
-             "payloads": item_payloads(item_ids, {"title": [f"title {i}" for i in range(n_items)]}, scores, ids, run_id,
+             "payloads": item_payloads(item_ids, {"title": [f"title {i}" for i in range(n_items)]}, scores, ids,
                                        ["similar"] * n_items)},
             {"ids": users, "vectors": vecs[:n_users],
-             "payloads": user_payloads(users, item_ids, scores[:n_users], ids[:n_users], run_id, ["history"] * n_users)})
+             "payloads": user_payloads(users, item_ids, scores[:n_users], ids[:n_users], ["history"] * n_users)})
 
 
 def publish_small(store, run_id: str, created_at: str = "2026-01-01T00:00:00+00:00", meta: dict | None = None, **kwargs):
-    return publish_version(store, run_id, *small_version(run_id, **kwargs),
+    return publish_version(store, run_id, *small_version(**kwargs),
                            metadata={"run_id": run_id, "created_at": created_at, **(meta or {})})
 
 

@@ -9,12 +9,13 @@ from qdrant_client import QdrantClient
 
 from recommend.serving.facade import NotFound, Recommender
 from recommend.serving.live import LiveVersion
-from recommend.serving.publish import (PublishError, in_process, item_payloads, publish_version, read_list, stage_version,
+from recommend.serving.publish import (PublishError, in_process, item_payloads, list_text, list_texts, payload_list,
+                                       publish_version, read_list, stage_version,
                                        user_payloads, write_version)
 from recommend.serving.versions import EmbeddedVersions, ServerVersions
 
 
-def _version(run_id, n_items=20, n_users=5, seed=0):
+def _version(n_items=20, n_users=5, seed=0):
     rng = np.random.default_rng(seed)
     vecs = rng.normal(size=(n_items, 8)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -24,15 +25,15 @@ def _version(run_id, n_items=20, n_users=5, seed=0):
     u_ids = ids[:n_users]
     items = {"ids": item_ids.tolist(), "vectors": vecs,
              "payloads": item_payloads(item_ids, {"title": [f"title {i}" for i in range(n_items)]}, scores, ids,
-                                       run_id, ["similar"] * n_items)}
+                                       ["similar"] * n_items)}
     users = {"ids": [f"u{u}" for u in range(n_users)], "vectors": vecs[:n_users],
-             "payloads": user_payloads([f"u{u}" for u in range(n_users)], item_ids, scores[:n_users], u_ids, run_id,
+             "payloads": user_payloads([f"u{u}" for u in range(n_users)], item_ids, scores[:n_users], u_ids,
                                        ["history"] * n_users)}
     return items, users
 
 
 def publish(store, run_id, keep=3, **kwargs):
-    return publish_version(store, run_id, *_version(run_id, **kwargs),
+    return publish_version(store, run_id, *_version(**kwargs),
                            metadata={"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00"}, keep=keep)
 
 
@@ -53,7 +54,7 @@ def test_old_version_answers_until_switch_and_readers_follow_without_reopening(s
     assert answer.version == "20260101T000000-aaaa" and answer.created_at == "2026-01-01T00:00:00+00:00"
     assert answer.age_seconds > 0
 
-    items, users = _version("20260102T000000-bbbb", seed=1)
+    items, users = _version(seed=1)
     users["payloads"][1]["recommended"] = '[["i9"],[0.9]]'
     held = live.current()  # a query under way keeps its snapshot across the switch
     result = publish_version(store, "20260102T000000-bbbb", items, users, metadata={"created_at": "2026-01-02T00:00:00+00:00"})
@@ -70,7 +71,7 @@ def test_reread_matches_written_and_rerun_is_idempotent(store):
     assert publish(store, run).counts == {"items": 20, "users": 5}
     assert publish(store, run).counts == {"items": 20, "users": 5}
     rec = Recommender(LiveVersion(store))
-    items, _ = _version(run)
+    items, _ = _version()
     for i in (0, 7, 19):
         got = rec.similar(f"i{i}")
         expected = read_list(items["payloads"][i]["similar"])
@@ -119,7 +120,7 @@ def test_a_version_still_indexing_is_not_published():
 
     run = "20260102T000000-bbbb"
     with pytest.raises(PublishError, match="not indexed after 0s; not switching"):
-        store.publish(run, lambda c: stage_version(StillIndexing(c), "t", run, *_version(run), metadata={},
+        store.publish(run, lambda c: stage_version(StillIndexing(c), "t", run, *_version(), metadata={},
                                                    index_wait_s=0.01), {})
     assert [(v.run_id, v.live) for v in store.versions()] == [("20260101T000000-aaaa", True)]
     assert store.incomplete() == []  # nothing of the failed version is left
@@ -130,7 +131,7 @@ def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_le
     publish(store, "20260101T000000-aaaa")
     leftover = store.folder / "20260102T000000-bbbb"
     run = leftover.name
-    items, users = (in_process(k, p) for k, p in zip(("item", "user"), _version(run)))
+    items, users = (in_process(k, p) for k, p in zip(("item", "user"), _version()))
     with pytest.raises(KeyboardInterrupt):  # the process stopped between the shards and the marker
         store.publish(run, lambda folder: (write_version(folder, items, users), _raise())[0], {})
     assert not leftover.exists()  # an orderly failure cleans up after itself
@@ -145,3 +146,18 @@ def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_le
 
 def _raise():
     raise KeyboardInterrupt
+
+
+def test_a_payload_list_keeps_its_rows_entries_and_source_and_older_forms_still_read():
+    item_ids = np.array(["a", "b", "c", "d"], dtype=object)
+    ids = np.array([[1, 2, 3], [0, -1, -1], [-1, -1, -1]])
+    scores = np.array([[0.9, 0.812345678, 0.5], [0.7, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    texts = list_texts(item_ids, scores, ids, ["similar", "similar+popular", "popular"])
+    assert [payload_list({"similar": t}, "similar") for t in texts] == [
+        ([("b", 0.9), ("c", 0.81235), ("d", 0.5)], "similar"), ([("a", 0.7)], "similar+popular"), ([], "popular")]
+    assert texts[0] == list_text(["b", "c", "d"], scores[0], "similar")  # one row at a time, the same text
+    older = {"recommended": list_text(["b"], [0.5]), "source": "history"}  # the source beside the list
+    oldest = {"recommended": [{"item_id": "b", "score": 0.5}], "source": "history"}
+    assert payload_list(older, "recommended") == payload_list(oldest, "recommended") == ([("b", 0.5)], "history")
+    payloads = user_payloads(["u1", "u2"], item_ids, scores[:2], ids[:2], ["history", "popular"])
+    assert payloads[1] == {"user_id": "u2", "recommended": texts[1].replace("similar+popular", "popular")}

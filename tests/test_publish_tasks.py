@@ -16,7 +16,7 @@ from index.rows import parquet_rows
 from recommend.run.item_tasks import save_item_side
 from recommend.run.list_tasks import LISTS, ListJob, list_blocks
 from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
-from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, read_list,
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, payload_list,
                                        publish_version, stage_version)
 from recommend.serving.store import StoreUnavailable, open_local
 from recommend.serving.versions import ServerVersions
@@ -65,10 +65,10 @@ def _check_against_the_run(client, run, reread=None):
     for kind, points, key, field in (("item", items, "item_id", "similar"), ("user", users, "user_id", "recommended")):
         for subject, rows in lists[lists.subject_kind == kind].groupby("subject_id"):
             payload = points[subject].payload
-            listed = read_list(payload[field])
+            listed, made_by = payload_list(payload, field)
             assert [i for i, _ in listed] == rows["item_id"].tolist()
             np.testing.assert_allclose([s for _, s in listed], rows["score"], atol=1e-5)
-            assert payload["source"] == rows["source"].iloc[0] and payload["run_id"] == RUN
+            assert made_by == rows["source"].iloc[0]
     rows = np.array([list(item_ids).index(i) for i in items])
     got = {name: np.array([items[i].vector[name] for i in items]) for name in (ITEM_VECTOR, BLEND_VECTOR, BLEND_QUERY_VECTOR)}
     np.testing.assert_allclose(got[ITEM_VECTOR], space.items.text[rows], atol=1e-6)

@@ -123,11 +123,11 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
         rows = np.arange(part.start, part.start + part.subjects, dtype=np.int64)
         subjects = item_ids[rows]
         vectors = {ITEM_VECTOR: source.text[rows], BLEND_VECTOR: side.docs()[rows], BLEND_QUERY_VECTOR: side.raw_queries()[rows]}
-        payloads = item_payloads(item_ids, metadata, lists["scores"], lists["ids"], source.run_id, lists["source"],
+        payloads = item_payloads(item_ids, metadata, lists["scores"], lists["ids"], lists["source"],
                                  subjects=subjects)
         return subjects.tolist(), vectors, payloads
     subjects = block_user_ids(source.events, part.block)
-    payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], source.run_id, lists["source"])
+    payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], lists["source"])
     return subjects, {USER_VECTOR: lists["vectors"]}, payloads
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from embedder.errors import RecsError
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
-from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, read_list
+from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, payload_list
 from recommend.serving.store import StoreUnavailable, shown
 
 __all__ = ["Answer", "NotFound", "Recommendation", "Recommender"]
@@ -196,7 +196,8 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 
 
 def _listed(snap: Snapshot, query: str, payload: dict, field_name: str, k: int) -> Answer:
-    entries = read_list(payload[field_name])[:k]
+    entries, source = payload_list(payload, field_name)
+    entries = entries[:k]
     meta = snap.reader.metadata([i for i, _ in entries])
     items = [Recommendation(i, s, {k2: v for k2, v in meta.get(i, {}).items() if k2 != "item_id"}) for i, s in entries]
-    return answer(snap, query, payload.get("source", field_name), items)
+    return answer(snap, query, source or field_name, items)

@@ -6,9 +6,10 @@ default, recommend/serving/embedded.py: each shard by one task on a Dask worker,
 ``<prefix>_users_<run_id>``; then marked complete and switched live (`publish_version` runs the whole
 transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
 
-A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores]]`
-(`list_text`; read back by `read_list`): one string field costs the engine a fraction of a list of
-objects per point.
+A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores],
+source]` (`list_text`; read back by `read_list` and `list_source`): one string field costs the engine a
+fraction of a list of objects per point, and every payload field costs its writer about 5 microseconds
+a point, so a payload holds the id, the list and the catalog's chosen metadata, nothing else.
 """
 
 from __future__ import annotations
@@ -221,18 +222,28 @@ def space_needed(items: Points, users: Points, shards: int) -> int:
     return items.count * per_point["item"] + users.count * per_point["user"] + 2 * shards * 256 * 1024
 
 
-def list_text(ids: Sequence[str], scores: Sequence[float]) -> str:
-    """A list of (item id, score) as the one JSON text a payload holds: `[[ids], [scores]]`."""
-    return orjson.dumps([list(ids), [round(float(x), 5) for x in scores]]).decode()
+def list_text(ids: Sequence[str], scores: Sequence[float], source: str | None = None) -> str:
+    """A list of (item id, score) and the path that made it (`source`: "similar", "history",
+    "popular", ...) as the one JSON text a payload holds: `[[ids], [scores], source]`."""
+    body = [list(ids), [round(float(x), 5) for x in scores]]
+    return orjson.dumps(body + [source] if source is not None else body).decode()
 
 
 def read_list(value) -> list[tuple[str, float]]:
     """(item id, score) pairs of a payload's list: the JSON text `list_text` writes, or a list of
     {"item_id", "score"} objects (versions published before the text form)."""
+    return payload_list({"list": value}, "list")[0]
+
+
+def payload_list(payload: dict, field_name: str) -> tuple[list[tuple[str, float]], str | None]:
+    """The (item id, score) pairs of a payload's list `field_name` and the path that made them (None
+    when not recorded). Versions published before the path moved into the list's text held it in
+    the payload's "source", and before the text form the list was a list of {"item_id", "score"}."""
+    value = payload.get(field_name)
     if isinstance(value, str):
-        ids, scores = orjson.loads(value)
-        return list(zip(ids, scores))
-    return [(e["item_id"], e["score"]) for e in value or []]
+        parsed = orjson.loads(value)
+        return list(zip(parsed[0], parsed[1])), (parsed[2] if len(parsed) > 2 else payload.get("source"))
+    return [(e["item_id"], e["score"]) for e in value or []], payload.get("source")
 
 
 def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
@@ -313,29 +324,47 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
     return Published(counts, previous, pruned, removed)
 
 
-def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, run_id: str,
-                  sources, subjects=None) -> list[dict]:
-    """Item point payloads: the id, its similar items with scores, the run id and the chosen metadata.
-    `ids` index `item_ids`; `subjects`: the ids of the rows (default `item_ids`: every item, in order;
-    a block of items passes its own, with its rows of `metadata`)."""
-    item_ids = np.asarray(item_ids, dtype=object)
-    subjects = item_ids if subjects is None else np.asarray(subjects, dtype=object)
+def list_texts(item_ids, scores: np.ndarray, ids: np.ndarray, sources) -> list[str]:
+    """`list_text` of each row of a block of lists: `ids` (rows x K) index `item_ids`, -1 where a row
+    holds fewer than K; the whole block's names and rounded scores made at once."""
+    ids = np.asarray(ids)
+    if not len(ids):
+        return []
+    valid = ids >= 0
+    names = np.asarray(item_ids, dtype=object)[np.where(valid, ids, 0)].tolist()
+    rounded = np.round(np.asarray(scores, dtype=np.float64), 5).tolist()
+    full = valid.all(axis=1)
+    dumps, out = orjson.dumps, []
+    for r, source in enumerate(sources):
+        if full[r]:
+            out.append(dumps([names[r], rounded[r], str(source)]).decode())
+        else:
+            keep = np.flatnonzero(valid[r]).tolist()
+            out.append(dumps([[names[r][j] for j in keep], [rounded[r][j] for j in keep], str(source)]).decode())
+    return out
+
+
+def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, sources,
+                  subjects=None) -> list[dict]:
+    """Item point payloads: the id, its similar items with scores and the path that made them (one
+    text, `list_text`), and the chosen metadata. `ids` index `item_ids`; `subjects`: the ids of the
+    rows (default `item_ids`: every item, in order; a block of items passes its own, with its rows of
+    `metadata`). The run id is the version's, not repeated in every point: each payload field
+    costs the engine's writer about 5 microseconds a point."""
+    subjects = list(item_ids if subjects is None else subjects)
+    texts = list_texts(item_ids, scores, ids, sources)
+    columns = {k: [_clean(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in metadata.items()}
     out = []
     for r, item_id in enumerate(subjects):
-        valid = ids[r] >= 0
-        payload = {"item_id": item_id, "run_id": run_id, "source": str(sources[r]),
-                   "similar": list_text(item_ids[ids[r][valid]].tolist(), scores[r][valid])}
-        payload.update({k: _clean(v[r]) for k, v in metadata.items()})
+        payload = {"item_id": item_id, "similar": texts[r]}
+        for k, values in columns.items():
+            payload[k] = values[r]
         out.append(payload)
     return out
 
 
-def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, run_id: str, sources) -> list[dict]:
-    """User point payloads: the id, the recommended items with scores, the run id and which path made them."""
-    item_ids = np.asarray(item_ids, dtype=object)
-    out = []
-    for r, user_id in enumerate(user_ids):
-        valid = ids[r] >= 0
-        out.append({"user_id": user_id, "run_id": run_id, "source": str(sources[r]),
-                    "recommended": list_text(item_ids[ids[r][valid]].tolist(), scores[r][valid])})
-    return out
+def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, sources) -> list[dict]:
+    """User point payloads: the id and the recommended items with scores and the path that made them
+    (one text, `list_text`)."""
+    texts = list_texts(item_ids, scores, ids, sources)
+    return [{"user_id": user_id, "recommended": text} for user_id, text in zip(user_ids, texts)]

@@ -33,10 +33,10 @@ def version(n: int, dim: int, seed: int = 0) -> tuple[dict, dict]:
     blend = rng.normal(size=(n, 98)).astype(np.float32)
     lists, scores = rng.integers(0, n, (n, 10)), rng.random((n, 10)).astype(np.float32)
     items = {"ids": ids.tolist(), "vectors": {"text": text, "blend": blend, "blend_query": blend[:, :97]},
-             "payloads": item_payloads(ids, {"title": [f"title {i}" for i in range(n)]}, scores, lists, "bench",
+             "payloads": item_payloads(ids, {"title": [f"title {i}" for i in range(n)]}, scores, lists,
                                        ["similar"] * n)}
     users = {"ids": [f"u{u}" for u in range(n)], "vectors": {"profile": blend},
-             "payloads": user_payloads([f"u{u}" for u in range(n)], ids, scores, lists, "bench", ["history"] * n)}
+             "payloads": user_payloads([f"u{u}" for u in range(n)], ids, scores, lists, ["history"] * n)}
     return items, users
 
 
