@@ -162,7 +162,8 @@ def check(config: str = ConfigOpt,
           as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
     """Verify the workdir: every embedding cache file (checksum, finite unit vectors), every run
     folder (report, manifests, artifact digests) and the published versions. Exits 1 when something
-    is wrong and was not repaired.
+    is wrong and was not repaired; a version a running refresh is still publishing is reported as in
+    progress, not as a problem.
 
     \b
     Example:
@@ -179,6 +180,8 @@ def check(config: str = ConfigOpt,
     else:
         typer.echo(f"cache: {report.cache_vectors} vectors in sound files; runs: {report.runs} checked; "
                    f"versions: {report.versions if report.versions is not None else 'publishing is off'}")
+        for run_id in report.in_progress:
+            typer.echo(f"- version {run_id}: being published by the refresh running now (not a problem)")
         for f in report.findings:
             typer.echo(f"- {f.where}: {f.problem}" + (f" (repaired: {f.repaired})" if f.repaired else ""))
         typer.echo("all sound" if not report.findings else "ok after repairs" if report.ok else

@@ -140,7 +140,9 @@ def serve(config: str = ConfigOpt,
         updates = {key: value for key, value in (("host", host), ("port", port), ("workers", workers)) if value is not None}
         cfg.serve = cfg.serve.model_copy(update=updates)
         settings = cfg.serve
-        keyed = bool(os.environ.get(settings.api_key_env))
+        from recommend.serving.service import api_key
+
+        keyed = api_key(settings) is not None  # an empty key is refused here, before anything starts
         if not keyed and settings.host not in ("127.0.0.1", "localhost", "::1"):
             typer.echo(f"warning: serving on {settings.host} without an API key: anyone who reaches this port can "
                        f"read the lists (set {settings.api_key_env})", err=True)

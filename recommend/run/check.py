@@ -42,6 +42,7 @@ class CheckReport(BaseModel):
     runs: int                     # run folders checked
     versions: int | None          # published versions listed (None: publishing is off)
     findings: list[Finding]
+    in_progress: list[str] = []   # versions being published by the refresh running now: not problems
 
     @property
     def ok(self) -> bool:
@@ -111,9 +112,10 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
         running = None
     except LockHeld:  # a refresh is running: its folder has no report yet, and that is fine
         running = runs[-1] if runs else None
-    versions, published = None, None
+    versions, published, in_progress = None, None, []
     if config.publish.enabled:
-        versions, published = _check_store(config, findings, repair=repair and running is None)
+        versions, published = _check_store(config, findings, repair=repair and running is None,
+                                           writing=running.name if running else None, in_progress=in_progress)
     for run in runs:
         if run == running:
             continue
@@ -125,14 +127,17 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
             shutil.rmtree(run, ignore_errors=True)
         findings += [Finding(where=f"run {run.name}", problem=p, repaired="removed" if removable else None)
                      for p in problems[:1 if removable else None]]
-    return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings)
+    return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings, in_progress=in_progress)
 
 
-def _check_store(config: Config, findings: list, repair: bool) -> tuple[int | None, set[str] | None]:
+def _check_store(config: Config, findings: list, repair: bool, writing: str | None = None,
+                 in_progress: list | None = None) -> tuple[int | None, set[str] | None]:
     """Every published version verified (the embedded store: every shard file's size and digest and the engine's own counts; a server: its counts),
     and those whose publish never finished; `repair` removes those that are not live (never while a
-    refresh is running: its own version is unfinished until it switches). Returns (how many complete
-    versions, their run ids), or (None, None) when the store cannot be read."""
+    refresh is running: its own version is unfinished until it switches). `writing`: the run id of
+    the refresh holding the workdir's lock now: its unfinished version is added to `in_progress`,
+    not to the findings (a check run by monitoring during every night's publish must not alarm).
+    Returns (how many complete versions, their run ids), or (None, None) when the store cannot be read."""
     from recommend.serving.versions import version_store
 
     try:
@@ -144,6 +149,10 @@ def _check_store(config: Config, findings: list, repair: bool) -> tuple[int | No
             if problem:
                 findings.append(Finding(where=f"version {v.run_id}", problem=f"damaged{' (live)' if v.live else ''}: {problem}"))
         for run_id in store.incomplete():
+            if run_id == writing:
+                if in_progress is not None:
+                    in_progress.append(run_id)
+                continue
             removed = None
             if repair and run_id != live:
                 store.remove(run_id)

@@ -141,6 +141,7 @@ class Guard:
         self.app, self.metrics, self.max_requests = app, metrics, max_requests
         self.key = f"Bearer {api_key}".encode() if api_key else None
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read when /metrics is scraped
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

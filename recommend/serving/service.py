@@ -28,6 +28,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -174,11 +175,12 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         """ok: answering from a version; empty: nothing published yet; degraded (503): the store cannot be reached."""
         snap = live.snap
         if not live.reachable or (snap is None and live.error):
-            return _json({"status": "degraded", "error": live.error, "version": snap.run_id if snap else None}, 503)
+            return _json({"status": "degraded", "error": without_paths(live.error),
+                          "version": snap.run_id if snap else None}, 503)
         if snap is None:
             return _json({"status": "empty", "version": None})
         return _json({"status": "ok", "version": snap.run_id, "created_at": snap.created_at,
-                      "age_seconds": snap.age_seconds(), "pending_error": live.error,
+                      "age_seconds": snap.age_seconds(), "pending_error": without_paths(live.error),
                       "search": "ready" if state["encoder"] and state["encoder"].ready else "not ready"})
 
     @app.get("/metrics")
@@ -248,6 +250,29 @@ def _encoder_for(live: LiveVersion, settings: ServeSettings, model: str | None, 
                         threads=settings.search_threads, max_batch=settings.search_batch, max_queue=settings.search_queue)
 
 
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:;,()]+)+")
+
+
+def without_paths(error: str | None) -> str | None:
+    """An error as /health (open to anyone, no key) shows it: each file path cut to its last name
+    ("/srv/recs/store/recs/LIVE is damaged" -> "LIVE is damaged"); the whole text is in the log."""
+    return _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0))[-1], error) if error else error
+
+
+def api_key(settings: ServeSettings) -> str | None:
+    """The key from the variable `settings.api_key_env`; None when it is not set. A variable set to
+    nothing is refused: an empty key would otherwise mean no key at all, without a word."""
+    value = os.environ.get(settings.api_key_env)
+    if value is None:
+        return None
+    if not value.strip():
+        from recommend.config import ConfigError  # exit code 2, as for any setting that makes no sense
+
+        raise ConfigError(f"{settings.api_key_env} is set but empty: set it to a key (e.g. the output of "
+                        f"'openssl rand -hex 32'), or unset it to serve without one")
+    return value
+
+
 def app_from_config(config, *, encoder: bool = True) -> FastAPI:
     """The app for a Config: its versions, its `serve` section, the API key from `serve.api_key_env`."""
     from recommend.serving.versions import version_store
@@ -257,7 +282,7 @@ def app_from_config(config, *, encoder: bool = True) -> FastAPI:
     live = LiveVersion(version_store(config.publish, config.workdir), poll_s=settings.poll_s,
                        cache_size=settings.cache_size, freeze=True)
     return create_app(live, settings, default_k=config.lists.k, model=config.embed.model, device=config.embed.device,
-                      api_key=os.environ.get(settings.api_key_env) or None, encoder=encoder)
+                      api_key=api_key(settings), encoder=encoder)
 
 
 def app_from_env() -> FastAPI:
