@@ -11,6 +11,7 @@ works from any directory.
 from __future__ import annotations
 
 import glob
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embedder.errors import RecsError
 from embedder.settings import EmbedSettings
-from embedder.specs import ExtraText, ItemMapping, SourceSpec
+from embedder.specs import ExtraText, ItemMapping, ReadLimits, SourceSpec
 from index.settings import IndexSettings
 from recommend.quality.gate import GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
@@ -35,7 +36,7 @@ class ConfigError(RecsError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no setting means NaN or infinity
 
 
 class FileConfig(Section):
@@ -45,6 +46,13 @@ class FileConfig(Section):
     quotechar: str = Field('"', min_length=1, max_length=1)
     encoding: str = "utf-8"
     columns: list[str] | None = Field(None, description="column names for a CSV file without a header row")
+    # limits no real input meets, so that no file's shape takes unbounded memory or time (README, "Input limits")
+    max_columns: int = Field(ReadLimits.max_columns, ge=1, le=1_000_000,
+                             description="a file with more columns is refused; a JSON line that would add more is quarantined")
+    max_field_chars: int = Field(ReadLimits.max_field_chars, ge=1_000, le=2**31 - 1,
+                                 description="a CSV field or JSON line longer than this is quarantined")
+    max_nesting: int = Field(ReadLimits.max_nesting, ge=1, le=500,
+                             description="a JSON line nesting lists and objects deeper than this is quarantined")
 
     @field_validator("encoding")
     @classmethod
@@ -100,6 +108,17 @@ class EventsConfig(SourceConfig):
     event_type: str | None = "event_type"
     weights: dict[str, float] = Field(default_factory=lambda: {"view": 1.0, "cart": 3.0, "purchase": 5.0})
     timezone: str = "UTC"
+
+    @field_validator("weights")
+    @classmethod
+    def _usable_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"the weight of {brief(name)} must be a finite number >= 0 (0 leaves that event "
+                                 f"type out), got {weight}")
+        if value and not any(w > 0 for w in value.values()):
+            raise ValueError("every weight is 0: no event would count; give at least one event type a weight above 0")
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -182,7 +201,32 @@ def _describe(error: dict, path: str) -> str:
         return f"{path}: unknown key {key!r} (allowed here: {', '.join(allowed)})"
     if error["type"] == "missing":
         return f"{path}: missing required key {key!r}"
-    return f"{path}: {key}: {error['msg']} (got {error.get('input')!r})"
+    return f"{path}: {key}: {brief(error['msg'], 300, text=True)} (got {brief(error.get('input'))})"
+
+
+def brief(value, limit: int = 80, text: bool = False) -> str:
+    """A value as an error message shows it: its repr (`text`: the string itself) on one line, cut to
+    `limit` characters (a pasted file, or an alias expanded a million times, is never echoed whole)."""
+    text = " ".join(str(value).split("\n")) if text else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+MAX_CONFIG_VALUES = 100_000  # values in a config once YAML aliases are expanded; a real one has a few hundred
+
+
+def _expanded_size(data, limit: int = MAX_CONFIG_VALUES) -> int:
+    """How many values `data` holds with every YAML alias expanded, counted up to `limit` (an alias
+    bomb, a few lines of YAML that expand to billions of values, stops the count at once)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
 
 
 def parse_config(data: dict, path: str = "<config>", base: Path | None = None, check_inputs: bool = True) -> Config:
@@ -195,6 +239,9 @@ def parse_config(data: dict, path: str = "<config>", base: Path | None = None, c
         raise ConfigError("\n".join(_describe(e, path) for e in exc.errors())) from None
     base = base or Path.cwd()
     config.workdir = _resolve(config.workdir, base)
+    if Path(config.workdir).exists() and not Path(config.workdir).is_dir():
+        raise ConfigError(f"{path}: workdir: {config.workdir} exists and is not a folder (the refresh keeps its runs, "
+                          f"cache and store in it): point workdir at a folder")
     if config.embed.cache:
         config.embed.cache = _resolve(config.embed.cache, base)
     sources = [(name, getattr(config, name)) for name in ("items", "events", "users")]
@@ -224,7 +271,10 @@ def load_config(path: str | Path = "config.yaml", check_inputs: bool = True) -> 
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {brief(exc, 500, text=True)}") from None
+    if _expanded_size(data) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases (*name) are "
+                          f"expanded; a config holds a few hundred: write the values out")
     return parse_config(data or {}, str(path), path.resolve().parent, check_inputs)
 
 
@@ -248,7 +298,8 @@ class StageSettings:
 def source_spec(section: FileConfig, key: str) -> SourceSpec:
     """A file section as the embedder's SourceSpec; `key` names it in error messages."""
     return SourceSpec(section.path, f"{key}.path", section.format, section.delimiter, section.encoding,
-                      tuple(section.columns) if section.columns else None, section.quotechar)
+                      tuple(section.columns) if section.columns else None, section.quotechar,
+                      ReadLimits(section.max_columns, section.max_field_chars, section.max_nesting))
 
 
 def event_weights(events: EventsConfig) -> dict[str, float]:
