@@ -26,7 +26,7 @@ from embedder.quarantine import (
     with_columns,
     wrong_type,
 )
-from embedder.sources import collect, once_in_graph, raw_values, read_source, require_columns
+from embedder.sources import collect, list_files, once_in_graph, raw_values, read_source, require_columns
 from embedder.specs import ExtraText, ItemMapping, SourceSpec
 from embedder.text import has_content, is_null, normalize_text, render_text, template_fields
 
@@ -109,7 +109,8 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping, *, bar: Bar | None = No
 
     Example: ``ingest_items(SourceSpec("data/items.parquet", "items.path"), ItemMapping("item_id", "{title}. {description}"))``
     """
-    ddf = read_source(spec)
+    files = list_files(spec)
+    ddf = read_source(spec, files)
     required = {"items.id": mapping.id_column}
     derived = mapping.derived()
     required.update({f"items.text (field {{{f}}})": f for f in template_fields(mapping.template) if f not in derived})
@@ -135,7 +136,7 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping, *, bar: Bar | None = No
     kept = rows[~dup].sort_values(["_source", "_row"], kind="stable") if mapping.newest_by else rows[~dup]
     truncated = int(kept["_truncated"].fillna(False).astype(bool).sum())
     result.rows = kept.drop(columns=[c for c in ("_newest", "_order", "_truncated", "_source", "_row") if c in kept]).reset_index(drop=True)
-    result.counts = SourceCounts(rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
+    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
                                  duplicates_dropped=int(dup.sum()), conflicting_duplicates=len(conflicting),
                                  conflicting_ids=[str(i) for i in conflicting.index[:20]], texts_truncated=truncated,
                                  max_text_chars=mapping.max_text_chars,
@@ -183,7 +184,8 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
                   known_items, timezone: str = "UTC", *, bar: Bar | None = None) -> Ingested:
     """Read and validate the event log. `columns` maps user_id, item_id, timestamp, event_type (optional)
     to source columns; exact duplicate events are dropped and counted."""
-    ddf = read_source(spec)
+    files = list_files(spec)
+    ddf = read_source(spec, files)
     require_columns(ddf.columns, {f"events.{k}": v for k, v in columns.items() if v}, spec)
     known = frozenset(known_items)
     meta = validate_events(ddf._meta.assign(_source="", _row=0).head(0), columns, weights, known, timezone)
@@ -195,7 +197,7 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     # ids as categories: a 4-byte code per event, and grouping, splitting and mapping ids to rows work
     # on the distinct ids instead of hashing ten million strings each time
     result.rows = result.rows[~dup].reset_index(drop=True).astype({c: "category" for c in ("user_id", "item_id", "event_type")})
-    result.counts = SourceCounts(rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
+    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
                                  duplicates_dropped=int(dup.sum()),
                                  quarantine_reasons=result.quarantine["reason"].value_counts().to_dict())
     return result
@@ -204,7 +206,8 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
 @raw_values
 def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     """Optional list of users to precompute lists for, even with no events yet (they get a fallback)."""
-    ddf = read_source(spec)
+    files = list_files(spec)
+    ddf = read_source(spec, files)
     require_columns(ddf.columns, {"users.id": id_column}, spec)
     frame = with_columns(collect(ddf), [id_column])
     ids = as_id(frame[id_column])
@@ -216,7 +219,7 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
     rows = pd.DataFrame({"user_id": ids[ok]}).drop_duplicates()
     q = pd.concat(bad, ignore_index=True) if bad else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     return Ingested(rows=rows.reset_index(drop=True), quarantine=q,
-                    counts=SourceCounts(rows_read=len(frame), accepted=len(rows), quarantined=len(q),
+                    counts=SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(rows), quarantined=len(q),
                                         duplicates_dropped=int(ok.sum()) - len(rows),
                                         quarantine_reasons=q["reason"].value_counts().to_dict()))
 
@@ -240,7 +243,8 @@ def ingest_events_to_blocks(spec: SourceSpec, columns: dict[str, str], weights: 
     brought here (embedder/event_blocks.py): about `block_size` users per block. `extra_users`: the
     users file's ids (users with no events get a place in their block). Returns the quarantine and
     counts (`rows` is empty) and the blocks."""
-    ddf = read_source(spec)
+    files = list_files(spec)
+    ddf = read_source(spec, files)
     require_columns(ddf.columns, {f"events.{k}": v for k, v in columns.items() if v}, spec)
     item_index = pd.Index(np.asarray(item_ids, dtype=object))
     (Path(folder) / RAW).mkdir(parents=True, exist_ok=True)
@@ -259,7 +263,7 @@ def ingest_events_to_blocks(spec: SourceSpec, columns: dict[str, str], weights: 
     result = unpack(frame, ["user_id", "item_id", "ts", "event_type"]) if len(frame) else Ingested(
         rows=None, quarantine=pd.DataFrame(columns=QUARANTINE_COLUMNS))
     accepted = sum(s.events for s in blocks.summaries)
-    result.counts = SourceCounts(rows_read=rows_read, accepted=accepted, quarantined=len(result.quarantine),
+    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=rows_read, accepted=accepted, quarantined=len(result.quarantine),
                                  duplicates_dropped=sum(s.duplicates for s in blocks.summaries),
                                  quarantine_reasons=result.quarantine["reason"].value_counts().to_dict())
     result.rows = pd.DataFrame()  # the accepted events are in the blocks

@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, computed_field
 
 from embedder.errors import BadDataError
-from embedder.sources import ARROW_STRING, MALFORMED, MAX_FIELD, OVERSIZED, UNDECODABLE
+from embedder.sources import ARROW_STRING, BARE_CR, MALFORMED, OVERSIZED, TOO_DEEP, TOO_WIDE, UNDECODABLE
 from embedder.text import is_null
 
 QUARANTINE_COLUMNS = ["source", "row", "reason", "detail", "record"]
@@ -34,6 +34,7 @@ class SourceCounts(BaseModel):
     texts_truncated: int | None = None           # items: texts cut to max_text_chars
     max_text_chars: int | None = None
     extra_text_rows_without_id_or_value: dict[str, int] | None = None
+    links_skipped: int = 0                       # folder links that loop (to itself, to a parent), not followed
 
     @computed_field
     @property
@@ -53,7 +54,7 @@ class Ingested:
 
 def quarantine_rows(part: pd.DataFrame, mask: pd.Series, reason: str, detail: str) -> pd.DataFrame:
     bad = part[mask]
-    raw = bad.drop(columns=[c for c in ("_source", "_row", UNDECODABLE) if c in bad])
+    raw = bad.drop(columns=[c for c in ("_source", "_row", UNDECODABLE, BARE_CR) if c in bad])  # the others hold the line
     return pd.DataFrame({
         "source": bad["_source"].astype(str), "row": bad["_row"].astype("int64"),
         "reason": reason, "detail": detail,
@@ -85,8 +86,13 @@ def undecodable(part: pd.DataFrame) -> pd.Series:
 
 def reader_checks(part: pd.DataFrame) -> list[tuple[pd.Series, str, str]]:
     """The checks every source shares, first in line: rows the reader could only half read."""
-    return [(malformed(part), "malformed_line", "not a JSON object, or a CSV row with the wrong number of fields"),
-            (_marked(part, OVERSIZED), "field_too_long", f"a CSV field longer than {MAX_FIELD:,} characters"),
+    return [(malformed(part), "malformed_line", "not a JSON object (or one with a key twice), or a CSV row with the "
+                                                "wrong number of fields"),
+            (_marked(part, OVERSIZED), "field_too_long", "a CSV field or a JSON line longer than the source's max_field_chars"),
+            (_marked(part, BARE_CR), "line_break_in_field",
+             "a carriage return (\\r) inside a field: a line break in a field must be quoted, or the row would be split in two"),
+            (_marked(part, TOO_DEEP), "nested_too_deep", "a JSON line nested deeper than the source's max_nesting"),
+            (_marked(part, TOO_WIDE), "too_many_fields", "a JSON line whose keys would take its file past the source's max_columns"),
             (undecodable(part), "undecodable_bytes",
              "bytes not valid in the source's encoding (its .encoding key, e.g. utf-8, latin-1, cp1252)")]
 

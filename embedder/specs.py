@@ -17,6 +17,22 @@ class SourceSpec:
     encoding: str = "utf-8"
     columns: tuple[str, ...] | None = None  # names for a CSV without a header row
     quotechar: str = '"'
+    limits: "ReadLimits" = None  # None: ReadLimits()
+
+    def __post_init__(self):
+        if self.limits is None:
+            object.__setattr__(self, "limits", ReadLimits())
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on what one file may hold, so that no file's shape can take unbounded memory or time:
+    past them a row is quarantined, or the file refused in one line naming the limit. Far above any
+    real catalog or event log (config: <source>.max_columns, max_field_chars, max_nesting)."""
+
+    max_columns: int = 1_000            # a header, Parquet schema or the union of a JSON file's keys
+    max_field_chars: int = 16 * 2**20   # a CSV field, or a whole JSON line
+    max_nesting: int = 32               # lists and objects inside one JSON line
 
 
 @dataclass(frozen=True)
