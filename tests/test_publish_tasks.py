@@ -185,3 +185,7 @@ def test_preflight_stops_a_run_whose_workers_cannot_reach_the_server(tmp_path, d
     with pytest.raises(PreflightFailed, match=r"worker tcp://.*publish\.url: Qdrant at http://127\.0\.0\.1:9 unreachable") as err:
         preflight(dask_client, **common, qdrant=("http://127.0.0.1:9", "QDRANT_API_KEY"))
     assert str(err.value).count("publish.url") == len(dask_client.scheduler_info()["workers"]) and err.value.exit_code == 2
+    (tmp_path / "afile").write_text("")  # a store folder the workers cannot make (even as root): named before any work
+    with pytest.raises(PreflightFailed, match=r"publish \(the embedded store\): cannot write and read back .*afile/store"):
+        preflight(dask_client, **common, store=str(tmp_path / "afile" / "store"))
+    assert preflight(dask_client, **common, store=str(tmp_path / "store"))["problems"] == []

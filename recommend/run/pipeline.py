@@ -30,7 +30,7 @@ from recommend.run.report import RefreshReport, human_report
 from recommend.run.lock import RefreshLock
 from recommend.run.workdir import new_run_id, prune_runs, runs_dir
 from recommend.serving.store import open_store
-from recommend.serving.versions import version_store
+from recommend.serving.versions import embedded_root, version_store
 
 
 class RefreshFailed(RecsError):
@@ -73,7 +73,8 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
                 run.current = "preflight"
                 pc = config.publish
                 preflight(run.client, sources=_sources(config), cache_root=config.cache_root, model=config.embed.model,
-                          qdrant=(pc.url, pc.api_key_env) if pc.enabled and pc.url and pc.upload_on_workers else None)
+                          qdrant=(pc.url, pc.api_key_env) if pc.enabled and pc.url and pc.upload_on_workers else None,
+                          store=str(embedded_root(config.workdir)) if pc.enabled and not pc.url else None)
                 _run(run)
         except BaseException as exc:
             _failed(run, exc, time.perf_counter() - started)

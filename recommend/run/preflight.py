@@ -8,7 +8,8 @@ once with a clear message instead of quietly doing the wrong thing:
 - the embedding cache location written and read back (a cache the workers cannot see was silently
   all misses);
 - when the workers will upload the publish to a Qdrant server, that server answering them (with the
-  API key from their own environment).
+  API key from their own environment); when they write the embedded store's shards, the store's
+  folder written and read back.
 
 On a LocalCluster this costs a fraction of a second and always passes.
 """
@@ -38,9 +39,11 @@ def project_version() -> str:
         return "unknown"
 
 
-def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None) -> dict:
+def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None,
+                store: str | None = None) -> dict:
     """What this process sees (run on each worker): version, model fingerprint, inputs, cache, and
-    with `qdrant` (url, API key variable) whether that server answers."""
+    with `qdrant` (url, API key variable) whether that server answers; with `store` (the embedded
+    store's folder) whether it can write there."""
     from embedder.model import model_fingerprint, resolve_model_path
     from embedder.sources import list_files
     from embedder.specs import SourceSpec
@@ -57,17 +60,9 @@ def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tu
                 fh.read(1)
         except Exception as exc:
             view["problems"].append(f"{key}: cannot read {path!r}: {exc}")
-    probe = f"{cache_root.rstrip('/')}/.probe-{uuid.uuid4().hex[:8]}"
-    try:
-        fs, path = fsspec.core.url_to_fs(probe)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as fh:
-            fh.write(b"ok")
-        with fs.open(path, "rb") as fh:
-            assert fh.read() == b"ok"
-        fs.rm(path)
-    except Exception as exc:
-        view["problems"].append(f"embed.cache: cannot write and read back {cache_root!r}: {exc}")
+    for key, root in (("embed.cache", cache_root), ("publish (the embedded store)", store)):
+        if root is not None and (problem := _write_and_read_back(root)):
+            view["problems"].append(f"{key}: cannot write and read back {root!r}: {problem}")
     if qdrant is not None:
         from recommend.serving.store import open_store
 
@@ -78,16 +73,32 @@ def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tu
     return view
 
 
-def preflight(client, *, sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None
-              ) -> dict:
+def _write_and_read_back(root: str) -> str | None:
+    """Write a probe file into folder `root` (made if absent) and read it back; the problem, or None."""
+    probe = f"{root.rstrip('/')}/.probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as fh:
+            fh.write(b"ok")
+        with fs.open(path, "rb") as fh:
+            assert fh.read() == b"ok"
+        fs.rm(path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def preflight(client, *, sources: dict[str, str], cache_root: str, model: str, qdrant: tuple[str, str] | None = None,
+              store: str | None = None) -> dict:
     """Ask every worker (`worker_view`) and compare with the driver; raise PreflightFailed naming each
-    worker and what it lacks. `qdrant`: (url, API key variable) of the server the workers upload to.
-    Returns the driver's own view."""
-    mine = worker_view(sources, cache_root, model)
+    worker and what it lacks. `qdrant`: (url, API key variable) of the server the workers upload to;
+    `store`: the embedded store's folder the workers write shards into. Returns the driver's own view."""
+    mine = worker_view(sources, cache_root, model, store=store)
     if mine["problems"]:
         raise PreflightFailed("this machine: " + "; ".join(mine["problems"]))
     found = []
-    for address, view in client.run(worker_view, sources, cache_root, model, qdrant).items():
+    for address, view in client.run(worker_view, sources, cache_root, model, qdrant, store).items():
         where = f"worker {address} ({view['host']})"
         if view["version"] != mine["version"]:
             found.append(f"{where} runs nightly-recs {view['version']}, the driver {mine['version']}")

@@ -165,9 +165,14 @@ for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", 
     setattr(ServerVersions, _name, _unreachable_is_unavailable(getattr(ServerVersions, _name)))
 
 
+def embedded_root(workdir: str | Path) -> Path:
+    """The embedded store's folder in a workdir."""
+    return Path(workdir) / "store"
+
+
 def version_store(publish: PublishSettings, workdir: str | Path) -> VersionStore:
     """The versions of one config: a Qdrant server when `publish.url` is set, else the embedded store
     under <workdir>/store."""
     if publish.url:
         return ServerVersions(open_store(publish.url, publish.api_key_env), publish.prefix, publish.url)
-    return EmbeddedVersions(Path(workdir) / "store", publish.prefix)
+    return EmbeddedVersions(embedded_root(workdir), publish.prefix)
