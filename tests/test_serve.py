@@ -255,3 +255,27 @@ def test_a_qdrant_server_outage_is_503_and_degraded_never_500():
         assert status == 503 and body["status"] == "degraded" and body["version"] == V1
         assert get(port, "/users/u1")[0] == 200  # from the hot cache
         assert get(port, "/versions")[0] == 503
+
+
+def test_hot_answers_from_the_cache_are_the_apps_own_and_counted_alike(tmp_path):
+    """A cached /users or /items/<id>/similar answer is sent before FastAPI's routing (HotAnswers):
+    it must be the answer the app made, counted under the same route, and a request the app would
+    refuse must still reach the app."""
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_small(store, V1)
+    settings = ServeSettings(poll_s=0.2)
+    app = create_app(LiveVersion(store, poll_s=0.2), settings, default_k=4, encoder=None)
+    with ServerThread(app, settings) as server:
+        port = server.port
+        for path in ("/users/u1?k=3", "/users/u1", "/items/i2/similar?k=2"):
+            made, hot = get(port, path), get(port, path)  # the app made it; then it came from the cache
+            assert made[0] == hot[0] == 200 and made[2]["content-type"] == hot[2]["content-type"] == "application/json"
+            assert {**made[1], "age_seconds": 0} == {**hot[1], "age_seconds": 0} and hot[1]["version"] == V1
+        assert len(get(port, "/users/u1")[1]["items"]) == 4 and len(get(port, "/users/u1?k=03")[1]["items"]) == 3
+        for path in ("/users/u1?k=0", "/users/u1?k=1001", "/users/u1?k=3&k=x", "/items/i2/similar?k=-1"):
+            assert get(port, path)[0] == 400, path  # refused by the app, never answered from the cache
+        assert get(port, "/users/" + "u" * 300)[0] == 400
+        metrics = get(port, "/metrics")[1]
+        assert 'recs_requests_total{route="/users/{user_id}",status="200"} 6.0' in metrics
+        assert 'recs_requests_total{route="/items/{item_id}/similar",status="200"} 2.0' in metrics
+        assert "recs_cache_hits_total 5.0" in metrics  # the second of each pair, u1 once more, and k=03 (by the app)
