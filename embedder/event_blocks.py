@@ -37,13 +37,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from embedder.artifacts import atomic_path, file_digest
+from embedder.user_hashing import HASH_SPACE, block_of, bounds, user_hash_few  # noqa: F401 (re-exported)
 
 RAW = "events-raw"          # round 1's parts (removed once the blocks are written)
 EVENTS = "events.parquet"   # folder of the blocks' events
 USERS = "users.parquet"     # folder of the blocks' users
 ROW_GROUP = 16_384          # rows per row group of a raw part: a block reads only the groups in its range
 SKETCH = 4096               # smallest distinct hashes each part reports: the user count within about 2%
-HASH_SPACE = 1 << 64
 
 
 def user_hash(ids) -> np.ndarray:
@@ -51,24 +51,6 @@ def user_hash(ids) -> np.ndarray:
     process and run, so blocks and samples are the same users from night to night."""
     values = pd.Series(np.asarray(ids, dtype=object), dtype=object)
     return pd.util.hash_pandas_object(values, index=False).to_numpy(dtype=np.uint64)
-
-
-def user_hash_few(ids: list[str]) -> np.ndarray:
-    """`user_hash` of a few string ids without pandas' per-call overhead (about 0.6 ms, 200x this):
-    the reader's routing of one id. The same steps as pandas' `hash_array` for strings (SipHash with
-    its default key, then its 64-bit mix); tests/test_store.py holds it equal to `user_hash`."""
-    try:
-        from pandas._libs.hashing import hash_object_array
-    except ImportError:  # a pandas that moved it: the reference, slower
-        return user_hash(ids)
-    with np.errstate(over="ignore"):
-        h = hash_object_array(np.asarray(ids, dtype=object), "0123456789123456", "utf8")
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return h
 
 
 def sketch(hashes: np.ndarray) -> np.ndarray:
@@ -82,15 +64,6 @@ def estimate_distinct(sketches: Iterable[np.ndarray]) -> int:
     if len(merged) < SKETCH:
         return len(merged)
     return int((SKETCH - 1) * HASH_SPACE / (int(merged[SKETCH - 1]) + 1))
-
-
-def bounds(n_blocks: int) -> np.ndarray:
-    """The first hash of each block (uint64, n_blocks values; block b ends where b+1 starts)."""
-    return np.array([b * HASH_SPACE // n_blocks for b in range(n_blocks)], dtype=np.uint64)
-
-
-def block_of(hashes: np.ndarray, n_blocks: int) -> np.ndarray:
-    return np.searchsorted(bounds(n_blocks), np.asarray(hashes, np.uint64), side="right") - 1
 
 
 def write_raw_part(folder: Path | str, partition: int, events: pd.DataFrame, item_index: pd.Index) -> np.ndarray:

@@ -7,11 +7,12 @@ the version, so that no vector computed from differently normalised text is reus
 from __future__ import annotations
 
 import re
-import string
 import unicodedata
 
 import numpy as np
 import pandas as pd
+
+from embedder.template import template_fields  # noqa: F401 (re-exported: the ingest renders with it)
 
 PREPROCESSING_VERSION = "1"
 
@@ -24,17 +25,6 @@ def normalize_text(text: str) -> str:
     Example: ``normalize_text("Cafe\\u0301\\n  au  lait ")`` -> ``"Café au lait"``
     """
     return _SPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
-
-
-def template_fields(template: str) -> list[str]:
-    """The field names a template refers to, in order: ``"{title}. {genres}"`` -> ``["title", "genres"]``."""
-    fields = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name not in fields:
-            if not name.isidentifier():
-                raise ValueError(f"template field {{{name}}} must be a plain column name")
-            fields.append(name)
-    return fields
 
 
 def render_text(template: str, record: dict) -> str:

@@ -86,10 +86,12 @@ def test_point_ids_are_uuid5_of_kind_and_id_as_on_a_server():
 
 
 def test_a_readers_hash_of_one_id_is_the_event_blocks_hash():
-    """The reader routes one id with a fast path; it must be the hash the writers split users by."""
+    """The reader routes one id in Python, without pandas (embedder/user_hashing.py); it must be the
+    hash the writers split users by."""
     import numpy as np
 
     from embedder.event_blocks import user_hash, user_hash_few
 
-    ids = [f"U{i:07d}" for i in range(500)] + ["ü日本", "", "x" * 300, "1", "None"]
+    ids = [f"U{i:07d}" for i in range(500)] + ["ü日本", "", "x" * 300, "1", "None", "a\x00b"]
+    ids += ["é" * n for n in range(1, 18)] + ["z" * n for n in range(1, 18)]  # every tail length of SipHash's 8-byte words
     assert (user_hash_few(ids) == user_hash(ids)).all() and user_hash_few(ids).dtype == np.uint64

@@ -33,7 +33,7 @@ import numpy as np
 
 from embedder.artifacts import file_digest
 from embedder.errors import RecsError
-from embedder.event_blocks import block_of, bounds, user_hash, user_hash_few
+from embedder.user_hashing import block_of, bounds, user_hash_few
 
 ENGINE = "qdrant-edge-py"
 BATCH = 2048  # points per engine update
@@ -133,7 +133,11 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
 
 def user_shard(user_ids, shards: int) -> np.ndarray:
     """The shard of each user id: the s-th of `shards` equal ranges of the users' 64-bit hash."""
-    return block_of(user_hash_few(user_ids) if len(user_ids) < 64 else user_hash(user_ids), shards)
+    if len(user_ids) < 64:  # a reader routing a few ids: no pandas (embedder/user_hashing.py)
+        return block_of(user_hash_few(user_ids), shards)
+    from embedder.event_blocks import user_hash
+
+    return block_of(user_hash(user_ids), shards)
 
 
 def blocks_of_shard(shard: int, shards: int, n_blocks: int) -> range:

@@ -7,6 +7,7 @@ process, on the same cores as the server.
 
     .venv/bin/python tests/benchmarks/bench_serve.py                   # sample 3,000 items x 20,000 users, real model
     .venv/bin/python tests/benchmarks/bench_serve.py --seconds 3 --users 5000
+    .venv/bin/python tests/benchmarks/bench_serve.py --clients 16 --routes "/users hot" --no-refresh
     .venv/bin/python tests/benchmarks/bench_serve.py --config DIR/config.yaml --items 100000 --users 100000 --id-digits 7
         (a workdir bench_scale.py refreshed with --publish: its ids are U0000042, I0000042)
 
@@ -135,6 +136,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="reuse a folder (sample and first refresh kept)")
     ap.add_argument("--config", default=None, help="serve this refreshed config instead of a sample")
     ap.add_argument("--id-digits", type=int, default=5, help="digits in the ids (U00042: 5)")
+    ap.add_argument("--routes", default="/users hot,/users cold,/items/<id>/similar,/search",
+                    help="which figures, comma-separated")
+    ap.add_argument("--no-refresh", action="store_true", help="leave out the refresh under load")
     args = ap.parse_args()
     recs = [sys.executable, "-m", "recommend.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -171,11 +175,15 @@ def main() -> None:
         for n in clients:
             for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]), ("/items/<id>/similar", cycle(similar)),
                                  ("/search", queries)):
+                if route not in args.routes.split(","):
+                    continue
                 figures = drive(port, paths, n, args.seconds)
                 figures.pop("_versions")
                 emit("serve", {"route": route, **figures, "items": args.items, "users": args.users, "model": args.model})
         steady_mb = memory.peak_mb()
         emit("serve_memory", {"steady_peak_rss_mb": steady_mb, "items": args.items, "users": args.users})
+        if args.no_refresh:
+            return
 
         # a refresh in the middle: 16 clients on /users (hot) throughout, then until answers move
         refresh = subprocess.Popen([*recs, "refresh", "-q", "-c", str(config)], env=env, stdout=subprocess.DEVNULL)
