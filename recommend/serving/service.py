@@ -29,6 +29,7 @@ import gc
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -78,6 +79,8 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     version's model (or `model`); None: /search answers 503."""
     metrics = Metrics()
     state = {"encoder": None}
+    reads = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="recs-store")  # see ServeSettings.read_threads
+    searches = ThreadPoolExecutor(1, thread_name_prefix="recs-search")  # a vector query never holds up a read by id
 
     async def follow() -> None:
         while True:
@@ -109,6 +112,8 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                 task.cancel()
             if state["encoder"] is not None:
                 state["encoder"].close()
+            for pool in (reads, searches):
+                pool.shutdown(wait=False, cancel_futures=True)
             limits.restore_original_limits()
 
     app = FastAPI(title="nightly-recs", version="1", lifespan=lifespan,
@@ -120,11 +125,11 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             raise Unavailable(live.error or f"nothing published under prefix {live.store.prefix!r} yet: run `recs refresh`")
         return snap
 
-    async def cached(snap: Snapshot, key: tuple, compute) -> Response:
+    async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads) -> Response:
         body = snap.cache.get(key)
         if body is None:
             metrics.cache_misses.inc()
-            body = _body(await run_in_threadpool(compute))
+            body = _body(await asyncio.get_running_loop().run_in_executor(pool, compute))
             snap.cache.put(key, body)
         else:
             metrics.cache_hits.inc()
@@ -137,7 +142,8 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         """The user's precomputed list (none of the items they interacted with)."""
         snap, n = snapshot(), k or default_k
         items = [i for i in (recent or "").split(",") if i][:100] or None
-        return await cached(snap, ("u", user_id, n, recent), lambda: facade.user_answer(snap, user_id, n, items))
+        return await cached(snap, ("u", user_id, n, recent), lambda: facade.user_answer(snap, user_id, n, items),
+                            searches if items else reads)  # recent items may need a vector query
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
     async def similar(item_id: IdPath, k: KQuery = None):
@@ -161,7 +167,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                                   "than this server encodes queries with; restart `recs serve`")
             vector = await enc.encode(text)
             metrics.search_batch.observe(enc.batches[-1] if enc.batches else 1)
-            return await cached(snap, ("s", text, n), lambda: facade.text_answer(snap, vector, text, n))
+            return await cached(snap, ("s", text, n), lambda: facade.text_answer(snap, vector, text, n), searches)
         metrics.cache_hits.inc()
         return Response(_envelope(snap, body), media_type=JSON)
 

@@ -55,6 +55,9 @@ class ServeSettings(BaseModel):
     search_batch: int = Field(16, ge=1, le=256, description="most /search texts encoded together")
     search_queue: int = Field(256, ge=1, description="/search texts waiting beyond this: 503")
     search_threads: int = Field(1, ge=1, description="torch threads of the query encoder process")
+    read_threads: int = Field(1, ge=1, le=64, description="threads reading the store for answers not cached, per server "
+                              "process: the engine's reads slow each other down (at 1M x 1M, in one process: 1 thread "
+                              "1,346 answers/s, 2: 1,103, 4: 807, 16: 499); more processes (workers) scale instead")
     keep_alive_s: float = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
     head_timeout_s: float = Field(10, gt=0, description="a request's head must arrive within this: 408")
     max_url_bytes: int = Field(8192, ge=256, description="longer request lines: 414")
