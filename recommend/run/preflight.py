@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import fsspec
 
-from embedder.errors import RecsError
+from embedder.errors import InputError, RecsError
 
 
 class PreflightFailed(RecsError):
@@ -58,6 +58,8 @@ def worker_view(sources: dict[str, str], cache_root: str, model: str, qdrant: tu
             first = list_files(SourceSpec(path, key))[0]
             with fsspec.open(first, "rb") as fh:
                 fh.read(1)
+        except InputError as exc:  # already names the key and the file
+            view["problems"].append(str(exc))
         except Exception as exc:
             view["problems"].append(f"{key}: cannot read {path!r}: {exc}")
     for key, root in (("embed.cache", cache_root), ("publish (the embedded store)", store)):
