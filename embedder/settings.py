@@ -18,6 +18,6 @@ class EmbedSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto", description="auto: fp16 on a GPU, bf16 on a CPU with bf16 instructions, else fp32; checked "
                             "against fp32 on a sample (mean cosine >= 0.99) before use")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="texts per model call")
     chunk_size: int = Field(1024, ge=1, description="texts per Dask task (sorted by length before cutting)")
     cache: str | None = Field(None, description="embedding cache path or URL; default <workdir>/cache")

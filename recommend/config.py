@@ -41,10 +41,11 @@ class Section(BaseModel):
 
 class FileConfig(Section):
     path: str = Field(description="a file, glob or fsspec URL (s3://, gs://, ...)")
-    format: Literal["parquet", "csv", "jsonl"] | None = None
-    delimiter: str = Field(",", min_length=1)
-    quotechar: str = Field('"', min_length=1, max_length=1)
-    encoding: str = "utf-8"
+    format: Literal["parquet", "csv", "jsonl"] | None = Field(None, description="default: from each file's extension "
+                                                                               "(.parquet, .csv/.tsv, .jsonl/.ndjson/.json)")
+    delimiter: str = Field(",", min_length=1, description="a CSV file's field separator")
+    quotechar: str = Field('"', min_length=1, max_length=1, description="a CSV file's quote character")
+    encoding: str = Field("utf-8", description="the text files' encoding (utf-8, latin-1, cp1252, utf-16, ...)")
     columns: list[str] | None = Field(None, description="column names for a CSV file without a header row")
     # limits no real input meets, so that no file's shape takes unbounded memory or time (README, "Input limits")
     max_columns: int = Field(ReadLimits.max_columns, ge=1, le=1_000_000,
@@ -73,13 +74,13 @@ class SourceConfig(FileConfig):
 class ExtraTextConfig(FileConfig):
     id: str = Field(description="the column holding the item id")
     column: str = Field(description="the column whose values are folded into the field")
-    separator: str = ", "
-    max_values: int = Field(50, ge=1)
+    separator: str = Field(", ", description="joins the values in the field")
+    max_values: int = Field(50, ge=1, description="values kept per item (first seen, without repeats)")
 
 
 class ItemsConfig(SourceConfig):
-    id: str = "item_id"
-    text: str = "{title}. {description}"
+    id: str = Field("item_id", description="the column holding the item id")
+    text: str = Field("{title}. {description}", description="the text encoded for each item: a template over columns")
     metadata: list[str] = Field(default_factory=list, description="columns copied into the published payload")
     list_separators: dict[str, str] = Field(default_factory=dict, description="column -> separator of a list value, e.g. genres: '|'")
     flags: dict[str, list[str]] = Field(default_factory=dict, description="field -> one-hot columns, rendered as the names of those set")
@@ -102,12 +103,15 @@ class ItemsConfig(SourceConfig):
 
 
 class EventsConfig(SourceConfig):
-    user_id: str = "user_id"
-    item_id: str = "item_id"
-    timestamp: str = "timestamp"
-    event_type: str | None = "event_type"
-    weights: dict[str, float] = Field(default_factory=lambda: {"view": 1.0, "cart": 3.0, "purchase": 5.0})
-    timezone: str = "UTC"
+    user_id: str = Field("user_id", description="the column holding the user id")
+    item_id: str = Field("item_id", description="the column holding the item id")
+    timestamp: str = Field("timestamp", description="the column holding when: epoch seconds or ms, or ISO 8601")
+    event_type: str | None = Field("event_type", description="the column holding the event's type; null: every event "
+                                                              "is of type 'default'")
+    weights: dict[str, float] = Field(default_factory=lambda: {"view": 1.0, "cart": 3.0, "purchase": 5.0},
+                                      description="event type -> how much it counts (finite, >= 0); types not "
+                                                  "listed are quarantined")
+    timezone: str = Field("UTC", description="the zone of timestamps that carry none (an IANA name)")
 
     @field_validator("weights")
     @classmethod
@@ -133,7 +137,7 @@ class EventsConfig(SourceConfig):
 
 
 class UsersConfig(SourceConfig):
-    id: str = "user_id"
+    id: str = Field("user_id", description="the column holding the user id")
 
 
 class RunsSettings(Section):
@@ -147,12 +151,12 @@ class DaskSettings(Section):
     """The cluster a refresh runs on (recommend/run/cluster.py)."""
 
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
-    n_workers: int | None = Field(None, ge=1)
+    n_workers: int | None = Field(None, ge=1, description="local workers; default: one per core (one per GPU)")
     threads_per_worker: int | None = Field(None, ge=1, description="default: 1 on CPU workers, 4 on GPU workers")
 
 
 class Config(Section):
-    workdir: str = ".recs"
+    workdir: str = Field(".recs", description="runs/, cache/, store/ and the refresh lock live here")
     runs: RunsSettings = RunsSettings()
     items: ItemsConfig
     events: EventsConfig

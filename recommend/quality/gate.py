@@ -23,9 +23,9 @@ class GateSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: publish without scoring the lists first")
     holdout: float = Field(0.1, gt=0, lt=1, description="share of each user's most recent items held out")
-    k: int = Field(10, ge=1)
+    k: int = Field(10, ge=1, description="the K of the gate's nDCG@K")
     min_ndcg: float = Field(0.0, ge=0, le=1, description="the floor: below it nothing is published")
     min_vs_popularity: float = Field(0.5, ge=0, description="nDCG must reach this multiple of the popularity baseline's")
     max_drop: float = Field(0.2, ge=0, le=1, description="stop when nDCG is this share below the live version's")

@@ -45,7 +45,7 @@ class ListsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=1000)
+    k: int = Field(10, ge=1, le=1000, description="items in each precomputed list (and the default of a query)")
     half_life_days: float = Field(14.0, gt=0, description="an event this old counts half in a user's profile")
     block_size: int = Field(8192, ge=1, description="items, or users (about: a user block is a range of a hash of "
                             "the ids), per task on the Dask workers")

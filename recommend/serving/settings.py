@@ -13,10 +13,11 @@ class PublishSettings(BaseModel):
     enabled: bool = Field(True, description="false: build lists and run artifacts, publish nothing (dry runs, scale tests)")
     url: str | None = Field(None, description="Qdrant server URL; default: the embedded store (Qdrant's engine "
                                                "in-process) under <workdir>/store")
-    api_key_env: str = "QDRANT_API_KEY"
-    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    keep_versions: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=1)
+    api_key_env: str = Field("QDRANT_API_KEY", description="the environment variable holding the server's API key")
+    prefix: str = Field("recs", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                        description="names the store's folder (embedded) or its collections and aliases (server)")
+    keep_versions: int = Field(3, ge=1, description="versions kept for rollback; never the live one or the one before")
+    batch_size: int = Field(256, ge=1, description="points per upload request to a Qdrant server")
     parallel: int = Field(1, ge=1, description="upload processes for a Qdrant server when the driver uploads "
                                                  "(the embedded store writes a task per shard)")
     upload_on_workers: bool = Field(True, description="with a server URL and Dask workers: each lists part is "
