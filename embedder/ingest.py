@@ -136,7 +136,8 @@ def ingest_items(spec: SourceSpec, mapping: ItemMapping, *, bar: Bar | None = No
     kept = rows[~dup].sort_values(["_source", "_row"], kind="stable") if mapping.newest_by else rows[~dup]
     truncated = int(kept["_truncated"].fillna(False).astype(bool).sum())
     result.rows = kept.drop(columns=[c for c in ("_newest", "_order", "_truncated", "_source", "_row") if c in kept]).reset_index(drop=True)
-    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
+    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows),
+                                 quarantined=len(result.quarantine),
                                  duplicates_dropped=int(dup.sum()), conflicting_duplicates=len(conflicting),
                                  conflicting_ids=[str(i) for i in conflicting.index[:20]], texts_truncated=truncated,
                                  max_text_chars=mapping.max_text_chars,
@@ -197,7 +198,8 @@ def ingest_events(spec: SourceSpec, columns: dict[str, str], weights: dict[str, 
     # ids as categories: a 4-byte code per event, and grouping, splitting and mapping ids to rows work
     # on the distinct ids instead of hashing ten million strings each time
     result.rows = result.rows[~dup].reset_index(drop=True).astype({c: "category" for c in ("user_id", "item_id", "event_type")})
-    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows), quarantined=len(result.quarantine),
+    result.counts = SourceCounts(links_skipped=files.loops_skipped, rows_read=len(frame), accepted=len(result.rows),
+                                 quarantined=len(result.quarantine),
                                  duplicates_dropped=int(dup.sum()),
                                  quarantine_reasons=result.quarantine["reason"].value_counts().to_dict())
     return result

@@ -126,7 +126,8 @@ def file_format(path: str, spec: SourceSpec) -> str:
     for suffix, fmt in FORMATS.items():
         if name.endswith(suffix):
             return fmt
-    raise InputError(f"{spec.key}: cannot tell the format of {path!r} from its name; set {spec.key.rsplit('.', 1)[0]}.format to parquet, csv or jsonl")
+    raise InputError(f"{spec.key}: cannot tell the format of {path!r} from its name; "
+                     f"set {spec.key.rsplit('.', 1)[0]}.format to parquet, csv or jsonl")
 
 
 def read_file(path: str, spec: SourceSpec) -> pd.DataFrame:

@@ -86,7 +86,8 @@ class ItemsConfig(SourceConfig):
     flags: dict[str, list[str]] = Field(default_factory=dict, description="field -> one-hot columns, rendered as the names of those set")
     extra_text: dict[str, ExtraTextConfig] = Field(default_factory=dict, description="field -> a one-to-many source folded into the text")
     newest_by: str | None = Field(None, description="when an id repeats, keep the row with the largest value here; default: the last row")
-    max_text_chars: int = Field(ItemMapping.max_text_chars, ge=100, description="longer item texts are cut to this many characters and counted in the report "
+    max_text_chars: int = Field(ItemMapping.max_text_chars, ge=100,
+                                description="longer item texts are cut to this many characters and counted in the report "
                                 "(the model reads only its first 256 tokens, about 1,000-1,500 characters)")
 
     @field_validator("text")

@@ -145,7 +145,8 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     assert tuning.recall == tuning.tried[tuning.value] >= best - 0.01
     # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach (one the config
     # would refuse, so built unvalidated) stops there
-    index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(kind="HNSW32", target_recall=1.01, exact_budget_s=1e-9, search_depth=None))
+    settings = IndexSettings.model_construct(kind="HNSW32", target_recall=1.01, exact_budget_s=1e-9, search_depth=None)
+    index, tuning = build_tuned(items, items, 10, settings)
     assert tuning.fallback == "plateau" and max(tuning.tried.values()) >= 0.99
     assert tuning.value < 512 and tuning.tried[tuning.value] >= max(tuning.tried.values()) - 0.01
 

@@ -83,7 +83,9 @@ def test_cold_items_get_vectors_from_text():
     rng = np.random.default_rng(2)
     text = rng.normal(size=(500, 8)).astype(np.float32)
     x = sp.csr_matrix((rng.random((300, 500)) < 0.05).astype(np.float32))
-    x = x.tolil(); x[:, 490:] = 0; x = x.tocsr()
+    x = x.tolil()
+    x[:, 490:] = 0
+    x = x.tocsr()
     x.eliminate_zeros()
     model = fit_behaviour(x, factors=16, l2=5.0)
     assert not model.warm[490:].any() and not model.item_vectors[490:].any()

@@ -172,7 +172,8 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
                           progress=encode_progress, out=run.run_dir / "embeddings.parquet")
         emb.vectors = parquet_rows(run.run_dir / "embeddings.parquet")
     run.report.embed = emb.counts
-    write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model, model_fingerprint=emb.model_fingerprint,
+    write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model,
+                                              model_fingerprint=emb.model_fingerprint,
                                               cache=config.cache_root, counts=emb.counts,
                                               seconds=run.report.seconds["embed"], config=config.embed))
     run.out.say(f"[embed] {emb.counts.items_encoded} encoded, {emb.counts.items_from_cache} from cache "

@@ -135,7 +135,8 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra
     driver = peaks.pop(me.pid, 0)
     return {"driver_peak_rss_mb": round(driver / 2**20),
             "driver_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["peaks"].items()},
-            "driver_rss_mb_at_stage_end": {k: round(v / 2**20) for k, v in stage["ends"].items()}, "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
+            "driver_rss_mb_at_stage_end": {k: round(v / 2**20) for k, v in stage["ends"].items()},
+            "max_worker_peak_rss_mb": round(max(peaks.values(), default=0) / 2**20),
             "worker_peak_rss_mb_by_stage": {k: round(v / 2**20) for k, v in stage["worker_peaks"].items()},
             "seconds": report.get("seconds"), "items_encoded": (report.get("embed") or {}).get("items_encoded"),
             "users": (report.get("index") or {}).get("users"), "events_read": (report.get("events") or {}).get("rows_read"),
@@ -180,7 +181,8 @@ def main() -> None:
         runs = []
         for workers in counts:
             proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
-                                  + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set], check=True, capture_output=True, text=True)
+                                  + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set],
+                                  check=True, capture_output=True, text=True)
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
                                        "encoder": "stand-in:hashing-384", "published": args.publish,
