@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from recommend.serving.publish import item_payloads, publish_version, user_payloads
+from recommend.serving.publish import Storage, item_payloads, publish_version, user_payloads
+from recommend.serving.shards import Graph
 
 
 class ServerThread:
@@ -73,8 +74,10 @@ def small_version(n_items: int = 40, n_users: int = 20, dim: int = 8, seed: int 
              "payloads": user_payloads(users, item_ids, scores[:n_users], ids[:n_users], ["history"] * n_users)})
 
 
-def publish_small(store, run_id: str, created_at: str = "2026-01-01T00:00:00+00:00", meta: dict | None = None, **kwargs):
-    return publish_version(store, run_id, *small_version(**kwargs),
+def publish_small(store, run_id: str, created_at: str = "2026-01-01T00:00:00+00:00", meta: dict | None = None,
+                  graph: Graph = Graph(), **kwargs):
+    """`small_version` published as `run_id`; `graph`: the HNSW graph over the items' text vectors."""
+    return publish_version(store, run_id, *small_version(**kwargs), storage=Storage(graph=graph),
                            metadata={"run_id": run_id, "created_at": created_at, **(meta or {})})
 
 

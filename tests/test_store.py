@@ -10,7 +10,7 @@ from pathlib import Path
 from http_helpers import publish_small
 from recommend.serving.facade import Recommender
 from recommend.serving.live import LiveVersion
-from recommend.serving.shards import shard_files
+from recommend.serving.shards import Graph, shard_files
 from recommend.serving.versions import EmbeddedVersions
 
 ROOT = Path(__file__).parent.parent
@@ -33,7 +33,7 @@ def _state(folder: Path) -> dict:
 
 def test_readers_in_several_processes_leave_the_shards_untouched_beside_a_writer(tmp_path):
     store = EmbeddedVersions(tmp_path / "store", "t")
-    publish_small(store, V1, n_items=300, n_users=200)
+    publish_small(store, V1, n_items=300, n_users=200, graph=Graph(m=16))  # the graph and its int8 copies too
     folder = store.folder / V1
     before = {shard.name: _state(shard) for shard in folder.iterdir() if shard.is_dir()}
     assert sorted(before) == ["items-000", "users-000"]
@@ -49,6 +49,7 @@ def test_readers_in_several_processes_leave_the_shards_untouched_beside_a_writer
         rec = Recommender(LiveVersion(store))
         assert rec.for_user("u7").version == V2
         assert here.count("user") == 200 and here.count("item") == 300  # still reads its own (V2: 150, 250)
+        assert len(here.search([1.0] * 8, "text", 5)) == 5  # a vector query reads the int8 copies too
         assert len(list(store.views.iterdir())) == 4  # one private view per reader
     finally:
         for proc in others:
@@ -95,3 +96,33 @@ def test_a_readers_hash_of_one_id_is_the_event_blocks_hash():
     ids = [f"U{i:07d}" for i in range(500)] + ["ü日本", "", "x" * 300, "1", "None", "a\x00b"]
     ids += ["é" * n for n in range(1, 18)] + ["z" * n for n in range(1, 18)]  # every tail length of SipHash's 8-byte words
     assert (user_hash_few(ids) == user_hash(ids)).all() and user_hash_few(ids).dtype == np.uint64
+
+
+def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
+    """From graph_min_items on, text search walks an HNSW graph over int8 copies of the vectors and
+    rescores with the originals: against exact search (the oracle) it must find the same top 10.
+    8,000 vectors of 384 dims, enough for the engine to search the graph and not scan."""
+    import numpy as np
+
+    from recommend.serving.publish import ITEM_VECTOR, Storage, publish_version
+
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(200, 384)).astype(np.float32)  # topics, as text embeddings have
+    vectors = centers[rng.integers(0, 200, 8000)] + 0.6 * rng.normal(size=(8000, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"i{j}" for j in range(8000)]
+    items = {"ids": ids, "vectors": vectors, "payloads": [{"item_id": i} for i in ids]}
+    users = {"ids": ["u0"], "vectors": vectors[:1], "payloads": [{"user_id": "u0"}]}
+    publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)))
+    shard = next((store.folder / V1).glob("items-000/segments/*/vector_storage-text/quantized.data"))
+    assert shard.stat().st_size > 8000 * 384 * 0.9  # the int8 copies were built
+    reader = store.open(V1)
+    try:
+        queries = vectors[rng.choice(len(vectors), 30, replace=False)] + 0.1 * rng.normal(size=(30, 384)).astype(np.float32)
+        exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+        found = [[p["item_id"] for p, _ in reader.search(q, ITEM_VECTOR, 10)] for q in queries]
+        recall = np.mean([len(set(f) & {f"i{j}" for j in e}) / 10 for f, e in zip(found, exact)])
+        assert recall >= 0.97, recall
+    finally:
+        reader.close()

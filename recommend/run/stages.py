@@ -296,7 +296,8 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
                                batch_size=pc.batch_size, progress=tick, parallel=pc.parallel,
                                index_wait_s=pc.index_wait_s, dask=run.client,
                                storage=Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk,
-                                               Graph(pc.hnsw_m, pc.hnsw_ef_construct)))
+                                               Graph(pc.hnsw_m if points["item"].count >= pc.graph_min_items else 0,
+                                                     pc.hnsw_ef_construct)))
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]

@@ -96,9 +96,14 @@ class ShardReader:
     def search(self, vector, using: str, k: int, exclude: list | None = None) -> list[tuple[dict, float]]:
         """The `k` items of highest dot product with `vector` on vector `using` across the item
         shards, `exclude` (point ids) left out: [(payload without the lists, score)]."""
-        from qdrant_edge import Filter, HasIdCondition, PayloadSelector, Query, QueryRequest
+        from qdrant_edge import (Filter, HasIdCondition, PayloadSelector, QuantizationSearchParams, Query, QueryRequest,
+                                 SearchParams)
 
-        request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using),
+        # on a graph: 200 candidates deep (on structureless 384-dim vectors recall@10 went 0.73 -> 0.91 from
+        # the default depth; 1.0 on clustered ones either way), the best 2k of their int8 copies rescored with
+        # the original vectors; no graph: an exact scan, these ignored
+        rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
+        request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
                                filter=Filter(must_not=[HasIdCondition(set(exclude))]) if exclude else None,
                                with_payload=PayloadSelector.Exclude(list(LISTS)))
         hits = [h for engine in self.items for h in engine.query(request)]

@@ -40,7 +40,7 @@ BATCH = 2048  # points per engine update
 # Files the engine only reads once a shard is closed: linked into readers' views. Everything else
 # (bookkeeping bitmaps, trackers, configs) is copied, since the engine rewrites some of it on open.
 _LINKED = re.compile(r"^(matrix\.dat|page_\d+\.dat|chunk_\d+\.mmap|links(_compressed)?\.bin|graph\.bin|"
-                     r"id_tracker\.mappings|id_tracker\.versions)$")
+                     r"quantized\.data|id_tracker\.mappings|id_tracker\.versions)$")
 
 
 class ShardError(RecsError):
@@ -59,22 +59,30 @@ class VectorSpec:
 @dataclass(frozen=True)
 class Graph:
     """The HNSW graph's settings for indexed vectors (config: publish.hnsw_m, publish.hnsw_ef_construct;
-    m=0: no graph, the vector is scanned exactly)."""
+    m=0: no graph, the vector is scanned exactly). A graph is built over int8 copies of the vectors
+    (scalar quantization, kept on disk beside the originals): at 20k 384-dim vectors on one thread it
+    built at 6.8k points/s against 3.0k over float32, and a query rescored with the originals
+    (`RESCORE`) found the exact top 10 in 1.3-1.8 ms."""
 
     m: int = 0
-    ef_construct: int = 100
+    ef_construct: int = 64
     threads: int = 1  # per shard writer: writers run side by side, one per task slot
 
 
 def _config(vectors: dict[str, VectorSpec], graph: Graph):
-    from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig, Memory)
+    from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig, Memory,
+                             ScalarQuantizationConfig, ScalarType)
 
     def hnsw(m: int):
         return HnswIndexConfig(m=m, ef_construct=graph.ef_construct, full_scan_threshold=10_000,
                                max_indexing_threads=graph.threads, memory=Memory.Cold)
 
+    def int8(spec: VectorSpec):
+        return ScalarQuantizationConfig(type=ScalarType.Int8, memory=Memory.Cold) if spec.indexed and graph.m else None
+
     params = {name: EdgeVectorParams(size=spec.size, distance=Distance.Dot, memory=Memory.Cold,
-                                     hnsw_config=hnsw(graph.m if spec.indexed else 0))  # m=0: no graph
+                                     hnsw_config=hnsw(graph.m if spec.indexed else 0),  # m=0: no graph
+                                     quantization_config=int8(spec))
               for name, spec in vectors.items()}
     # indexing_threshold 1 kB: every segment is optimised into an immutable one when the load ends
     return EdgeConfig(vectors=params, payload_memory=Memory.Cold, wal_enabled=False, hnsw_config=hnsw(0),
