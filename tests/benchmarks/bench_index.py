@@ -62,8 +62,8 @@ def main() -> None:
     specs = [s.rsplit(":", 1) if ":" in s else (s, "tuned") for s in _split_specs(args.kinds)]
     for kind, knob in specs:
         factory = choose_factory(args.items, kind, exact_below=1)
-        settings = IndexSettings(kind, 1, args.target if knob == "tuned" else None,
-                                 None if knob == "tuned" else int(knob))
+        settings = IndexSettings(kind=kind, target_recall=args.target if knob == "tuned" else None,
+                                 search_depth=None if knob == "tuned" else int(knob))
         t = time.perf_counter()
         index, tuning = build_tuned(x, x, args.k, settings)
         build_s = time.perf_counter() - t
@@ -73,8 +73,8 @@ def main() -> None:
         recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(got, truth)])
         emit("index_approx_vs_exact", {
             "items": args.items, "queries": len(rows), "k": args.k, "kind": kind, "factory": factory,
-            "spread": args.spread, "per_topic": args.per_topic, "depth": f"{tuning['knob']}={tuning['value']}",
-            "tuned": {key: tuning[key] for key in ("target", "recall", "reached") if key in tuning},
+            "spread": args.spread, "per_topic": args.per_topic, "depth": f"{tuning.knob}={tuning.value}",
+            "tuned": {key: getattr(tuning, key) for key in ("target", "recall", "reached", "decision")},
             f"recall_at_{args.k}": round(float(recall), 4), "exact_search_s": round(exact_s, 2),
             "search_s": round(search_s, 2), "speed_ratio": round(exact_s / search_s, 2), "build_and_tune_s": round(build_s, 2),
             "exact_build_s": round(build_exact, 2),

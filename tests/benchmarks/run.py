@@ -26,5 +26,6 @@ if __name__ == "__main__":
         sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     for name in chosen:
         print(f"# {name}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, str(HERE / f"bench_{name}.py"), *BENCHMARKS[name]], check=True,
-                       stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, str(HERE / f"bench_{name}.py"), *BENCHMARKS[name]])
+        if done.returncode:  # its own error is above, on stderr: stop at the first failure, loudly
+            sys.exit(f"run.py: bench_{name}.py failed (exit code {done.returncode}); the benchmarks after it did not run")
