@@ -36,9 +36,11 @@ def test_rows_are_unit_float32_in_the_order_given(encoder):
     assert vectors.shape == (len(TEXTS), encoder.dim) and vectors.dtype == np.float32
     norms = np.linalg.norm(vectors, axis=1)
     assert np.allclose(norms[[0, 1, 3, 4]], 1.0, atol=1e-4)
-    # equal texts, equal vectors (int8 scales activations per batch: the same text in another batch
-    # moves by ~1e-5)
-    np.testing.assert_allclose(vectors[0], vectors[3], atol=1e-4)
+    # equal texts, equal vectors as far as a search can tell: int8 scales activations per batch, so the
+    # same text in another batch moves a little (up to 4.4e-4 a component on an AMD EPYC without AVX-512,
+    # ~1e-5 here), far below what reorders neighbours
+    assert float(vectors[0] @ vectors[3]) >= 0.9999
+    np.testing.assert_allclose(vectors[0], vectors[3], atol=2e-3)
     assert not np.allclose(vectors[0], vectors[1], atol=1e-3)
     reversed_ = encoder.encode(TEXTS[::-1], batch_size=2)[::-1]
     np.testing.assert_allclose(reversed_, vectors, atol=2e-3)  # a row's vector does not depend on its neighbours
