@@ -79,7 +79,23 @@ def read_csv_rows(data: bytes, path: str, spec: SourceSpec, errors: str) -> pd.D
                 hit |= has
                 frame[column] = values.map(lambda v: v.replace(bare, "\r") if isinstance(v, str) else v)
         frame[BARE_CR] = hit.map(lambda h: True if h else None)
+    if len(data) > spec.limits.max_field_chars:  # only a file this long can hold a field this long
+        _mark_long_fields(frame, spec.limits.max_field_chars)
     return frame
+
+
+def _mark_long_fields(frame: pd.DataFrame, limit: int) -> None:
+    """Mark (`OVERSIZED`) the rows holding a field longer than `limit` characters, each such field cut
+    to its first thousand for the quarantine's record."""
+    hit = pd.Series(False, index=frame.index)
+    for column in [c for c in frame.columns if c not in (MALFORMED, OVERSIZED)]:
+        long = frame[column].map(lambda v: isinstance(v, str) and len(v) > limit)
+        if long.any():
+            hit |= long
+            frame.loc[long, column] = frame.loc[long, column].map(lambda v: v[:1000] + f"... ({len(v):,} characters)")
+    if hit.any():
+        marks = hit.map(lambda h: f"a field longer than {limit:,} characters" if h else None)
+        frame[OVERSIZED] = marks if OVERSIZED not in frame else frame[OVERSIZED].where(frame[OVERSIZED].notna(), marks)
 
 
 def _header(data: bytes, encoding: str, spec: SourceSpec) -> list[str]:

@@ -212,3 +212,15 @@ def test_an_empty_api_key_is_refused_at_start(tmp_path, sample_dir, tiny_model, 
     monkeypatch.setenv("RECS_API_KEY", "  ")
     result = runner.invoke(app, ["serve", "--config", str(path), "--port", "0"])
     assert result.exit_code == 2 and "RECS_API_KEY is set but empty" in result.output
+
+
+def test_a_field_past_the_limit_quarantines_its_row_in_a_well_formed_csv(tmp_path):
+    """The limit holds on pandas' path too, not only on the row-by-row one a ragged file takes."""
+    from embedder.specs import ReadLimits
+
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title\n1,short\n2," + "w" * 5000 + "\n3,fine\n")
+    got = ingest_items(SourceSpec(str(path), "items.path", limits=ReadLimits(max_field_chars=2000)), MAPPING)
+    assert sorted(got.rows["item_id"]) == ["1", "3"] and got.counts.balanced
+    q = got.quarantine
+    assert q["reason"].tolist() == ["field_too_long"] and q["row"].tolist() == [2] and len(q["record"].iloc[0]) < 1200
