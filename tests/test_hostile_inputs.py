@@ -67,7 +67,7 @@ def test_pathological_shapes_are_refused_or_quarantined_within_the_bound(tmp_pat
 
     long_header = tmp_path / "long.csv"  # one line of 40 MB and no line end
     long_header.write_text("x" * (40 * 2**20))
-    _refused(_bounded_ingest(long_header), "items.max_field_chars")
+    _refused(_bounded_ingest(long_header), str(long_header), "items.max_field_chars")
 
     deep = tmp_path / "items.jsonl"  # one line nested 100,000 deep among good lines: that line, not the file
     deep.write_text('{"item_id": "a", "title": "A"}\n'
@@ -219,7 +219,7 @@ def test_a_field_past_the_limit_quarantines_its_row_in_a_well_formed_csv(tmp_pat
     from embedder.specs import ReadLimits
 
     path = tmp_path / "items.csv"
-    path.write_text("item_id,title\n1,short\n2," + "w" * 5000 + "\n3,fine\n")
+    path.write_text("item_id,title,note\n1,short,\n2," + "w" * 5000 + ",x\n3,fine,\n")  # empty fields too
     got = ingest_items(SourceSpec(str(path), "items.path", limits=ReadLimits(max_field_chars=2000)), MAPPING)
     assert sorted(got.rows["item_id"]) == ["1", "3"] and got.counts.balanced
     q = got.quarantine

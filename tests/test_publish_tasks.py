@@ -38,7 +38,7 @@ def run(tmp_path_factory):
                   run_dir / "embeddings.parquet")
     parts = list_blocks(None, run_dir, len(item_ids), blocks, settings, ListJob(10, new_slots=1), sample=np.arange(3),
                         block_size=64)
-    source = PointSource(str(run_dir), RUN, blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
+    source = PointSource(str(run_dir), blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
     metadata = {"title": pd.Series([f"title {i}" for i in item_ids]), "price": np.arange(len(item_ids)) / 4}
     return space, item_ids, user_ids, parts, source, metadata
 

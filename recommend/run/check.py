@@ -130,8 +130,8 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
     return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings, in_progress=in_progress)
 
 
-def _check_store(config: Config, findings: list, repair: bool, writing: str | None = None,
-                 in_progress: list | None = None) -> tuple[int | None, set[str] | None]:
+def _check_store(config: Config, findings: list, repair: bool, writing: str | None,
+                 in_progress: list) -> tuple[int | None, set[str] | None]:
     """Every published version verified (the embedded store: every shard file's size and digest and the engine's own counts; a server: its counts),
     and those whose publish never finished; `repair` removes those that are not live (never while a
     refresh is running: its own version is unfinished until it switches). `writing`: the run id of
@@ -150,8 +150,7 @@ def _check_store(config: Config, findings: list, repair: bool, writing: str | No
                 findings.append(Finding(where=f"version {v.run_id}", problem=f"damaged{' (live)' if v.live else ''}: {problem}"))
         for run_id in store.incomplete():
             if run_id == writing:
-                if in_progress is not None:
-                    in_progress.append(run_id)
+                in_progress.append(run_id)
                 continue
             removed = None
             if repair and run_id != live:

@@ -25,7 +25,7 @@ The server path was not run against a Qdrant server (none runs on our machines):
 against local mode, through a single worker (tests/test_publish_tasks.py).
 
 Example (what the publish stage does):
-    source = PointSource(str(run_dir), run_id, blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
+    source = PointSource(str(run_dir), blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
     items = collection_points(client, source, parts, "item", metadata, sizes["item"], target=Target(url))
     publish_version(store, run_id, items, users, metadata=meta)
 """
@@ -57,7 +57,6 @@ class PointSource:
     """What every part's points are made from (small: it travels with each task)."""
 
     run_dir: str
-    run_id: str
     events: str       # the event blocks' folder: the users' ids
     text: RowSource   # the items' text vectors: embeddings.parquet as ParquetRows, which pickles as its path
 

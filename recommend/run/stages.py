@@ -279,7 +279,7 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
     layout = read_item_side(run.run_dir).layout
     on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
     with run.stage("publish"):
-        source = PointSource(str(run.run_dir), run_id, lists.blocks.folder, emb.vectors)
+        source = PointSource(str(run.run_dir), lists.blocks.folder, emb.vectors)
         target = Target(url=pc.url, api_key_env=pc.api_key_env) if on_workers else None
         sizes = vector_sizes(layout, emb.vectors.shape[1])
         metadata = {c: items.rows[c] for c in config.items.metadata}

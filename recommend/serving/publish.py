@@ -7,7 +7,7 @@ default, recommend/serving/embedded.py: each shard by one task on a Dask worker,
 transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
 
 A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores],
-source]` (`list_text`; read back by `read_list` and `list_source`): one string field costs the engine a
+source]` (`list_text`; read back by `read_list` and `payload_list`): one string field costs the engine a
 fraction of a list of objects per point, and every payload field costs its writer about 5 microseconds
 a point, so a payload holds the id, the list and the catalog's chosen metadata, nothing else.
 """
