@@ -1,4 +1,4 @@
-"""The README's ml-latest-small recipe, run as written on the development copy of the data.
+"""The ml-latest-small recipe of docs/recipes.md, run as written on the development copy of the data.
 
 Skips cleanly when ../shared/data/ml-latest-small is absent (the data is never committed)."""
 
@@ -16,20 +16,23 @@ ROOT = Path(__file__).parent.parent
 DATA = ROOT.parent / "shared" / "data" / "ml-latest-small"
 
 
-def readme_recipe(name: str) -> dict:
-    text = (ROOT / "README.md").read_text()
+RECIPES = ROOT / "docs" / "recipes.md"
+
+
+def recipe_block(name: str) -> dict:
+    text = RECIPES.read_text()
     block = re.search(rf"<!-- recipe: {re.escape(name)} -->\s*```yaml\n(.*?)```", text, re.S)
-    assert block, f"recipe {name} not found in README.md"
+    assert block, f"recipe {name} not found in {RECIPES}"
     return yaml.safe_load(block.group(1))
 
 
 @pytest.mark.skipif(not (DATA / "movies.csv").exists(), reason="ml-latest-small not present (../shared/data)")
 def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
-    recipe = readme_recipe("ml-latest-small")
+    recipe = recipe_block("ml-latest-small")
     # as written, except: the tiny model (speed) and a scratch workdir
     recipe["embed"] = {"model": str(tiny_model), "device": "cpu"}
     recipe["workdir"] = str(tmp_path / "work")
-    config = parse_config(recipe, "README.md#ml-latest-small", base=ROOT)
+    config = parse_config(recipe, "docs/recipes.md#ml-latest-small", base=ROOT)
     report = refresh(config, quiet=True, client=dask_client)
 
     assert report.items.rows_read == 9742 and report.events.rows_read == 100836
