@@ -19,15 +19,14 @@ scale take (`first_users`), the same users from run to run. pandas and pyarrow r
 `events.parquet` as one table (`recs eval` does).
 
 Example:
-    blocks = event_blocks(run_dir, validated_parts, item_ids, block_size=8192)
-    users, events = read_block(run_dir, 0)
+    blocks = blocks_from_frame(RunFolder(run_dir), events, item_ids, block_size=8192)
+    users, events = read_block(blocks.run, 0)
 """
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -37,11 +36,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from embedder.artifacts import atomic_path, file_digest
+from embedder.run_folder import RunFolder
 from embedder.user_hashing import HASH_SPACE, block_of, bounds, user_hash_few  # noqa: F401 (re-exported)
 
-RAW = "events-raw"          # round 1's parts (removed once the blocks are written)
-EVENTS = "events.parquet"   # folder of the blocks' events
-USERS = "users.parquet"     # folder of the blocks' users
 ROW_GROUP = 16_384          # rows per row group of a raw part: a block reads only the groups in its range
 SKETCH = 4096               # smallest distinct hashes each part reports: the user count within about 2%
 
@@ -66,7 +63,7 @@ def estimate_distinct(sketches: Iterable[np.ndarray]) -> int:
     return int((SKETCH - 1) * HASH_SPACE / (int(merged[SKETCH - 1]) + 1))
 
 
-def write_raw_part(folder: Path | str, partition: int, events: pd.DataFrame, item_index: pd.Index) -> np.ndarray:
+def write_raw_part(run: RunFolder, partition: int, events: pd.DataFrame, item_index: pd.Index) -> np.ndarray:
     """Round 1 for one partition's accepted events (user_id, item_id, ts, event_type): written sorted by
     user hash. Returns its sketch."""
     hashes = user_hash(events["user_id"])
@@ -79,7 +76,7 @@ def write_raw_part(folder: Path | str, partition: int, events: pd.DataFrame, ite
         "item": pa.array(item_index.get_indexer(events["item_id"]).astype(np.int32)[order], pa.int32()),
         "_h": pa.array(hashes[order], pa.uint64()),
     })
-    path = Path(folder) / RAW / f"part-{partition:05d}.parquet"
+    path = run.raw_part(partition)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP)
     return sketch(hashes)
@@ -98,15 +95,14 @@ class BlockSummary:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def merge_block(folder: Path | str, block: int, n_blocks: int, extra_users: list[str]) -> BlockSummary:
+def merge_block(run: RunFolder, block: int, n_blocks: int, extra_users: list[str]) -> BlockSummary:
     """Round 2 for one block: its hash range read from every raw part, exact duplicates dropped,
     written sorted by user. `extra_users`: ids of the users file that fall in this block."""
-    folder = Path(folder)
     lo = bounds(n_blocks)[block]
     where = ds.field("_h") >= pa.scalar(int(lo), pa.uint64())
     if block + 1 < n_blocks:
         where = where & (ds.field("_h") < pa.scalar(int(bounds(n_blocks)[block + 1]), pa.uint64()))
-    table = ds.dataset(sorted(str(p) for p in (folder / RAW).glob("part-*.parquet")), format="parquet").to_table(filter=where)
+    table = ds.dataset(sorted(str(p) for p in run.events_raw.glob("part-*.parquet")), format="parquet").to_table(filter=where)
     frame = table.to_pandas()
     dup = frame.duplicated(["user_id", "item_id", "ts", "event_type"], keep="first")
     frame = frame[~dup].sort_values(["user_id", "ts"], kind="stable")
@@ -114,8 +110,7 @@ def merge_block(folder: Path | str, block: int, n_blocks: int, extra_users: list
     extra = pd.DataFrame({"user_id": pd.Series(extra_users, dtype=object)})
     extra = extra[~extra["user_id"].isin(with_events["user_id"])].drop_duplicates()
     users = pd.concat([with_events, extra.assign(_h=user_hash(extra["user_id"]))], ignore_index=True).sort_values("user_id")
-    name = f"block-{block:05d}.parquet"
-    events_path, users_path = folder / EVENTS / name, folder / USERS / name
+    events_path, users_path = run.event_block(block), run.user_block(block)
     with atomic_path(events_path) as tmp:
         pq.write_table(pa.Table.from_pandas(frame.drop(columns="_h"), schema=_EVENT_SCHEMA, preserve_index=False), tmp)
     with atomic_path(users_path) as tmp:
@@ -123,7 +118,7 @@ def merge_block(folder: Path | str, block: int, n_blocks: int, extra_users: list
                                  "_h": pa.array(users["_h"].to_numpy(np.uint64), pa.uint64())}), tmp)
     return BlockSummary(block, len(frame), int(dup.sum()), len(users), len(with_events),
                         frame["ts"].max() if len(frame) else None,
-                        {f"{EVENTS}/{name}": file_digest(events_path), f"{USERS}/{name}": file_digest(users_path)})
+                        {run.relative(p): file_digest(p) for p in (events_path, users_path)})
 
 
 _EVENT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("ts", pa.timestamp("ns", tz="UTC")),
@@ -134,7 +129,7 @@ _EVENT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), (
 class Blocks:
     """The event blocks of one run, as the driver knows them."""
 
-    folder: str
+    run: RunFolder  # where the blocks are
     summaries: list[BlockSummary]
 
     @property
@@ -159,69 +154,66 @@ class Blocks:
         return {name: digest for s in self.summaries for name, digest in s.files.items()}
 
 
-def event_blocks(folder: Path | str, n_blocks: int, extra_users: Iterable[str] = (), *, client=None,
+def event_blocks(run: RunFolder, n_blocks: int, extra_users: Iterable[str] = (), *, client=None,
                  tick: Callable[[int], None] | None = None) -> Blocks:
     """Round 2 for every block, on the workers (in this process without a client); the raw parts are
     removed after. `extra_users`: the users file's ids, each sent to its block."""
-    folder = Path(folder)
-    (folder / EVENTS).mkdir(exist_ok=True)
-    (folder / USERS).mkdir(exist_ok=True)
+    run.events.mkdir(exist_ok=True)
+    run.users.mkdir(exist_ok=True)
     extra = pd.Series(list(extra_users), dtype=object)
     which = block_of(user_hash(extra), n_blocks) if len(extra) else np.zeros(0, np.int64)
     per_block = [extra[which == b].tolist() for b in range(n_blocks)]
     summaries: list[BlockSummary | None] = [None] * n_blocks
     if client is None:
         for b in range(n_blocks):
-            summaries[b] = merge_block(folder, b, n_blocks, per_block[b])
+            summaries[b] = merge_block(run, b, n_blocks, per_block[b])
             if tick:
                 tick(1)
     else:
         from distributed import as_completed
 
-        futures = [client.submit(merge_block, str(folder), b, n_blocks, per_block[b], pure=False,
-                                 key=f"merge-block-{b}-{folder.name}") for b in range(n_blocks)]
+        futures = [client.submit(merge_block, run, b, n_blocks, per_block[b], pure=False,
+                                 key=f"merge-block-{b}-{run.run_id}") for b in range(n_blocks)]
         for future in as_completed(futures):
             summary = future.result()
             summaries[summary.block] = summary
             future.release()
             if tick:
                 tick(1)
-    shutil.rmtree(folder / RAW, ignore_errors=True)
-    return Blocks(str(folder), summaries)
+    shutil.rmtree(run.events_raw, ignore_errors=True)
+    return Blocks(run, summaries)
 
 
-def blocks_from_frame(folder: Path | str, events: pd.DataFrame, item_ids, *, block_size: int,
+def blocks_from_frame(run: RunFolder, events: pd.DataFrame, item_ids, *, block_size: int,
                       extra_users: Iterable[str] = (), client=None) -> Blocks:
     """The event blocks of accepted events already in memory (user_id, item_id, ts, event_type), as
     ingest writes them from its partitions: for tests and notebooks."""
-    folder = Path(folder)
-    (folder / RAW).mkdir(parents=True, exist_ok=True)
+    run.events_raw.mkdir(parents=True, exist_ok=True)
     extra_users = list(extra_users)
-    hashes = write_raw_part(folder, 0, events, pd.Index(np.asarray(item_ids, dtype=object)))
+    hashes = write_raw_part(run, 0, events, pd.Index(np.asarray(item_ids, dtype=object)))
     users = estimate_distinct([hashes, sketch(user_hash(extra_users))])
-    return event_blocks(folder, max(1, -(-users // block_size)), extra_users, client=client)
+    return event_blocks(run, max(1, -(-users // block_size)), extra_users, client=client)
 
 
-def read_block(folder: Path | str, block: int, columns: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def read_block(run: RunFolder, block: int, columns: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """(its users' ids in order, its events) of one block; ids as categories."""
-    name = f"block-{block:05d}.parquet"
-    users = pq.read_table(Path(folder) / USERS / name, columns=["user_id"]).column(0).to_numpy(zero_copy_only=False)
-    events = pq.read_table(Path(folder) / EVENTS / name, columns=columns).to_pandas(strings_to_categorical=True)
+    users = pq.read_table(run.user_block(block), columns=["user_id"]).column(0).to_numpy(zero_copy_only=False)
+    events = pq.read_table(run.event_block(block), columns=columns).to_pandas(strings_to_categorical=True)
     return np.asarray(users, dtype=object), events
 
 
-def block_user_ids(folder: Path | str, block: int) -> list[str]:
+def block_user_ids(run: RunFolder, block: int) -> list[str]:
     """The user ids of one block, in the run's order."""
-    return pq.read_table(Path(folder) / USERS / f"block-{block:05d}.parquet", columns=["user_id"]).column(0).to_pylist()
+    return pq.read_table(run.user_block(block), columns=["user_id"]).column(0).to_pylist()
 
 
-def read_user_ids(folder: Path | str, n_blocks: int) -> list[str]:
+def read_user_ids(run: RunFolder, n_blocks: int) -> list[str]:
     """Every user id of the run, in the run's order (block by block)."""
     return [u for b in range(n_blocks) for u in
-            pq.read_table(Path(folder) / USERS / f"block-{b:05d}.parquet", columns=["user_id"]).column(0).to_pylist()]
+            pq.read_table(run.user_block(b), columns=["user_id"]).column(0).to_pylist()]
 
 
-def first_users(folder: Path | str, n_blocks: int, n: int) -> tuple[list[str], pd.DataFrame]:
+def first_users(run: RunFolder, n_blocks: int, n: int) -> tuple[list[str], pd.DataFrame]:
     """The `n` users with events whose hashes are the smallest, and their events: read from the first
     blocks only (blocks are hash ranges). Their ids come back in hash order."""
     taken: list[pd.DataFrame] = []
@@ -230,9 +222,8 @@ def first_users(folder: Path | str, n_blocks: int, n: int) -> tuple[list[str], p
     for b in range(n_blocks):
         if found >= n:
             break
-        name = f"block-{b:05d}.parquet"
-        users = pq.read_table(Path(folder) / USERS / name).to_pandas()
-        block_events = pq.read_table(Path(folder) / EVENTS / name).to_pandas()
+        users = pq.read_table(run.user_block(b)).to_pandas()
+        block_events = pq.read_table(run.event_block(b)).to_pandas()
         users = users[users["user_id"].isin(block_events["user_id"])]
         taken.append(users)
         events.append(block_events)

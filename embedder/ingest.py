@@ -6,14 +6,13 @@ A rejected row lands in the quarantine with its file, row and a reason code (emb
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import dask
 import numpy as np
 import pandas as pd
 
-from embedder.event_blocks import RAW, Blocks, estimate_distinct, event_blocks, sketch, user_hash, write_raw_part
+from embedder.event_blocks import Blocks, estimate_distinct, event_blocks, sketch, user_hash, write_raw_part
 from embedder.parsing import as_id, newest_order, parse_timestamps
 from embedder.quarantine import (
     QUARANTINE_COLUMNS,
@@ -27,7 +26,8 @@ from embedder.quarantine import (
     wrong_type,
 )
 from embedder.sources import collect, list_files, once_in_graph, raw_values, read_source, require_columns
-from embedder.specs import ExtraText, ItemMapping, SourceSpec
+from embedder.run_folder import RunFolder
+from embedder.specs import EventMapping, ExtraText, ItemMapping, SourceSpec
 from embedder.text import has_content, is_null, normalize_text, render_text, template_fields
 
 # A progress bar factory: bar(description, total) -> tick(n)
@@ -227,39 +227,38 @@ def ingest_user_ids(spec: SourceSpec, id_column: str) -> Ingested:
 
 
 
-def _validate_part(part: pd.DataFrame, partition: int, folder: str, columns: dict[str, str], weights: dict[str, float],
-                   item_index: pd.Index, timezone: str) -> tuple[pd.DataFrame, int, np.ndarray]:
+def _validate_part(part: pd.DataFrame, partition: int, run: RunFolder, mapping: EventMapping,
+                   item_index: pd.Index) -> tuple[pd.DataFrame, int, np.ndarray]:
     """Round 1 of the event blocks for one partition (on a worker): validated, its accepted events
     written by user hash (embedder/event_blocks.py). Returns (its quarantined rows, rows read, sketch)."""
-    frame = validate_events(part, columns, weights, item_index, timezone)
+    frame = validate_events(part, mapping.columns, mapping.weights, item_index, mapping.timezone)
     bad = frame["_reason"].notna()
-    hashes = write_raw_part(folder, partition, frame.loc[~bad, ["user_id", "item_id", "ts", "event_type"]], item_index)
+    hashes = write_raw_part(run, partition, frame.loc[~bad, ["user_id", "item_id", "ts", "event_type"]], item_index)
     return frame[bad], len(frame), hashes
 
 
 @raw_values
-def ingest_events_to_blocks(spec: SourceSpec, columns: dict[str, str], weights: dict[str, float], item_ids,
-                            timezone: str, folder, *, block_size: int, extra_users=(), bar: Bar | None = None
-                            ) -> tuple[Ingested, Blocks]:
+def ingest_events_to_blocks(spec: SourceSpec, mapping: EventMapping, item_ids, run: RunFolder, *, block_size: int,
+                            extra_users=(), bar: Bar | None = None) -> tuple[Ingested, Blocks]:
     """`ingest_events`, with the accepted events written by user block on the workers instead of
     brought here (embedder/event_blocks.py): about `block_size` users per block. `extra_users`: the
     users file's ids (users with no events get a place in their block). Returns the quarantine and
     counts (`rows` is empty) and the blocks."""
     files = list_files(spec)
     ddf = read_source(spec, files)
-    require_columns(ddf.columns, {f"events.{k}": v for k, v in columns.items() if v}, spec)
+    require_columns(ddf.columns, {f"events.{k}": v for k, v in mapping.columns.items() if v}, spec)
     item_index = pd.Index(np.asarray(item_ids, dtype=object))
-    (Path(folder) / RAW).mkdir(parents=True, exist_ok=True)
+    run.events_raw.mkdir(parents=True, exist_ok=True)
     task = dask.delayed(_validate_part, pure=False, nout=3)
     index_once = once_in_graph(item_index)
-    parts = [task(p, i, str(folder), columns, weights, index_once, timezone) for i, p in enumerate(ddf.to_delayed())]
+    parts = [task(p, i, run, mapping, index_once) for i, p in enumerate(ddf.to_delayed())]
     tick = bar("events", len(parts)) if bar else None
     results = _compute_in_order(parts, tick)
     quarantined = [q for q, _, _ in results]
     rows_read = sum(n for _, n, _ in results)
     users = estimate_distinct([s for _, _, s in results] + [sketch(user_hash(list(extra_users)))])
     n_blocks = max(1, -(-users // block_size))
-    blocks = event_blocks(folder, n_blocks, extra_users, client=_client(),
+    blocks = event_blocks(run, n_blocks, extra_users, client=_client(),
                           tick=bar("events by user block", n_blocks) if bar else None)
     frame = pd.concat(quarantined, ignore_index=True) if quarantined else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     result = unpack(frame, ["user_id", "item_id", "ts", "event_type"]) if len(frame) else Ingested(

@@ -63,3 +63,14 @@ class ItemMapping:
 
     def derived(self) -> set[str]:
         return set(self.flags) | set(self.extra_text)
+
+
+@dataclass(frozen=True)
+class EventMapping:
+    """How event columns become events: the source column of each field (user_id, item_id,
+    timestamp, event_type; None where absent), each event type's weight, and the time zone of naive
+    timestamps."""
+
+    columns: dict  # field -> source column or None
+    weights: dict  # event type -> weight
+    timezone: str = "UTC"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embedder.errors import RecsError
 from embedder.settings import EmbedSettings
-from embedder.specs import ExtraText, ItemMapping, ReadLimits, SourceSpec
+from embedder.specs import EventMapping, ExtraText, ItemMapping, ReadLimits, SourceSpec
 from index.settings import IndexSettings
 from recommend.quality.gate import GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
@@ -293,8 +293,7 @@ class StageSettings:
     items: SourceSpec
     item_mapping: ItemMapping
     events: SourceSpec
-    event_columns: dict[str, str | None]  # user_id, item_id, timestamp, event_type -> source column
-    timezone: str
+    event_mapping: EventMapping  # columns, weights by event type, time zone
     users: SourceSpec | None
     user_id_column: str | None
     ranking: RankingSettings
@@ -321,8 +320,8 @@ def stage_settings(config: Config) -> StageSettings:
                           ic.newest_by, ic.max_text_chars)
     return StageSettings(
         items=source_spec(ic, "items"), item_mapping=mapping, events=source_spec(ec, "events"),
-        event_columns={"user_id": ec.user_id, "item_id": ec.item_id, "timestamp": ec.timestamp, "event_type": ec.event_type},
-        timezone=ec.timezone,
+        event_mapping=EventMapping({"user_id": ec.user_id, "item_id": ec.item_id, "timestamp": ec.timestamp,
+                                    "event_type": ec.event_type}, event_weights(ec), ec.timezone),
         users=source_spec(config.users, "users") if config.users else None,
         user_id_column=config.users.id if config.users else None,
         ranking=RankingSettings(weights=event_weights(ec), half_life_days=config.lists.half_life_days, blend=config.blend))

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from embedder.event_blocks import blocks_from_frame, read_user_ids
+from embedder.run_folder import RunFolder
 from index.build import build_index, save_index
 from index.search import HEAVY, sample_rows
 from index.tune import set_depth
@@ -14,7 +15,8 @@ from recommend.ranking.blend import build_space
 from recommend.ranking.lists import labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
 from recommend.run.item_tasks import save_item_side
-from recommend.run.list_tasks import LISTS, PARTS, ListJob, list_blocks
+from recommend.run.list_tasks import ListJob, list_blocks
+from run_helpers import blocks_in
 
 K = 10
 
@@ -36,8 +38,8 @@ def _space(folder, n_items=400, n_users=150, seed=0):
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "event_type"])
     events["ts"] = pd.to_datetime(events["ts"], unit="s", utc=True)
     item_ids = [f"i{i:03d}" for i in range(n_items)]
-    blocks = blocks_from_frame(folder, events, item_ids, block_size=64, extra_users=[f"new{u}" for u in range(3)])
-    user_ids = read_user_ids(folder, blocks.n)  # the run's user order: block by block
+    blocks = blocks_from_frame(RunFolder(folder), events, item_ids, block_size=64, extra_users=[f"new{u}" for u in range(3)])
+    user_ids = read_user_ids(blocks.run, blocks.n)  # the run's user order: block by block
     settings = RankingSettings(weights={"view": 1.0}, half_life_days=14.0, blend=BlendSettings(new_item_slots=1))
     space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
     return space, item_ids, user_ids, blocks, settings
@@ -66,16 +68,17 @@ def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space
     """Blocks of 64 rows on the 2 workers (the index loaded there from the run folder, its vectors
     mapped from the file) give the oracle's lists, sources and user vectors; the Parts' counts add up."""
     space, item_ids, user_ids, blocks, settings = space
+    blocks = blocks_in(blocks, tmp_path)
     index = build_index(space.item_docs, kind)
     if kind != "exact":
         set_depth(index, 16)  # shallow: the loaded index must search at the depth it was saved with
-    save_index(index, tmp_path / "index.faiss")
-    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
+    save_index(index, blocks.run.index)
+    save_item_side(blocks.run, space.items, np.asarray(item_ids, dtype=object))
     job = ListJob(K, new_slots=1, new_boost=1.5)
     sample = sample_rows(len(item_ids), 50, 0)
-    parts = list_blocks(dask_client, tmp_path, len(item_ids), blocks, settings, job, sample=sample, block_size=64)
+    parts = list_blocks(dask_client, len(item_ids), blocks, settings, job, sample=sample, block_size=64)
     expected, i_ids = _oracle(space, index, item_ids, user_ids, job)
-    got = pd.read_parquet(tmp_path / LISTS)
+    got = pd.read_parquet(blocks.run.lists)
     pd.testing.assert_frame_equal(got.drop(columns="score"), expected.drop(columns="score"))
     np.testing.assert_allclose(got["score"], expected["score"], atol=1e-5)  # BLAS on 1 thread or several
     assert {"similar", "similar-from-text", "popular", "few-events", "history", "history+popular",
@@ -88,30 +91,28 @@ def test_blocks_on_the_workers_equal_every_list_computed_at_once(tmp_path, space
     users = got[got.subject_kind == "user"].groupby("subject_id").size().reindex(user_ids, fill_value=0)
     assert sum(p.short_of_k for p in parts) == int((users < K).sum()) == 1  # u000: 3 unseen items left
     np.testing.assert_array_equal(np.concatenate([p.sample_ids for p in parts if p.kind == "item"]), i_ids[sample])
-    vectors = [np.load(tmp_path / PARTS / f"user-{p.block:06d}.npz")["vectors"] for p in parts if p.kind == "user"]
+    vectors = [np.load(blocks.run.part_arrays("user", p.block))["vectors"] for p in parts if p.kind == "user"]
     np.testing.assert_allclose(np.concatenate(vectors), space.users[:], atol=1e-6)  # the users' vectors, for the publish
 
 
 def test_without_a_client_the_blocks_run_here_and_write_the_same(tmp_path, space, dask_client):
     """A notebook (no cluster) gets the same parts as the workers."""
     space, item_ids, user_ids, blocks, settings = space
-    save_index(build_index(space.item_docs, "exact"), tmp_path / "index.faiss")
-    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
-    here, there = tmp_path / "here", tmp_path / "there"
-    for folder, client in ((here, None), (there, dask_client)):
-        folder.mkdir()
-        for name in ("index.faiss", "item-side"):
-            (folder / name).symlink_to(tmp_path / name)
-        list_blocks(client, folder, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3), block_size=100)
-    a, b = pd.read_parquet(here / LISTS), pd.read_parquet(there / LISTS)
+    here, there = blocks_in(blocks, tmp_path / "here"), blocks_in(blocks, tmp_path / "there")
+    for at, client in ((here, None), (there, dask_client)):
+        save_index(build_index(space.item_docs, "exact"), at.run.index)
+        save_item_side(at.run, space.items, np.asarray(item_ids, dtype=object))
+        list_blocks(client, len(item_ids), at, settings, ListJob(K), sample=np.arange(3), block_size=100)
+    a, b = pd.read_parquet(here.run.lists), pd.read_parquet(there.run.lists)
     pd.testing.assert_frame_equal(a.drop(columns="score"), b.drop(columns="score"))
-    assert sorted(p.name for p in (here / LISTS).iterdir()) == sorted(p.name for p in (there / LISTS).iterdir())
+    assert sorted(p.name for p in here.run.lists.iterdir()) == sorted(p.name for p in there.run.lists.iterdir())
 
 
 def test_a_failing_block_fails_the_call_and_names_the_cause(tmp_path, space, dask_client):
     """A block that cannot run (here: the index file is missing, as on a worker that cannot see the
     run folder) raises in the driver with the worker's error, not a silent short list."""
     space, item_ids, user_ids, blocks, settings = space
-    save_item_side(tmp_path, space.items, np.asarray(item_ids, dtype=object))
+    blocks = blocks_in(blocks, tmp_path)
+    save_item_side(blocks.run, space.items, np.asarray(item_ids, dtype=object))
     with pytest.raises(RuntimeError, match="index.faiss"):
-        list_blocks(dask_client, tmp_path, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3))
+        list_blocks(dask_client, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3))

@@ -14,12 +14,13 @@ from embedder.artifacts import vectors_to_arrow, write_parquet
 from index.build import build_index, save_index
 from index.rows import parquet_rows
 from recommend.run.item_tasks import save_item_side
-from recommend.run.list_tasks import LISTS, ListJob, list_blocks
+from recommend.run.list_tasks import ListJob, list_blocks
 from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, payload_list,
                                        publish_version, stage_version)
 from recommend.serving.store import StoreUnavailable, open_local
 from recommend.serving.versions import ServerVersions
+from run_helpers import blocks_in
 from test_list_tasks import _space
 
 RUN = "20260101T000000-aaaa"
@@ -30,23 +31,24 @@ def run(tmp_path_factory):
     """A run folder as the index stage leaves it: item side, index, embeddings and the lists' parts
     (blocks of 64 items; the users' 3 event blocks), with the space they were computed from."""
     space, item_ids, user_ids, blocks, settings = _space(tmp_path_factory.mktemp("events"))
-    run_dir = tmp_path_factory.mktemp("run")
+    blocks = blocks_in(blocks, tmp_path_factory.mktemp("run"))
+    folder = blocks.run
     item_ids = np.asarray(item_ids, dtype=object)
-    save_index(build_index(space.item_docs, "exact"), run_dir / "index.faiss")
-    save_item_side(run_dir, space.items, item_ids)
+    save_index(build_index(space.item_docs, "exact"), folder.index)
+    save_item_side(folder, space.items, item_ids)
     write_parquet(pa.table({"item_id": item_ids.tolist(), "vector": vectors_to_arrow(space.items.text)}),
-                  run_dir / "embeddings.parquet")
-    parts = list_blocks(None, run_dir, len(item_ids), blocks, settings, ListJob(10, new_slots=1), sample=np.arange(3),
+                  folder.embeddings)
+    parts = list_blocks(None, len(item_ids), blocks, settings, ListJob(10, new_slots=1), sample=np.arange(3),
                         block_size=64)
-    source = PointSource(str(run_dir), blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
+    source = PointSource(folder, parquet_rows(folder.embeddings))
     metadata = {"title": pd.Series([f"title {i}" for i in item_ids]), "price": np.arange(len(item_ids)) / 4}
     return space, item_ids, user_ids, parts, source, metadata
 
 
-def _points(client, run, target=None, dask=None):
+def _points(client, run, target=Target(batch_size=50), dask=None):
     space, item_ids, user_ids, parts, source, metadata = run
     sizes = vector_sizes(space.items.layout, space.items.text.shape[1])
-    return [collection_points(dask, source, parts, kind, metadata, sizes[kind], target=target, batch_size=50)
+    return [collection_points(dask, source, parts, kind, metadata, sizes[kind], target)
             for kind in ("item", "user")]
 
 
@@ -59,7 +61,7 @@ def _check_against_the_run(client, run, reread=None):
     """Every point reread from Qdrant equals the run's files: the lists (lists.parquet), the item
     side's vectors, the text vectors and the users' vectors. `reread`: (items, users) already reread."""
     space, item_ids, user_ids, parts, source, metadata = run
-    lists = pd.read_parquet(source.run_dir + "/" + LISTS)
+    lists = pd.read_parquet(source.run.lists)
     items, users = reread or (_reread(client, collection("t", "items", RUN)), _reread(client, collection("t", "users", RUN)))
     assert sorted(items) == sorted(item_ids) and sorted(users) == sorted(user_ids)
     for kind, points, key, field in (("item", items, "item_id", "similar"), ("user", users, "user_id", "recommended")):
@@ -105,7 +107,7 @@ def test_tasks_on_a_worker_upload_the_same_points(tmp_path, run):
     ticks = []
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=40) as cluster, Client(cluster) as dask, get_task_stream(dask) as stream:
-        items, users = _points(None, run, Target(path=str(folder)), dask)
+        items, users = _points(None, run, Target(path=str(folder), batch_size=50), dask)
         items.load(None, collection("t", "items", RUN), ticks.append)
         users.load(None, collection("t", "users", RUN), ticks.append)
     ran = sorted(key_split(t["key"]) for t in stream.data)
@@ -158,7 +160,7 @@ def test_a_worker_that_cannot_reach_the_server_fails_the_publish_and_leaves_noth
     not: the publish fails with the workers' error naming the URL, the new version's collections are
     removed and the live version stays live."""
     store = ServerVersions(QdrantClient(":memory:"), "t")
-    dead = Target(url="http://127.0.0.1:9")
+    dead = Target(url="http://127.0.0.1:9", batch_size=50)
     with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:9"):
         publish_version(store, RUN, *_points(None, run, dead, dask_client), metadata={})
     assert store.live() is None and store.versions() == [] and store.incomplete() == []

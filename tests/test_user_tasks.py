@@ -11,7 +11,9 @@ import scipy.sparse as sp
 
 from embedder.event_blocks import blocks_from_frame, first_users, read_user_ids, user_hash
 from embedder.ingest import ingest_events, ingest_events_to_blocks
-from embedder.specs import SourceSpec
+from embedder.run_folder import RunFolder
+from embedder.specs import EventMapping, SourceSpec
+from run_helpers import blocks_in
 from recommend.quality.evaluate import hash_sample
 from recommend.ranking.behaviour import FitMatrix, FitStats, subspace_svd
 from recommend.ranking.blend import build_space, user_block
@@ -42,19 +44,20 @@ def test_ingest_by_user_block_keeps_every_accepted_event_once(tmp_path, dask_cli
     spec = SourceSpec(str(tmp_path / "*.csv"), "events.path")
     weights = {"view": 1.0, "buy": 3.0}
     whole = ingest_events(spec, COLUMNS, weights, items)
-    result, blocks = ingest_events_to_blocks(spec, COLUMNS, weights, items, "UTC", tmp_path / "run", block_size=64,
+    run = RunFolder(tmp_path / "run")
+    result, blocks = ingest_events_to_blocks(spec, EventMapping(COLUMNS, weights, "UTC"), items, run, block_size=64,
                                              extra_users=["only-in-users-file"])
     assert result.counts == whole.counts and result.counts.quarantined > 3
     assert result.counts.duplicates_dropped == events.iloc[1500:1800]["item"].isin(items).sum()
     pd.testing.assert_frame_equal(result.quarantine.sort_values(["source", "row"]).reset_index(drop=True),
                                   whole.quarantine.sort_values(["source", "row"]).reset_index(drop=True))
-    back = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    back = pd.read_parquet(run.events)
     key = ["user_id", "item_id", "ts", "event_type"]
     pd.testing.assert_frame_equal(back[key].astype(str).sort_values(key).reset_index(drop=True),
                                   whole.rows[key].astype(str).sort_values(key).reset_index(drop=True))
     assert (back["item"].to_numpy() == pd.Index(items).get_indexer(back["item_id"])).all()
-    assert not (tmp_path / "run" / "events-raw").exists()
-    users = read_user_ids(tmp_path / "run", blocks.n)
+    assert not run.events_raw.exists()
+    users = read_user_ids(run, blocks.n)
     assert blocks.n == -(-len(users) // 64) and len(users) == len(set(users)) == whole.rows["user_id"].nunique() + 1
     assert "only-in-users-file" in users
 
@@ -65,8 +68,8 @@ def blocked(tmp_path_factory):
     events["ts"] = pd.to_datetime(events["ts"], unit="s", utc=True)
     item_ids = [f"i{i}" for i in range(160)]  # 10 items without events
     folder = tmp_path_factory.mktemp("run")
-    blocks = blocks_from_frame(folder, events, item_ids, block_size=50, extra_users=["nobody"])
-    return events, item_ids, blocks, read_user_ids(folder, blocks.n)
+    blocks = blocks_from_frame(RunFolder(folder), events, item_ids, block_size=50, extra_users=["nobody"])
+    return events, item_ids, blocks, read_user_ids(blocks.run, blocks.n)
 
 
 def test_block_sums_equal_the_whole_matrix(blocked, dask_client):
@@ -200,15 +203,16 @@ def test_the_item_side_from_blocks_is_build_spaces(blocked, dask_client, tmp_pat
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)
     space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
-    saved = fit_blocks(dask_client, tmp_path, blocks, item_ids, text, settings)
-    items = read_item_side(tmp_path)
+    blocks = blocks_in(blocks, tmp_path)
+    saved = fit_blocks(dask_client, blocks, item_ids, text, settings)
+    items = read_item_side(blocks.run)
     assert items.layout == saved.layout
     assert replace(items.layout, behaviour_scale=None) == replace(space.layout, behaviour_scale=None)
     assert items.layout.behaviour_scale == pytest.approx(space.layout.behaviour_scale, rel=1e-5)
     assert saved.users == len(user_ids) == 401
     assert saved.users_with_history == int(space.has_history.sum()) == 400
     assert saved.cold_items == int((~space.warm).sum())
-    assert set(saved.files) == {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "item-side").iterdir()}
+    assert set(saved.files) == {p.relative_to(tmp_path).as_posix() for p in blocks.run.item_side.iterdir()}
     for name in ("behaviour_docs", "behaviour_queries", "text", "popularity"):
         np.testing.assert_allclose(getattr(items, name), getattr(space.items, name), rtol=1e-4, atol=1e-4)
 
@@ -221,12 +225,12 @@ def test_the_item_side_at_a_rank_below_full_stays_on_the_workers(blocked, dask_c
     text = np.random.default_rng(4).standard_normal((len(item_ids), 16)).astype(np.float32)
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0,
                                blend=BlendSettings(factors=8, text_in_fit=0.0))
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    on_workers = fit_blocks(dask_client, tmp_path / "a", blocks, item_ids, text, settings)
-    here = fit_blocks(None, tmp_path / "b", blocks, item_ids, text, settings)
+    at_a, at_b = blocks_in(blocks, tmp_path / "a"), blocks_in(blocks, tmp_path / "b")
+    on_workers = fit_blocks(dask_client, at_a, item_ids, text, settings)
+    here = fit_blocks(None, at_b, item_ids, text, settings)
     assert on_workers.layout.behaviour_dim == 8 and on_workers.cold_items == here.cold_items == 10
     assert on_workers.layout.behaviour_scale == pytest.approx(here.layout.behaviour_scale, rel=1e-4)
-    a, b = read_item_side(tmp_path / "a"), read_item_side(tmp_path / "b")
+    a, b = read_item_side(at_a.run), read_item_side(at_b.run)
     for name in ("behaviour_docs", "behaviour_queries", "text"):
         np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-3, atol=1e-4)
     prefixes = set(dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
@@ -236,7 +240,7 @@ def test_the_item_side_at_a_rank_below_full_stays_on_the_workers(blocked, dask_c
 def test_the_first_blocks_hold_the_hash_sample(blocked):
     """The gate's users (`hash_sample` of every user with events) are read from the first blocks only."""
     events, _, blocks, _ = blocked
-    chosen, sampled = first_users(blocks.folder, blocks.n, 60)
+    chosen, sampled = first_users(blocks.run, blocks.n, 60)
     assert sorted(chosen) == sorted(hash_sample(events["user_id"].unique(), 60))
     assert list(np.argsort(user_hash(chosen), kind="stable")) == list(range(60))
     pd.testing.assert_frame_equal(sampled[["user_id", "item_id"]].sort_values(["user_id", "item_id"]).reset_index(drop=True),

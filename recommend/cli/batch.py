@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from embedder.errors import RecsError
+from embedder.run_folder import RunFolder
 from recommend.cli.app import ConfigOpt, JsonOpt, QuietOpt, VerboseOpt, _output, app, user_errors
 from recommend.cli.output import eval_table
 
@@ -74,7 +75,7 @@ def refresh(config: str = ConfigOpt,
             else f"built {report.run_id} (not published: publish.enabled is false)")
     typer.echo(f"{what}: {items.accepted} items ({emb.items_encoded} texts encoded, {emb.items_from_cache} from cache; "
                f"{items.quarantined} of {items.rows_read} rows quarantined), {report.index.users} users, "
-               f"{report.seconds['total']:.1f}s; report: {report.run_dir}/report.json")
+               f"{report.seconds['total']:.1f}s; report: {RunFolder(report.run_dir).report}")
 
 
 def _numbers(text: str, kind, name: str) -> tuple:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from embedder.artifacts import file_digest
 from embedder.cache import EmbeddingCache
 from embedder.errors import RecsError
+from embedder.run_folder import RunFolder
 from recommend.config import Config
 from recommend.run.lock import LockHeld, RefreshLock
 from recommend.run.report import read_report
@@ -53,10 +54,10 @@ class DamagedArtifact(RecsError):
     """A run artifact does not hold what was written (truncated, changed). Exit code 1."""
 
 
-def run_problems(run_dir: Path) -> list[str]:
+def run_problems(run: RunFolder) -> list[str]:
     """What is wrong with one run folder (empty: nothing)."""
     problems = []
-    path = run_dir / "report.json"
+    path = run.report
     if not path.is_file():
         problems.append("no report.json: the run was stopped before it could write one (killed)")
     else:
@@ -64,21 +65,21 @@ def run_problems(run_dir: Path) -> list[str]:
             read_report(path)  # None (an earlier version's format) is not a problem
         except (ValidationError, ValueError) as exc:
             problems.append(f"report.json is damaged ({str(exc).splitlines()[0]})")
-    for manifest in sorted(run_dir.glob("manifest-*.json")):
+    for manifest in run.manifests():
         try:
             files = json.loads(manifest.read_text()).get("files", {})
         except ValueError as exc:
             problems.append(f"{manifest.name} is damaged ({exc})")
             continue
         for name, digest in files.items():
-            problem = artifact_problem(run_dir, name, digest)
+            problem = artifact_problem(run, name, digest)
             if problem:
                 problems.append(problem)
     return problems
 
 
-def artifact_problem(run_dir: Path, name: str, digest: str) -> str | None:
-    path = run_dir / name
+def artifact_problem(run: RunFolder, name: str, digest: str) -> str | None:
+    path = run.root / name
     if not path.is_file():
         return f"{name} is missing"
     if file_digest(path) != digest:
@@ -86,19 +87,20 @@ def artifact_problem(run_dir: Path, name: str, digest: str) -> str | None:
     return None
 
 
-def verify_artifacts(run_dir: Path, *names: str) -> None:
-    """Raise DamagedArtifact naming the file when an artifact no longer matches its manifest."""
+def verify_artifacts(run: RunFolder, *paths: Path) -> None:
+    """Raise DamagedArtifact naming the file when an artifact (a file or folder of the run) no longer
+    matches its manifest."""
     listed = {}
-    for manifest in run_dir.glob("manifest-*.json"):
+    for manifest in run.manifests():
         try:
             listed.update(json.loads(manifest.read_text()).get("files", {}))
         except ValueError:
             continue
-    for name in names:  # a folder (events.parquet) stands for every file listed in it
+    for name in map(run.relative, paths):  # a folder (events.parquet) stands for every file listed in it
         for found in [n for n in listed if n == name or n.startswith(name + "/")]:
-            problem = artifact_problem(run_dir, found, listed[found])
+            problem = artifact_problem(run, found, listed[found])
             if problem:
-                raise DamagedArtifact(f"run {run_dir.name}: {problem}; pick another run (--run) or refresh again")
+                raise DamagedArtifact(f"run {run.run_id}: {problem}; pick another run (--run) or refresh again")
 
 
 def check_workdir(config: Config, repair: bool = False) -> CheckReport:
@@ -106,7 +108,7 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
     findings = []
     vectors, damaged = EmbeddingCache(config.cache_root).check(repair=repair)
     findings += [Finding(where="cache", problem=d, repaired="moved aside" if repair else None) for d in damaged]
-    runs = sorted(p for p in runs_dir(config.workdir).glob("*") if p.is_dir()) if runs_dir(config.workdir).exists() else []
+    runs = [RunFolder(p) for p in sorted(runs_dir(config.workdir).glob("*")) if p.is_dir()] if runs_dir(config.workdir).exists() else []
     try:
         RefreshLock(config.workdir).acquire().release()
         running = None
@@ -115,17 +117,17 @@ def check_workdir(config: Config, repair: bool = False) -> CheckReport:
     versions, published, in_progress = None, None, []
     if config.publish.enabled:
         versions, published = _check_store(config, findings, repair=repair and running is None,
-                                           writing=running.name if running else None, in_progress=in_progress)
+                                           writing=running.run_id if running else None, in_progress=in_progress)
     for run in runs:
         if run == running:
             continue
         problems = run_problems(run)
         # a killed run's folder (no report) behind no published version holds nothing anyone reads
-        removable = repair and published is not None and run.name not in published and \
+        removable = repair and published is not None and run.run_id not in published and \
             any(p.startswith("no report.json") for p in problems)
         if removable:
-            shutil.rmtree(run, ignore_errors=True)
-        findings += [Finding(where=f"run {run.name}", problem=p, repaired="removed" if removable else None)
+            shutil.rmtree(run.root, ignore_errors=True)
+        findings += [Finding(where=f"run {run.run_id}", problem=p, repaired="removed" if removable else None)
                      for p in problems[:1 if removable else None]]
     return CheckReport(cache_vectors=vectors, runs=len(runs), versions=versions, findings=findings, in_progress=in_progress)
 

@@ -7,13 +7,13 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 from embedder.artifacts import arrow_to_vectors, write_json
 from embedder.errors import RecsError
+from embedder.run_folder import RunFolder
 from recommend.config import Config, stage_settings
 from recommend.quality.evaluate import EvalResult, Split, Tried, evaluate, tune
 from recommend.quality.plots import plot_eval
@@ -30,11 +30,11 @@ def evaluate_run(config: Config, run_id: str | None = None, *, split: Split = "r
     report, events, item_ids, text = _load(config, run_id)
     result = evaluate(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, split=split,
                       test_ratio=test_ratio, seed=seed, ks=ks, sweep=sweep)
-    run = Path(report.run_dir)
+    run = RunFolder(report.run_dir)
     result.run_id = report.run_id
-    result.written = [str(run / f"eval-{split}.json")]
+    result.written = [str(run.evaluation(split))]
     if plots:
-        result.written += plot_eval(result, run, prefix=f"eval-{split}")
+        result.written += plot_eval(result, run.root, prefix=run.evaluation(split).stem)
     write_json(result, result.written[0])
     return result
 
@@ -45,7 +45,7 @@ def tune_run(config: Config, run_id: str | None = None, *, test_ratio: float = 0
     report, events, item_ids, text = _load(config, run_id)
     tried = tune(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, test_ratio=test_ratio,
                  seed=seed)
-    write_json({"run_id": report.run_id, "tried": [t.model_dump() for t in tried]}, Path(report.run_dir) / "tune.json")
+    write_json({"run_id": report.run_id, "tried": [t.model_dump() for t in tried]}, RunFolder(report.run_dir).tune)
     return tried
 
 
@@ -55,8 +55,8 @@ def _load(config: Config, run_id: str | None):
     if report is None or report.status != "ok":
         raise RecsError(f"no completed refresh run in {runs_dir(config.workdir)}"
                         + (f" with id {run_id!r}" if run_id else "") + "; run `recs refresh` first")
-    run = Path(report.run_dir)
-    verify_artifacts(run, "embeddings.parquet", "events.parquet")
-    emb = pq.read_table(run / "embeddings.parquet")
-    events = pd.read_parquet(run / "events.parquet", columns=["user_id", "item_id", "ts", "event_type"])  # every block
+    run = RunFolder(report.run_dir)
+    verify_artifacts(run, run.embeddings, run.events)
+    emb = pq.read_table(run.embeddings)
+    events = pd.read_parquet(run.events, columns=["user_id", "item_id", "ts", "event_type"])  # every block
     return report, events, emb["item_id"].to_pylist(), arrow_to_vectors(emb["vector"])

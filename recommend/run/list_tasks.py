@@ -20,8 +20,8 @@ process (tests/test_list_tasks.py checks it).
 Without a client the blocks run one after another in this process.
 
 Example (what the lists stage does):
-    save_item_side(run_dir, space.items, item_ids)   # recommend/run/item_tasks.py
-    parts = list_blocks(client, run_dir, len(item_ids), blocks, settings, ListJob(k=10), sample=rows)
+    save_item_side(blocks.run, space.items, item_ids)   # recommend/run/item_tasks.py
+    parts = list_blocks(client, len(item_ids), blocks, settings, ListJob(k=10), sample=rows)
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -41,15 +40,14 @@ from index.build import load_index
 from index.search import flat_vectors
 from index.rows import Rows, take_rows
 from embedder.event_blocks import Blocks
+from embedder.run_folder import RunFolder
 from recommend.ranking.blend import ItemSide, user_block_vectors
 from recommend.ranking.lists import LIST_SCHEMA, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import RankingSettings
-from recommend.run.item_tasks import INDEX, read_item_ids, read_item_side
+from recommend.run.item_tasks import read_item_ids, read_item_side
 from recommend.run.user_tasks import load_user_block
 
 BLOCK = 8192  # items or users per task by default: lists.block_size (Spark's ALS recommendForAll cuts 4096)
-LISTS = "lists.parquet"  # folder of Parquet parts (pandas and pyarrow read it as one table)
-PARTS = "parts"
 
 
 @dataclass(frozen=True)
@@ -89,23 +87,23 @@ class Loaded:
     new_items: np.ndarray
 
 
-_loaded: dict[str, Loaded] = {}
+_loaded: dict[RunFolder, Loaded] = {}
 _loading = threading.Lock()
 
 
-def load_item_side(run_dir: str) -> Loaded:
+def load_item_side(run: RunFolder) -> Loaded:
     """The run's item side (arrays memory-mapped: workers on one host share the pages) and index,
     loaded once per process and kept for the next block; a new run's replaces the last one."""
     with _loading:
-        if run_dir not in _loaded:
+        if run not in _loaded:
             _loaded.clear()
-            items, item_ids = read_item_side(run_dir), read_item_ids(run_dir)
-            index = load_index(Path(run_dir) / INDEX, mmap=True)  # one copy per host, in the page cache
+            items, item_ids = read_item_side(run), read_item_ids(run)
+            index = load_index(run.index, mmap=True)  # one copy per host, in the page cache
             stored = flat_vectors(index)  # an exact index holds the documents as they are: no need to recompute them
-            _loaded[run_dir] = Loaded(items, item_ids, index, items.docs() if stored is None else stored, items.queries(),
+            _loaded[run] = Loaded(items, item_ids, index, items.docs() if stored is None else stored, items.queries(),
                                       np.argsort(-np.asarray(items.popularity), kind="stable"),
                                       np.flatnonzero(~np.asarray(items.warm)))
-        return _loaded[run_dir]
+        return _loaded[run]
 
 
 def forget_item_side() -> None:
@@ -115,70 +113,72 @@ def forget_item_side() -> None:
         _loaded.clear()
 
 
-def _write_part(run_dir: Path, kind: str, block: int, subject_ids, scores: np.ndarray, ids: np.ndarray,
-                item_ids: np.ndarray, source: np.ndarray, vectors: np.ndarray | None = None) -> dict[str, str]:
-    name = f"{kind}-{block:06d}"
-    lists = run_dir / LISTS / f"{name}.parquet"
+def _write_part(run: RunFolder, kind: str, block: int, subject_ids, found: tuple[np.ndarray, np.ndarray, np.ndarray],
+                item_ids: np.ndarray, vectors: np.ndarray | None = None) -> dict[str, str]:
+    """A block's two files; `found`: its (scores, ids, source)."""
+    scores, ids, source = found
+    lists = run.list_part(kind, block)
     frame = lists_frame(kind, subject_ids, scores, ids, item_ids, source)
     write_parquet(pa.Table.from_pandas(frame, schema=LIST_SCHEMA, preserve_index=False), lists)
     arrays = {"scores": scores, "ids": ids, "source": np.asarray(source, dtype=str)}
     if vectors is not None:
         arrays["vectors"] = vectors
-    part = run_dir / PARTS / f"{name}.npz"
+    part = run.part_arrays(kind, block)
     with atomic_path(part) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    return {f"{LISTS}/{name}.parquet": file_digest(lists), f"{PARTS}/{name}.npz": file_digest(part)}
+    return {run.relative(path): file_digest(path) for path in (lists, part)}
 
 
-def item_block(run_dir: str, block: int, start: int, stop: int, job: ListJob, sample: np.ndarray) -> Part:
+def item_block(run: RunFolder, block: int, start: int, stop: int, job: ListJob, sample: np.ndarray) -> Part:
     """Similar items for items start..stop-1 (run on a worker). `sample`: item rows whose listed ids
     come back in the Part, for the item lists' recall against exact search."""
     started = time.perf_counter()
-    side = load_item_side(run_dir)
+    side = load_item_side(run)
     rows = np.arange(start, stop, dtype=np.int64)
     scores, ids, filled = similar_items(side.index, take_rows(side.queries, rows), job.k, np.asarray(side.items.popularity),
                                         item_vectors=side.docs, rows=rows, popular_order=side.popular_order)
     warm = np.asarray(side.items.warm[rows])
     source = labels(np.where(filled, "similar+popular", np.where(warm, "similar", "similar-from-text")))
-    files = _write_part(Path(run_dir), "item", block, side.item_ids[rows], scores, ids, side.item_ids, source)
+    files = _write_part(run, "item", block, side.item_ids[rows], (scores, ids, source), side.item_ids)
     return Part("item", block, start, len(rows), files, sample_ids=ids[np.isin(rows, sample)],
                 seconds=time.perf_counter() - started)
 
 
-def user_block(run_dir: str, block: int, start: int, job: ListJob, n_items: int, settings: RankingSettings, now,
-               events: str) -> Part:
+def user_block(run: RunFolder, block: int, start: int, job: ListJob, n_items: int, settings: RankingSettings,
+               now) -> Part:
     """Vectors and recommended items for the users of one event block (rows start.. of the users),
-    their interactions read from the block's file in the folder `events` (run on a worker)."""
+    their interactions read from the block's file (run on a worker)."""
     started = time.perf_counter()
-    side = load_item_side(run_dir)
-    user_ids, rows = load_user_block(events, block, n_items, settings, now)
+    side = load_item_side(run)
+    user_ids, rows = load_user_block(run, block, n_items, settings, now)
     vectors = user_block_vectors(rows, side.items)
     n_history = rows.n_history
     scores, ids, source = recommended_items(
         side.index, vectors, n_history > 0, rows.binary, job.k, side.docs, np.asarray(side.items.popularity),
         new_items=side.new_items, new_slots=job.new_slots, new_boost=job.new_boost, popular_order=side.popular_order)
     source = labels(np.where((source == "history") & (n_history < side.items.layout.few_events), "few-events", source))
-    files = _write_part(Path(run_dir), "user", block, user_ids, scores, ids, side.item_ids, source, vectors=vectors)
+    files = _write_part(run, "user", block, user_ids, (scores, ids, source), side.item_ids, vectors=vectors)
     listed = (ids >= 0).sum(axis=1)
     return Part("user", block, start, len(user_ids), files, short_of_k=int((listed < min(job.k, len(side.item_ids))).sum()),
                 new_items_listed=int(np.isin(ids[ids >= 0], side.new_items).sum()), seconds=time.perf_counter() - started)
 
 
-def list_blocks(client, run_dir: Path, n_items: int, blocks: Blocks, settings: RankingSettings, job: ListJob, *,
+def list_blocks(client, n_items: int, blocks: Blocks, settings: RankingSettings, job: ListJob, *,
                 sample: np.ndarray, block_size: int = BLOCK,
                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[Part]:
     """Every item block of `block_size` rows and every user block (the event blocks ingest wrote), on
     the workers (in this process without a client), at most a few per task slot in flight. Returns
-    their Parts in block order, items first."""
-    (run_dir / LISTS).mkdir(exist_ok=True)
-    (run_dir / PARTS).mkdir(exist_ok=True)
-    folder = str(run_dir)
+    their Parts in block order, items first. The item side and the index are read from the blocks'
+    run folder, where the parts are written."""
+    run = blocks.run
+    run.lists.mkdir(exist_ok=True)
+    run.parts.mkdir(exist_ok=True)
     n_item_blocks = -(-n_items // block_size)
     starts = blocks.starts
-    calls = [(item_block, (folder, b, b * block_size, min((b + 1) * block_size, n_items), job, sample))
+    calls = [(item_block, (run, b, b * block_size, min((b + 1) * block_size, n_items), job, sample))
              for b in range(n_item_blocks)]
-    calls += [(user_block, (folder, b, int(starts[b]), job, n_items, settings, blocks.newest, blocks.folder))
+    calls += [(user_block, (run, b, int(starts[b]), job, n_items, settings, blocks.newest))
               for b in range(blocks.n)]
     ticks = {"item": progress("item->item", n_items) if progress else None,
              "user": progress("user->item", blocks.users) if progress else None}

@@ -20,6 +20,7 @@ from embedder.artifacts import write_json, write_text
 from embedder.errors import RecsError, StorageError
 from embedder.model import ModelNotFound, pick_device, resolve_model_path
 from embedder.precision import resolve_precision
+from embedder.run_folder import RunFolder
 from recommend.config import Config, ConfigError, stage_settings
 from recommend.run import stages
 from recommend.run.cluster import dask_client
@@ -56,14 +57,14 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
         settings = stage_settings(config)
         run_id = new_run_id()
-        run_dir = runs_dir(config.workdir) / run_id
+        folder = RunFolder(runs_dir(config.workdir) / run_id)
         try:
-            run_dir.mkdir(parents=True)
+            folder.root.mkdir(parents=True)
         except OSError as exc:
-            raise StorageError(f"cannot create the run folder {run_dir}: {exc.strerror}") from None
+            raise StorageError(f"cannot create the run folder {folder}: {exc.strerror}") from None
         out = Reporter(quiet)
-        out.say(f"refresh: run {run_id} -> {run_dir}")
-        run = stages.Run(config, settings, run_dir, out, RefreshReport(run_id=run_id, run_dir=str(run_dir)))
+        out.say(f"refresh: run {run_id} -> {folder}")
+        run = stages.Run(config, settings, folder, out, RefreshReport(run_id=run_id, run_dir=str(folder)))
         started = time.perf_counter()
         try:
             cluster = nullcontext(client) if client is not None else dask_client(config.dask, device=config.embed.device)
@@ -81,7 +82,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             if not isinstance(exc, Exception):
                 raise  # an interrupt stays an interrupt
             error = exc if isinstance(exc, RecsError) else RefreshFailed(
-                f"refresh failed in stage {run.current}: {type(exc).__name__}: {exc} (report: {run_dir / 'report.json'}). "
+                f"refresh failed in stage {run.current}: {type(exc).__name__}: {exc} (report: {folder.report}). "
                 "Nothing was published; the live version stays live.")
             error.report = run.report  # what the CLI prints with --json
             if error is exc:
@@ -152,5 +153,5 @@ def _prune_runs(run: stages.Run) -> None:
 
 
 def _write_report(run: stages.Run) -> None:
-    write_json(run.report, run.run_dir / "report.json")
-    write_text(human_report(run.report), run.run_dir / "report.md")
+    write_json(run.report, run.folder.report)
+    write_text(human_report(run.report), run.folder.report_md)

@@ -3,11 +3,11 @@
 Every part the lists stage wrote (recommend/run/list_tasks.py: a block of items or of users) becomes
 that many Qdrant points, made by `part_points` from the run folder's files:
 
-    items  ids from item-side/item_ids.parquet; vectors "text" (embeddings.parquet), "blend" and
-           "blend_query" (the item side); payloads from parts/item-<block>.npz and the catalog's
-           metadata columns (sent with the task: a block's rows)
+    items  ids from the item side; vectors "text" (the embeddings), "blend" and "blend_query" (the
+           item side); payloads from the item part's arrays and the catalog's metadata columns (sent
+           with the task: a block's rows)
     users  ids from the block's users file (embedder/event_blocks.py); the vector "profile" and the
-           payloads from parts/user-<block>.npz
+           payloads from the user part's arrays
 
 The same function runs wherever the writing does:
 - the embedded default: each shard is a task on a worker that reads its parts (`Points.pieces`: the
@@ -25,8 +25,8 @@ The server path was not run against a Qdrant server (none runs on our machines):
 against local mode, through a single worker (tests/test_publish_tasks.py).
 
 Example (what the publish stage does):
-    source = PointSource(str(run_dir), blocks.folder, parquet_rows(run_dir / "embeddings.parquet"))
-    items = collection_points(client, source, parts, "item", metadata, sizes["item"], target=Target(url))
+    source = PointSource(blocks.run, parquet_rows(blocks.run.embeddings))
+    items = collection_points(client, source, parts, "item", metadata, sizes["item"], Target(url))
     publish_version(store, run_id, items, users, metadata=meta)
 """
 
@@ -42,11 +42,12 @@ from typing import Callable, Mapping
 import numpy as np
 
 from embedder.event_blocks import block_user_ids
+from embedder.run_folder import RunFolder
 from embedder.task_window import in_window
 from index.rows import RowSource
 from recommend.ranking.blend import ItemSide, Layout
 from recommend.run.item_tasks import read_item_ids, read_item_side
-from recommend.run.list_tasks import PARTS, Part
+from recommend.run.list_tasks import Part
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,
                                        item_payloads, upload, user_payloads)
 from recommend.serving.store import open_local, open_store
@@ -56,20 +57,26 @@ from recommend.serving.store import open_local, open_store
 class PointSource:
     """What every part's points are made from (small: it travels with each task)."""
 
-    run_dir: str
-    events: str       # the event blocks' folder: the users' ids
+    run: RunFolder    # the item side, the parts, the event blocks (the users' ids)
     text: RowSource   # the items' text vectors: embeddings.parquet as ParquetRows, which pickles as its path
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a task uploads: a Qdrant server by URL (one connection per worker process, its API key
-    from the worker's environment variable `api_key_env`), or a local-mode folder, which takes one
-    writer at a time (a cluster of one single-threaded worker)."""
+    """Where and how the points are uploaded: from tasks on the workers to a Qdrant server by URL (one
+    connection per worker process, its API key from the worker's environment variable `api_key_env`)
+    or to a local-mode folder, which takes one writer at a time (a cluster of one single-threaded
+    worker); with neither, from this process into the client the store gives."""
 
     url: str | None = None
     path: str | None = None
     api_key_env: str = "QDRANT_API_KEY"
+    batch_size: int = 256  # points per upsert
+    parallel: int = 1      # upserts in flight, in this process
+
+    @property
+    def from_workers(self) -> bool:
+        return bool(self.url or self.path)
 
     def open(self):
         if self.url:
@@ -81,17 +88,17 @@ class Target:
 
 
 _lock = threading.Lock()
-_sides: dict[str, tuple[ItemSide, np.ndarray]] = {}
+_sides: dict[RunFolder, tuple[ItemSide, np.ndarray]] = {}
 _local: dict[str, object] = {}
 
 
-def _item_side(run_dir: str) -> tuple[ItemSide, np.ndarray]:
+def _item_side(run: RunFolder) -> tuple[ItemSide, np.ndarray]:
     """The run's item side (memory-mapped) and item ids, read once per process."""
     with _lock:
-        if run_dir not in _sides:
+        if run not in _sides:
             _sides.clear()
-            _sides[run_dir] = (read_item_side(run_dir), read_item_ids(run_dir))
-        return _sides[run_dir]
+            _sides[run] = (read_item_side(run), read_item_ids(run))
+        return _sides[run]
 
 
 def forget_sources() -> None:
@@ -115,8 +122,8 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
                 ) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:
     """(business ids, named vectors, payloads) of one part's subjects. `metadata`: the catalog's
     chosen columns for an item part's rows."""
-    side, item_ids = _item_side(source.run_dir)
-    with np.load(Path(source.run_dir) / PARTS / f"{part.kind}-{part.block:06d}.npz") as arrays:
+    side, item_ids = _item_side(source.run)
+    with np.load(source.run.part_arrays(part.kind, part.block)) as arrays:
         lists = {name: arrays[name] for name in arrays.files}
     if part.kind == "item":
         rows = np.arange(part.start, part.start + part.subjects, dtype=np.int64)
@@ -125,7 +132,7 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
         payloads = item_payloads(item_ids, metadata, lists["scores"], lists["ids"], lists["source"],
                                  subjects=subjects)
         return subjects.tolist(), vectors, payloads
-    subjects = block_user_ids(source.events, part.block)
+    subjects = block_user_ids(source.run, part.block)
     payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], lists["source"])
     return subjects, {USER_VECTOR: lists["vectors"]}, payloads
 
@@ -138,18 +145,16 @@ def upload_part(qdrant, name: str, source: PointSource, part: Part, metadata: Ma
     return len(ids)
 
 
-def upload_part_task(target: Target, name: str, source: PointSource, part: Part, metadata: Mapping[str, list],
-                     batch_size: int) -> int:
+def upload_part_task(target: Target, name: str, source: PointSource, part: Part, metadata: Mapping[str, list]) -> int:
     """`upload_part` on a worker, over its own connection to `target`."""
-    return upload_part(target.open(), name, source, part, metadata, batch_size)
+    return upload_part(target.open(), name, source, part, metadata, target.batch_size)
 
 
 def collection_points(client, source: PointSource, parts: list[Part], kind: str, metadata: Mapping[str, object],
-                      sizes: dict[str, int], *, target: Target | None = None, batch_size: int = 256,
-                      parallel: int = 1) -> Points:
+                      sizes: dict[str, int], target: Target = Target()) -> Points:
     """The `kind` ("item" or "user") parts' points for `stage_version`: uploaded from tasks on the
-    workers of `client` when a `target` is given, else streamed from this process into the client
-    the store gives. `metadata`: column -> the catalog's values for every item (pandas Series or
+    workers of `client` when `target` names a server or folder, else streamed from this process into
+    the client the store gives. `metadata`: column -> the catalog's values for every item (pandas Series or
     sequences), sent a part's rows at a time."""
     mine = sorted((p for p in parts if p.kind == kind), key=lambda p: p.block)
 
@@ -160,16 +165,16 @@ def collection_points(client, source: PointSource, parts: list[Part], kind: str,
         return {c: (v.iloc[cut] if hasattr(v, "iloc") else np.asarray(v[cut])).tolist() for c, v in metadata.items()}
 
     def load(qdrant, name: str, progress: Callable[[int], None] | None) -> None:
-        if target is None or client is None:
+        if not target.from_workers or client is None:
             for part in mine:
-                upload_part(qdrant, name, source, part, rows_of(part), batch_size, progress, parallel)
+                upload_part(qdrant, name, source, part, rows_of(part), target.batch_size, progress, target.parallel)
             forget_sources()
             return
         stamp = time.time_ns()
 
         def submit(i: int):
             part = mine[i]
-            return client.submit(upload_part_task, target, name, source, part, rows_of(part), batch_size, pure=False,
+            return client.submit(upload_part_task, target, name, source, part, rows_of(part), pure=False,
                                  key=f"upload-part-{kind}-{part.block}-{stamp}")
 
         try:

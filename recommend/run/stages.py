@@ -24,6 +24,7 @@ from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
 from embedder.event_blocks import Blocks
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
+from embedder.run_folder import RunFolder
 from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT
 from index.rows import parquet_rows
@@ -60,7 +61,7 @@ class Run:
 
     config: Config
     settings: StageSettings
-    run_dir: Path
+    folder: RunFolder
     out: Reporter
     report: RefreshReport
     client: object = None  # the Dask client
@@ -103,25 +104,25 @@ class Inputs:
 def ingest(run: Run) -> Inputs:
     """Items, events and (optional) users read, validated and quarantined; the accepted events
     written by user block on the workers (embedder/event_blocks.py); the bad-row limits checked."""
-    config, s, run_dir = run.config, run.settings, run.run_dir
+    config, s, folder = run.config, run.settings, run.folder
     with run.stage("ingest"):
         items = ingest_items(s.items, s.item_mapping, bar=run.bar("ingest"))
         _require_rows("items", config.items.path, items)
         users = ingest_user_ids(s.users, s.user_id_column) if s.users else None
         events, blocks = ingest_events_to_blocks(
-            s.events, s.event_columns, s.ranking.weights, items.rows["item_id"], s.timezone, run_dir,
-            block_size=config.lists.block_size, extra_users=users.rows["user_id"] if users else (), bar=run.bar("ingest"))
+            s.events, s.event_mapping, items.rows["item_id"], folder, block_size=config.lists.block_size,
+            extra_users=users.rows["user_id"] if users else (), bar=run.bar("ingest"))
         _require_rows("events", config.events.path, events)
         quarantine = pd.concat([q.assign(input=name) for name, q in
                                 (("items", items.quarantine), ("events", events.quarantine),
                                  ("users", users.quarantine if users else None)) if q is not None and len(q)]
                                or [pd.DataFrame(columns=QUARANTINE_COLUMNS + ["input"])], ignore_index=True)
-        write_parquet(pa.Table.from_pandas(quarantine.astype({"row": "int64"}), preserve_index=False), run_dir / "quarantine.parquet")
-        write_parquet(pa.Table.from_pandas(items.rows, preserve_index=False), run_dir / "items.parquet")
+        write_parquet(pa.Table.from_pandas(quarantine.astype({"row": "int64"}), preserve_index=False), folder.quarantine)
+        write_parquet(pa.Table.from_pandas(items.rows, preserve_index=False), folder.items)
     run.report.items, run.report.events = items.counts, events.counts
     run.report.users = users.counts if users else None
-    write_manifest(run_dir, IngestManifest(
-        files={**digests(run_dir, "quarantine.parquet", "items.parquet"), **blocks.files()},
+    write_manifest(folder, IngestManifest(
+        files={**digests(folder, folder.quarantine, folder.items), **blocks.files()},
         inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
         items=items.counts, events=events.counts, users=users.counts if users else None, seconds=run.report.seconds["ingest"],
         config={"items": config.items.model_dump(), "events": config.events.model_dump(),
@@ -132,16 +133,16 @@ def ingest(run: Run) -> Inputs:
     for name, result, section in (("items", items, config.items), ("events", events, config.events),
                                   ("users", users, config.users)):
         if result is not None:
-            check_bad_fraction(name, result.counts, section.max_bad_fraction, str(run_dir / "quarantine.parquet"))
+            check_bad_fraction(name, result.counts, section.max_bad_fraction, str(folder.quarantine))
     if items.rows.empty:
         raise RecsError(f"no usable items in {config.items.path}: all {items.counts.rows_read} rows quarantined "
-                        f"(reasons: {items.counts.quarantine_reasons}); see {run_dir / 'quarantine.parquet'}")
+                        f"(reasons: {items.counts.quarantine_reasons}); see {folder.quarantine}")
     return Inputs(items, events, blocks, users)
 
 
-def digests(run_dir: Path, *names: str) -> dict[str, str]:
+def digests(folder: RunFolder, *paths: Path) -> dict[str, str]:
     """The digests of artifacts just written, for the stage's manifest (`recs check` verifies them)."""
-    return {name: file_digest(run_dir / name) for name in names}
+    return {folder.relative(path): file_digest(path) for path in paths}
 
 
 def _require_rows(name: str, path: str, result: Ingested) -> None:
@@ -169,10 +170,10 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
         # written on a worker from the cache; no vector comes here (768 MB at 1M items): the fit and the
         # publish read the file a row group at a time
         emb = embed_items(items.rows, config.embed, cache_root=config.cache_root, client=client, threads=threads,
-                          progress=encode_progress, out=run.run_dir / "embeddings.parquet")
-        emb.vectors = parquet_rows(run.run_dir / "embeddings.parquet")
+                          progress=encode_progress, out=run.folder.embeddings)
+        emb.vectors = parquet_rows(run.folder.embeddings)
     run.report.embed = emb.counts
-    write_manifest(run.run_dir, EmbedManifest(files=digests(run.run_dir, "embeddings.parquet"), model=config.embed.model,
+    write_manifest(run.folder, EmbedManifest(files=digests(run.folder, run.folder.embeddings), model=config.embed.model,
                                               model_fingerprint=emb.model_fingerprint,
                                               cache=config.cache_root, counts=emb.counts,
                                               seconds=run.report.seconds["embed"], config=config.embed))
@@ -189,14 +190,14 @@ def gate(run: Run, store, blocks: Blocks) -> GateReport:
         return run.report.gate
     with run.stage("gate"):
         tick = run.out.bar("gate: fit and score on a worker", 1)
-        figures = gate_figures(run.client, run.run_dir, blocks, run.settings.ranking, gc)
+        figures = gate_figures(run.client, blocks, run.settings.ranking, gc)
         tick(1)
         live = live_gate(store, run.config.publish.prefix) if store is not None else None
         live = GateFigures(**live) if live is not None else None
         report = GateReport(**figures.model_dump(), enabled=True, live=live)
         report.problems = gate_problems(report, live, gc)
     run.report.gate = report
-    write_manifest(run.run_dir, GateManifest(gate=report, seconds=run.report.seconds["gate"], config=gc))
+    write_manifest(run.folder, GateManifest(gate=report, seconds=run.report.seconds["gate"], config=gc))
     figure = "n/a" if report.ndcg is None else f"{report.ndcg:.4f} (popularity {report.popularity_ndcg:.4f})"
     run.out.say(f"[gate] nDCG@{gc.k} on the most recent {gc.holdout:.0%}: {figure} "
                 f"{'FAILED' if report.problems else 'passed'} ({run.report.seconds['gate']:.1f}s)")
@@ -225,27 +226,27 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
     """On the workers: the behaviour fit over the user blocks, the item side and the FAISS index
     (built and saved on a worker, recommend/run/item_tasks.py), then K similar items per item and K
     items per user, a block at a time (recommend/run/list_tasks.py). The driver holds summaries."""
-    config, k, ranking, client, run_dir = run.config, run.config.lists.k, run.settings.ranking, run.client, run.run_dir
+    config, k, ranking, client = run.config, run.config.lists.k, run.settings.ranking, run.client
     bar = run.bar("index")
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
         sample = sample_users(client, blocks, TUNE_USERS)  # read once: the fit's scale sample is its first users
-        saved = fit_blocks(client, run_dir, blocks, item_ids, emb.vectors, ranking, bar=bar, sample=sample)
+        saved = fit_blocks(client, blocks, item_ids, emb.vectors, ranking, bar=bar, sample=sample)
         run.release()
         tick = bar("building and tuning the index on a worker", 1)
-        built = build_index(client, run_dir, k, config.index, sample, blocks.newest, ranking,
+        built = build_index(client, blocks, k, config.index, sample, ranking,
                             n_searches=len(item_ids) + saved.users_with_history)
         tick(1)
         del sample
         run.release()
         tuning, files = built.tuning, {**built.files, **saved.files}
         rows = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
-        parts = list_blocks(client, run_dir, len(item_ids), blocks, ranking,
+        parts = list_blocks(client, len(item_ids), blocks, ranking,
                             ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=rows,
                             block_size=config.lists.block_size, progress=bar)
         files.update(part_files(parts))
         recall = Recall(recall=1.0, k=k, sample=0, exact=True) if built.exact else item_lists_recall(
-            client, run_dir, rows, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
+            client, run.folder, rows, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
             min(k, max(len(item_ids) - 1, 0)))
         release_freed_memory()
     factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
@@ -258,7 +259,7 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
         cold_items_in_user_lists=sum(p.new_items_listed for p in user_parts),
         item_lists_recall=recall, search_depth=tuning, layout=saved.layout.to_dict())
     run.report.index = summary
-    write_manifest(run_dir, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
+    write_manifest(run.folder, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
                                           index_config=config.index, lists_config=config.lists,
                                           blend_config=config.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
@@ -276,15 +277,16 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
     The points are made a lists part at a time (recommend/run/publish_tasks.py): the embedded store's
     shards are written by tasks on the workers, a server's points uploaded from the workers."""
     config, pc, run_id = run.config, run.config.publish, run.run_id
-    layout = read_item_side(run.run_dir).layout
+    layout = read_item_side(run.folder).layout
     on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
     with run.stage("publish"):
-        source = PointSource(str(run.run_dir), lists.blocks.folder, emb.vectors)
-        target = Target(url=pc.url, api_key_env=pc.api_key_env) if on_workers else None
+        source = PointSource(run.folder, emb.vectors)
+        target = Target(url=pc.url if on_workers else None, api_key_env=pc.api_key_env, batch_size=pc.batch_size,
+                        parallel=pc.parallel)
         sizes = vector_sizes(layout, emb.vectors.shape[1])
         metadata = {c: items.rows[c] for c in config.items.metadata}
-        points = {kind: collection_points(run.client, source, lists.parts, kind, metadata, sizes[kind], target=target,
-                                          batch_size=pc.batch_size, parallel=pc.parallel) for kind in ("item", "user")}
+        points = {kind: collection_points(run.client, source, lists.parts, kind, metadata, sizes[kind], target)
+                  for kind in ("item", "user")}
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
                 "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": layout.to_dict(),
@@ -301,7 +303,7 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]
-    write_manifest(run.run_dir, PublishManifest(target=store.where, prefix=pc.prefix,
+    write_manifest(run.folder, PublishManifest(target=store.where, prefix=pc.prefix,
                                                 points=written, previous_version=previous, pruned=pruned,
                                                 points_per_second=round(sum(written.values()) / max(seconds, 1e-9), 1),
                                                 seconds=seconds))

@@ -32,7 +32,6 @@ import math
 import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +41,7 @@ from distributed import Future
 from threadpoolctl import threadpool_limits
 
 from embedder.event_blocks import Blocks, first_users, read_block
+from embedder.run_folder import RunFolder
 from embedder.task_window import one_task, task_key
 from index.rows import parquet_rows
 from recommend.quality.evaluate import holdout_score
@@ -55,9 +55,9 @@ GROUP = 8  # blocks per task of the fit: fewer, larger partial sums (each is ite
 ADD_ROWS = 1 << 16  # rows of a block's product added into the partial sum at a time
 
 
-def load_user_block(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> tuple[np.ndarray, UserBlock]:
+def load_user_block(run: RunFolder, block: int, n_items: int, settings: RankingSettings, now) -> tuple[np.ndarray, UserBlock]:
     """(user ids, interaction matrices) of one block, rows in the block's user order."""
-    users, events = read_block(folder, block)
+    users, events = read_block(run, block)
     return users, user_block(events, n_items=n_items, user_ids=users, settings=settings, now=now)
 
 
@@ -66,8 +66,8 @@ _cache: dict[tuple, sp.csr_matrix] = {}
 _cache_lock = threading.Lock()
 
 
-def _key(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> tuple:
-    return folder, block, n_items, settings.blend.fit_input, tuple(sorted(settings.weights.items())), now
+def _key(run: RunFolder, block: int, n_items: int, settings: RankingSettings, now) -> tuple:
+    return run, block, n_items, settings.blend.fit_input, tuple(sorted(settings.weights.items())), now
 
 
 def _keep(key: tuple, rows: sp.csr_matrix) -> None:
@@ -77,15 +77,15 @@ def _keep(key: tuple, rows: sp.csr_matrix) -> None:
             _cache[key] = rows
 
 
-def fit_rows(folder: str, block: int, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
+def fit_rows(run: RunFolder, block: int, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
     """One block's rows of the fitted matrix X, kept in this worker process (up to CACHE_BYTES) for
     the fit's next rounds, which read every block again (7 products: 7 times reading and coding the
     same events otherwise)."""
-    key = _key(folder, block, n_items, settings, now)
+    key = _key(run, block, n_items, settings, now)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    rows = load_user_block(folder, block, n_items, settings, now)[1].fit_on
+    rows = load_user_block(run, block, n_items, settings, now)[1].fit_on
     _keep(key, rows)
     return rows
 
@@ -100,13 +100,13 @@ def _groups(n_blocks: int) -> list[range]:
     return [range(g, min(g + GROUP, n_blocks)) for g in range(0, n_blocks, GROUP)]
 
 
-def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> tuple:
+def _stats_task(run: RunFolder, blocks: range, n_items: int, settings: RankingSettings, now) -> tuple:
     pop = np.zeros(n_items, np.float64)
     counts = np.zeros(n_items, np.int64)
     nnz, squares = 0, 0.0
     for b in blocks:
-        _, rows = load_user_block(folder, b, n_items, settings, now)
-        _keep(_key(folder, b, n_items, settings, now), rows.fit_on)
+        _, rows = load_user_block(run, b, n_items, settings, now)
+        _keep(_key(run, b, n_items, settings, now), rows.fit_on)
         pop += popularity(rows.weighted)
         counts += rows.fit_on.getnnz(axis=0)
         nnz += rows.fit_on.nnz
@@ -114,12 +114,12 @@ def _stats_task(folder: str, blocks: range, n_items: int, settings: RankingSetti
     return pop, counts, nnz, squares
 
 
-def _gram_times_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray,
+def _gram_times_task(run: RunFolder, blocks: range, n_items: int, settings: RankingSettings, now, z: np.ndarray,
                      into: np.ndarray | None = None) -> np.ndarray:
     """The blocks' share of XᵀXz, added into `into` (its chain's running total) when given."""
     out = np.zeros((n_items, z.shape[1]), np.float32, order="F") if into is None else into  # Fortran: the LU works in place
     for b in blocks:  # only the items a block touches: no second (items x r) array per block
-        x = fit_rows(folder, b, n_items, settings, now)
+        x = fit_rows(run, b, n_items, settings, now)
         touched = np.unique(x.indices)
         local = sp.csr_matrix((x.data, np.searchsorted(touched, x.indices), x.indptr), shape=(x.shape[0], len(touched)))
         xz = np.asarray(local @ z[touched], dtype=np.float32)  # (block users x c); z's rows gathered, then dropped
@@ -130,16 +130,16 @@ def _gram_times_task(folder: str, blocks: range, n_items: int, settings: Ranking
     return out
 
 
-def _gram_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> np.ndarray:
+def _gram_task(run: RunFolder, blocks: range, n_items: int, settings: RankingSettings, now) -> np.ndarray:
     out = np.zeros((n_items, n_items), np.float64)
     for b in blocks:
-        x = fit_rows(folder, b, n_items, settings, now).astype(np.float64)
+        x = fit_rows(run, b, n_items, settings, now).astype(np.float64)
         out += (x.T @ x).toarray()
     return out
 
 
-def _rows_task(folder: str, blocks: range, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
-    return sp.vstack([fit_rows(folder, b, n_items, settings, now) for b in blocks]).tocsr()
+def _rows_task(run: RunFolder, blocks: range, n_items: int, settings: RankingSettings, now) -> sp.csr_matrix:
+    return sp.vstack([fit_rows(run, b, n_items, settings, now) for b in blocks]).tocsr()
 
 
 def _add(a, b):
@@ -149,13 +149,13 @@ def _add(a, b):
     return a
 
 
-def _step(fn, combine, adds_into: bool, total, folder: str, group: range, *args):
+def _step(fn, combine, adds_into: bool, total, run: RunFolder, group: range, *args):
     """One group's result added to its chain's running total (None: the chain's first group). With
     `adds_into`, `fn` adds its share into that total's memory itself (`into=`): a chain then holds
     one total, not one per group."""
     if total is not None and adds_into:
-        return fn(folder, group, *args, into=total)
-    part = fn(folder, group, *args)
+        return fn(run, group, *args, into=total)
+    part = fn(run, group, *args)
     return part if total is None else combine(total, part)
 
 
@@ -172,7 +172,7 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False,
     chains: list = [None] * -(-len(groups) // per_chain)
     if client is None:
         for j, g in enumerate(groups):
-            chains[j // per_chain] = _step(fn, combine, adds_into, chains[j // per_chain], blocks.folder, g, *args)
+            chains[j // per_chain] = _step(fn, combine, adds_into, chains[j // per_chain], blocks.run, g, *args)
         parts = chains
         while len(parts) > 1:
             parts = [combine(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + parts[len(parts) - 1:][:len(parts) % 2]
@@ -180,7 +180,7 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False,
     stamp = time.time_ns()
     name = fn.__name__.strip("_").replace("_", "-")
     for j, g in enumerate(groups):  # a chain's next task runs where its total is (the largest input)
-        chains[j // per_chain] = client.submit(_step, fn, combine, adds_into, chains[j // per_chain], blocks.folder, g,
+        chains[j // per_chain] = client.submit(_step, fn, combine, adds_into, chains[j // per_chain], blocks.run, g,
                                                *args, pure=False, key=f"{name}-{g.start}-{stamp}")
     parts, level = chains, 0
     while len(parts) > 1:
@@ -245,25 +245,25 @@ class BlockedFit(FitMatrix):
 
 def sample_users(client, blocks: Blocks, n: int) -> tuple[list[str], pd.DataFrame]:
     """`first_users` (the n users with events of smallest hash, and their events), read on a worker."""
-    return one_task(client, first_users, blocks.folder, blocks.n, n)
+    return one_task(client, first_users, blocks.run, blocks.n, n)
 
 
-def _gate_task(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+def _gate_task(run: RunFolder, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     with threadpool_limits(os.cpu_count()):  # the only task while it runs: BLAS on the host's cores, not Dask's 1
-        return _gate(run_dir, folder, n_blocks, settings, gate)
+        return _gate(run, n_blocks, settings, gate)
 
 
-def _gate(run_dir: str, folder: str, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
-    events = first_users(folder, n_blocks, gate.max_users)[1]
-    path = Path(run_dir) / "embeddings.parquet"
+def _gate(run: RunFolder, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+    events = first_users(run, n_blocks, gate.max_users)[1]
+    path = run.embeddings
     text = parquet_rows(path)  # read a row group at a time, as the driver's fit reads it (1M items: 768 MB not held)
     item_ids = pq.read_table(path, columns=["item_id"]).column(0).to_pylist()
     return holdout_score(events, item_ids=item_ids, text=text, settings=settings, holdout=gate.holdout, k=gate.k,
                          max_users=gate.max_users)
 
 
-def gate_figures(client, run_dir, blocks: Blocks, settings: RankingSettings, gate: GateSettings) -> GateFigures:
+def gate_figures(client, blocks: Blocks, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     """The quality gate's figures (`quality.evaluate.holdout_score`), computed on a worker: the
     `gate.max_users` users of smallest hash read from the first blocks, the item vectors from the
     run's embeddings.parquet. The driver receives the figures only."""
-    return one_task(client, _gate_task, str(run_dir), blocks.folder, blocks.n, settings, gate)
+    return one_task(client, _gate_task, blocks.run, blocks.n, settings, gate)

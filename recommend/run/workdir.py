@@ -1,8 +1,8 @@
 """The workdir: run folders, stage manifests and the refresh lock.
 
-    <workdir>/runs/<run_id>/    one folder per refresh: artifacts, manifest-<stage>.json, report.json
+    <workdir>/runs/<run_id>/    one folder per refresh (its layout: embedder/run_folder.py)
     <workdir>/cache/            the embedding cache (unless embed.cache says otherwise)
-    <workdir>/qdrant/           Qdrant local mode (unless publish.url is set)
+    <workdir>/store/            the embedded store's versions (unless publish.url is set)
     <workdir>/refresh.lock      flock-ed while a refresh runs (recommend/run/lock.py)
 """
 
@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from embedder.artifacts import write_json
 from embedder.errors import RecsError
+from embedder.run_folder import RunFolder
 from recommend.run.report import Manifest, RefreshReport, read_report
 
 log = logging.getLogger("recs")
@@ -45,8 +46,8 @@ def prune_runs(workdir: str | Path, keep: int, protect: set[str]) -> list[str]:
     return deleted
 
 
-def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
-    return write_json(manifest, run_dir / f"manifest-{manifest.stage}.json")
+def write_manifest(run: RunFolder, manifest: Manifest) -> Path:
+    return write_json(manifest, run.manifest(manifest.stage))
 
 
 def latest_report(workdir: str | Path, run_id: str | None = None) -> RefreshReport | None:
@@ -55,7 +56,7 @@ def latest_report(workdir: str | Path, run_id: str | None = None) -> RefreshRepo
     root = runs_dir(workdir)
     candidates = [root / run_id] if run_id else sorted(root.glob("*"), reverse=True) if root.exists() else []
     for run in candidates:
-        path = run / "report.json"
+        path = RunFolder(run).report
         if not path.is_file():
             continue
         try:
@@ -82,9 +83,9 @@ def load_run(workdir: str | Path, run_id: str) -> dict:
     """
     import pandas as pd
 
-    run = runs_dir(workdir) / run_id
-    if not run.is_dir():
+    run = RunFolder(runs_dir(workdir) / run_id)
+    if not run.root.is_dir():
         raise RecsError(f"no run folder {run}: the version may have been published from another workdir")
-    out = {name: pd.read_parquet(run / f"{name}.parquet") for name in ("items", "events", "lists", "quarantine")}
+    out = {name: pd.read_parquet(getattr(run, name)) for name in ("items", "events", "lists", "quarantine")}
     out["report"] = latest_report(workdir, run_id)
     return out
