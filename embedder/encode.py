@@ -80,11 +80,30 @@ def encode_chunk(texts: list[str], model_path: str, *, precision: str = "fp32", 
     return vectors.astype(dtype, copy=False)
 
 
-def encode_texts(texts: list[str] | pd.Series | pa.Array, model_path: str, *, client=None, precision: str = "fp32",
-                 device: str = "auto", batch_size: int = 64, chunk_size: int = 1024, threads: int | dict[str, int] | None = None,
-                 progress: Callable[[int], None] | None = None, dtype=np.float32, rows: np.ndarray | None = None,
+@dataclass(frozen=True)
+class EncodePlan:
+    """How texts are encoded: the model (its resolved path), the precision (resolved, embedder/precision.py),
+    the device, texts per batch and per task (a chunk), each worker's threads (a count, or a count per
+    worker address) and the dtype of the rows returned."""
+
+    model_path: str
+    precision: str = "fp32"
+    device: str = "auto"
+    batch_size: int = 64
+    chunk_size: int = 1024
+    threads: int | dict[str, int] | None = None
+    dtype: type = np.float32
+
+    def chunk_options(self) -> dict:
+        """`encode_chunk`'s keyword arguments."""
+        return {"precision": self.precision, "device": self.device, "batch_size": self.batch_size,
+                "threads": self.threads, "dtype": self.dtype}
+
+
+def encode_texts(texts: list[str] | pd.Series | pa.Array, plan: EncodePlan, *, client=None,
+                 progress: Callable[[int], None] | None = None, rows: np.ndarray | None = None,
                  keys: pa.Array | None = None, cache_root: str | None = None, collect: bool = True) -> np.ndarray | None:
-    """Encode `texts` (order kept) into an (n, dim) array of `dtype`. With a Dask `client` the
+    """Encode `texts` (order kept) into an (n, dim) array of `plan.dtype`. With a Dask `client` the
     length-sorted chunks run on its workers; without one, in this process. Each chunk is written into
     the result as it arrives. `progress(n)` is called as each chunk of n texts finishes.
     With `rows` (positions), only those texts are encoded, each into its own row of the (n, dim)
@@ -94,20 +113,20 @@ def encode_texts(texts: list[str] | pd.Series | pa.Array, model_path: str, *, cl
     embedding cache, where it runs (a worker), before it returns: a crash loses only unfinished chunks.
     `collect` False (with `keys` and `cache_root`): the vectors stay in the cache, none come back
     (returns None)."""
-    options = {"precision": precision, "device": device, "batch_size": batch_size, "threads": threads, "dtype": dtype}
+    options, model_path, dtype, chunk_size = plan.chunk_options(), plan.model_path, plan.dtype, plan.chunk_size
     if not collect:
         if keys is None or cache_root is None:
             raise ValueError("encode_texts(collect=False) needs keys and cache_root: the vectors go to the cache only")
         options["collect"] = False
     rows = np.arange(len(texts)) if rows is None else np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
-        dim = load_encoder(model_path, precision=precision, device=device).dim
+        dim = load_encoder(model_path, precision=plan.precision, device=plan.device).dim
         return np.zeros((len(texts), dim), dtype=dtype) if collect else None
     texts = arrow_strings(texts)  # chunks travel as Arrow arrays and become Python strings on the worker
     keys = None if keys is None else arrow_strings(keys)
     lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
     order = rows[np.argsort(lengths[rows], kind="stable")]
-    if pick_device(device).startswith("cuda"):
+    if pick_device(plan.device).startswith("cuda"):
         chunk_size = max(chunk_size, GPU_CHUNK)
     if client is not None:  # enough chunks to keep every worker busy to the end (sorted first, so no padding is lost)
         chunk_size = max(64, min(chunk_size, -(-len(rows) // (task_slots(client) * 8))))
@@ -224,9 +243,13 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
                 continue  # look the texts up again under fp32 keys, and encode the misses in fp32
         lookup_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        vectors = _encode_misses(texts, first, lookup.found, str(path), client=client, precision=chosen,
-                                 settings=settings, threads=threads, progress=progress, keys=hashes,
-                                 cache_root=cache.root, collect=out is None)
+        plan = EncodePlan(str(path), chosen, device, settings.batch_size, settings.chunk_size, threads, STORED_DTYPE)
+        if len(first):
+            vectors = _encode_misses(texts, first, plan, client=client, progress=progress, keys=hashes,
+                                     cache_root=cache.root, collect=out is None)
+        else:  # all from the cache
+            dim = len(next(iter(lookup.found.values()))) if lookup.found else 0
+            vectors = np.empty((len(texts), dim), dtype=STORED_DTYPE) if out is None else None
         encode_s = time.perf_counter() - t1
         break
     cache.compact(client=client)
@@ -305,15 +328,12 @@ def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
                           for i in range(0, len(keys), EMBEDDINGS_BLOCK)), out)
 
 
-def _encode_misses(texts: pa.Array, rows: np.ndarray, found: dict, model_path: str, *, client,
-                   precision: str, settings: EmbedSettings, threads: int | dict[str, int] | None,
+def _encode_misses(texts: pa.Array, rows: np.ndarray, plan: EncodePlan, *, client,
                    progress: Callable[[int, int], None] | None, keys: pa.Array, cache_root: str,
                    collect: bool = True) -> np.ndarray | None:
-    """An (n, dim) float16 array with `texts[rows]` encoded into `rows` (the other rows left unset):
-    float16 as the cache stores it (a fresh run and a rerun from the cache rank with the same
-    numbers), written straight into the items' array (no second items x dim copy)."""
-    if not len(rows):
-        return np.empty((len(texts), len(next(iter(found.values()))) if found else 0), dtype=STORED_DTYPE) if collect else None
+    """An (n, dim) array of `plan.dtype` (float16 as the cache stores it: a fresh run and a rerun from
+    the cache rank with the same numbers) with `texts[rows]` encoded into `rows` (the other rows left
+    unset), written straight into the items' array (no second items x dim copy)."""
     done = 0
 
     def tick(n: int) -> None:
@@ -322,6 +342,5 @@ def _encode_misses(texts: pa.Array, rows: np.ndarray, found: dict, model_path: s
         if progress:
             progress(done, len(rows))
 
-    return encode_texts(texts, model_path, client=client, precision=precision, device=settings.device,
-                        batch_size=settings.batch_size, chunk_size=settings.chunk_size, threads=threads, progress=tick,
-                        dtype=STORED_DTYPE, rows=rows, keys=keys, cache_root=cache_root, collect=collect)
+    return encode_texts(texts, plan, client=client, progress=tick, rows=rows, keys=keys, cache_root=cache_root,
+                        collect=collect)

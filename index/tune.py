@@ -82,20 +82,16 @@ def set_depth(index, value: int) -> None:
         _hnsw(index).efSearch = int(value)
 
 
-def tune_depth(index, vectors: RowSource, queries: RowSource, k: int, target: float, sample: int = 500, seed: int = 1,
-               other_queries: RowSource | None = None, other_rows: np.ndarray | None = None,
-               progress: Callable[[int], None] | None = None, slowest: float | None = None) -> Tuning:
-    """Set the smallest search depth whose recall@k reaches `target` on a sample of `queries` (each
-    query's own row excluded, as in the item lists) and, when given, on a sample of `other_queries`
-    (user profiles, from `other_rows`, no exclusion). When none does, the smallest depth within
-    PLATEAU of the best recall tried. Both query sets matter: a user's profile is a sum over items and
-    falls in other cells than any one item does, so a depth tuned on items alone can leave the user
-    lists near random. `progress(1)` ticks per depth tried. `slowest`: seconds per query beyond which
-    deeper depths are not tried (exact search's): the index would only be slower than exact search."""
-    knob = depth_knob(index)
-    if is_exact(index) or knob is None:
-        return Tuning(exact=is_exact(index))
-    name, candidates = knob
+TUNE_SAMPLE = 500  # queries of each set the depth is tuned on
+
+
+def tuning_sets(queries: RowSource, other_queries: RowSource | None = None, other_rows: np.ndarray | None = None,
+                sample: int = TUNE_SAMPLE, seed: int = 1) -> list[tuple[np.ndarray, object]]:
+    """The query sets a depth is tuned on, each (queries, rows to exclude): a sample of `queries`
+    (each query's own row excluded, as in the item lists) and, when given, a sample of `other_queries`
+    (user profiles, from `other_rows`, no exclusion). Both matter: a user's profile is a sum over items
+    and falls in other cells than any one item does, so a depth tuned on items alone can leave the
+    user lists near random."""
     rows = sample_rows(len(queries), sample, seed)
     sets = [(np.ascontiguousarray(queries[rows], dtype=np.float32), own_rows(rows))]
     if other_queries is not None:
@@ -103,6 +99,19 @@ def tune_depth(index, vectors: RowSource, queries: RowSource, k: int, target: fl
         if len(pool):
             picked = pool[sample_rows(len(pool), sample, seed)]
             sets.append((np.ascontiguousarray(other_queries[picked], dtype=np.float32), None))
+    return sets
+
+
+def tune_depth(index, vectors: RowSource, sets: list[tuple[np.ndarray, object]], k: int, target: float, *,
+               progress: Callable[[int], None] | None = None, slowest: float | None = None) -> Tuning:
+    """Set the smallest search depth whose recall@k reaches `target` on every one of the query `sets`
+    (`tuning_sets`). When none does, the smallest depth within PLATEAU of the best recall tried.
+    `progress(1)` ticks per depth tried. `slowest`: seconds per query beyond which deeper depths are
+    not tried (exact search's): the index would only be slower than exact search."""
+    knob = depth_knob(index)
+    if is_exact(index) or knob is None:
+        return Tuning(exact=is_exact(index))
+    name, candidates = knob
     truths = [exact_search(vectors, q, k, exclude)[1] for q, exclude in sets]
     tried: dict[int, float] = {}
     seconds: dict[int, float] = {}
@@ -171,8 +180,8 @@ def build_tuned(vectors: RowSource, queries: RowSource | None, k: int, settings:
         return index, Tuning(knob=(depth_knob(index) or (None,))[0], value=settings.search_depth, exact=is_exact(index),
                              decision=f"{factory} at a fixed depth (index.target_recall is null)")
     name, candidates = depth_knob(index)
-    tuning = tune_depth(index, stored, queries, k, settings.target_recall, other_queries=other_queries,
-                        other_rows=other_rows, progress=bar(f"tuning {name}", len(candidates)),
+    tuning = tune_depth(index, stored, tuning_sets(queries, other_queries, other_rows), k, settings.target_recall,
+                        progress=bar(f"tuning {name}", len(candidates)),
                         slowest=exact_s / max(n_searches, 1) if settings.kind == "auto" else None)
     approx_s = time.perf_counter() - started + tuning.seconds_per_query * n_searches
     tuning.exact_estimate_s, tuning.approx_estimate_s = round(exact_s, 1), round(approx_s, 1)

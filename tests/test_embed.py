@@ -9,7 +9,7 @@ from conftest import build_tiny_model
 import pyarrow.parquet as pq
 
 from embedder.cache import STORED_DTYPE, EmbeddingCache, content_hash
-from embedder.encode import embed_items, encode_texts
+from embedder.encode import EncodePlan, embed_items, encode_texts
 from embedder.settings import EmbedSettings
 from embedder.model import model_fingerprint
 
@@ -46,7 +46,7 @@ def test_cache_counts_rerun_and_edits(tmp_path, tiny_model):
     np.testing.assert_allclose(after.vectors[unchanged], first.vectors[unchanged], atol=1e-6)
     assert not np.allclose(after.vectors[3], first.vectors[3])
     np.testing.assert_array_equal(after.vectors[20], after.vectors[3])
-    single = encode_texts(["a brand new text"], str(tiny_model), device="cpu").astype(np.float16)[0]
+    single = encode_texts(["a brand new text"], EncodePlan(str(tiny_model), device="cpu")).astype(np.float16)[0]
     np.testing.assert_allclose(after.vectors[20], single, atol=2e-3)
 
 
@@ -120,7 +120,7 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch)
 
     texts = [("short" if i % 3 else "a much longer text about trail running shoes and mud " * 3) + f" {i}"
              for i in range(450)]
-    local = encode_texts(texts, str(tiny_model), client=None, device="cpu", chunk_size=16)
+    local = encode_texts(texts, EncodePlan(str(tiny_model), device="cpu", chunk_size=16), client=None)
     # chunks are submitted a few per worker at a time, not all at once: count the encode tasks the
     # client holds whenever it submits one (450 texts make 8 chunks of 64; the window is 1 per worker,
     # and the chunk just placed may still be counted)
@@ -134,8 +134,8 @@ def test_dask_encode_equals_single_process(tiny_model, dask_client, monkeypatch)
 
     monkeypatch.setattr(dask_client, "submit", counting_submit)
     done = []
-    spread = encode_texts(pd.Series(texts, dtype=pd.StringDtype("pyarrow")), str(tiny_model), client=dask_client,
-                          device="cpu", chunk_size=16, progress=done.append)
+    spread = encode_texts(pd.Series(texts, dtype=pd.StringDtype("pyarrow")), EncodePlan(str(tiny_model), device="cpu", chunk_size=16),
+                          client=dask_client, progress=done.append)
     assert len(in_flight) == 8 and max(in_flight) <= max(2, workers) < 7  # all at once would reach 7
     assert sum(done) == len(texts)
     np.testing.assert_allclose(spread, local, atol=1e-5)

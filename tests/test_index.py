@@ -10,7 +10,7 @@ from conftest import brute_force
 from index.search import search_excluding
 from index.settings import IndexSettings
 from index.tune import build_tuned, set_depth
-from recommend.ranking.lists import recommended_items, similar_items
+from recommend.ranking.lists import Candidates, recommended_items, similar_items
 
 
 def _unit(n, d=16, seed=0):
@@ -100,7 +100,7 @@ def test_user_lists_exactly_k_unseen(kind):
     profiles = np.stack([items[:34].mean(0), np.zeros(16), items[:37].mean(0), items[5]]).astype(np.float32)
     profiles[[0, 2, 3]] /= np.linalg.norm(profiles[[0, 2, 3]], axis=1, keepdims=True)
     has_history = np.array([True, False, True, True])
-    scores, ids, source = recommended_items(build_index(items, kind=kind), profiles, has_history, seen, 5, items, pop)
+    scores, ids, source = recommended_items(build_index(items, kind=kind), profiles, has_history, seen, 5, Candidates(items, pop))
     assert len(set(ids[0])) == 5 and set(ids[0]) <= set(range(34, 40))
     if kind == "exact":  # oracle: the 5 best unseen by brute force
         assert set(ids[0]) == set(34 + np.argsort(-(items[34:] @ profiles[0]))[:5])
@@ -303,8 +303,9 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
     seen = _csr(seen_rows, n_items)
     pop = rng.random(n_items).astype(np.float32)
     new = np.sort(rng.choice(n_items, 8, replace=False))
+    candidates = Candidates(items, pop, new_items=new, new_slots=2, new_boost=1.5)
     s, i, source = recommended_items(build_index(items, kind="exact"), profiles, np.arange(n_users) >= 5, seen, k,
-                                     items, pop, new_items=new, new_slots=2, new_boost=1.5)
+                                     candidates)
     # oracle: brute force without exclusions beyond seen, then the row-by-row fill and reserve
     exp_s = np.full((n_users, k), -np.inf, np.float32)
     exp_i = np.full((n_users, k), -1, np.int64)
@@ -326,7 +327,7 @@ def test_block_fills_and_new_item_places_equal_the_row_by_row_oracle(seed, monke
     assert (fill_from_popular(got_s, got_i, seen, np.argsort(-pop), profiles, items, pop) ==
             _rowwise_fill(want_s, want_i, seen_rows, np.argsort(-pop), profiles, items, pop)).all()
     np.testing.assert_array_equal(got_i, want_i)
-    changed = earn_places(got_s, got_i, profiles, items, new, seen, np.arange(5, n_users), 2, 1.5)
+    changed = earn_places(got_s, got_i, profiles, candidates, seen, np.arange(5, n_users))
     assert (changed == _rowwise_earn(want_s, want_i, profiles, items, new, seen_rows, np.arange(5, n_users), 2, 1.5)).all()
     np.testing.assert_array_equal(got_i, want_i)
 

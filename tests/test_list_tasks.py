@@ -12,7 +12,7 @@ from index.build import build_index, save_index
 from index.search import HEAVY, sample_rows
 from index.tune import set_depth
 from recommend.ranking.blend import build_space
-from recommend.ranking.lists import labels, lists_frame, recommended_items, similar_items
+from recommend.ranking.lists import Candidates, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
 from recommend.run.item_tasks import save_item_side
 from recommend.run.list_tasks import ListJob, list_blocks
@@ -54,9 +54,9 @@ def _oracle(space, index, item_ids, user_ids, job):
     """Every list at once, in this process: what the driver computed before the blocks."""
     i_scores, i_ids, filled = similar_items(index, space.item_queries, K, space.popularity, item_vectors=space.item_docs)
     i_source = labels(np.where(filled, "similar+popular", np.where(space.warm, "similar", "similar-from-text")))
-    u_scores, u_ids, u_source = recommended_items(index, space.users, space.has_history, space.seen, K, space.item_docs,
-                                                  space.popularity, new_items=np.flatnonzero(~space.warm),
-                                                  new_slots=job.new_slots, new_boost=job.new_boost)
+    candidates = Candidates(space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
+                            new_slots=job.new_slots, new_boost=job.new_boost)
+    u_scores, u_ids, u_source = recommended_items(index, space.users, space.has_history, space.seen, K, candidates)
     u_source = labels(np.where((u_source == "history") & space.few_events, "few-events", u_source))
     return pd.concat([lists_frame("item", item_ids, i_scores, i_ids, np.asarray(item_ids, dtype=object), i_source),
                       lists_frame("user", user_ids, u_scores, u_ids, np.asarray(item_ids, dtype=object), u_source)],

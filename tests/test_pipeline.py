@@ -342,8 +342,7 @@ def test_the_gate_on_a_worker_scores_what_one_process_scores(tmp_path, sample_di
     emb = pq.read_table(run / "embeddings.parquet")
     figures = holdout_score(pd.read_parquet(run / "events.parquet", columns=["user_id", "item_id", "ts", "event_type"]),
                             item_ids=emb["item_id"].to_pylist(), text=arrow_to_vectors(emb["vector"], np.float16),
-                            settings=stage_settings(config).ranking, holdout=config.gate.holdout, k=config.gate.k,
-                            max_users=30)
+                            settings=stage_settings(config).ranking, gate=config.gate.model_copy(update={"max_users": 30}))
     assert 0 < report.gate.users == figures.users <= 30
     assert report.gate.ndcg == pytest.approx(figures.ndcg, abs=1e-9) and report.gate.ndcg > 0
     assert report.gate.popularity_ndcg == pytest.approx(figures.popularity_ndcg, abs=1e-9)

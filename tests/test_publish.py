@@ -9,7 +9,7 @@ from qdrant_client import QdrantClient
 
 from recommend.serving.facade import NotFound, Recommender
 from recommend.serving.live import LiveVersion
-from recommend.serving.publish import (PublishError, in_process, item_payloads, list_text, list_texts, payload_list,
+from recommend.serving.publish import (PublishError, Storage, in_process, item_payloads, list_text, list_texts, payload_list,
                                        publish_version, read_list, stage_version,
                                        user_payloads, write_version)
 from recommend.serving.versions import EmbeddedVersions, ServerVersions
@@ -34,7 +34,7 @@ def _version(n_items=20, n_users=5, seed=0):
 
 def publish(store, run_id, keep=3, **kwargs):
     return publish_version(store, run_id, *_version(**kwargs),
-                           metadata={"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00"}, keep=keep)
+                           metadata={"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00"}, storage=Storage(keep=keep))
 
 
 @pytest.fixture(params=["embedded", "server-code-path"])
@@ -121,7 +121,7 @@ def test_a_version_still_indexing_is_not_published():
     run = "20260102T000000-bbbb"
     with pytest.raises(PublishError, match="not indexed after 0s; not switching"):
         store.publish(run, lambda c: stage_version(StillIndexing(c), "t", run, *_version(), metadata={},
-                                                   index_wait_s=0.01), {})
+                                                   storage=Storage(index_wait_s=0.01)), {})
     assert [(v.run_id, v.live) for v in store.versions()] == [("20260101T000000-aaaa", True)]
     assert store.incomplete() == []  # nothing of the failed version is left
 

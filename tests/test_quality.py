@@ -147,7 +147,7 @@ def test_the_gate_sample_is_chosen_by_id_and_stays_put():
 def test_tuning_scores_every_combination_and_ranks_them(tmp_path, sample_dir, tiny_model):
     """`recs eval --tune`'s search: every combination of the grid, each scored as the refresh would
     list (oracle: the same settings scored alone), best first."""
-    from recommend.quality.evaluate import lists_for, ranking_metrics, split_events, tune, _relevant
+    from recommend.quality.evaluate import Holdout, lists_for, ranking_metrics, split_events, tune, _relevant
     from recommend.ranking.settings import RankingSettings
 
     events = pd.read_parquet(sample_dir / "events.parquet")
@@ -157,7 +157,7 @@ def test_tuning_scores_every_combination_and_ranks_them(tmp_path, sample_dir, ti
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     settings = RankingSettings(weights={"view": 1.0, "cart": 3.0, "purchase": 5.0}, half_life_days=14)
     grid = {"behaviour_weight": (0.5, 0.9), "text_in_fit": (0.0,), "fit_input": ("binary", "weights")}
-    tried = tune(events, item_ids=items["item_id"].tolist(), text=text, settings=settings, splits=("random",), grid=grid)
+    tried = tune(events, item_ids=items["item_id"].tolist(), text=text, settings=settings, holdouts=(Holdout("random"),), grid=grid)
     assert len(tried) == 4 and tried[0].ndcg["random"] == max(t.ndcg["random"] for t in tried)
     train, held = split_events(events, "random", 0.25, 42)
     user_ids = sorted(events["user_id"].unique())
@@ -167,6 +167,6 @@ def test_tuning_scores_every_combination_and_ranks_them(tmp_path, sample_dir, ti
                           settings=replace(settings, blend=best), k=10)
     relevant = _relevant(held, user_ids, {i: r for r, i in enumerate(items["item_id"])})
     assert round(ranking_metrics(ranked, relevant, 10)["ndcg"], 4) == tried[0].ndcg["random"]
-    binary_only = tune(events, item_ids=items["item_id"].tolist(), text=text, splits=("random",), grid=grid,
+    binary_only = tune(events, item_ids=items["item_id"].tolist(), text=text, holdouts=(Holdout("random"),), grid=grid,
                        settings=RankingSettings(weights={"default": 1.0}, half_life_days=14))
     assert {t.settings["fit_input"] for t in binary_only} == {"binary"}  # one weight: nothing else to try

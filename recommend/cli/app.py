@@ -6,7 +6,11 @@ Errors meant for the user print one message to stderr and exit with its code (2:
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from contextlib import contextmanager
+from dataclasses import fields
 
 import typer
 
@@ -52,3 +56,23 @@ def user_errors():
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
 
+
+def options_from(options_class):
+    """A command whose options are the fields of a dataclass (each field's default a typer.Option):
+    typer reads them as the command's parameters, and the function receives one instance. For a
+    command with more options than a readable parameter list holds (`recs eval`)."""
+    hints = typing.get_type_hints(options_class)
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(**given):
+            return fn(options_class(**given))
+
+        del command.__wrapped__  # typer reads the signature and annotations below, not the function's own
+        command.__annotations__ = dict(hints)
+        command.__signature__ = inspect.Signature([
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+            for f in fields(options_class)])
+        return command
+
+    return wrap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ import typer
 
 from embedder.errors import RecsError
 from embedder.run_folder import RunFolder
-from recommend.cli.app import ConfigOpt, JsonOpt, QuietOpt, VerboseOpt, _output, app, user_errors
+from recommend.cli.app import ConfigOpt, JsonOpt, QuietOpt, VerboseOpt, _output, app, options_from, user_errors
 from recommend.cli.output import eval_table
 
 
@@ -88,19 +89,27 @@ def _numbers(text: str, kind, name: str) -> tuple:
     return values
 
 
+@dataclass
+class EvalOptions:
+    config: str = ConfigOpt
+    split: str = typer.Option("both", help="random: per-user seeded share held out; temporal: each user's "
+                                           "most recent; both (the default).")
+    test_ratio: float = typer.Option(0.25, min=0.01, max=0.9, help="Share of each user's items held out.")
+    seed: int = typer.Option(42, help="Seed of the random split and the random baseline.")
+    k: str = typer.Option("1,5,10,20", "--k", "-k", help="Cut-offs K, comma-separated.")
+    sweep: str = typer.Option("0,0.5,0.7,0.9,1", help="blend.behaviour_weight values to score ('' for none).")
+    tune: bool = typer.Option(False, "--tune", help="Score a grid of blend settings (weight, l2, text in the "
+                                                    "fit, fit input) on both splits and print the best.")
+    run: Optional[str] = typer.Option(None, help="Run id to evaluate (default: the newest completed run).")
+    plots: bool = typer.Option(True, help="Write metric-vs-K and weight-sweep plots beside the run report.")
+    as_json: bool = JsonOpt
+    verbose: int = VerboseOpt
+    quiet: bool = QuietOpt
+
+
 @app.command(name="eval")
-def evaluate(config: str = ConfigOpt,
-             split: str = typer.Option("both", help="random: per-user seeded share held out; temporal: each user's "
-                                                    "most recent; both (the default)."),
-             test_ratio: float = typer.Option(0.25, min=0.01, max=0.9, help="Share of each user's items held out."),
-             seed: int = typer.Option(42, help="Seed of the random split and the random baseline."),
-             k: str = typer.Option("1,5,10,20", "--k", "-k", help="Cut-offs K, comma-separated."),
-             sweep: str = typer.Option("0,0.5,0.7,0.9,1", help="blend.behaviour_weight values to score ('' for none)."),
-             tune: bool = typer.Option(False, "--tune", help="Score a grid of blend settings (weight, l2, text in the "
-                                                             "fit, fit input) on both splits and print the best."),
-             run: Optional[str] = typer.Option(None, help="Run id to evaluate (default: the newest completed run)."),
-             plots: bool = typer.Option(True, help="Write metric-vs-K and weight-sweep plots beside the run report."),
-             as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
+@options_from(EvalOptions)
+def evaluate(options: EvalOptions):
     """Score the lists offline: split the run's events, rebuild the lists on the training part with
     the config's settings, and score the held-out part (nDCG, precision, recall, MAP, hit rate,
     coverage, the reach and hit rate of items with no training events) beside popularity, random,
@@ -114,28 +123,29 @@ def evaluate(config: str = ConfigOpt,
     from recommend.config import load_config
     from recommend.run.evaluation import evaluate_run, tune_run
 
-    _output(verbose, quiet)
-    if split not in ("random", "temporal", "both"):
-        raise typer.BadParameter(f"--split must be random, temporal or both, got {split!r}")
-    cfg = load_config(config, check_inputs=False)
-    if tune:
+    o = options
+    _output(o.verbose, o.quiet)
+    if o.split not in ("random", "temporal", "both"):
+        raise typer.BadParameter(f"--split must be random, temporal or both, got {o.split!r}")
+    cfg = load_config(o.config, check_inputs=False)
+    if o.tune:
         with user_errors():
-            tried = tune_run(cfg, run, test_ratio=test_ratio, seed=seed)
-        if as_json:
+            tried = tune_run(cfg, o.run, test_ratio=o.test_ratio, seed=o.seed)
+        if o.as_json:
             typer.echo(json.dumps([t.model_dump() for t in tried]))
             return
         for t in tried[:5]:
             typer.echo(f"nDCG@10 {t.ndcg}: {t.settings}")
         typer.echo("best, for config.yaml:\nblend:\n" + "".join(f"  {key}: {value}\n" for key, value in tried[0].settings.items()))
         return
-    ks = _numbers(k, int, "--k")
-    weights = _numbers(sweep, float, "--sweep") if sweep.strip() else ()
+    ks = _numbers(o.k, int, "--k")
+    weights = _numbers(o.sweep, float, "--sweep") if o.sweep.strip() else ()
     results = []
-    for one in (("random", "temporal") if split == "both" else (split,)):
+    for one in (("random", "temporal") if o.split == "both" else (o.split,)):
         with user_errors():
-            results.append(evaluate_run(cfg, run, split=one, test_ratio=test_ratio, seed=seed, ks=ks, sweep=weights,
-                                        plots=plots))
-    if as_json:
+            results.append(evaluate_run(cfg, o.run, split=one, test_ratio=o.test_ratio, seed=o.seed, ks=ks, sweep=weights,
+                                        plots=o.plots))
+    if o.as_json:
         typer.echo(results[0].model_dump_json() if len(results) == 1 else
                    json.dumps({r.split: r.model_dump(mode="json") for r in results}))
         return

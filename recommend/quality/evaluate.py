@@ -5,7 +5,7 @@ on the held-out part against popularity and random baselines computed in the sam
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -19,11 +19,11 @@ from index.search import ExactIndex, keep_allowed
 from index.settings import EXACT_INDEX, IndexSettings
 from index.tune import build_tuned
 from recommend.quality.baselines import implicit_als, item_knn
-from recommend.quality.gate import GateFigures
+from recommend.quality.gate import GateFigures, GateSettings
 from recommend.quality.metrics import cold_reach, cold_share, coverage, ranking_metrics
 from recommend.quality.splits import random_split, temporal_split
 from recommend.ranking.blend import Space, build_space
-from recommend.ranking.lists import recommended_items
+from recommend.ranking.lists import Candidates, recommended_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
 
 Split = Literal["random", "temporal"]
@@ -90,6 +90,20 @@ def split_events(events: pd.DataFrame, split: Split, test_ratio: float, seed: in
     raise ValueError(f"split must be 'random' or 'temporal', got {split!r}")
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """How the events are split to score the lists: `split` "random" (each user's pairs, stratified)
+    or "temporal" (each user's most recent), the share held out, and a random split's seed."""
+
+    split: Split = "random"
+    test_ratio: float = 0.25
+    seed: int = 42
+
+    def apply(self, events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(train, held out)."""
+        return split_events(events, self.split, self.test_ratio, self.seed)
+
+
 def _relevant(held: pd.DataFrame, user_ids: list[str], item_row: dict[str, int]) -> list[np.ndarray]:
     user_row = {u: i for i, u in enumerate(user_ids)}
     out: list[list[int]] = [[] for _ in user_ids]
@@ -125,10 +139,10 @@ def rank_users(space: Space, k: int, blend: BlendSettings, rows: np.ndarray | No
         index = ExactIndex(space.item_docs)
     else:
         index, _ = build_tuned(space.item_docs, space.item_queries, k, index, space.users, np.flatnonzero(space.has_history))
+    candidates = Candidates(space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
+                            new_slots=blend.new_item_slots, new_boost=blend.new_item_boost)
     _, ids, _ = recommended_items(index, take_rows(space.users, rows), space.has_history[rows], space.seen[rows], k,
-                                  space.item_docs, space.popularity, progress=progress,
-                                  new_items=np.flatnonzero(~space.warm), new_slots=blend.new_item_slots,
-                                  new_boost=blend.new_item_boost)
+                                  candidates, progress=progress)
     return ids
 
 
@@ -142,13 +156,14 @@ def lists_for(train: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, use
 
 
 def holdout_score(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
-                  holdout: float, k: int, max_users: int, index: IndexSettings = EXACT_INDEX,
+                  gate: GateSettings, index: IndexSettings = EXACT_INDEX,
                   bar: Callable[[str, int], Callable[[int], None]] | None = None) -> GateFigures:
-    """nDCG@k of the lists and of popularity on each user's most recent `holdout` share of items,
-    the lists rebuilt without them (the quality gate's figures). The model is fitted and scored on
-    `max_users` users chosen by a hash of their ids (`hash_sample`: the same users from run to run),
-    so the gate costs a small share of the lists; searched exactly by default: the gate judges the
-    model, the index's recall is reported apart."""
+    """nDCG@k (`gate.k`) of the lists and of popularity on each user's most recent `gate.holdout`
+    share of items, the lists rebuilt without them (the quality gate's figures). The model is fitted
+    and scored on `gate.max_users` users chosen by a hash of their ids (`hash_sample`: the same users
+    from run to run), so the gate costs a small share of the lists; searched exactly by default: the
+    gate judges the model, the index's recall is reported apart."""
+    holdout, k, max_users = gate.holdout, gate.k, gate.max_users
     sampled = hash_sample(events["user_id"].unique(), max_users)
     events = events[events["user_id"].isin(sampled)]
     train, held = temporal_split(events, holdout)
@@ -178,10 +193,10 @@ class Tried(BaseModel):
 
 
 def tune(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
-         splits: tuple[Split, ...] = ("random", "temporal"), test_ratio: float = 0.25, seed: int = 42, k: int = 10,
+         holdouts: tuple[Holdout, ...] = (Holdout("random"), Holdout("temporal")), k: int = 10,
          grid: dict | None = None) -> list[Tried]:
-    """nDCG@k of every combination of `grid` (blend settings; default TUNE_GRID) on each split, best
-    first by their mean over the splits. `fit_input: weights` is tried only when the events' weights
+    """nDCG@k of every combination of `grid` (blend settings; default TUNE_GRID) on each of the
+    `holdouts` (by their split's name), best first by their mean over them. `fit_input: weights` is tried only when the events' weights
     differ from one another. Each is the lists the refresh would make, fitted on the training part."""
     grid = dict(grid or TUNE_GRID)
     if len(set(settings.weights.values())) < 2:
@@ -190,10 +205,10 @@ def tune(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, setting
     combos = [dict(zip(names, values)) for values in np.array(np.meshgrid(*[np.array(grid[n], dtype=object) for n in names]))
               .T.reshape(-1, len(names))]
     prepared = {}
-    for split in splits:
-        train, held = split_events(events, split, test_ratio, seed)
+    for holdout in holdouts:
+        train, held = holdout.apply(events)
         user_ids = sorted(events["user_id"].unique())
-        prepared[split] = (train, _relevant(held, user_ids, {i: r for r, i in enumerate(item_ids)}), user_ids)
+        prepared[holdout.split] = (train, _relevant(held, user_ids, {i: r for r, i in enumerate(item_ids)}), user_ids)
     tried = []
     for combo in combos:
         blend = settings.blend.model_copy(update=combo)
@@ -218,11 +233,12 @@ def hash_sample(user_ids, n: int) -> list:
 
 
 def evaluate(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, settings: RankingSettings,
-             split: Split = "random", test_ratio: float = 0.25, seed: int = 42, ks: tuple[int, ...] = (1, 5, 10, 20),
-             sweep: tuple[float, ...] = ()) -> EvalResult:
-    """Score the lists and the baselines at every K in `ks`; coverage and cold share are also given
-    at `k_ref` (10, or the largest K below it); with `sweep`, nDCG@k_ref per behaviour weight."""
-    train, held = split_events(events, split, test_ratio, seed)
+             holdout: Holdout = Holdout(), ks: tuple[int, ...] = (1, 5, 10, 20), sweep: tuple[float, ...] = ()) -> EvalResult:
+    """Score the lists and the baselines at every K in `ks`, on the `holdout` split of the events;
+    coverage and cold share are also given at `k_ref` (10, or the largest K below it); with `sweep`,
+    nDCG@k_ref per behaviour weight."""
+    split, test_ratio, seed = holdout.split, holdout.test_ratio, holdout.seed
+    train, held = holdout.apply(events)
     item_row = {i: r for r, i in enumerate(item_ids)}
     user_ids = sorted(events["user_id"].unique())
     relevant = _relevant(held, user_ids, item_row)

@@ -8,6 +8,7 @@ subject i must not get), not a Python loop over subjects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -84,20 +85,31 @@ def _order(popular_scores: np.ndarray, popular_order: np.ndarray | None) -> np.n
     return np.argsort(-popular_scores, kind="stable") if popular_order is None else popular_order
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The items users' lists are drawn from: their vectors (the index's documents), their popularity
+    (the fill) and its order when known (as for `similar_items`), and the items without events, up to
+    `new_slots` of which may earn a place in a list, their scores boosted by `new_boost`."""
+
+    vectors: RowSource
+    popularity: np.ndarray
+    popular_order: np.ndarray | None = None
+    new_items: np.ndarray | None = None  # rows of the items without events
+    new_slots: int = 0
+    new_boost: float = 1.0
+
+
 def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen: sp.csr_matrix, k: int,
-                      item_vectors: RowSource, popular_scores: np.ndarray,
-                      progress: Callable[[int], None] | None = None, new_items: np.ndarray | None = None,
-                      new_slots: int = 0, new_boost: float = 1.0, popular_order: np.ndarray | None = None
+                      items: Candidates, progress: Callable[[int], None] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
     `seen`: (users, items) CSR, the items each user interacted with. Users without history get the
-    most popular items. With `new_slots`, up to that many `new_items` (items without events) may earn a
-    place in a user's list (`earn_places`, scores boosted by `new_boost`). `popular_order`: as for
-    `similar_items`. Returns (scores, ids,
-    source) where source is 'history', 'history+new' (a new item let in), 'history+popular' (topped
-    up) or 'popular' per user.
+    most popular items. New items may earn places (`earn_places`). Returns (scores, ids, source) where
+    source is 'history', 'history+new' (a new item let in), 'history+popular' (topped up) or 'popular'
+    per user.
     """
+    item_vectors, popular_scores = items.vectors, items.popularity
     k = min(k, len(item_vectors))
     seen = sp.csr_matrix(seen)
     scores = np.full((len(profiles), k), -np.inf, dtype=np.float32)
@@ -106,10 +118,9 @@ def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen:
     if len(rows):
         s, i = search_excluding(index, take_rows(profiles, rows), k, seen[rows], vectors=item_vectors, progress=progress)
         scores[rows], ids[rows] = s, i
-    filled = fill_from_popular(scores, ids, seen, _order(popular_scores, popular_order), profiles, item_vectors,
+    filled = fill_from_popular(scores, ids, seen, _order(popular_scores, items.popular_order), profiles, item_vectors,
                                popular_scores)
-    let_in = earn_places(scores, ids, profiles, item_vectors, new_items if new_items is not None else np.array([], np.int64),
-                         seen, rows, new_slots, new_boost)
+    let_in = earn_places(scores, ids, profiles, items, seen, rows)
     source = labels(np.where(~has_history, "popular", np.where(filled, "history+popular", np.where(let_in, "history+new", "history"))))
     return scores, ids, source
 
@@ -121,14 +132,15 @@ def labels(values: np.ndarray) -> np.ndarray:
     return np.asarray(distinct.tolist(), dtype=object)[codes.ravel()]
 
 
-def earn_places(scores: np.ndarray, ids: np.ndarray, queries: RowSource, item_vectors: RowSource,
-                new_items: np.ndarray, seen: sp.csr_matrix, rows: np.ndarray, slots: int = 1, boost: float = 1.0
-                ) -> np.ndarray:
-    """Let new items (no events yet) earn a place (in place): in each full list of `rows`, the best new
-    item not yet listed or seen enters where `boost` x its score beats the list's last score; it takes
-    its rank by that boosted score and the lowest item makes way. Up to `slots` new items per list, one
-    at a time. The best new items come from one exact search over the new items only. Returns a bool
-    mask of the rows changed."""
+def earn_places(scores: np.ndarray, ids: np.ndarray, queries: RowSource, items: Candidates, seen: sp.csr_matrix,
+                rows: np.ndarray) -> np.ndarray:
+    """Let new items (`items.new_items`, no events yet) earn a place (in place): in each full list of
+    `rows`, the best new item not yet listed or seen enters where `items.new_boost` x its score beats
+    the list's last score; it takes its rank by that boosted score and the lowest item makes way. Up to
+    `items.new_slots` new items per list, one at a time. The best new items come from one exact search
+    over the new items only. Returns a bool mask of the rows changed."""
+    item_vectors, slots, boost = items.vectors, items.new_slots, items.new_boost
+    new_items = items.new_items if items.new_items is not None else np.array([], np.int64)
     changed = np.zeros(len(ids), dtype=bool)
     k = ids.shape[1]
     if slots <= 0 or not len(new_items) or not len(rows) or k == 0:

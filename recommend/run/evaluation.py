@@ -15,7 +15,7 @@ from embedder.artifacts import arrow_to_vectors, write_json
 from embedder.errors import RecsError
 from embedder.run_folder import RunFolder
 from recommend.config import Config, stage_settings
-from recommend.quality.evaluate import EvalResult, Split, Tried, evaluate, tune
+from recommend.quality.evaluate import EvalResult, Holdout, Split, Tried, evaluate, tune
 from recommend.quality.plots import plot_eval
 from recommend.run.check import verify_artifacts
 from recommend.run.workdir import latest_report, runs_dir
@@ -28,8 +28,8 @@ def evaluate_run(config: Config, run_id: str | None = None, *, split: Split = "r
     embeddings (the newest completed run by default), with the config's settings. Writes
     eval-<split>.json, and plots when asked, into the run's folder (`result.written` lists them)."""
     report, events, item_ids, text = _load(config, run_id)
-    result = evaluate(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, split=split,
-                      test_ratio=test_ratio, seed=seed, ks=ks, sweep=sweep)
+    result = evaluate(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking,
+                      holdout=Holdout(split, test_ratio, seed), ks=ks, sweep=sweep)
     run = RunFolder(report.run_dir)
     result.run_id = report.run_id
     result.written = [str(run.evaluation(split))]
@@ -43,8 +43,8 @@ def tune_run(config: Config, run_id: str | None = None, *, test_ratio: float = 0
     """`recs eval --tune`: the blend settings of `quality.evaluate.TUNE_GRID` scored on both splits of
     a run's events (the newest completed run by default), best first. Writes tune.json beside the run."""
     report, events, item_ids, text = _load(config, run_id)
-    tried = tune(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking, test_ratio=test_ratio,
-                 seed=seed)
+    tried = tune(events, item_ids=item_ids, text=text, settings=stage_settings(config).ranking,
+                 holdouts=tuple(Holdout(split, test_ratio, seed) for split in ("random", "temporal")))
     write_json({"run_id": report.run_id, "tried": [t.model_dump() for t in tried]}, RunFolder(report.run_dir).tune)
     return tried
 

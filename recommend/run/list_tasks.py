@@ -42,7 +42,7 @@ from index.rows import Rows, take_rows
 from embedder.event_blocks import Blocks
 from embedder.run_folder import RunFolder
 from recommend.ranking.blend import ItemSide, user_block_vectors
-from recommend.ranking.lists import LIST_SCHEMA, labels, lists_frame, recommended_items, similar_items
+from recommend.ranking.lists import LIST_SCHEMA, Candidates, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import RankingSettings
 from recommend.run.item_tasks import read_item_ids, read_item_side
 from recommend.run.user_tasks import load_user_block
@@ -154,9 +154,9 @@ def user_block(run: RunFolder, block: int, start: int, job: ListJob, n_items: in
     user_ids, rows = load_user_block(run, block, n_items, settings, now)
     vectors = user_block_vectors(rows, side.items)
     n_history = rows.n_history
-    scores, ids, source = recommended_items(
-        side.index, vectors, n_history > 0, rows.binary, job.k, side.docs, np.asarray(side.items.popularity),
-        new_items=side.new_items, new_slots=job.new_slots, new_boost=job.new_boost, popular_order=side.popular_order)
+    candidates = Candidates(side.docs, np.asarray(side.items.popularity), side.popular_order, side.new_items, job.new_slots,
+                            job.new_boost)
+    scores, ids, source = recommended_items(side.index, vectors, n_history > 0, rows.binary, job.k, candidates)
     source = labels(np.where((source == "history") & (n_history < side.items.layout.few_events), "few-events", source))
     files = _write_part(run, "user", block, user_ids, (scores, ids, source), side.item_ids, vectors=vectors)
     listed = (ids >= 0).sum(axis=1)

@@ -294,12 +294,11 @@ def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, ga
         tick = run.out.bar("publish: writing shards" if store.embedded else
                            "publish: upserting" + (" from the workers" if on_workers else ""),
                            points["item"].count + points["user"].count)
-        done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, keep=pc.keep_versions,
-                               batch_size=pc.batch_size, progress=tick, parallel=pc.parallel,
-                               index_wait_s=pc.index_wait_s, dask=run.client,
-                               storage=Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk,
-                                               Graph(pc.hnsw_m if points["item"].count >= pc.graph_min_items else 0,
-                                                     pc.hnsw_ef_construct)))
+        graph = Graph(pc.hnsw_m if points["item"].count >= pc.graph_min_items else 0, pc.hnsw_ef_construct)
+        storage = Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk, graph, batch_size=pc.batch_size,
+                          parallel=pc.parallel, index_wait_s=pc.index_wait_s, keep=pc.keep_versions)
+        done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, progress=tick,
+                               storage=storage, dask=run.client)
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]

@@ -258,8 +258,7 @@ def _gate(run: RunFolder, n_blocks: int, settings: RankingSettings, gate: GateSe
     path = run.embeddings
     text = parquet_rows(path)  # read a row group at a time, as the driver's fit reads it (1M items: 768 MB not held)
     item_ids = pq.read_table(path, columns=["item_id"]).column(0).to_pylist()
-    return holdout_score(events, item_ids=item_ids, text=text, settings=settings, holdout=gate.holdout, k=gate.k,
-                         max_users=gate.max_users)
+    return holdout_score(events, item_ids=item_ids, text=text, settings=settings, gate=gate)
 
 
 def gate_figures(client, blocks: Blocks, settings: RankingSettings, gate: GateSettings) -> GateFigures:

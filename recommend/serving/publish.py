@@ -95,15 +95,20 @@ def wait_indexed(client, name: str, timeout_s: float = 600.0, poll_s: float = 1.
 
 @dataclass(frozen=True)
 class Storage:
-    """How a version is stored (config: publish.shards, replicas, vectors_on_disk, payload_on_disk,
-    hnsw_m, hnsw_ef_construct). On a server None is the server's default; the embedded store takes
-    `shards` (default: one per Dask worker) and `graph`, and maps everything from disk."""
+    """How a version is stored, written and kept (config: the publish section's shards, replicas,
+    vectors_on_disk, payload_on_disk, hnsw_m, hnsw_ef_construct, batch_size, parallel, index_wait_s,
+    keep_versions). On a server None is the server's default; the embedded store takes `shards`
+    (default: one per Dask worker) and `graph`, and maps everything from disk."""
 
     shards: int | None = None
     replicas: int | None = None
     vectors_on_disk: bool = False
     payload_on_disk: bool | None = None
     graph: Graph = Graph()
+    batch_size: int = 256        # points per upsert into a server
+    parallel: int = 1            # upserts in flight from this process
+    index_wait_s: float = 600.0  # how long a server may take to index a new version
+    keep: int = 3                # versions kept for rollback
 
     def collection_options(self) -> dict:
         options = {"shard_number": self.shards, "replication_factor": self.replicas, "on_disk_payload": self.payload_on_disk}
@@ -247,8 +252,7 @@ def payload_list(payload: dict, field_name: str) -> tuple[list[tuple[str, float]
 
 
 def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
-                  batch_size: int = 256, progress: Callable[[int], None] | None = None, parallel: int = 1,
-                  index_wait_s: float = 600.0, storage: Storage = Storage()) -> dict:
+                  progress: Callable[[int], None] | None = None, storage: Storage = Storage()) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
 
     `items`/`users`: `Points`, or {"ids": [...], "vectors": {name: (n, d) array} or one (n, d) array
@@ -260,7 +264,7 @@ def stage_version(client, prefix: str, run_id: str, items: dict | Points, users:
     counts = {}
     for kind, data in (("items", items), ("users", users)):
         name = collection(prefix, kind, run_id)
-        points = data if isinstance(data, Points) else in_process(kind[:-1], data, batch_size, parallel)
+        points = data if isinstance(data, Points) else in_process(kind[:-1], data, storage.batch_size, storage.parallel)
         if client.collection_exists(name):
             client.delete_collection(name)  # a half-filled leftover of a crashed attempt at this run
         client.create_collection(
@@ -271,7 +275,7 @@ def stage_version(client, prefix: str, run_id: str, items: dict | Points, users:
             metadata={**metadata, "kind": kind}, **storage.collection_options())
         points.load(client, name, progress)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
-        wait_indexed(client, name, index_wait_s)
+        wait_indexed(client, name, storage.index_wait_s)
         found = client.count(name, exact=True).count
         if found != points.count:
             raise PublishError(f"collection {name}: wrote {points.count} points, Qdrant counts {found}; not switching")
@@ -294,16 +298,14 @@ class Published:
 
 
 def publish_version(store: VersionStore, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
-                    keep: int = 3, batch_size: int = 256, progress: Callable[[int], None] | None = None,
-                    parallel: int = 1, index_wait_s: float = 600.0, storage: Storage = Storage(),
-                    dask=None) -> Published:
+                    progress: Callable[[int], None] | None = None, storage: Storage = Storage(), dask=None) -> Published:
     """The whole publish as a transaction: remove what crashed publishes left, write the version
     (`write_version` into the embedded store, its shards as tasks on `dask`'s workers when given;
     `stage_version` into a server), verify it and write its completion marker, switch it live, prune
     old versions.
 
     Until the switch nothing live changes; a failure at any point leaves no trace of this version.
-    Pruning keeps `keep` versions, and never the live one or the one live before the switch.
+    Pruning keeps `storage.keep` versions, and never the live one or the one live before the switch.
     """
     try:
         previous = store.live()
@@ -317,10 +319,9 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
             folder, items, users, shards=shards, graph=storage.graph, dask=dask, progress=progress), metadata)
     else:
         counts = store.publish(run_id, lambda client: stage_version(
-            client, store.prefix, run_id, items, users, metadata=metadata, batch_size=batch_size, progress=progress,
-            parallel=parallel, index_wait_s=index_wait_s, storage=storage), metadata)
+            client, store.prefix, run_id, items, users, metadata=metadata, progress=progress, storage=storage), metadata)
     previous = store.switch(run_id)
-    pruned = store.prune(keep, protect={run_id, previous})
+    pruned = store.prune(storage.keep, protect={run_id, previous})
     return Published(counts, previous, pruned, removed)
 
 
