@@ -6,7 +6,7 @@
     GET /versions                            published versions, which one is live
     GET /health                              {"status": "ok" | "empty" | "degraded", ...}; never needs the API key
     GET /metrics                             Prometheus text format
-    GET /docs, /openapi.json                 the API, described
+    GET /docs, /redoc, /openapi.json         the API, described; the pages' scripts are served from here (no CDN)
 
 Every answer carries `version`, `created_at` and `age_seconds`. Errors are JSON `{"error": ...}`:
 400 bad parameter, 401 no or wrong API key, 404 unknown id or route, 405 wrong method, 408/414/431
@@ -37,6 +37,7 @@ import orjson
 from fastapi import FastAPI, Path, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -116,8 +117,10 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                 pool.shutdown(wait=False, cancel_futures=True)
             limits.restore_original_limits()
 
-    app = FastAPI(title="nightly-recs", version="1", lifespan=lifespan,
-                  description="Precomputed recommendations from the live version; every answer says which version.")
+    # FastAPI with /docs and /redoc loading Swagger UI and ReDoc from /static-offline-docs (the files ship in
+    # the fastapi-offline package), not from a CDN: the pages work on a machine without internet
+    app = FastAPIOffline(title="nightly-recs", version="1", lifespan=lifespan,
+                         description="Precomputed recommendations from the live version; every answer says which version.")
 
     def snapshot() -> Snapshot:
         snap = live.snap
