@@ -19,11 +19,13 @@ from embedder.errors import StorageError
 
 
 @contextmanager
-def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
+def atomic_path(path: Path | str, fs=None, *, durable: bool = False) -> Iterator[str]:
     """A temporary name beside `path` to write to; renamed to `path` when the block ends without an
     error, removed when it raises. A crash never leaves a half file under the real name.
 
     `fs`: an fsspec filesystem for a path that is not local (the embedding cache at a URL).
+    `durable` (local files): the file is synced before the rename and its folder after, so that a
+    power cut leaves the old file or the new one (the store's markers and live pointer).
 
     Example:
         with atomic_path("run/index.faiss") as tmp:
@@ -39,7 +41,11 @@ def atomic_path(path: Path | str, fs=None) -> Iterator[str]:
     try:
         yield tmp
         if fs is None:
+            if durable:
+                _sync(tmp)
             os.replace(tmp, path)
+            if durable:
+                _sync(Path(path).parent)
         else:
             fs.mv(tmp, path)
     except BaseException as exc:
@@ -131,13 +137,22 @@ def write_parquet_blocks(tables: Iterable[pa.Table], path: Path | str) -> Path:
     return Path(path)
 
 
-def write_json(data, path: Path | str) -> Path:
-    """`data` (a dict, or a pydantic model) as indented JSON, written whole or not at all."""
+def write_json(data, path: Path | str, *, durable: bool = False) -> Path:
+    """`data` (a dict, or a pydantic model) as indented JSON, written whole or not at all (`atomic_path`)."""
     text = data.model_dump_json(indent=2) if hasattr(data, "model_dump_json") else json.dumps(data, indent=2, default=str)
-    return write_text(text + "\n", path)
+    return write_text(text + "\n", path, durable=durable)
 
 
-def write_text(text: str, path: Path | str) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(text: str, path: Path | str, *, durable: bool = False) -> Path:
+    with atomic_path(path, durable=durable) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
+
+
+def _sync(path: Path | str) -> None:
+    """fsync a file or a folder (its entries: a rename in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -50,7 +50,7 @@ from recommend.run.item_tasks import read_item_ids, read_item_side
 from recommend.run.list_tasks import Part
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,
                                        item_payloads, upload, user_payloads)
-from recommend.serving.store import open_local, open_store
+from recommend.serving.store import close_clients, open_store, shared_local
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,11 @@ class Target:
     def open(self):
         if self.url:
             return open_store(self.url, self.api_key_env)
-        with _lock:
-            if self.path not in _local:
-                _local[self.path] = open_local(Path(self.path))
-            return _local[self.path]
+        return shared_local(Path(self.path))
 
 
 _lock = threading.Lock()
 _sides: dict[RunFolder, tuple[ItemSide, np.ndarray]] = {}
-_local: dict[str, object] = {}
 
 
 def _item_side(run: RunFolder) -> tuple[ItemSide, np.ndarray]:
@@ -106,9 +102,7 @@ def forget_sources() -> None:
     (run in the driver and on every worker when the publish ends)."""
     with _lock:
         _sides.clear()
-        for client in _local.values():
-            client.close()
-        _local.clear()
+    close_clients(local_only=True)
 
 
 def vector_sizes(layout: Layout, text_dim: int) -> dict[str, dict[str, int]]:

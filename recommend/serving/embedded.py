@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import atexit
 import heapq
 import json
 import logging
@@ -28,16 +27,15 @@ import os
 import secrets
 import shutil
 import time
-import weakref
 from pathlib import Path
 from typing import Callable
 
 from recommend.serving.shards import ENGINE, ShardView, problems, user_shard
-from recommend.serving.store import DamagedVersion, StoreUnavailable, write_json_atomic
+from embedder.artifacts import write_json
+from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
 from recommend.serving.version_store import NAMESPACE, PublishError, Version, VersionStore, point_id
 
 log = logging.getLogger("recs")
-_OPEN: weakref.WeakSet = weakref.WeakSet()  # readers of this process, closed at exit (their views removed)
 LISTS = ("similar", "recommended", "run_id", "source")  # payload fields that are not item metadata
 
 
@@ -58,7 +56,7 @@ class ShardReader:
             self.close()
             raise DamagedVersion(f"version {self.run_id}: shard {folder / name} cannot be opened "
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from None
-        _OPEN.add(self)
+        track_reader(self)  # closed at exit, if nobody did
         self.items = [v.engine for n, v in sorted(self.views.items()) if n.startswith("items-")]
         self.users = [v.engine for n, v in sorted(self.views.items()) if n.startswith("users-")]
 
@@ -214,9 +212,10 @@ class EmbeddedVersions(VersionStore):
                 stored = sum(s["points"] for n, s in shards.items() if n.startswith(kind))
                 if stored != counts[kind]:
                     raise PublishError(f"version {run_id}: {counts[kind]} {kind} to write, {stored} in the shards of {folder}")
-            write_json_atomic(folder / "version.json", {
+            write_json({
                 "run_id": run_id, "prefix": self.prefix, "engine": ENGINE, "namespace": str(NAMESPACE),
-                "points": counts, "user_shards": user_shards, "shards": shards, "metadata": metadata})
+                "points": counts, "user_shards": user_shards, "shards": shards, "metadata": metadata},
+                folder / "version.json", durable=True)
             return counts
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
@@ -232,7 +231,7 @@ class EmbeddedVersions(VersionStore):
         except StoreUnavailable:
             previous = None  # a damaged pointer is replaced
         self.home.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.pointer, {"run_id": run_id, "previous": previous, "switched_at": time.time()})
+        write_json({"run_id": run_id, "previous": previous, "switched_at": time.time()}, self.pointer, durable=True)
         return previous
 
     def remove(self, run_id: str) -> None:
@@ -260,12 +259,6 @@ class EmbeddedVersions(VersionStore):
             pid = view.name.split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(view, ignore_errors=True)
-
-
-@atexit.register
-def _close_readers() -> None:
-    for reader in list(_OPEN):
-        reader.close()
 
 
 def _alive(pid: int) -> bool:

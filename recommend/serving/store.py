@@ -1,34 +1,49 @@
-"""Qdrant clients (a server by URL, one per process; a local-mode folder for tests of the server
-code path from a worker), the store's errors, and its atomic small-file writer.
-
-The embedded default does not use qdrant-client: it runs Qdrant's engine in-process
-(recommend/serving/shards.py, recommend/serving/embedded.py).
-"""
+"""What this process holds open in the store, in one registry closed at exit: qdrant-client clients
+(a server by URL, one per process; a local-mode folder, one per process, for tests of the server code
+path from a worker) and the embedded store's version readers (recommend/serving/embedded.py, which
+runs Qdrant's engine in-process, not qdrant-client). And the store's errors."""
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
 
 from embedder.errors import RecsError
 
 log = logging.getLogger("recs")
-_CLIENTS: dict = {}
+_CLIENTS: dict[str, object] = {}  # by URL, or "file:" + a local-mode folder
+_READERS: weakref.WeakSet = weakref.WeakSet()  # embedded version readers (closing one removes its views)
+_LOCK = threading.Lock()
+
+
+def track_reader(reader) -> None:
+    """Close `reader` at exit if nobody did (its private views are removed then)."""
+    _READERS.add(reader)
+
+
+def close_clients(local_only: bool = False) -> None:
+    """Close the clients this process opened (`local_only`: the local-mode folders only)."""
+    with _LOCK:
+        keys = [k for k in _CLIENTS if k.startswith("file:") or not local_only]
+        clients = [_CLIENTS.pop(k) for k in keys]
+    for client in clients:
+        try:
+            client.close()
+        except Exception:
+            pass
 
 
 @atexit.register
 def _close_all() -> None:
     # Close while the interpreter is whole: local mode's __del__ at shutdown fails noisily.
-    for client in list(_CLIENTS.values()):
-        try:
-            client.close()
-        except Exception:
-            pass
-    _CLIENTS.clear()
+    close_clients()
+    for reader in list(_READERS):
+        reader.close()
 
 
 class StoreUnavailable(RecsError):
@@ -52,26 +67,21 @@ def open_store(url: str, api_key_env: str = "QDRANT_API_KEY", retries: int = 3, 
     backoff, then a clear error. (Local-mode folders are opened by `recommend.serving.versions`.)"""
     from qdrant_client import QdrantClient
 
-    if url in _CLIENTS:
-        return _CLIENTS[url]
+    with _LOCK:
+        if url in _CLIENTS:
+            return _CLIENTS[url]
     last = None
     for attempt in range(retries):
         try:
             client = QdrantClient(url=url, api_key=os.environ.get(api_key_env) or None, timeout=60)
             client.get_collections()  # fail here, not in the middle of a publish
-            _CLIENTS[url] = client
-            return client
+            with _LOCK:
+                return _CLIENTS.setdefault(url, client)
         except Exception as exc:
             last = exc
             if attempt + 1 < retries:
                 time.sleep(backoff_s * 2 ** attempt)
     raise StoreUnavailable(f"Qdrant at {url} unreachable after {retries} tries: {last}")
-
-
-def close_store(url: str) -> None:
-    client = _CLIENTS.pop(url, None)
-    if client is not None:
-        client.close()
 
 
 def open_local(folder: Path):
@@ -83,21 +93,11 @@ def open_local(folder: Path):
     return QdrantClient(path=str(folder))
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never a part: a
-    temporary file, synced, renamed over `path`, then the folder synced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def shared_local(folder: Path):
+    """`open_local`, one client per folder in this process (a local-mode folder takes one writer):
+    what a worker's upload tasks share until `close_clients(local_only=True)`."""
+    key = f"file:{folder}"
+    with _LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = open_local(folder)
+        return _CLIENTS[key]
