@@ -113,8 +113,8 @@ def write_parquet(table: pa.Table, path: Path | str) -> Path:
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """The columns worth dictionary-encoding: all but lists (vectors). Vector elements rarely repeat,
-    and decoding a dictionary-encoded float16 vector column took 2.3x as long as a plain one
-    (65,536 x 384 rows: 0.75 s against 0.33 s, for the same size on disk)."""
+    so a dictionary saves no space on them, and decoding a dictionary-encoded float16 vector column is
+    slower than a plain one of the same size on disk (docs/performance.md)."""
     return [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
                                             or pa.types.is_large_list(f.type))]
 

@@ -38,9 +38,9 @@ def content_hash(model_fingerprint: str, text: str) -> str:
 
 
 def arrow_strings(values) -> pa.Array | pa.ChunkedArray:
-    """`values` (Arrow, a pandas Series, a list) as Arrow strings: a few buffers, where a million Python
-    strings would be ~100 MB of objects. Arrow strings already (a Series of them gives its own chunks)
-    are not copied: the result may be chunked, and of type string or large_string."""
+    """`values` (Arrow, a pandas Series, a list) as Arrow strings: a few buffers, not a Python object
+    per string. Arrow strings already (a Series of them gives its own chunks) are not copied: the result
+    may be chunked, and of type string or large_string."""
     if isinstance(values, pd.Series) and (getattr(values.dtype, "storage", None) == "pyarrow"
                                           or isinstance(values.dtype, pd.ArrowDtype)):
         values = pa.chunked_array(values)

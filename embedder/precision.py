@@ -4,8 +4,8 @@ or int8, an ONNX export with int8 dense layers run by onnxruntime on the CPU (em
 "auto" picks what the hardware runs natively (fp16 on a GPU, bf16 on a CPU with AVX512-BF16 or AMX,
 else fp32), and every run compares it with fp32 on a sample of its own texts: below a mean cosine of
 0.99 it falls back to fp32. On a CPU the weights stay in fp32 under autocast (half-precision
-weights measured slower there); on a GPU the GPU encoder holds fp16/bf16 weights, which measured faster
-there (embedder/token_batches.py; README, "Performance, GPU").
+weights are slower there); on a GPU the GPU encoder holds fp16/bf16 weights, which are faster there
+(embedder/token_batches.py; docs/performance.md, "GPU").
 """
 
 from __future__ import annotations

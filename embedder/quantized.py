@@ -8,7 +8,7 @@ model's own modules; models other than mean pooling are refused.
 
 What is quantised (onnxruntime dynamic quantisation, weights per channel): every dense layer but the
 feed-forward down-projections (`layer.N/output/dense`), whose int8 rounding cost the most cosine to
-fp32 (the README's encode section has the figures). The run still checks the cosine on a sample of
+fp32 (docs/performance.md, "Precision", has the figures). The run still checks the cosine on a sample of
 its own texts and falls back to fp32 below 0.99.
 
 Example:

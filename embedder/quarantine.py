@@ -129,8 +129,8 @@ QUARANTINE_STRINGS = ("_source", "_reason", "_detail", "_record")
 
 def combine(good: pd.DataFrame, bad: list[pd.DataFrame], strings: tuple[str, ...] = ()) -> pd.DataFrame:
     """Accepted and quarantined rows of a partition in one frame, told apart by `_reason`. `strings`
-    (and the quarantine's text columns) become Arrow strings (as Python objects, millions of events
-    took gigabytes); the other columns stay objects, as read."""
+    (and the quarantine's text columns) become Arrow strings (a few buffers, not a Python object per
+    value); the other columns stay objects, as read."""
     good = good.assign(_reason=None, _detail=None, _record=None)
     if bad:
         q = pd.concat(bad).rename(columns={"source": "_source", "row": "_row", "reason": "_reason",

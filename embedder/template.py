@@ -1,5 +1,5 @@
 """The item text template's syntax: which fields it names. Without pandas or numpy, so that the config
-validates a template at load in microseconds (embedder/text.py renders it)."""
+validates a template at load without importing them (embedder/text.py renders it)."""
 
 from __future__ import annotations
 

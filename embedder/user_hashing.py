@@ -2,7 +2,7 @@
 
 The hash is pandas' (`embedder.event_blocks.user_hash`, vectorised, for the batch): SipHash-2-4 with
 pandas' fixed key over the id's UTF-8 bytes, then a 64-bit mix. `user_hash_few` spells the same
-steps out in Python for a reader routing one id, without importing pandas (half a second of a CLI
+steps out in Python for a reader routing one id, without importing pandas (a large share of a CLI
 query's start); tests/test_store.py holds the two equal.
 """
 
@@ -64,7 +64,7 @@ def _mix(h: int) -> int:
 
 
 def user_hash_few(ids: list[str]) -> np.ndarray:
-    """`user_hash` of a few string ids, in Python (about 10 microseconds an id)."""
+    """`user_hash` of a few string ids, in Python (an id at a time: for a few ids, not for a batch)."""
     return np.array([_mix(siphash24(str(i).encode("utf-8"))) for i in ids], dtype=np.uint64)
 
 

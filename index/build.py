@@ -6,7 +6,7 @@ document side of a few very popular items can reach 1e5 times the typical norm, 
 as infinite (build_index refuses such values for SQfp16). Capping those norms is no way out: they are
 how the model ranks popular items. IVF (e.g. `IVF1024,SQfp16`) is faster for item->item queries, but
 user profiles, which are sums over items, fall between its cells. How deep to search is tuned per run
-on both kinds of query (index/tune.py); the README's performance section has the measurements.
+on both kinds of query (index/tune.py); docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ APPROXIMATE = "HNSW32,SQbf16"
 FLOAT16_MAX = 65504.0
 # k-means for IVF cells (an IVF factory string): up to 256 points per cell (faiss's default; fewer
 # trained cells that needed a far deeper nprobe for the same recall) and 10 iterations instead of 25
-# (twice the training time for almost no recall).
+# (the training time grows with the iterations, the recall almost not).
 TRAIN_POINTS_PER_CELL = 256
 TRAIN_ITERATIONS = 10
 TRAIN_SAMPLE = 262_144   # rows trained on at most (all of them up to 1024 cells; 64 per cell at 4096)
@@ -70,8 +70,8 @@ def build_index(vectors: RowSource, kind: str = "auto", exact_below: int = 50_00
     padded = -(-d // 8) * 8
     if "SQ" in factory and padded != d:
         # faiss's scalar quantizer codes are vectorised for 8 dimensions at a time: at an odd dimension
-        # a build ran over ten times slower. Zero dimensions pad the vectors (and each query, inside
-        # the index) to a multiple of 8 without changing any score.
+        # that vectorised path is lost and a build is far slower. Zero dimensions pad the vectors (and
+        # each query, inside the index) to a multiple of 8 without changing any score.
         inner = faiss.index_factory(padded, factory, faiss.METRIC_INNER_PRODUCT)
         index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, False), inner)
     else:
@@ -110,6 +110,6 @@ def save_index(index, path: Path | str) -> Path:
 
 def load_index(path: Path | str, mmap: bool = False):
     """The index saved at `path`. `mmap`: its vectors (codes) are mapped from the file, not copied, so
-    that processes on one host share one copy in the page cache (the lists' blocks on the workers ran
-    1.2x faster with two workers so: README, "Performance"); the file must then stay as it is."""
+    that processes on one host share one copy in the page cache (the lists' blocks on the workers read
+    and hold the index once per host, not once per worker); the file must then stay as it is."""
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)

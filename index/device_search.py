@@ -105,7 +105,7 @@ def device_top_k(vectors, queries, k: int, exclude: sp.csr_matrix | None = None,
                 who = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(block.indptr))
                 sims[torch.from_numpy(who).to(device), torch.from_numpy(block.indices.astype(np.int64)).to(device)] = -np.inf
         top, where = torch.topk(sims, take, dim=1)  # one pass: two (per 4,096 columns, then over those)
-        # measured slower on a GPU at 1M items (README, "Performance, GPU")
+        # were slower on a GPU (docs/performance.md, "GPU")
         top, where = top.cpu().numpy(), where.cpu().numpy()
         scores[start:stop, :take] = top
         ids[start:stop, :take] = np.where(np.isfinite(top), where, -1)

@@ -93,7 +93,7 @@ class ItemsConfig(SourceConfig):
     @field_validator("text")
     @classmethod
     def _valid_template(cls, value: str) -> str:
-        from embedder.template import template_fields  # not embedder.text: it imports pandas (0.75 s)
+        from embedder.template import template_fields  # not embedder.text: it imports pandas, slow for a config load
 
         try:
             if not template_fields(value):

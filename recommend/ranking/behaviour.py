@@ -8,9 +8,9 @@ vectors of X), P = V diag(1/(s²+λ)) Vᵀ + (I - VVᵀ)/λ, and for every item 
 
 so a user is the vector x_u V diag(s²/(s²+λ)) and an item the vector V_j / P_jj, and one
 inner-product search ranks exactly like rank-r EASE. The query side of an item (for "similar items",
-the score a one-item history gives) is V_j diag(s²/(s²+λ)). It ranks nearly as full EASE does (the
-README's quality section compares them) and scales with the number of interactions, not with the
-catalog squared as full EASE's n_items² inverse does.
+the score a one-item history gives) is V_j diag(s²/(s²+λ)). It ranks nearly as full EASE does
+(docs/performance.md, "Where the quality came from") and scales with the number of interactions, not
+with the catalog squared as full EASE's n_items² inverse does.
 
 Items with no interactions have V_j = 0. `project_cold` gives them behaviour vectors from their text,
 with a ridge map learned on the items that have both.
@@ -57,8 +57,8 @@ def affordable_factors(n_users: int, n_items: int, memory_mb: float) -> int:
     range finder holds about three (users x r) and three (items x r) blocks at once, and the fitted
     model two (items x r) sides. With 192 MB: 64 at 100k users and items, over 900 for ml-latest-small.
     In the refresh the users' rows stay in blocks on the workers, yet they are still counted: the
-    rank sets the cost of every user's list too. Counting the items only gave rank 100 at 100k, 1.45x
-    the whole refresh's time (2.4x the fit and lists) for the same gate nDCG (README, Performance)."""
+    rank sets the cost of every user's list too. Counting the items only gave a higher rank at scale,
+    and so slower lists and a slower refresh, for the same gate nDCG (docs/performance.md)."""
     per_factor = 4 * (3 * n_users + 5 * n_items)
     return max(MIN_FACTORS, int(memory_mb * 2**20 // max(per_factor, 1)))
 
@@ -165,7 +165,7 @@ def right_singular(matrix: FitMatrix, r: int, seed: int = 0, warm: np.ndarray | 
     XᵀX (`subspace_svd`), which reads X only through products, so X may stay in blocks. With `warm`
     (items with interactions) and X in this process, the iteration runs on X's warm columns only:
     the others' rows of every product are 0, so it is the same iteration on fewer rows (a sample of
-    5,000 users touches 5% of a million items)."""
+    a few thousand users touches a small share of a million items)."""
     if exact_fit(matrix.shape, r):
         if matrix.shape[0] <= matrix.shape[1]:  # users x users: X Xᵀ = U S² Uᵀ, V = Xᵀ U / S
             x = matrix.gather().astype(np.float64)
@@ -350,7 +350,7 @@ def project_cold(behaviour: Behaviour, text_vectors: np.ndarray, alpha: float = 
     fit_rows = np.flatnonzero(warm)
     if len(fit_rows) > RIDGE_SAMPLE:  # a linear map from d text dimensions needs no million examples
         fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, RIDGE_SAMPLE, replace=False))
-    from sklearn.linear_model import Ridge  # here: sklearn is 69 MB of a process; a refresh's driver never fits this
+    from sklearn.linear_model import Ridge  # here: sklearn is a large import; a refresh's driver never fits this
 
     targets = np.hstack([behaviour.item_vectors[fit_rows], behaviour.item_queries[fit_rows]])
     model = Ridge(alpha=alpha, fit_intercept=True).fit(np.asarray(text_vectors[fit_rows], np.float32), targets)

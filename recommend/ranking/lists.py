@@ -152,7 +152,7 @@ def earn_places(scores: np.ndarray, ids: np.ndarray, queries: RowSource, items: 
     if not len(rows):
         return changed
     # lazily when the vectors are computed rows: a block of them at a time, not every new item at once
-    # (a 5,000-user gate over a million items has ~950,000 items without events)
+    # (a gate's few thousand users over a million items leave most of them without events)
     new_vectors = take_rows(item_vectors, new_items)
     listed = position[ids[rows]]
     in_list = sp.csr_matrix((np.ones((listed >= 0).sum(), np.int8), listed[listed >= 0],

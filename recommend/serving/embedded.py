@@ -10,7 +10,7 @@
 A version without a sound version.json is incomplete: invisible to versions, rollback, pruning and
 readers, and removed by the next publish. Shards are written by tasks on the Dask workers, side by
 side (recommend/serving/publish.py, `write_version`); the driver holds no points. Readers open a
-version in milliseconds with memory by what they touch (`ShardReader`), never a copy of it.
+version without reading it whole: memory by what they touch (`ShardReader`), never a copy of it.
 
 Example:
     store = EmbeddedVersions(Path(".recs") / "store", "recs")
@@ -97,9 +97,9 @@ class ShardReader:
         from qdrant_edge import (Filter, HasIdCondition, PayloadSelector, QuantizationSearchParams, Query, QueryRequest,
                                  SearchParams)
 
-        # on a graph: 200 candidates deep (on structureless 384-dim vectors recall@10 went 0.73 -> 0.91 from
-        # the default depth; 1.0 on clustered ones either way), the best 2k of their int8 copies rescored with
-        # the original vectors; no graph: an exact scan, these ignored
+        # on a graph: 200 candidates deep (on vectors with little structure the default depth finds fewer
+        # of the true top k; clustered ones are found either way), the best 2k of their int8 copies rescored
+        # with the original vectors; no graph: an exact scan, these ignored
         rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
         request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
                                filter=Filter(must_not=[HasIdCondition(set(exclude))]) if exclude else None,

@@ -1,7 +1,7 @@
 """Text queries for `recs serve`: one encoder process, fed in small dynamic batches.
 
 The model runs in a process of its own (spawned; it dies with the server): in a thread, its Python
-work held the server's GIL and the other routes' p99 grew about 20x (README, Performance). Batching
+work held the server's GIL, so every other route's requests waited behind the encoding. Batching
 needs no timer: texts that arrive while the encoder is busy are encoded together next, up to
 `max_batch`. At most `max_queue` texts wait; beyond that `encode` raises `Busy` (HTTP 503). The
 model loads in the background: until it is ready `encode` raises `Busy` too, and the other routes

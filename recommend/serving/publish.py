@@ -8,8 +8,8 @@ transaction). A reader sees yesterday's version or today's, never a mix and neve
 
 A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores],
 source]` (`list_text`; read back by `read_list` and `payload_list`): one string field costs the engine a
-fraction of a list of objects per point, and every payload field costs its writer about 5 microseconds
-a point, so a payload holds the id, the list and the catalog's chosen metadata, nothing else.
+fraction of a list of objects per point, and every payload field is one more value its writer converts
+and stores for every point, so a payload holds the id, the list and the catalog's chosen metadata, nothing else.
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: 
     text, `list_text`), and the chosen metadata. `ids` index `item_ids`; `subjects`: the ids of the
     rows (default `item_ids`: every item, in order; a block of items passes its own, with its rows of
     `metadata`). The run id is the version's, not repeated in every point: each payload field
-    costs the engine's writer about 5 microseconds a point."""
+    is work for the engine's writer at every point."""
     subjects = list(item_ids if subjects is None else subjects)
     texts = list_texts(item_ids, scores, ids, sources)
     columns = {k: [_clean(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in metadata.items()}

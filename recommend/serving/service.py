@@ -95,7 +95,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     async def lifespan(app):
         from threadpoolctl import threadpool_limits
 
-        limits = threadpool_limits(1, "blas")  # several request threads each running multi-threaded BLAS collapsed (README)
+        limits = threadpool_limits(1, "blas")  # request threads each running multi-threaded BLAS oversubscribe the cores
         await asyncio.to_thread(live.poll_once)  # up with the live version, or "empty"
         gc.collect()
         gc.freeze()

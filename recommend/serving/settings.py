@@ -37,8 +37,8 @@ class PublishSettings(BaseModel):
                                                    "text vectors (int8-quantized, rescored with the originals) that text "
                                                    "search uses from graph_min_items items on; 0: never a graph")
     graph_min_items: int = Field(50_000, ge=0, description="embedded store: below this many items text search scans every "
-                                                           "item exactly and no graph is built (a scan of 20k items took "
-                                                           "6 ms a query; the graph costs about 150 us an item to build)")
+                                                           "item exactly and no graph is built (a scan of that few is "
+                                                           "quick, and the graph adds build time to every publish)")
     hnsw_ef_construct: int = Field(64, ge=8, le=512, description="embedded store: candidates while building that graph")
 
 
@@ -59,8 +59,8 @@ class ServeSettings(BaseModel):
     search_queue: int = Field(256, ge=1, description="/search texts waiting beyond this: 503")
     search_threads: int = Field(1, ge=1, description="torch threads of the query encoder process")
     read_threads: int = Field(1, ge=1, le=64, description="threads reading the store for answers not cached, per server "
-                              "process: the engine's reads slow each other down (at 1M x 1M, in one process: 1 thread "
-                              "1,346 answers/s, 2: 1,103, 4: 807, 16: 499); more processes (workers) scale instead")
+                              "process: the engine's reads slow each other down, so more threads in one process "
+                              "answer fewer per second; more processes (workers) scale instead")
     keep_alive_s: float = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
     head_timeout_s: float = Field(10, gt=0, description="a request's head must arrive within this: 408")
     max_url_bytes: int = Field(8192, ge=256, description="longer request lines: 414")

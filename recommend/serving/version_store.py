@@ -25,7 +25,7 @@ _NS_BYTES = NAMESPACE.bytes
 
 def point_id(kind: str, business_id: str) -> str:
     """Deterministic point id: the same item or user gets the same id in every run (idempotent reruns):
-    `str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))`, spelled out (2.7x faster: millions per publish)."""
+    `str(uuid.uuid5(NAMESPACE, f"{kind}:{business_id}"))`, spelled out without UUID objects (millions per publish)."""
     digest = bytearray(hashlib.sha1(_NS_BYTES + f"{kind}:{business_id}".encode()).digest()[:16])
     digest[6], digest[8] = (digest[6] & 0x0F) | 0x50, (digest[8] & 0x3F) | 0x80  # version 5, RFC 4122 variant
     x = digest.hex()
