@@ -29,7 +29,7 @@ def cuda_devices() -> int:
 
 
 # Threads per GPU worker: the others tokenize their chunks while the GPU encodes one (a MiniLM encode
-# on a GPU is bound by that CPU-side work); 4 measured faster than 2 (README, "Performance, GPU").
+# on a GPU is bound by that CPU-side work); 4 were faster than 2 (docs/performance.md, "GPU").
 GPU_WORKER_THREADS = 4
 
 
@@ -83,7 +83,7 @@ def dask_client(settings: DaskSettings, *, device: str = "cpu", keep_malloc_trim
 def worker_environ(keep_malloc_trim: bool = False) -> dict:
     """The environment the nanny sets before it starts a worker: Dask's, less MALLOC_TRIM_THRESHOLD_=65536.
     That setting makes glibc hand memory back after every free, which slowed the encode measurably
-    (tests/benchmarks/bench_encode.py measures it; README, "Performance")."""
+    (tests/benchmarks/bench_encode.py measures it; docs/performance.md)."""
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     if not keep_malloc_trim:
         env.pop("MALLOC_TRIM_THRESHOLD_", None)

@@ -12,9 +12,9 @@ what was made since. Reference counting still frees frozen objects; pandas frame
 hold no reference cycles, so nothing a stage drops waits for the end of the run.
 
 Arrow allocates from its own pool (mimalloc in the wheels), which keeps what it freed, above all
-what other threads (Dask's, Parquet's) allocated: at 1M items the driver held 550 MB of it after the
-embed stage. `release_freed_memory` asks the pool to return it too. (Arrow on the system allocator
-returned it as well, but made the driver's side of the encode 2.3x slower at 1M items.)
+what other threads (Dask's, Parquet's) allocated, and after the embed stage at scale that is much of
+the driver's memory. `release_freed_memory` asks the pool to return it too. (Arrow on the system
+allocator returned it as well, but made the driver's side of the encode slower: docs/performance.md.)
 
 Example:
     from recommend.run.memory import release_freed_memory, survivors_frozen

@@ -167,7 +167,7 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
         bar["done"] = done
 
     with run.stage("embed"):
-        # written on a worker from the cache; no vector comes here (768 MB at 1M items): the fit and the
+        # written on a worker from the cache; no vector comes here (items x dim floats): the fit and the
         # publish read the file a row group at a time
         emb = embed_items(items.rows, config.embed, cache_root=config.cache_root, client=client, threads=threads,
                           progress=encode_progress, out=run.folder.embeddings)

@@ -61,7 +61,7 @@ def load_user_block(run: RunFolder, block: int, n_items: int, settings: RankingS
     return users, user_block(events, n_items=n_items, user_ids=users, settings=settings, now=now)
 
 
-CACHE_BYTES = 512 << 20  # fitted rows a worker process keeps between the fit's rounds (10M events: about 120 MB)
+CACHE_BYTES = 512 << 20  # fitted rows a worker process keeps between the fit's rounds (a few tens of bytes per event)
 _cache: dict[tuple, sp.csr_matrix] = {}
 _cache_lock = threading.Lock()
 
@@ -163,8 +163,8 @@ def _reduce(client, fn, blocks: Blocks, *args, combine=_add, keep: bool = False,
     """fn over every group of blocks, combined in one fixed order whatever the cluster: the groups in
     runs of √(groups) (chains), each chain adding its groups into one running total in turn (`_step`),
     then the chains' totals combined pairwise, in block order (X's rows stay in order). Only a
-    chain's total is alive, not one result per group (121 blocks at 1M users: 16 products of 1M x 74
-    waited for their sums on two workers). On the
+    chain's total is alive, not one result per group (at scale, many items x rank products would
+    otherwise wait for their sums at once). On the
     workers with a client (only the total comes here; with `keep`, it stays on its worker and its
     future comes here), else in this process, in the same order: the same numbers either way."""
     groups = _groups(blocks.n)
@@ -256,7 +256,7 @@ def _gate_task(run: RunFolder, n_blocks: int, settings: RankingSettings, gate: G
 def _gate(run: RunFolder, n_blocks: int, settings: RankingSettings, gate: GateSettings) -> GateFigures:
     events = first_users(run, n_blocks, gate.max_users)[1]
     path = run.embeddings
-    text = parquet_rows(path)  # read a row group at a time, as the driver's fit reads it (1M items: 768 MB not held)
+    text = parquet_rows(path)  # read a row group at a time, as the driver's fit reads it (items x dim floats never held)
     item_ids = pq.read_table(path, columns=["item_id"]).column(0).to_pylist()
     return holdout_score(events, item_ids=item_ids, text=text, settings=settings, gate=gate)
 
