@@ -189,11 +189,30 @@ def _judge(check: dict, report: PrecisionCheck) -> bool:
     return ok
 
 
-def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), *, cache_root: str, client=None,
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A run's model, resolved once from its settings: the model's folder, its fingerprint (the cache
+    keys' prefix) and the precision chosen for the device. `resolve_model` raises ModelNotFound for
+    a model that is not there and ValueError for a precision the device cannot run."""
+
+    settings: EmbedSettings
+    path: str
+    fingerprint: str
+    precision: str
+
+
+def resolve_model(settings: EmbedSettings) -> ResolvedModel:
+    path = resolve_model_path(settings.model)
+    precision = "fp32" if is_standin(path) else resolve_precision(settings.precision, pick_device(settings.device))
+    return ResolvedModel(settings, str(path), model_fingerprint(path), precision)
+
+
+def embed_items(items: pd.DataFrame, settings: EmbedSettings | ResolvedModel = EmbedSettings(), *, cache_root: str, client=None,
                 threads: int | dict[str, int] | None = None, progress: Callable[[int, int], None] | None = None,
                 check_sample: int = 64, out: str | Path | None = None) -> EmbedResult:
     """Vectors for every item (`item_id`, `text` columns): from the cache where the content hash is
-    known, otherwise encoded and added to the cache. `progress(done, total)` reports encoding.
+    known, otherwise encoded and added to the cache. `settings`: the embed settings, or the model
+    already resolved from them (`resolve_model`). `progress(done, total)` reports encoding.
     A precision other than fp32 is first checked against fp32 on `check_sample` of the texts it will
     encode (on a worker when there is a Dask `client`); below a mean cosine of 0.99 the texts are encoded
     in fp32 instead. Each chunk's task adds its vectors to the cache where it runs, as it finishes, so a
@@ -210,10 +229,9 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings = EmbedSettings(), 
         result.vectors.shape                  # (len(items), 384)
         result.counts.items_encoded           # 12 (the other 2,988 came from the cache)
     """
-    path = resolve_model_path(settings.model)
-    fingerprint = model_fingerprint(path)
+    model = settings if isinstance(settings, ResolvedModel) else resolve_model(settings)
+    settings, path, fingerprint, chosen = model.settings, model.path, model.fingerprint, model.precision
     device = settings.device
-    chosen = "fp32" if is_standin(path) else resolve_precision(settings.precision, pick_device(device))
     report = PrecisionCheck(requested=settings.precision, chosen=chosen)
     cache = EmbeddingCache(cache_root)
     texts = arrow_strings(items["text"])  # hashed and encoded on the workers: here they stay Arrow buffers

@@ -18,8 +18,8 @@ from contextlib import nullcontext
 
 from embedder.artifacts import write_json, write_text
 from embedder.errors import RecsError, StorageError
-from embedder.model import ModelNotFound, pick_device, resolve_model_path
-from embedder.precision import resolve_precision
+from embedder.encode import resolve_model
+from embedder.model import ModelNotFound
 from embedder.run_folder import RunFolder
 from recommend.config import Config, ConfigError, stage_settings
 from recommend.run import stages
@@ -47,12 +47,10 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
     Dask client to use instead of starting one.
     """
     with RefreshLock(config.workdir):  # first: a second refresh is refused before anything slow
-        try:
-            resolve_model_path(config.embed.model)
+        try:  # once for the run: the embed stage encodes with this path, fingerprint and precision
+            model = resolve_model(config.embed)
         except ModelNotFound as exc:
             raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
-        try:
-            resolve_precision(config.embed.precision, pick_device(config.embed.device))
         except ValueError as exc:
             raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
         settings = stage_settings(config)
@@ -64,7 +62,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             raise StorageError(f"cannot create the run folder {folder}: {exc.strerror}") from None
         out = Reporter(quiet)
         out.say(f"refresh: run {run_id} -> {folder}")
-        run = stages.Run(config, settings, folder, out, RefreshReport(run_id=run_id, run_dir=str(folder)))
+        run = stages.Run(config, settings, model, folder, out, RefreshReport(run_id=run_id, run_dir=str(folder)))
         started = time.perf_counter()
         try:
             cluster = nullcontext(client) if client is not None else dask_client(config.dask, device=config.embed.device)

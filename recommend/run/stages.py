@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from embedder.artifacts import file_digest, write_parquet
-from embedder.encode import EmbedResult, embed_items
+from embedder.encode import EmbedResult, ResolvedModel, embed_items
 from embedder.errors import InputError, RecsError
 from embedder.event_blocks import Blocks
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
@@ -61,6 +61,7 @@ class Run:
 
     config: Config
     settings: StageSettings
+    model: ResolvedModel  # resolved once, when the run starts
     folder: RunFolder
     out: Reporter
     report: RefreshReport
@@ -169,7 +170,7 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
     with run.stage("embed"):
         # written on a worker from the cache; no vector comes here (items x dim floats): the fit and the
         # publish read the file a row group at a time
-        emb = embed_items(items.rows, config.embed, cache_root=config.cache_root, client=client, threads=threads,
+        emb = embed_items(items.rows, run.model, cache_root=config.cache_root, client=client, threads=threads,
                           progress=encode_progress, out=run.folder.embeddings)
         emb.vectors = parquet_rows(run.folder.embeddings)
     run.report.embed = emb.counts
