@@ -18,10 +18,8 @@ from contextlib import nullcontext
 
 from embedder.artifacts import write_json, write_text
 from embedder.errors import RecsError, StorageError
-from embedder.encode import resolve_model
-from embedder.model import ModelNotFound
 from embedder.run_folder import RunFolder
-from recommend.config import Config, ConfigError, stage_settings
+from recommend.config import Config
 from recommend.run import stages
 from recommend.run.cluster import dask_client
 from recommend.run.memory import survivors_frozen
@@ -29,6 +27,7 @@ from recommend.run.preflight import preflight
 from recommend.run.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
 from recommend.run.lock import RefreshLock
+from recommend.run.plans import RunPlan, plan_run
 from recommend.run.workdir import new_run_id, prune_runs, runs_dir
 from recommend.serving.store import open_store
 from recommend.serving.versions import embedded_root, version_store
@@ -47,13 +46,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
     Dask client to use instead of starting one.
     """
     with RefreshLock(config.workdir):  # first: a second refresh is refused before anything slow
-        try:  # once for the run: the embed stage encodes with this path, fingerprint and precision
-            model = resolve_model(config.embed)
-        except ModelNotFound as exc:
-            raise ConfigError(f"{config.source_file}: embed.model: {exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"{config.source_file}: embed.precision: {exc}") from None
-        settings = stage_settings(config)
+        plan = plan_run(config)  # each stage's plan, the model resolved once; a ConfigError before any work
         run_id = new_run_id()
         folder = RunFolder(runs_dir(config.workdir) / run_id)
         try:
@@ -62,7 +55,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             raise StorageError(f"cannot create the run folder {folder}: {exc.strerror}") from None
         out = Reporter(quiet)
         out.say(f"refresh: run {run_id} -> {folder}")
-        run = stages.Run(config, settings, model, folder, out, RefreshReport(run_id=run_id, run_dir=str(folder)))
+        run = stages.Run(folder, out, RefreshReport(run_id=run_id, run_dir=str(folder)))
         started = time.perf_counter()
         try:
             cluster = nullcontext(client) if client is not None else dask_client(config.dask, device=config.embed.device)
@@ -74,9 +67,9 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
                 preflight(run.client, sources=_sources(config), cache_root=config.cache_root, model=config.embed.model,
                           qdrant=(pc.url, pc.api_key_env) if pc.enabled and pc.url and pc.upload_on_workers else None,
                           store=str(embedded_root(config.workdir)) if pc.enabled and not pc.url else None)
-                _run(run)
+                _run(run, config, plan)
         except BaseException as exc:
-            _failed(run, exc, time.perf_counter() - started)
+            _failed(run, config, exc, time.perf_counter() - started)
             if not isinstance(exc, Exception):
                 raise  # an interrupt stays an interrupt
             error = exc if isinstance(exc, RecsError) else RefreshFailed(
@@ -88,7 +81,7 @@ def refresh(config: Config, *, quiet: bool = False, client=None) -> RefreshRepor
             raise error from exc
         run.report.seconds["total"] = round(time.perf_counter() - started, 3)
         _write_report(run)
-        _prune_runs(run)
+        _prune_runs(run, config)
         return run.report
 
 
@@ -101,26 +94,26 @@ def _sources(config: Config) -> dict[str, str]:
     return sources
 
 
-def _run(run: stages.Run) -> None:
-    """The stages in order; any failure stops the run before publishing, so the live version stays live."""
-    config = run.config
+def _run(run: stages.Run, config: Config, plan: RunPlan) -> None:
+    """The stages in order, each with its plan; any failure stops the run before publishing, so the
+    live version stays live."""
     if config.publish.url:  # a server that is down fails the run now, not after an hour of encoding
         open_store(config.publish.url, config.publish.api_key_env)
-    inputs = stages.ingest(run)
-    emb = stages.embed(run, inputs.items)
+    inputs = stages.ingest(run, plan.ingest)
+    emb = stages.embed(run, plan.embed, inputs.items)
     if "text" not in config.items.metadata:  # encoded and written: not needed again
         inputs.items.rows = inputs.items.rows.drop(columns="text")
     pc = config.publish
     store = version_store(pc, config.workdir) if pc.enabled else None
-    gate = stages.gate(run, store, inputs.blocks)  # first: a bad run stops before the expensive lists
-    lists = stages.lists(run, inputs.blocks, emb)
+    gate = stages.gate(run, plan.gate, store, inputs.blocks)  # first: a bad run stops before the expensive lists
+    lists = stages.lists(run, plan.lists, inputs.blocks, emb)
     if store is not None:
-        stages.publish(run, store, inputs.items, emb, lists, gate)
+        stages.publish(run, plan.publish, store, inputs.items, emb, lists, gate)
     else:
         run.out.say("[publish] skipped: publish.enabled is false (lists and vectors are in the run folder)")
 
 
-def _failed(run: stages.Run, exc: BaseException, seconds: float) -> None:
+def _failed(run: stages.Run, config: Config, exc: BaseException, seconds: float) -> None:
     """Record the failure in the run's report; never let writing it hide the original error."""
     report = run.report
     report.status, report.failed_stage = "failed", run.current
@@ -129,15 +122,14 @@ def _failed(run: stages.Run, exc: BaseException, seconds: float) -> None:
     report.seconds["total"] = round(seconds, 3)
     try:
         _write_report(run)
-        _prune_runs(run)
+        _prune_runs(run, config)
     except (OSError, RecsError):
         pass  # e.g. the disk is full: the error itself is still raised to the caller
 
 
-def _prune_runs(run: stages.Run) -> None:
+def _prune_runs(run: stages.Run, config: Config) -> None:
     """Old run folders go (`runs.keep`), never one behind a published version. When the published
     versions cannot be listed, nothing is deleted."""
-    config = run.config
     protect = {run.run_id}
     if config.publish.enabled:
         try:

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from embedder.artifacts import file_digest, write_parquet
-from embedder.encode import EmbedResult, ResolvedModel, embed_items
+from embedder.encode import EmbedResult, embed_items
 from embedder.errors import InputError, RecsError
 from embedder.event_blocks import Blocks
 from embedder.ingest import ingest_events_to_blocks, ingest_items, ingest_user_ids
@@ -29,12 +29,11 @@ from embedder.quarantine import QUARANTINE_COLUMNS, Ingested, check_bad_fraction
 from index.build import APPROXIMATE, EXACT
 from index.rows import parquet_rows
 from index.search import Recall, sample_rows
-from recommend.config import Config, StageSettings
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import Layout
 from recommend.run.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
-from recommend.run.list_tasks import ListJob, Part, list_blocks, part_files
-from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
+from recommend.run.list_tasks import Part, list_blocks, part_files
+from recommend.run.publish_tasks import PointSource, collection_points, vector_sizes
 from recommend.run.user_tasks import gate_figures, sample_users
 from recommend.run.memory import release_freed_memory
 from recommend.run.preflight import encode_threads
@@ -48,20 +47,18 @@ from recommend.run.report import (
     PublishManifest,
     RefreshReport,
 )
+from recommend.run.plans import EmbedPlan, GatePlan, IngestPlan, ListsPlan, PublishPlan
 from recommend.run.workdir import write_manifest
-from recommend.serving.publish import Storage, live_gate, publish_version
-from recommend.serving.shards import Graph
+from recommend.serving.publish import live_gate, publish_version
 
 log = logging.getLogger("recs")
 
 
 @dataclass
 class Run:
-    """What every stage of one run shares: its config, settings, folder, output and report."""
+    """What every stage of one run shares: its folder, output, report and cluster. Each stage is given
+    its own plan besides (recommend/run/plans.py), never the whole config."""
 
-    config: Config
-    settings: StageSettings
-    model: ResolvedModel  # resolved once, when the run starts
     folder: RunFolder
     out: Reporter
     report: RefreshReport
@@ -102,18 +99,18 @@ class Inputs:
     users: Ingested | None
 
 
-def ingest(run: Run) -> Inputs:
+def ingest(run: Run, plan: IngestPlan) -> Inputs:
     """Items, events and (optional) users read, validated and quarantined; the accepted events
     written by user block on the workers (embedder/event_blocks.py); the bad-row limits checked."""
-    config, s, folder = run.config, run.settings, run.folder
+    s, folder = plan.sources, run.folder
     with run.stage("ingest"):
         items = ingest_items(s.items, s.item_mapping, bar=run.bar("ingest"))
-        _require_rows("items", config.items.path, items)
+        _require_rows("items", s.items.path, items)
         users = ingest_user_ids(s.users, s.user_id_column) if s.users else None
         events, blocks = ingest_events_to_blocks(
-            s.events, s.event_mapping, items.rows["item_id"], folder, block_size=config.lists.block_size,
+            s.events, s.event_mapping, items.rows["item_id"], folder, block_size=plan.block_size,
             extra_users=users.rows["user_id"] if users else (), bar=run.bar("ingest"))
-        _require_rows("events", config.events.path, events)
+        _require_rows("events", s.events.path, events)
         quarantine = pd.concat([q.assign(input=name) for name, q in
                                 (("items", items.quarantine), ("events", events.quarantine),
                                  ("users", users.quarantine if users else None)) if q is not None and len(q)]
@@ -124,19 +121,17 @@ def ingest(run: Run) -> Inputs:
     run.report.users = users.counts if users else None
     write_manifest(folder, IngestManifest(
         files={**digests(folder, folder.quarantine, folder.items), **blocks.files()},
-        inputs={"items": config.items.path, "events": config.events.path, "users": config.users.path if config.users else None},
+        inputs={"items": s.items.path, "events": s.events.path, "users": s.users.path if s.users else None},
         items=items.counts, events=events.counts, users=users.counts if users else None, seconds=run.report.seconds["ingest"],
-        config={"items": config.items.model_dump(), "events": config.events.model_dump(),
-                "users": config.users.model_dump() if config.users else None}))
+        config=plan.sections))
     run.out.say(f"[ingest] items {items.counts.accepted} accepted, {items.counts.quarantined} quarantined; "
                 f"events {events.counts.accepted} accepted, {events.counts.quarantined} quarantined, "
                 f"{blocks.users} users in {blocks.n} blocks ({run.report.seconds['ingest']:.1f}s)")
-    for name, result, section in (("items", items, config.items), ("events", events, config.events),
-                                  ("users", users, config.users)):
+    for name, result in (("items", items), ("events", events), ("users", users)):
         if result is not None:
-            check_bad_fraction(name, result.counts, section.max_bad_fraction, str(folder.quarantine))
+            check_bad_fraction(name, result.counts, plan.max_bad_fraction[name], str(folder.quarantine))
     if items.rows.empty:
-        raise RecsError(f"no usable items in {config.items.path}: all {items.counts.rows_read} rows quarantined "
+        raise RecsError(f"no usable items in {s.items.path}: all {items.counts.rows_read} rows quarantined "
                         f"(reasons: {items.counts.quarantine_reasons}); see {folder.quarantine}")
     return Inputs(items, events, blocks, users)
 
@@ -154,9 +149,9 @@ def _require_rows(name: str, path: str, result: Ingested) -> None:
                          "nothing was published, the live version stays live")
 
 
-def embed(run: Run, items: Ingested) -> EmbedResult:
+def embed(run: Run, plan: EmbedPlan, items: Ingested) -> EmbedResult:
     """Item vectors: from the cache, the rest encoded on the workers."""
-    config, client = run.config, run.client
+    client = run.client
     threads = encode_threads(client) if client is not None else os.cpu_count()  # each worker's own share
     bar = {}
 
@@ -170,30 +165,30 @@ def embed(run: Run, items: Ingested) -> EmbedResult:
     with run.stage("embed"):
         # written on a worker from the cache; no vector comes here (items x dim floats): the fit and the
         # publish read the file a row group at a time
-        emb = embed_items(items.rows, run.model, cache_root=config.cache_root, client=client, threads=threads,
+        emb = embed_items(items.rows, plan.model, cache_root=plan.cache_root, client=client, threads=threads,
                           progress=encode_progress, out=run.folder.embeddings)
         emb.vectors = parquet_rows(run.folder.embeddings)
     run.report.embed = emb.counts
-    write_manifest(run.folder, EmbedManifest(files=digests(run.folder, run.folder.embeddings), model=config.embed.model,
+    write_manifest(run.folder, EmbedManifest(files=digests(run.folder, run.folder.embeddings), model=plan.model.settings.model,
                                               model_fingerprint=emb.model_fingerprint,
-                                              cache=config.cache_root, counts=emb.counts,
-                                              seconds=run.report.seconds["embed"], config=config.embed))
+                                              cache=plan.cache_root, counts=emb.counts,
+                                              seconds=run.report.seconds["embed"], config=plan.model.settings))
     run.out.say(f"[embed] {emb.counts.items_encoded} encoded, {emb.counts.items_from_cache} from cache "
                 f"({run.report.seconds['embed']:.1f}s)")
     return emb
 
 
-def gate(run: Run, store, blocks: Blocks) -> GateReport:
+def gate(run: Run, plan: GatePlan, store, blocks: Blocks) -> GateReport:
     """The quality gate's figures; raises GateFailed when they are not good enough."""
-    gc = run.config.gate
+    gc = plan.settings
     if not gc.enabled:
         run.report.gate = GateReport(enabled=False)
         return run.report.gate
     with run.stage("gate"):
         tick = run.out.bar("gate: fit and score on a worker", 1)
-        figures = gate_figures(run.client, blocks, run.settings.ranking, gc)
+        figures = gate_figures(run.client, blocks, plan.ranking, gc)
         tick(1)
-        live = live_gate(store, run.config.publish.prefix) if store is not None else None
+        live = live_gate(store, plan.prefix) if store is not None else None
         live = GateFigures(**live) if live is not None else None
         report = GateReport(**figures.model_dump(), enabled=True, live=live)
         report.problems = gate_problems(report, live, gc)
@@ -223,11 +218,11 @@ RECALL_SAMPLE = 1000  # item lists checked against exact search for the reported
 TUNE_USERS = 4096     # users (the smallest hashes) whose vectors the index's tuning searches with
 
 
-def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
+def lists(run: Run, plan: ListsPlan, blocks: Blocks, emb: EmbedResult) -> Lists:
     """On the workers: the behaviour fit over the user blocks, the item side and the FAISS index
     (built and saved on a worker, recommend/run/item_tasks.py), then K similar items per item and K
     items per user, a block at a time (recommend/run/list_tasks.py). The driver holds summaries."""
-    config, k, ranking, client = run.config, run.config.lists.k, run.settings.ranking, run.client
+    k, ranking, client = plan.lists.k, plan.ranking, run.client
     bar = run.bar("index")
     with run.stage("index"):
         item_ids = np.asarray(emb.item_ids, dtype=object)
@@ -235,7 +230,7 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
         saved = fit_blocks(client, blocks, item_ids, emb.vectors, ranking, bar=bar, sample=sample)
         run.release()
         tick = bar("building and tuning the index on a worker", 1)
-        built = build_index(client, blocks, k, config.index, sample, ranking,
+        built = build_index(client, blocks, k, plan.index, sample, ranking,
                             n_searches=len(item_ids) + saved.users_with_history)
         tick(1)
         del sample
@@ -243,15 +238,14 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
         tuning, files = built.tuning, {**built.files, **saved.files}
         rows = sample_rows(len(item_ids), RECALL_SAMPLE, 0)
         parts = list_blocks(client, len(item_ids), blocks, ranking,
-                            ListJob(k, config.blend.new_item_slots, config.blend.new_item_boost), sample=rows,
-                            block_size=config.lists.block_size, progress=bar)
+                            plan.job, sample=rows, block_size=plan.lists.block_size, progress=bar)
         files.update(part_files(parts))
         recall = Recall(recall=1.0, k=k, sample=0, exact=True) if built.exact else item_lists_recall(
             client, run.folder, rows, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
             min(k, max(len(item_ids) - 1, 0)))
         release_freed_memory()
-    factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if config.index.kind == "auto"
-                                                                         else config.index.kind)
+    factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if plan.index.kind == "auto"
+                                                                         else plan.index.kind)
     user_parts = [p for p in parts if p.kind == "user"]
     summary = IndexSummary(
         factory=factory, items=len(item_ids), users=blocks.users, users_with_history=saved.users_with_history,
@@ -261,8 +255,8 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
         item_lists_recall=recall, search_depth=tuning, layout=saved.layout.to_dict())
     run.report.index = summary
     write_manifest(run.folder, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
-                                          index_config=config.index, lists_config=config.lists,
-                                          blend_config=config.blend))
+                                          index_config=plan.index, lists_config=plan.lists,
+                                          blend_config=plan.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
              else f"{tuning.knob}={tuning.value if tuning.value is not None else 'faiss default'}")
     run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}; "
@@ -272,34 +266,30 @@ def lists(run: Run, blocks: Blocks, emb: EmbedResult) -> Lists:
     return Lists(saved.layout, item_ids, blocks, parts, summary)
 
 
-def publish(run: Run, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
+def publish(run: Run, plan: PublishPlan, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
     """Publish the new version as one transaction (written, verified, marked complete, switched live),
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
     The points are made a lists part at a time (recommend/run/publish_tasks.py): the embedded store's
     shards are written by tasks on the workers, a server's points uploaded from the workers."""
-    config, pc, run_id = run.config, run.config.publish, run.run_id
+    pc, run_id = plan.settings, run.run_id
     layout = read_item_side(run.folder).layout
     on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
     with run.stage("publish"):
         source = PointSource(run.folder, emb.vectors)
-        target = Target(url=pc.url if on_workers else None, api_key_env=pc.api_key_env, batch_size=pc.batch_size,
-                        parallel=pc.parallel)
+        target = plan.target(on_workers)
         sizes = vector_sizes(layout, emb.vectors.shape[1])
-        metadata = {c: items.rows[c] for c in config.items.metadata}
+        metadata = {c: items.rows[c] for c in plan.metadata}
         points = {kind: collection_points(run.client, source, lists.parts, kind, metadata, sizes[kind], target)
                   for kind in ("item", "user")}
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "model": config.embed.model, "model_fingerprint": emb.model_fingerprint,
-                "dim": int(emb.vectors.shape[1]), "k": config.lists.k, "layout": layout.to_dict(),
+                "model": plan.model, "model_fingerprint": emb.model_fingerprint,
+                "dim": int(emb.vectors.shape[1]), "k": plan.k, "layout": layout.to_dict(),
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: writing shards" if store.embedded else
                            "publish: upserting" + (" from the workers" if on_workers else ""),
                            points["item"].count + points["user"].count)
-        graph = Graph(pc.hnsw_m if points["item"].count >= pc.graph_min_items else 0, pc.hnsw_ef_construct)
-        storage = Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk, graph, batch_size=pc.batch_size,
-                          parallel=pc.parallel, index_wait_s=pc.index_wait_s, keep=pc.keep_versions)
         done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, progress=tick,
-                               storage=storage, dask=run.client)
+                               storage=plan.storage(points["item"].count), dask=run.client)
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]
