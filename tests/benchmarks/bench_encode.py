@@ -121,7 +121,8 @@ def main() -> None:
     args_parser.add_argument("--skip-trim", action="store_true", help="skip the run with Dask's MALLOC_TRIM_THRESHOLD_")
     args_parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                              help="auto: the GPU comparison when torch sees a GPU, else the CPU one")
-    args_parser.add_argument("--model", default="all-MiniLM-L6-v2", help="the packaged model, or a local folder")
+    args_parser.add_argument("--model", default="all-MiniLM-L6-v2",
+                             help="the packaged model, a local folder, or stand-in:hashing-384 (run.py --smoke: the code path only)")
     args_parser.add_argument("--batch-sizes", default="64,256,1024", help="GPU only: raw encode at each")
     args_parser.add_argument("--gpu-threads", default="1,2", help="GPU only: threads per Dask worker to try")
     args_parser.add_argument("--reference", help="GPU only: a .npy of CPU fp32 vectors for the first texts")
@@ -137,23 +138,23 @@ def main() -> None:
     from embedder.precision import resolve_precision
 
     default = resolve_precision("auto", "cpu")
-    raw32, raw32_s = raw_encode(batch, "fp32")
-    pipe32, pipe32_s, counts32 = pipeline_encode(batch, "fp32", keep_malloc_trim=False)
+    raw32, raw32_s = raw_encode(batch, "fp32", model=args.model)
+    pipe32, pipe32_s, counts32 = pipeline_encode(batch, "fp32", keep_malloc_trim=False, model=args.model)
     n = len(batch)
     emit("encode_fp32_pipeline_vs_raw", {
         "texts": n, "raw_texts_per_s": round(n / raw32_s, 1), "pipeline_texts_per_s": round(n / pipe32_s, 1),
         "ratio": round(raw32_s / pipe32_s, 3), "workers": counts32["workers"],
         "max_abs_diff": float(np.abs(pipe32 - raw32).max())})
     if not args.skip_trim:
-        _, trim_s, _ = pipeline_encode(batch, "fp32", keep_malloc_trim=True)
-        emit("encode_fp32_dask_malloc_trim_vs_ours", {"texts": n, "ours_s": pipe32_s, "with_dask_trim_s": trim_s,
+        _, trim_s, _ = pipeline_encode(batch, "fp32", keep_malloc_trim=True, model=args.model)
+        emit("encode_fp32_dask_malloc_trim_vs_ours", {"texts": n, "ours_s": round(pipe32_s, 3), "with_dask_trim_s": round(trim_s, 3),
                                                        "ratio": round(trim_s / pipe32_s, 3)})
     from embedder.quantized import available
 
     reduced = [p for p in dict.fromkeys([default, "int8" if available() else None]) if p not in (None, "fp32")]
     for precision in reduced:  # each against the same raw fp32 run
-        rawlo, rawlo_s = raw_encode(batch, precision)
-        pipelo, pipelo_s, countslo = pipeline_encode(batch, precision, keep_malloc_trim=False)
+        rawlo, rawlo_s = raw_encode(batch, precision, model=args.model)
+        pipelo, pipelo_s, countslo = pipeline_encode(batch, precision, keep_malloc_trim=False, model=args.model)
         cos = (raw32 * pipelo).sum(axis=1) / np.linalg.norm(raw32, axis=1) / np.linalg.norm(pipelo, axis=1)
         emit(f"encode_{precision}_pipeline_vs_raw_fp32", {
             "texts": n, "precision": precision, "default": precision == default,

@@ -32,7 +32,7 @@ def lists_changed(before: Path, after: Path) -> dict:
             rows = frame[frame["subject_kind"] == kind].sort_values(["subject_id", "rank"])
             rows = rows.assign(score=rows["score"].round(5))
             keyed.append(rows.groupby("subject_id", observed=True).agg(ids=("item_id", tuple), scores=("score", tuple)))
-        both = keyed[0].join(keyed[1], lsuffix="_before", rsuffix="_after", how="outer")
+        both = keyed[0].merge(keyed[1], left_index=True, right_index=True, how="outer", suffixes=("_before", "_after"))
         ids = both["ids_before"] != both["ids_after"]
         out[kind] = {"lists": len(both), "items_changed": round(float(ids.mean()), 4),
                      "published_changed": round(float((ids | (both["scores_before"] != both["scores_after"])).mean()), 4)}
@@ -43,6 +43,8 @@ def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--items", type=int, default=3000)
     args_parser.add_argument("--changed", type=float, default=0.01)
+    args_parser.add_argument("--model", default="all-MiniLM-L6-v2",
+                             help="the packaged model, a local folder, or stand-in:hashing-384 (run.py --smoke: the code path only)")
     args = args_parser.parse_args()
     from recommend.config import DaskSettings, load_config
     from recommend.run.cluster import dask_client
@@ -57,7 +59,7 @@ def main() -> None:
             "workdir": str(tmp / "work"),
             "items": {"path": str(paths["items"]), "text": "{title}. {description} Category: {category}.",
                       "metadata": ["title", "category"]},
-            "events": {"path": str(paths["events"])}, "lists": {"k": 10}}))
+            "events": {"path": str(paths["events"])}, "lists": {"k": 10}, "embed": {"model": args.model}}))
         cold = refresh(load_config(config_path), quiet=True, client=client).model_dump(mode="json")
         items = pd.read_parquet(paths["items"])
         n = max(1, int(len(items) * args.changed))
@@ -71,7 +73,7 @@ def main() -> None:
         "ratio_total": round(cold["seconds"]["total"] / warm["seconds"]["total"], 2),
         "cold_embed_s": cold["seconds"]["embed"], "incremental_embed_s": warm["seconds"]["embed"],
         "ratio_embed": round(cold["seconds"]["embed"] / warm["seconds"]["embed"], 2),
-        "incremental_stages_s": warm["seconds"], "lists_changed": changed})
+        "incremental_stages_s": warm["seconds"], "lists_changed": changed, "model": args.model})
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 1 and of 2 single-threaded workers, over the same space and index, in one run.
 
 bench_scale's generator (seed 0) writes the files; the behaviour fit, the blended space and the index
-are built once (outside the clock), then every item block and user block runs three times, each into
-its own folder: in this process (the baseline: what the driver did before; FAISS and BLAS on every
-core), on one worker, on two. It prints the seconds of each, the ratios, the sum of the blocks'
-own seconds (the rest is the cluster's overhead), and whether the three wrote the same lists.
+are built once (outside the clock), then every item block and user block runs three times, one after
+the other in the same run folder (its lists read and removed after each): in this process (the
+baseline: what the driver did before; FAISS and BLAS on every core), on one worker, on two. It
+prints the seconds of each, the ratios, the sum of the blocks' own seconds (the rest is the
+cluster's overhead), and whether the three wrote the same lists.
 
     .venv/bin/python tests/benchmarks/bench_list_blocks.py --size 300000
 """
@@ -37,6 +38,7 @@ def main() -> None:
     from bench_scale import generate
     from embedder.encoder import load_encoder
     from embedder.event_blocks import blocks_from_frame, read_user_ids
+    from embedder.run_folder import RunFolder
     from embedder.standin import NAME
     from index.build import save_index
     from index.search import sample_rows
@@ -47,7 +49,7 @@ def main() -> None:
     from recommend.config import DaskSettings
     from recommend.run.cluster import dask_client
     from recommend.run.item_tasks import save_item_side
-    from recommend.run.list_tasks import LISTS, ListJob, list_blocks
+    from recommend.run.list_tasks import ListJob, list_blocks
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -55,9 +57,10 @@ def main() -> None:
         events, items = load(tmp / "data")
         text = load_encoder(NAME).encode((items["title"] + ". " + items["description"]).tolist()).astype(np.float16)
         item_ids = items["item_id"].tolist()
-        blocks = blocks_from_frame(tmp / "events", events[["user_id", "item_id", "ts", "event_type"]], item_ids,
+        run = RunFolder(tmp / "run")
+        blocks = blocks_from_frame(run, events[["user_id", "item_id", "ts", "event_type"]], item_ids,
                                    block_size=8192)  # the user blocks ingest writes
-        user_ids = read_user_ids(tmp / "events", blocks.n)
+        user_ids = read_user_ids(run, blocks.n)
         blend = BlendSettings()
         settings = RankingSettings(weights={"view": 1.0, "cart": 3.0, "purchase": 5.0}, half_life_days=14.0, blend=blend)
         space = build_space(events, item_ids=item_ids, text=text, user_ids=user_ids, settings=settings)
@@ -67,27 +70,27 @@ def main() -> None:
         sample = sample_rows(len(item_ids), 1000, 0)
         figures: dict = {"items": args.size, "users": len(user_ids), "events": len(events),
                          "index": "exact" if tuning.exact or tuning.fallback == "exact" else f"{tuning.knob}={tuning.value}"}
-        written = {}
+        written, seconds = {}, {}
+        save_index(index, run.index)  # the blocks read the index and the item side from their run folder
+        save_item_side(run, space.items, np.asarray(item_ids, dtype=object))
         for mode in ("in_process", "workers_1", "workers_2"):
-            folder = tmp / mode
-            folder.mkdir()
-            save_index(index, folder / "index.faiss")
-            save_item_side(folder, space.items, np.asarray(item_ids, dtype=object))
             n = 0 if mode == "in_process" else int(mode[-1])
             with (dask_client(DaskSettings(n_workers=n, threads_per_worker=1)) if n else nullcontext()) as client:
                 start, cpu = time.perf_counter(), time.process_time()  # the workers are up: their start is not counted
-                parts = list_blocks(client, folder, len(item_ids), blocks, settings, job, sample=sample)
-                figures[f"{mode}_s"] = round(time.perf_counter() - start, 1)
+                parts = list_blocks(client, len(item_ids), blocks, settings, job, sample=sample)
+                seconds[mode] = time.perf_counter() - start
+                figures[f"{mode}_s"] = round(seconds[mode], 1)
                 figures[f"{mode}_driver_cpu_s"] = round(time.process_time() - cpu, 1)
                 figures[f"{mode}_blocks_s"] = round(sum(part.seconds for part in parts), 1)
-            written[mode] = pd.read_parquet(folder / LISTS)
-            shutil.rmtree(folder / "parts")
+            written[mode] = pd.read_parquet(run.lists)
+            shutil.rmtree(run.lists)  # the next mode writes its own parts into the same run folder
+            shutil.rmtree(run.parts)
         figures["blocks"] = len(parts)
         base = written["in_process"]  # the same lists; scores may differ in the last bits (BLAS on 1 thread or 2)
         figures["same_lists"] = all(base.drop(columns="score").equals(w.drop(columns="score")) for w in written.values())
         figures["max_score_difference"] = float(max((base.score - w.score).abs().max() for w in written.values()))
-        figures["one_worker_over_two"] = round(figures["workers_1_s"] / figures["workers_2_s"], 2)
-        figures["in_process_over_two_workers"] = round(figures["in_process_s"] / figures["workers_2_s"], 2)
+        figures["one_worker_over_two"] = round(seconds["workers_1"] / seconds["workers_2"], 2)  # unrounded: small runs too
+        figures["in_process_over_two_workers"] = round(seconds["in_process"] / seconds["workers_2"], 2)
         emit("list_blocks", figures)
 
 

@@ -51,7 +51,7 @@ def ours(data: Path) -> dict:
     from index.settings import IndexSettings
     from index.tune import build_tuned
     from recommend.ranking.blend import build_space
-    from recommend.ranking.lists import recommended_items
+    from recommend.ranking.lists import Candidates, recommended_items
     from recommend.ranking.settings import BlendSettings, RankingSettings
 
     events, items = load(data)
@@ -63,9 +63,9 @@ def ours(data: Path) -> dict:
     fit = time.perf_counter() - start
     index, tuning = build_tuned(space.item_docs, space.item_queries, 10, IndexSettings(), space.users,
                                 np.flatnonzero(space.has_history), n_searches=len(user_ids))
-    _, ids, _ = recommended_items(index, space.users, space.has_history, space.seen, 10, space.item_docs,
-                                  space.popularity, new_items=np.flatnonzero(~space.warm),
-                                  new_slots=settings.blend.new_item_slots, new_boost=settings.blend.new_item_boost)
+    candidates = Candidates(space.item_docs, space.popularity, new_items=np.flatnonzero(~space.warm),
+                            new_slots=settings.blend.new_item_slots, new_boost=settings.blend.new_item_boost)
+    _, ids, _ = recommended_items(index, space.users, space.has_history, space.seen, 10, candidates)
     total = time.perf_counter() - start
     return {"fit_s": round(fit, 1), "lists_s": round(total - fit, 1), "total_s": round(total, 1),
             "dims": int(space.item_docs.shape[1]), "rank": space.layout.behaviour_dim,
@@ -84,8 +84,10 @@ def workers(data: Path) -> dict:
 
     from embedder.encoder import load_encoder
     from embedder.event_blocks import blocks_from_frame
+    from embedder.run_folder import RunFolder
     from embedder.standin import NAME
-    from recommend.config import load_config, stage_settings
+    from recommend.config import load_config
+    from recommend.run.plans import plan_run
     from recommend.run.progress import Reporter
     from recommend.run.report import RefreshReport
     from recommend.run.stages import Run, lists
@@ -100,7 +102,8 @@ def workers(data: Path) -> dict:
         "events": {"path": str(data / "events-*.parquet"), "weights": {"view": 1.0, "cart": 3.0, "purchase": 5.0}},
         "lists": {"k": 10, "half_life_days": 14.0}, "embed": {"model": NAME}, "publish": {"enabled": False}}))
     config = load_config(work / "config.yaml")
-    run_dir = work / "run"
+    plan = plan_run(config).lists  # what the refresh gives the lists stage
+    run_dir = RunFolder(work / "run")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         start = time.perf_counter()
@@ -108,9 +111,8 @@ def workers(data: Path) -> dict:
                                    block_size=config.lists.block_size, client=client)
         written = time.perf_counter() - start
         del events
-        run = Run(config, stage_settings(config), run_dir, Reporter(True), RefreshReport(run_id="bench", run_dir=str(run_dir)),
-                  client)
-        out = lists(run, blocks, SimpleNamespace(item_ids=item_ids, vectors=text))
+        run = Run(folder=run_dir, out=Reporter(True), report=RefreshReport(run_id="bench", run_dir=str(run_dir)), client=client)
+        out = lists(run, plan, blocks, SimpleNamespace(item_ids=item_ids, vectors=text))
         total = time.perf_counter() - start
         worker_peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     tuning = out.summary.search_depth

@@ -182,7 +182,7 @@ def main() -> None:
         for workers in counts:
             proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
                                   + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set],
-                                  check=True, capture_output=True, text=True)
+                                  check=True, stdout=subprocess.PIPE, text=True)  # its errors show
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
                                        "encoder": "stand-in:hashing-384", "published": args.publish,
@@ -192,6 +192,9 @@ def main() -> None:
         emit("scale_strong_scaling", {"items": args.items, "users": args.users, "workers": counts, "total_s": totals,
                                       "seconds_by_stage": [r["seconds"] for r in runs],
                                       "speedup_vs_first": [round(totals[0] / t, 2) for t in totals]})
+    failed = [r["error"] for r in runs if r.get("error")]
+    if failed:  # its figures are printed above (how far it got, with what memory); the run still failed
+        sys.exit(f"bench_scale.py: {len(failed)} of {len(runs)} refresh(es) failed: {failed[0]}")
 
 
 if __name__ == "__main__":
