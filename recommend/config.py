@@ -149,7 +149,7 @@ class RunsSettings(Section):
 
 
 class DaskSettings(Section):
-    """The cluster a refresh runs on (recommend/run/cluster.py)."""
+    """The cluster a refresh runs on (recommend/run/infra/cluster.py)."""
 
     address: str | None = Field(None, description="an existing scheduler; default: a LocalCluster")
     n_workers: int | None = Field(None, ge=1, description="local workers; default: one per core (one per GPU)")

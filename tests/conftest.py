@@ -77,7 +77,7 @@ def dask_client():
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    from recommend.run.sample import write_sample
+    from recommend.run.commands.sample import write_sample
 
     out = tmp_path_factory.mktemp("sample")
     write_sample(out, n_items=240, n_users=80, days=30, seed=7, new_users=3)

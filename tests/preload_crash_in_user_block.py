@@ -5,7 +5,7 @@ the worker's own folder makes it happen once (the nanny restarts the worker, whi
 import os
 from pathlib import Path
 
-import recommend.run.list_tasks as list_tasks
+import recommend.run.tasks.list_tasks as list_tasks
 
 MARKER = Path.cwd() / "crashed-in-a-user-block"
 _user_block = list_tasks.user_block

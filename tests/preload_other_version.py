@@ -3,6 +3,6 @@ nightly-recs version, as a machine with a stale install would."""
 
 
 def dask_setup(worker):
-    import recommend.run.preflight as preflight
+    import recommend.run.infra.preflight as preflight
 
     preflight.project_version = lambda: "0.0.0-stale"

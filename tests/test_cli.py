@@ -36,7 +36,7 @@ def test_version_and_short_help():
 def test_verbose_and_quiet_set_the_recs_logger():
     import logging
 
-    from recommend.run.progress import configure_logging
+    from recommend.run.infra.progress import configure_logging
 
     for verbose, quiet, level in ((0, False, logging.WARNING), (1, False, logging.INFO), (2, False, logging.DEBUG),
                                   (1, True, logging.ERROR)):

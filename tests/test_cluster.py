@@ -140,7 +140,7 @@ def test_a_worker_unlike_the_driver_stops_the_run_before_any_work(tmp_path, samp
     refresh stops in its preflight, naming that worker, with exit code 2 and nothing ingested."""
     from recommend.config import load_config
     from recommend.run.pipeline import refresh
-    from recommend.run.preflight import PreflightFailed
+    from recommend.run.infra.preflight import PreflightFailed
 
     address, procs = _cluster(tmp_path, preload=[str(ROOT / "tests" / "preload_other_version.py")])
     try:

@@ -197,7 +197,7 @@ def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path,
 def test_worker_layout_one_per_gpu_else_one_per_core():
     import os
 
-    from recommend.run.cluster import worker_layout
+    from recommend.run.infra.cluster import worker_layout
 
     cores = os.cpu_count() or 1
     assert worker_layout("cpu", None, None, gpus=4) == {"kind": "cpu", "n_workers": cores, "threads_per_worker": 1}

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import mount_small_filesystem, write_config
-from recommend.run.lock import LockHeld, RefreshLock
+from recommend.run.infra.lock import LockHeld, RefreshLock
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-HOLD = ("import sys, time\nfrom recommend.run.lock import RefreshLock\n"
+HOLD = ("import sys, time\nfrom recommend.run.infra.lock import RefreshLock\n"
         "held = RefreshLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(600)")
 PROBE = ("import sys\nfrom recommend.cli import app\ntry:\n    app(['refresh', '-c', sys.argv[1]])\n"
          "except SystemExit as exit:\n    print('exit', exit.code, *(m in sys.modules for m in ('torch', 'faiss', 'distributed')))")

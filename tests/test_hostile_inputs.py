@@ -189,7 +189,7 @@ def test_check_during_a_publish_reports_it_in_progress_and_exits_0(tmp_path, sam
     writing = "20260102T000000-bbbb"  # what a refresh has written so far: its run folder, its version's first shard
     (Path(config.workdir) / "runs" / writing).mkdir(parents=True)
     (store.folder / writing / "items-000").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom recommend.run.lock import RefreshLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom recommend.run.infra.lock import RefreshLock\n"
                                "held = RefreshLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(600)",
                                config.workdir], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, text=True)

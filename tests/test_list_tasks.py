@@ -1,4 +1,4 @@
-"""The lists stage's blocks on the Dask workers (recommend/run/list_tasks.py) against the oracle: the
+"""The lists stage's blocks on the Dask workers (recommend/run/tasks/list_tasks.py) against the oracle: the
 same lists computed for every row at once in this process (`similar_items`, `recommended_items`), from
 the same events whole (`build_space`) instead of from their user blocks (embedder/event_blocks.py)."""
 
@@ -14,8 +14,8 @@ from index.tune import set_depth
 from recommend.ranking.blend import build_space
 from recommend.ranking.lists import Candidates, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import BlendSettings, RankingSettings
-from recommend.run.item_tasks import save_item_side
-from recommend.run.list_tasks import ListJob, list_blocks
+from recommend.run.tasks.item_tasks import save_item_side
+from recommend.run.tasks.list_tasks import ListJob, list_blocks
 from run_helpers import blocks_in
 
 K = 10

@@ -223,7 +223,7 @@ def test_freed_memory_goes_back_to_the_os_between_stages():
     """Many small freed blocks below a live one stay resident until trimmed (ingest's per-row values)."""
     import psutil
 
-    from recommend.run.memory import release_freed_memory
+    from recommend.run.infra.memory import release_freed_memory
 
     me = psutil.Process()
     dropped = [np.ones(100) for _ in range(300_000)]  # ~250 MB in 300k heap blocks
@@ -245,7 +245,7 @@ def test_arrow_memory_freed_in_other_threads_goes_back_to_the_os():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from recommend.run.memory import release_freed_memory
+    from recommend.run.infra.memory import release_freed_memory
 
     me = psutil.Process()
     release_freed_memory()
@@ -266,7 +266,7 @@ def test_survivors_are_frozen_within_a_run_and_thawed_after():
     import gc
     import weakref
 
-    from recommend.run.memory import release_freed_memory, survivors_frozen
+    from recommend.run.infra.memory import release_freed_memory, survivors_frozen
 
     class Node:
         pass

@@ -17,7 +17,7 @@ from conftest import mount_small_filesystem, write_config
 from http_helpers import publish_small
 from recommend.cli import app
 from recommend.config import load_config
-from recommend.run.check import check_workdir
+from recommend.run.commands.check import check_workdir
 from recommend.serving.facade import Recommender
 from recommend.serving.live import LiveVersion
 from recommend.serving.publish import PublishError
@@ -33,7 +33,7 @@ V1, V2, V3 = "20260101T000000-aaaa", "20260102T000000-bbbb", "20260103T000000-cc
 def test_a_refresh_killed_during_its_publish_leaves_the_live_version_and_the_next_refresh_completes(
         tmp_path, tiny_model, dask_client):
     from recommend.run.pipeline import refresh
-    from recommend.run.sample import write_sample
+    from recommend.run.commands.sample import write_sample
 
     write_sample(tmp_path / "data", n_items=1500, n_users=1000, days=30, seed=3)  # a publish long enough to cut short
     path = write_config(tmp_path, tmp_path / "data", tiny_model)

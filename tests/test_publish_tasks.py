@@ -1,4 +1,4 @@
-"""The publish's points made a lists part at a time (recommend/run/publish_tasks.py), checked by
+"""The publish's points made a lists part at a time (recommend/run/tasks/publish_tasks.py), checked by
 rereading Qdrant: every point's vectors and payload against the files the lists stage wrote, whether
 the driver streams the parts (local mode) or tasks upload them from a worker. No Qdrant server runs
 here: the workers' uploads are checked against a local-mode folder through one worker, and a worker
@@ -13,9 +13,9 @@ from qdrant_client import QdrantClient, models
 from embedder.artifacts import vectors_to_arrow, write_parquet
 from index.build import build_index, save_index
 from index.rows import parquet_rows
-from recommend.run.item_tasks import save_item_side
-from recommend.run.list_tasks import ListJob, list_blocks
-from recommend.run.publish_tasks import PointSource, Target, collection_points, vector_sizes
+from recommend.run.tasks.item_tasks import save_item_side
+from recommend.run.tasks.list_tasks import ListJob, list_blocks
+from recommend.run.tasks.publish_tasks import PointSource, Target, collection_points, vector_sizes
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, payload_list,
                                        publish_version, stage_version)
 from recommend.serving.store import StoreUnavailable, open_local
@@ -180,7 +180,7 @@ def test_storage_options_reach_the_collections(run):
 def test_preflight_stops_a_run_whose_workers_cannot_reach_the_server(tmp_path, dask_client):
     """Workers that will upload the publish are asked first whether the server answers them: each
     one unreachable is named, with the URL, before any work (exit code 2)."""
-    from recommend.run.preflight import PreflightFailed, preflight
+    from recommend.run.infra.preflight import PreflightFailed, preflight
 
     common = {"sources": {}, "cache_root": str(tmp_path / "cache"), "model": "stand-in:hashing-384"}
     assert preflight(dask_client, **common)["problems"] == []  # the same workers, no server asked

@@ -50,7 +50,7 @@ def test_ml_latest_small_recipe(tmp_path, tiny_model, dask_client):
     assert not any((u, i) in seen for u, i in zip(users["subject_id"], users["item_id"]))
 
     # issue 5's bar: the default blend, per-user stratified 75/25 random split, seed 42, K=10
-    from recommend.run.evaluation import evaluate_run
+    from recommend.run.commands.evaluation import evaluate_run
 
     result = evaluate_run(config, split="random", test_ratio=0.25, seed=42, ks=(10,), plots=False)
     ndcg = result.lists.at["10"].ndcg

@@ -1,5 +1,5 @@
 """The events in user blocks (embedder/event_blocks.py) and the behaviour fit over them on the workers
-(recommend/run/user_tasks.py), against oracles in one process: `ingest_events` (every accepted event
+(recommend/run/tasks/user_tasks.py), against oracles in one process: `ingest_events` (every accepted event
 brought here), and the fit on the whole matrix (`build_space`, `FitMatrix`)."""
 
 from dataclasses import replace
@@ -19,8 +19,8 @@ from recommend.ranking.behaviour import FitMatrix, FitStats, subspace_svd
 from recommend.ranking.blend import build_space, user_block
 from recommend.ranking.profiles import popularity
 from recommend.ranking.settings import BlendSettings, RankingSettings
-from recommend.run.item_tasks import fit_blocks, read_item_side
-from recommend.run.user_tasks import BlockedFit, block_stats
+from recommend.run.tasks.item_tasks import fit_blocks, read_item_side
+from recommend.run.tasks.user_tasks import BlockedFit, block_stats
 
 COLUMNS = {"user_id": "user", "item_id": "item", "timestamp": "ts", "event_type": "kind"}
 
@@ -96,7 +96,7 @@ def test_chains_of_groups_and_slices_equal_the_whole_matrix(blocked, dask_client
     """One block per group (9 groups: 3 chains of 3, each adding into its running total), each
     block's product added 7 rows at a time: XᵀXz and X (rows in block order) equal the whole
     matrix's, in this process and on the workers, and both give the same numbers."""
-    import recommend.run.user_tasks as user_tasks
+    import recommend.run.tasks.user_tasks as user_tasks
 
     events, item_ids, blocks, user_ids = blocked
     settings = RankingSettings(weights={"view": 1.0, "buy": 3.0}, half_life_days=30.0)

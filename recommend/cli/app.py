@@ -43,7 +43,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 
 def _output(verbose: int, quiet: bool) -> None:
-    from recommend.run.progress import configure_logging
+    from recommend.run.infra.progress import configure_logging
 
     configure_logging(verbose, quiet)
 

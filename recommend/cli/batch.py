@@ -26,7 +26,7 @@ def sample(out: Path = typer.Argument(Path("data/sample"), help="Folder to write
     Example:
         recs sample data/sample --items 3000 --users 1500
     """
-    from recommend.run.sample import write_sample
+    from recommend.run.commands.sample import write_sample
 
     paths = write_sample(out, n_items=items, n_users=users, seed=seed)
     for name, path in paths.items():
@@ -49,7 +49,7 @@ def refresh(config: str = ConfigOpt,
         recs refresh --config config.yaml --json | tail -n 1 | jq .embed.items_encoded
     """
     from recommend.config import ConfigError, load_config
-    from recommend.run.lock import RefreshLock
+    from recommend.run.infra.lock import RefreshLock
 
     _output(verbose, quiet)
     try:
@@ -121,7 +121,7 @@ def evaluate(options: EvalOptions):
         recs eval --tune      # which blend settings suit these events best
     """
     from recommend.config import load_config
-    from recommend.run.evaluation import evaluate_run, tune_run
+    from recommend.run.commands.evaluation import evaluate_run, tune_run
 
     o = options
     _output(o.verbose, o.quiet)
@@ -181,7 +181,7 @@ def check(config: str = ConfigOpt,
         recs check --config config.yaml --repair
     """
     from recommend.config import load_config
-    from recommend.run.check import check_workdir
+    from recommend.run.commands.check import check_workdir
 
     _output(verbose, quiet)
     with user_errors():

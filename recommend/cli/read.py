@@ -102,7 +102,7 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
         recs rollback 20261128T020000-123456  # to a named one
     """
     from recommend.config import load_config
-    from recommend.run.lock import RefreshLock
+    from recommend.run.infra.lock import RefreshLock
     from recommend.serving.versions import version_store
 
     with user_errors():

@@ -75,7 +75,7 @@ def exact_fit(shape: tuple[int, int], r: int) -> bool:
 class FitMatrix:
     """The matrix X (users x items) the model is fitted on, as the fit reads it: through its Gram
     matrix XᵀX and products with it, never whole unless its users side is small. This one holds X in
-    this process; recommend/run/user_tasks.py has one whose rows stay in user blocks on the workers,
+    this process; recommend/run/tasks/user_tasks.py has one whose rows stay in user blocks on the workers,
     each product a sum over the blocks (a map-reduce). Both give the same fit."""
 
     def __init__(self, matrix: sp.csr_matrix):

@@ -170,7 +170,7 @@ def user_from_items(query_rows: np.ndarray, layout: Layout) -> np.ndarray:
 class ItemSide:
     """What every block of users or items is scored against: items x a few dozen dimensions, rows
     aligned with the item ids (fits one process; the refresh saves it in the run folder for the
-    workers, recommend/run/list_tasks.py). The blended rows are computed from it a block at a time."""
+    workers, recommend/run/tasks/list_tasks.py). The blended rows are computed from it a block at a time."""
 
     behaviour_docs: np.ndarray     # (items, r) the behaviour model's document side
     behaviour_queries: np.ndarray  # (items, r) its query side (a user is the sum over their history)
@@ -263,7 +263,7 @@ def fit_item_side(matrix: FitMatrix, stats: FitStats, pop: np.ndarray, text: np.
     `index.rows.ParquetRows` travels to a worker as its path); `scale_rows`: the fitted matrix's rows
     of the `scale_sample` users. Returns (ItemSide, how many items got behaviour from their text
     alone), where `matrix.run` keeps the fit's arrays: here for X whole, a future on a worker for X in
-    blocks (recommend/run/item_tasks.py saves it there)."""
+    blocks (recommend/run/tasks/item_tasks.py saves it there)."""
     blend = settings.blend
     tick = bar(f"behaviour fit ({matrix.shape[0]} users x {matrix.shape[1]} items)", 1) if bar else None
     model = fit_behaviour(matrix, blend.factors, blend.l2, memory_mb=blend.factor_memory_mb, text=text,
@@ -291,7 +291,7 @@ def build_space(events: pd.DataFrame, *, item_ids: list[str], text: np.ndarray, 
                 settings: RankingSettings, bar: Callable[[str, int], Callable[[int], None]] | None = None) -> Space:
     """From accepted events and item text vectors to the blended item and user vectors, all in this
     process (`recs eval`, the gate). The refresh builds the same from user blocks on the workers
-    (recommend/run/user_tasks.py). `bar(description, total)`, when given, makes a progress callback
+    (recommend/run/tasks/user_tasks.py). `bar(description, total)`, when given, makes a progress callback
     for the behaviour fit."""
     rows = user_block(events, n_items=len(item_ids), user_ids=user_ids, settings=settings,
                       item_row={i: r for r, i in enumerate(item_ids)})

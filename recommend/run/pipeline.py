@@ -21,12 +21,12 @@ from embedder.errors import RecsError, StorageError
 from embedder.run_folder import RunFolder
 from recommend.config import Config
 from recommend.run import stages
-from recommend.run.cluster import dask_client
-from recommend.run.memory import survivors_frozen
-from recommend.run.preflight import preflight
-from recommend.run.progress import Reporter
+from recommend.run.infra.cluster import dask_client
+from recommend.run.infra.memory import survivors_frozen
+from recommend.run.infra.preflight import preflight
+from recommend.run.infra.progress import Reporter
 from recommend.run.report import RefreshReport, human_report
-from recommend.run.lock import RefreshLock
+from recommend.run.infra.lock import RefreshLock
 from recommend.run.plans import RunPlan, plan_run
 from recommend.run.workdir import new_run_id, prune_runs, runs_dir
 from recommend.serving.store import open_store

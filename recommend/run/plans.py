@@ -18,8 +18,8 @@ from index.settings import IndexSettings
 from recommend.config import Config, ConfigError, StageSettings, stage_settings
 from recommend.quality.gate import GateSettings
 from recommend.ranking.settings import BlendSettings, ListsSettings, RankingSettings
-from recommend.run.list_tasks import ListJob
-from recommend.run.publish_tasks import Target
+from recommend.run.tasks.list_tasks import ListJob
+from recommend.run.tasks.publish_tasks import Target
 from recommend.serving.publish import Storage
 from recommend.serving.settings import PublishSettings
 from recommend.serving.shards import Graph

@@ -31,13 +31,13 @@ from index.rows import parquet_rows
 from index.search import Recall, sample_rows
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import Layout
-from recommend.run.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
-from recommend.run.list_tasks import Part, list_blocks, part_files
-from recommend.run.publish_tasks import PointSource, collection_points, vector_sizes
-from recommend.run.user_tasks import gate_figures, sample_users
-from recommend.run.memory import release_freed_memory
-from recommend.run.preflight import encode_threads
-from recommend.run.progress import Reporter
+from recommend.run.tasks.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
+from recommend.run.tasks.list_tasks import Part, list_blocks, part_files
+from recommend.run.tasks.publish_tasks import PointSource, collection_points, vector_sizes
+from recommend.run.tasks.user_tasks import gate_figures, sample_users
+from recommend.run.infra.memory import release_freed_memory
+from recommend.run.infra.preflight import encode_threads
+from recommend.run.infra.progress import Reporter
 from recommend.run.report import (
     EmbedManifest,
     GateManifest,
@@ -204,8 +204,8 @@ def gate(run: Run, plan: GatePlan, store, blocks: Blocks) -> GateReport:
 @dataclass
 class Lists:
     """The index stage's output: the item side's layout (the item side itself and the index are in the
-    run folder, recommend/run/item_tasks.py), the ids, and the parts the workers wrote
-    (recommend/run/list_tasks.py), from which the publish makes its points (recommend/run/publish_tasks.py)."""
+    run folder, recommend/run/tasks/item_tasks.py), the ids, and the parts the workers wrote
+    (recommend/run/tasks/list_tasks.py), from which the publish makes its points (recommend/run/tasks/publish_tasks.py)."""
 
     layout: Layout
     item_ids: np.ndarray
@@ -220,8 +220,8 @@ TUNE_USERS = 4096     # users (the smallest hashes) whose vectors the index's tu
 
 def lists(run: Run, plan: ListsPlan, blocks: Blocks, emb: EmbedResult) -> Lists:
     """On the workers: the behaviour fit over the user blocks, the item side and the FAISS index
-    (built and saved on a worker, recommend/run/item_tasks.py), then K similar items per item and K
-    items per user, a block at a time (recommend/run/list_tasks.py). The driver holds summaries."""
+    (built and saved on a worker, recommend/run/tasks/item_tasks.py), then K similar items per item and K
+    items per user, a block at a time (recommend/run/tasks/list_tasks.py). The driver holds summaries."""
     k, ranking, client = plan.lists.k, plan.ranking, run.client
     bar = run.bar("index")
     with run.stage("index"):
@@ -269,7 +269,7 @@ def lists(run: Run, plan: ListsPlan, blocks: Blocks, emb: EmbedResult) -> Lists:
 def publish(run: Run, plan: PublishPlan, store, items: Ingested, emb: EmbedResult, lists: Lists, gate: GateReport) -> str | None:
     """Publish the new version as one transaction (written, verified, marked complete, switched live),
     prune old ones. Returns the previous live run id. `store`: a recommend.serving.versions.VersionStore.
-    The points are made a lists part at a time (recommend/run/publish_tasks.py): the embedded store's
+    The points are made a lists part at a time (recommend/run/tasks/publish_tasks.py): the embedded store's
     shards are written by tasks on the workers, a server's points uploaded from the workers."""
     pc, run_id = plan.settings, run.run_id
     layout = read_item_side(run.folder).layout

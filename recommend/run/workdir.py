@@ -3,7 +3,7 @@
     <workdir>/runs/<run_id>/    one folder per refresh (its layout: embedder/run_folder.py)
     <workdir>/cache/            the embedding cache (unless embed.cache says otherwise)
     <workdir>/store/            the embedded store's versions (unless publish.url is set)
-    <workdir>/refresh.lock      flock-ed while a refresh runs (recommend/run/lock.py)
+    <workdir>/refresh.lock      flock-ed while a refresh runs (recommend/run/infra/lock.py)
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ class Storage:
 class Points:
     """One kind's points: the named vectors' sizes, how many points, and two ways to write them.
     - `load(client, name, progress)` writes them all into collection `name` of a server (in this
-      process, or from tasks on the workers: recommend/run/publish_tasks.py);
+      process, or from tasks on the workers: recommend/run/tasks/publish_tasks.py);
     - `pieces` (picklable callables, each returning (business ids, {name: (n, d) array}, payloads))
       are what the embedded store's shard tasks read; for users, `blocks` says the pieces are the
       event blocks in order (hash ranges: a user shard reads only those overlapping its own range),

@@ -48,7 +48,7 @@ def pipeline_encode(batch: list[str], precision: str, keep_malloc_trim: bool, de
     from embedder.model import resolve_model_path
     from embedder.settings import EmbedSettings
     from recommend.config import DaskSettings
-    from recommend.run.cluster import dask_client, worker_layout
+    from recommend.run.infra.cluster import dask_client, worker_layout
 
     path = str(resolve_model_path(model))
     items = pd.DataFrame({"item_id": [str(i) for i in range(len(batch))], "text": batch})

@@ -41,7 +41,7 @@ SEEN = 20  # items each user has seen (excluded from their list)
 def sample_texts(n: int) -> list[str]:
     """Texts as the sample shop makes them (config.yaml's template, about 29 tokens), each made
     unique by its number (the pipeline encodes a repeated text once)."""
-    from recommend.run.sample import make_items
+    from recommend.run.commands.sample import make_items
 
     items = make_items(n, np.random.default_rng(0))
     return [f"{t}. {d} Category: {c}. No. {i}" for i, (t, d, c) in
@@ -222,7 +222,7 @@ def pipeline(items, settings, device, threads, baseline, to_cpu_fp32) -> None:
     """The embed step of a refresh through a Dask cluster (one worker per GPU), cold cache then warm."""
     from embedder.encode import embed_items
     from recommend.config import DaskSettings
-    from recommend.run.cluster import dask_client
+    from recommend.run.infra.cluster import dask_client
 
     n = len(items)
     with dask_client(DaskSettings(threads_per_worker=threads), device=device) as client, \

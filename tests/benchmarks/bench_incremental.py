@@ -47,9 +47,9 @@ def main() -> None:
                              help="the packaged model, a local folder, or stand-in:hashing-384 (run.py --smoke: the code path only)")
     args = args_parser.parse_args()
     from recommend.config import DaskSettings, load_config
-    from recommend.run.cluster import dask_client
+    from recommend.run.infra.cluster import dask_client
     from recommend.run.pipeline import refresh
-    from recommend.run.sample import write_sample
+    from recommend.run.commands.sample import write_sample
 
     with tempfile.TemporaryDirectory() as tmp, dask_client(DaskSettings(threads_per_worker=1)) as client:
         tmp = Path(tmp)

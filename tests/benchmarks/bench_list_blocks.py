@@ -1,4 +1,4 @@
-"""The lists stage's blocks (recommend/run/list_tasks.py): in this process, then on a LocalCluster of
+"""The lists stage's blocks (recommend/run/tasks/list_tasks.py): in this process, then on a LocalCluster of
 1 and of 2 single-threaded workers, over the same space and index, in one run.
 
 bench_scale's generator (seed 0) writes the files; the behaviour fit, the blended space and the index
@@ -47,9 +47,9 @@ def main() -> None:
     from recommend.ranking.blend import build_space
     from recommend.ranking.settings import BlendSettings, RankingSettings
     from recommend.config import DaskSettings
-    from recommend.run.cluster import dask_client
-    from recommend.run.item_tasks import save_item_side
-    from recommend.run.list_tasks import ListJob, list_blocks
+    from recommend.run.infra.cluster import dask_client
+    from recommend.run.tasks.item_tasks import save_item_side
+    from recommend.run.tasks.list_tasks import ListJob, list_blocks
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

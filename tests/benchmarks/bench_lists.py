@@ -88,7 +88,7 @@ def workers(data: Path) -> dict:
     from embedder.standin import NAME
     from recommend.config import load_config
     from recommend.run.plans import plan_run
-    from recommend.run.progress import Reporter
+    from recommend.run.infra.progress import Reporter
     from recommend.run.report import RefreshReport
     from recommend.run.stages import Run, lists
 

@@ -98,7 +98,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra
     # stage after ingest's line, i.e. embed)
     stage = {"name": "start", "peaks": {}, "worker_peaks": {}, "ends": {}}
 
-    from recommend.run.progress import Reporter
+    from recommend.run.infra.progress import Reporter
 
     say = Reporter.say
 

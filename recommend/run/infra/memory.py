@@ -17,7 +17,7 @@ the driver's memory. `release_freed_memory` asks the pool to return it too. (Arr
 allocator returned it as well, but made the driver's side of the encode slower: docs/performance.md.)
 
 Example:
-    from recommend.run.memory import release_freed_memory, survivors_frozen
+    from recommend.run.infra.memory import release_freed_memory, survivors_frozen
     with survivors_frozen():
         ...  # a stage
         release_freed_memory()

@@ -1,7 +1,7 @@
 """The lists stage's work on the Dask workers: blocks of items and blocks of users, each writing its part.
 
 A worker built the index and the item side once (items x a few dozen dimensions) and saved both in
-the run folder (recommend/run/item_tasks.py); each worker process loads them once, as it loads the
+the run folder (recommend/run/tasks/item_tasks.py); each worker process loads them once, as it loads the
 model, and then takes blocks:
 
 - a block of items: their similar items;
@@ -14,13 +14,13 @@ Each block writes two files, whole or not at all, and returns a `Part` (their di
     lists.parquet/<kind>-<block>.parquet   its lists in long format (one row per subject and rank)
     parts/<kind>-<block>.npz               the same as arrays (scores, ids, source; users: their vectors)
 
-The publish makes its points from the `.npz` parts, a part at a time (recommend/run/publish_tasks.py).
+The publish makes its points from the `.npz` parts, a part at a time (recommend/run/tasks/publish_tasks.py).
 Every list depends on its own row only, so the lists are those of the whole run computed in one
 process (tests/test_list_tasks.py checks it).
 Without a client the blocks run one after another in this process.
 
 Example (what the lists stage does):
-    save_item_side(blocks.run, space.items, item_ids)   # recommend/run/item_tasks.py
+    save_item_side(blocks.run, space.items, item_ids)   # recommend/run/tasks/item_tasks.py
     parts = list_blocks(client, len(item_ids), blocks, settings, ListJob(k=10), sample=rows)
 """
 
@@ -44,8 +44,8 @@ from embedder.run_folder import RunFolder
 from recommend.ranking.blend import ItemSide, user_block_vectors
 from recommend.ranking.lists import LIST_SCHEMA, Candidates, labels, lists_frame, recommended_items, similar_items
 from recommend.ranking.settings import RankingSettings
-from recommend.run.item_tasks import read_item_ids, read_item_side
-from recommend.run.user_tasks import load_user_block
+from recommend.run.tasks.item_tasks import read_item_ids, read_item_side
+from recommend.run.tasks.user_tasks import load_user_block
 
 BLOCK = 8192  # items or users per task by default: lists.block_size (Spark's ALS recommendForAll cuts 4096)
 

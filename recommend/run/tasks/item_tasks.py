@@ -1,9 +1,9 @@
 """The item side and the index, built and saved on a Dask worker: the driver holds neither.
 
-The behaviour fit (recommend/run/user_tasks.py) leaves its singular vectors on a worker. There the
+The behaviour fit (recommend/run/tasks/user_tasks.py) leaves its singular vectors on a worker. There the
 item side is made from them (`ranking.blend.item_side_of`: the two behaviour sides, the projected
 text, popularity) and saved in the run folder (`save_item_side`), where every worker loads it,
-memory-mapped, for the lists (recommend/run/list_tasks.py). Then one task builds and tunes the FAISS
+memory-mapped, for the lists (recommend/run/tasks/list_tasks.py). Then one task builds and tunes the FAISS
 index from the saved item side and saves it beside it; another measures the item lists' recall on a
 sample against exact search. The driver receives their summaries: the layout, counts, the tuning
 and the file digests. Without a client the same functions run in this process.
@@ -36,7 +36,7 @@ from index.settings import IndexSettings
 from index.tune import Tuning, build_tuned
 from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, Layout, fit_item_side, scale_sample, user_block, user_block_vectors
 from recommend.ranking.settings import RankingSettings
-from recommend.run.user_tasks import BlockedFit, block_stats, forget_fit_rows, sample_users
+from recommend.run.tasks.user_tasks import BlockedFit, block_stats, forget_fit_rows, sample_users
 
 _ARRAYS = ("behaviour_docs", "behaviour_queries", "text", "pop_feature", "popularity", "warm")
 

@@ -27,7 +27,7 @@ from embedder.cache import EmbeddingCache
 from embedder.errors import RecsError
 from embedder.run_folder import RunFolder
 from recommend.config import Config
-from recommend.run.lock import LockHeld, RefreshLock
+from recommend.run.infra.lock import LockHeld, RefreshLock
 from recommend.run.report import read_report
 from recommend.run.workdir import runs_dir
 

@@ -17,7 +17,7 @@ from embedder.run_folder import RunFolder
 from recommend.config import Config, stage_settings
 from recommend.quality.evaluate import EvalResult, Holdout, Split, Tried, evaluate, tune
 from recommend.quality.plots import plot_eval
-from recommend.run.check import verify_artifacts
+from recommend.run.commands.check import verify_artifacts
 from recommend.run.workdir import latest_report, runs_dir
 
 

@@ -18,7 +18,7 @@ group of blocks, builds their interaction matrices (`ranking.blend.user_block`) 
   hash (in the first blocks).
 
 Users and events stay in the blocks, and the item side is built on a worker
-(recommend/run/item_tasks.py). Without a client the same tasks run one after another in this
+(recommend/run/tasks/item_tasks.py). Without a client the same tasks run one after another in this
 process, and the sums are added in the same order: the fit is the same with or without workers.
 
 Example:

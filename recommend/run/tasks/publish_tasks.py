@@ -1,6 +1,6 @@
 """The publish's points, a lists part at a time, and where they are uploaded from.
 
-Every part the lists stage wrote (recommend/run/list_tasks.py: a block of items or of users) becomes
+Every part the lists stage wrote (recommend/run/tasks/list_tasks.py: a block of items or of users) becomes
 that many Qdrant points, made by `part_points` from the run folder's files:
 
     items  ids from the item side; vectors "text" (the embeddings), "blend" and "blend_query" (the
@@ -46,8 +46,8 @@ from embedder.run_folder import RunFolder
 from embedder.task_window import in_window
 from index.rows import RowSource
 from recommend.ranking.blend import ItemSide, Layout
-from recommend.run.item_tasks import read_item_ids, read_item_side
-from recommend.run.list_tasks import Part
+from recommend.run.tasks.item_tasks import read_item_ids, read_item_side
+from recommend.run.tasks.list_tasks import Part
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,
                                        item_payloads, upload, user_payloads)
 from recommend.serving.store import close_clients, open_store, shared_local

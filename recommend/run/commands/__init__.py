@@ -1,0 +1,1 @@
+"""The commands beside the refresh that read a workdir: `recs check`, `recs eval`, and the sample shop `recs sample` writes."""
