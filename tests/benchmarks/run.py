@@ -32,16 +32,28 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def peers() -> list[str]:
+    """The lists' peers installed here (the bench extra: implicit; pyspark with a Java runtime): a fresh
+    clone without them still runs every benchmark, comparing ours in one process and on the workers."""
+    found = ["implicit"] if importlib.util.find_spec("implicit") else []
+    if importlib.util.find_spec("pyspark") and shutil.which("java"):
+        found.append("spark")
+    return found
+
+
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
-              "serve": [], "lists": ["--sizes", "100000"],  # 300k too: bench_lists.py --sizes 100000 300000
-              "list_blocks": ["--size", "100000"],  # the README's figure: --size 300000
+              "serve": [], "lists": ["--sizes", "100000", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
+              "list_blocks": ["--size", "100000"],  # docs/performance.md's figure
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
 GPU = {"gpu": []}  # bench_gpu.py: default sizes (200,000 texts, 1,000,000 items)
 
@@ -53,8 +65,7 @@ SMOKE = {"encode": ["--texts", "8", "--model", STANDIN, "--skip-trim"],
          "publish": ["--points", "50", "--dim", "32"],
          "serve": ["--items", "50", "--users", "100", "--seconds", "0.2", "--clients", "1,2", "--model", STANDIN,
                    "--refresh-clients", "1"],
-         "lists": ["--sizes", "500", "--systems", "ours", "workers",
-                   *(["implicit"] if importlib.util.find_spec("implicit") else [])],
+         "lists": ["--sizes", "500", "--systems", "ours", "workers", *[p for p in peers() if p != "spark"]],
          "list_blocks": ["--size", "500"],
          "scale": ["--items", "500", "--users", "500", "--parts", "2", "--publish",
                    "--set", "index.exact_budget_s=60"]}  # --set: its config override, passed on to the refresh
