@@ -63,9 +63,24 @@ def _mix(h: int) -> int:
     return h ^ (h >> 31)
 
 
+def user_hash_one(user_id: str) -> int:
+    """`user_hash` of one string id, in Python."""
+    return _mix(siphash24(str(user_id).encode("utf-8")))
+
+
 def user_hash_few(ids: list[str]) -> np.ndarray:
     """`user_hash` of a few string ids, in Python (an id at a time: for a few ids, not for a batch)."""
-    return np.array([_mix(siphash24(str(i).encode("utf-8"))) for i in ids], dtype=np.uint64)
+    return np.array([user_hash_one(i) for i in ids], dtype=np.uint64)
+
+
+def block_of_one(h: int, n_blocks: int) -> int:
+    """`block_of` one hash, in integers (no numpy: a reader routing one id in a server thread; a numpy
+    call releases the GIL and waits to take it back). `h * n >> 64` is the block or one below it:
+    a block's first hash is rounded down (`bounds`), so h may be the next block's first."""
+    b = (h * n_blocks) >> 64
+    if b + 1 < n_blocks and (b + 1) * HASH_SPACE // n_blocks <= h:
+        b += 1
+    return b
 
 
 def bounds(n_blocks: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import write_config
 from http_helpers import ServerThread, get, publish_small
+from recommend.serving import facade
 from recommend.serving.live import LiveVersion
 from recommend.serving.service import create_app
 from recommend.serving.settings import ServeSettings
@@ -257,16 +258,24 @@ def test_a_qdrant_server_outage_is_503_and_degraded_never_500():
         assert get(port, "/versions")[0] == 503
 
 
-def test_hot_answers_from_the_cache_are_the_apps_own_and_counted_alike(tmp_path):
-    """A cached /users or /items/<id>/similar answer is sent before FastAPI's routing (HotAnswers):
-    it must be the answer the app made, counted under the same route, and a request the app would
-    refuse must still reach the app."""
+def test_plain_lookups_skip_the_routing_and_answer_as_the_app_does(tmp_path):
+    """A plain /users/<id> or /items/<id>/similar is answered before FastAPI's routing (FastLookups),
+    from the cache or the store: it must be the answer the app makes, counted under the same route;
+    a request the app would refuse, and an unknown id, must still reach the app."""
     store = EmbeddedVersions(tmp_path / "store", "t")
     publish_small(store, V1)
     settings = ServeSettings(poll_s=0.2)
-    app = create_app(LiveVersion(store, poll_s=0.2), settings, default_k=4, encoder=None)
+    live = LiveVersion(store, poll_s=0.2)
+    app = create_app(live, settings, default_k=4, encoder=None)
     with ServerThread(app, settings) as server:
         port = server.port
+        status, body, _ = get(port, "/users/u2?k=3")  # a miss, read by FastLookups
+        via_app = get(port, "/users/u2?k=3&recent=")[1]  # another key: made by the app's route
+        direct = facade.user_answer(live.snap, "u2", 3).to_dict()
+        assert status == 200 and {**body, "age_seconds": 0} == {**via_app, "age_seconds": 0}
+        assert {k: body[k] for k in ("query", "source", "items")} == {k: direct[k] for k in ("query", "source", "items")}
+        status, body, _ = get(port, "/users/nobody")  # the lookup fails: the app answers with its own error
+        assert status == 404 and body["version"] == V1 and "unknown user" in body["error"]
         for path in ("/users/u1?k=3", "/users/u1", "/items/i2/similar?k=2"):
             made, hot = get(port, path), get(port, path)  # the app made it; then it came from the cache
             assert made[0] == hot[0] == 200 and made[2]["content-type"] == hot[2]["content-type"] == "application/json"
@@ -276,6 +285,7 @@ def test_hot_answers_from_the_cache_are_the_apps_own_and_counted_alike(tmp_path)
             assert get(port, path)[0] == 400, path  # refused by the app, never answered from the cache
         assert get(port, "/users/" + "u" * 300)[0] == 400
         metrics = get(port, "/metrics")[1]
-        assert 'recs_requests_total{route="/users/{user_id}",status="200"} 6.0' in metrics
+        assert 'recs_requests_total{route="/users/{user_id}",status="200"} 8.0' in metrics
+        assert 'recs_requests_total{route="/users/{user_id}",status="404"} 1.0' in metrics
         assert 'recs_requests_total{route="/items/{item_id}/similar",status="200"} 2.0' in metrics
         assert "recs_cache_hits_total 5.0" in metrics  # the second of each pair, u1 once more, and k=03 (by the app)

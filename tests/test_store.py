@@ -98,6 +98,21 @@ def test_a_readers_hash_of_one_id_is_the_event_blocks_hash():
     assert (user_hash_few(ids) == user_hash(ids)).all() and user_hash_few(ids).dtype == np.uint64
 
 
+def test_a_readers_shard_of_one_id_is_the_writers():
+    """A reader routes one id to its shard in integers (`shard_of_user`); the writers split users with
+    numpy (`user_shard`, `block_of`). They must agree for every id, and at every range's edges."""
+    import numpy as np
+
+    from embedder.user_hashing import HASH_SPACE, block_of, block_of_one, bounds
+    from recommend.serving.shards import shard_of_user, user_shard
+
+    ids = [f"U{i:07d}" for i in range(3000)] + ["ü日本", "", "x" * 300]
+    for shards in (1, 2, 3, 7, 48, 256):
+        assert [shard_of_user(i, shards) for i in ids] == user_shard(ids, shards).tolist()
+        edges = [int(b) + d for b in bounds(shards) for d in (-1, 0, 1) if 0 <= int(b) + d < HASH_SPACE] + [HASH_SPACE - 1]
+        assert [block_of_one(h, shards) for h in edges] == block_of(np.array(edges, np.uint64), shards).tolist()
+
+
 def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
     """From graph_min_items on, text search walks an HNSW graph over int8 copies of the vectors and
     rescores with the originals: against exact search (the oracle) it must find the same top 10.
@@ -126,3 +141,80 @@ def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
         assert recall >= 0.97, recall
     finally:
         reader.close()
+
+
+def _cached(path: Path) -> float:
+    """The share of a file's pages in the page cache (mincore over a private map of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        start = (ctypes.c_char * size).from_buffer(mapped)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        assert ctypes.CDLL(None).mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec) == 0
+        del start
+        return sum(b & 1 for b in vec) / pages
+    finally:
+        mapped.close()
+
+
+QUERY = """
+import sys
+from recommend.serving.facade import Recommender
+from recommend.serving.live import LiveVersion
+from recommend.serving.versions import EmbeddedVersions
+print(Recommender(LiveVersion(EmbeddedVersions(sys.argv[1], "t"))).for_user("u7").items[0].item_id)
+"""
+
+
+def test_a_server_reads_a_version_in_and_readers_that_end_leave_it_in_the_page_cache(tmp_path):
+    """The engine evicts a shard's files from the page cache when it closes them, for every process
+    reading them. So a server reads a version's hot files in before serving it (`warm`), and a reader
+    whose process ends (a CLI query) leaves them there: only a version replaced is closed."""
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_small(store, V1, n_items=2000, n_users=2000)
+    hot = sorted((store.folder / V1).glob("*/segments/*/payload_storage/page_*.dat"))
+    hot += sorted((store.folder / V1).glob("*/segments/*/id_tracker.mappings"))
+    assert len(hot) >= 4
+    for path in hot:  # out of the page cache, as after a publish
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert max(_cached(p) for p in hot) < 0.5
+
+    live = LiveVersion(store, warm=True)
+    live.current()
+    assert [_cached(p) for p in hot] == [1.0] * len(hot)  # read in before the first query
+    for _ in range(2):  # queries from processes that end without closing anything
+        done = subprocess.run([sys.executable, "-c", QUERY, str(store.root)], cwd=ROOT, text=True, capture_output=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+    assert min(_cached(p) for p in hot) > 0.99  # still there for the server (closing evicts them all)
+    assert len(list(store.views.iterdir())) == 1  # theirs removed; the server's own stays
+
+    publish_small(store, V2, n_items=300, n_users=300, seed=2)
+    assert live.poll_once()
+    assert [v.name.rsplit("-", 2)[-2:] for v in store.views.iterdir()] == [V2.split("-")]  # V1 replaced: closed
+
+
+def test_lists_read_each_items_metadata_once_per_version(tmp_path):
+    """Lists name the same items over and over: a version's item metadata is read from the store once
+    (the snapshot's item cache), and every answer carries the metadata the store holds."""
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_small(store, V1, n_items=40, n_users=20)
+    rec = Recommender(LiveVersion(store))
+    reader, asked = rec.live.current().reader, []
+    stored = reader.metadata([f"i{i}" for i in range(40)])
+    real = reader.metadata
+    reader.metadata = lambda ids: asked.extend(ids) or real(ids)  # counts the reads, the store answers
+    for u in range(20):
+        answer = rec.for_user(f"u{u}", k=5)
+        assert [r.item_id for r in answer.items] == [f"i{(u + j + 1) % 40}" for j in range(5)]
+        assert all(r.metadata == {"title": stored[r.item_id]["title"]} for r in answer.items)
+    for i in range(10):
+        assert rec.similar(f"i{i}", k=5).items[0].metadata == {"title": f"title {(i + 1) % 40}"}
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 24  # u0..u19 name i1..i24, each read once

@@ -198,6 +198,18 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 def _listed(snap: Snapshot, query: str, payload: dict, field_name: str, k: int) -> Answer:
     entries, source = payload_list(payload, field_name)
     entries = entries[:k]
-    meta = snap.reader.metadata([i for i, _ in entries])
-    items = [Recommendation(i, s, {k2: v for k2, v in meta.get(i, {}).items() if k2 != "item_id"}) for i, s in entries]
+    meta = _metadata(snap, [i for i, _ in entries])
+    items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"}) for i, s in entries]
     return answer(snap, query, source or field_name, items)
+
+
+def _metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:
+    """item id -> its metadata ({} for an id the version does not hold), from the snapshot's item
+    cache; the store is read once for the ids not there."""
+    found = {i: m for i in item_ids if (m := snap.items.get(i)) is not None}
+    if missing := [i for i in item_ids if i not in found]:
+        read = snap.reader.metadata(missing)
+        for i in missing:
+            found[i] = read.get(i, {})
+            snap.items.put(i, found[i])
+    return found

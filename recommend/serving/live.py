@@ -29,6 +29,7 @@ from recommend.serving.store import StoreUnavailable
 from recommend.serving.versions import VersionStore
 
 log = logging.getLogger("recs")
+ITEM_METADATA_CACHE = 100_000  # items' metadata kept per version (a few hundred bytes each)
 
 
 class NotFound(RecsError):
@@ -71,10 +72,19 @@ class Snapshot:
     reader: object  # the store's reader of this version: payload(), metadata(), vectors(), search(), count()
     meta: dict
     cache: Cache = field(default_factory=lambda: Cache(10_000))
+    # item id -> its metadata as a list shows it: lists name the same popular items over and over, so
+    # a list's items are mostly here and a cold answer reads the store once (the user), not once per item shard
+    items: Cache = field(default_factory=lambda: Cache(ITEM_METADATA_CACHE))
+
+    retired: bool = False  # replaced by a newer live version (LiveVersion.poll_once)
 
     def __del__(self):
+        # the last query holding this version ended. A version replaced is closed: its memory maps
+        # go, and with them its files' pages (nobody reads them now). Otherwise the holder is going
+        # away (a CLI query, a notebook's object) while others may still read this version: released,
+        # its pages left in the page cache for them (embedded.ShardReader.release)
         try:
-            self.reader.close()  # the last query holding this version ended
+            self.reader.close() if self.retired else self.reader.release()
         except Exception:
             pass
 
@@ -90,11 +100,14 @@ class Snapshot:
 
 class LiveVersion:
     """The live version of one version store, followed. `poll_s`: how often `current()` asks the store
-    again. `freeze`: after a switch, move the objects alive then out of the garbage collector's scans
-    (a long-running server)."""
+    again. `freeze`: after a switch, move the objects alive then out of the garbage collector's scans.
+    `warm`: read the files queries touch into memory when a version opens, before it is served.
+    Both are for a long-running server: its first queries then find the store in memory, not on the disk."""
 
-    def __init__(self, store: VersionStore, poll_s: float = 1.0, cache_size: int = 10_000, freeze: bool = False):
+    def __init__(self, store: VersionStore, poll_s: float = 1.0, cache_size: int = 10_000, freeze: bool = False,
+                 warm: bool = False):
         self.store, self.poll_s, self.cache_size, self.freeze = store, poll_s, cache_size, freeze
+        self.warm = warm
         self.snap: Snapshot | None = None
         self.error: str | None = None      # why the last check or open failed (None: it did not)
         self.reachable = True              # whether the last check reached the store
@@ -140,13 +153,16 @@ class LiveVersion:
                 gc.collect()
                 gc.freeze()
             if old is not None:
-                del old  # freed when the last query holding it ends
+                old.retired = True
+                del old  # closed when the last query holding it ends
                 _trim()
             return True
 
     def _open(self, run_id: str) -> Snapshot:
         meta = self.store.metadata(run_id)
         reader = self.store.open(run_id)
+        if self.warm:
+            reader.warm()
         return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size))
 
 

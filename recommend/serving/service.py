@@ -14,11 +14,12 @@ Every answer carries `version`, `created_at` and `age_seconds`. Errors are JSON 
 
 How it stays up: a background task follows the live version (recommend/serving/live.py) and swaps
 snapshots; each request takes the snapshot once. Hot answers are kept per snapshot as JSON bytes,
-touched only on the event loop (no lock); misses read the store in the threadpool, in parallel.
+touched only on the event loop (no lock); misses read the store in a thread pool. Plain lookups
+(/users/<id>, /items/<id>/similar) skip FastAPI's routing (`FastLookups`).
 Text queries go to one encoder process in small dynamic batches (recommend/serving/encoder.py).
 
 Example:
-    app = create_app(LiveVersion(store, freeze=True), ServeSettings(), default_k=10, model="all-MiniLM-L6-v2")
+    app = create_app(LiveVersion(store, freeze=True, warm=True), ServeSettings(), default_k=10, model="all-MiniLM-L6-v2")
     run_server(app, ServeSettings())
 """
 
@@ -70,8 +71,13 @@ def _envelope(snap: Snapshot, body: bytes) -> bytes:
 
 
 def _body(answer: facade.Answer) -> bytes:
-    data = answer.to_dict()
-    return orjson.dumps({"query": data["query"], "source": data["source"], "items": data["items"]})
+    """The answer's own fields as JSON (orjson writes the Recommendation dataclasses as objects)."""
+    return orjson.dumps({"query": answer.query, "source": answer.source, "items": answer.items})
+
+
+def _lookup(snap: Snapshot, key: tuple) -> bytes:
+    """The body of a plain lookup's answer: key ("u", user id, k, None) or ("i", item id, k)."""
+    return _body((facade.user_answer if key[0] == "u" else facade.similar_answer)(snap, key[1], key[2]))
 
 
 def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, default_k: int = 10, model: str | None = None,
@@ -204,7 +210,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _errors(app, live)
-    app.add_middleware(HotAnswers, live=live, metrics=metrics, default_k=default_k,
+    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=default_k, reads=reads,
                        routes={r.path: r for r in app.routes if r.path in HOT_ROUTES})
     app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_requests=settings.max_requests)  # outside: first
     app.state.metrics, app.state.live, app.state.serving = metrics, live, state
@@ -214,28 +220,42 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
 HOT_ROUTES = ("/users/{user_id}", "/items/{item_id}/similar")
 
 
-class HotAnswers:
-    """Pure ASGI, inside the Guard: a GET /users/<id> or /items/<id>/similar (with no parameter but an
-    exact `k`) whose answer is in the live snapshot's cache is sent from here, without FastAPI's
-    routing and parameter parsing. Only answers the app made are cached, so a hit is a request the app
-    validated before; anything else (a miss, another route or parameter, an id FastAPI would not
-    route) goes on to the app unchanged."""
+class FastLookups:
+    """Pure ASGI, inside the Guard: a plain GET /users/<id> or /items/<id>/similar (no parameter but
+    an exact `k`) is answered here, without FastAPI's routing and parameter parsing: from the live
+    snapshot's cache, or read from the store in the reads pool by the same facade call as the app's
+    route, and cached. These are the bulk of a server's traffic, and the routing costs more than
+    the read. Anything else (another route or parameter, an id the app would not route) and any
+    failure (an unknown id, the store unavailable) goes on to the app unchanged, which answers or
+    refuses it as always; the cached answers are ones the app would have made."""
 
-    def __init__(self, app, live: LiveVersion, metrics, default_k: int, routes: dict):
-        self.app, self.live, self.metrics, self.default_k = app, live, metrics, default_k
+    def __init__(self, app, live: LiveVersion, metrics, default_k: int, routes: dict, reads: ThreadPoolExecutor):
+        self.app, self.live, self.metrics, self.default_k, self.reads = app, live, metrics, default_k, reads
         self.users, self.similar = routes["/users/{user_id}"], routes["/items/{item_id}/similar"]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "GET" and (snap := self.live.snap) is not None:
             found = self._key(scope)
-            if found is not None and (body := snap.cache.get(found[0])) is not None:
-                scope["route"] = found[1]  # the Guard's metrics label it as the app would
-                self.metrics.cache_hits.inc()
-                data = _envelope(snap, body)
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
-                await send({"type": "http.response.body", "body": data})
-                return
+            if found is not None:
+                key, route = found
+                body = snap.cache.get(key)
+                if body is not None:
+                    self.metrics.cache_hits.inc()
+                else:
+                    try:
+                        body = await asyncio.get_running_loop().run_in_executor(self.reads, _lookup, snap, key)
+                    except Exception:
+                        body = None  # the app answers it again, with its own error
+                    else:
+                        self.metrics.cache_misses.inc()
+                        snap.cache.put(key, body)
+                if body is not None:
+                    scope["route"] = route  # the Guard's metrics label it as the app would
+                    data = _envelope(snap, body)
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
+                    await send({"type": "http.response.body", "body": data})
+                    return
         await self.app(scope, receive, send)
 
     def _key(self, scope) -> tuple | None:
@@ -338,7 +358,7 @@ def app_from_config(config, *, encoder: bool = True) -> FastAPI:
     settings = config.serve
     configure_limits(settings)
     live = LiveVersion(version_store(config.publish, config.workdir), poll_s=settings.poll_s,
-                       cache_size=settings.cache_size, freeze=True)
+                       cache_size=settings.cache_size, freeze=True, warm=True)
     return create_app(live, settings, default_k=config.lists.k, model=config.embed.model, device=config.embed.device,
                       api_key=api_key(settings), encoder=encoder)
 

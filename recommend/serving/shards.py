@@ -21,6 +21,7 @@ without asking any other, and the writer of shard s reads only the user blocks t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -33,14 +34,20 @@ import numpy as np
 
 from embedder.artifacts import file_digest
 from embedder.errors import RecsError
-from embedder.user_hashing import block_of, bounds, user_hash_few
+from embedder.user_hashing import block_of, block_of_one, bounds, user_hash_few, user_hash_one
 
 ENGINE = "qdrant-edge-py"
+_KEPT: list = []  # engines released (`ShardView.release`): kept open until the process ends
 BATCH = 2048  # points per engine update
 # Files the engine only reads once a shard is closed: linked into readers' views. Everything else
 # (bookkeeping bitmaps, trackers, configs) is copied, since the engine rewrites some of it on open.
 _LINKED = re.compile(r"^(matrix\.dat|page_\d+\.dat|chunk_\d+\.mmap|links(_compressed)?\.bin|graph\.bin|"
                      r"quantized\.data|id_tracker\.mappings|id_tracker\.versions)$")
+# What queries read all over, read through when a server opens a version (`ShardView.warm`): payload
+# pages, id mappings, the text graph and its int8 vectors; not the float vectors, which only a
+# search's rescoring and a real-time list read, a few rows each.
+_HOT = re.compile(r"^(page_\d+\.dat|id_tracker\.mappings|id_tracker\.versions|links(_compressed)?\.bin|graph\.bin|"
+                         r"quantized\.data)$")
 
 
 class ShardError(RecsError):
@@ -148,6 +155,11 @@ def user_shard(user_ids, shards: int) -> np.ndarray:
     return block_of(user_hash(user_ids), shards)
 
 
+def shard_of_user(user_id: str, shards: int) -> int:
+    """`user_shard` of one id, in plain Python (a reader answering a request)."""
+    return block_of_one(user_hash_one(user_id), shards)
+
+
 def blocks_of_shard(shard: int, shards: int, n_blocks: int) -> range:
     """The event blocks (hash ranges too, `n_blocks` of them) that overlap shard `shard`'s range."""
     starts = [int(b) for b in bounds(shards)] + [2 ** 64]
@@ -196,6 +208,28 @@ class ShardView:
         except BaseException:
             shutil.rmtree(self.view, ignore_errors=True)
             raise
+
+    def warm(self) -> int:
+        """Read this view's hot files (`_HOT`) through, so that they are in the page cache (shared by
+        every reader, not this process's memory) before the first query needs them. Returns the bytes read."""
+        done, buffer = 0, bytearray(1 << 20)
+        for path in self.linked:
+            if _HOT.match(Path(path).name):
+                with open(path, "rb", buffering=0) as f:
+                    while n := f.readinto(buffer):
+                        done += n
+        return done
+
+    def release(self) -> None:
+        """Remove the view but leave the engine open until the process ends. Closing the engine
+        evicts the shard's files from the page cache, for every process reading them (a server's hot
+        pages), where the end of the process unmaps them without that: a reader that exits (a CLI
+        query, a check) releases, a server closes only versions it no longer serves."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            _KEPT.append(engine)
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))  # never freed, even at the interpreter's shutdown
+        shutil.rmtree(self.view, ignore_errors=True)
 
     def changed(self) -> list[str]:
         """Linked shard files whose time or size changed since the view was opened (empty: none)."""

@@ -17,12 +17,13 @@ from embedder.errors import RecsError
 
 log = logging.getLogger("recs")
 _CLIENTS: dict[str, object] = {}  # by URL, or "file:" + a local-mode folder
-_READERS: weakref.WeakSet = weakref.WeakSet()  # embedded version readers (closing one removes its views)
+_READERS: weakref.WeakSet = weakref.WeakSet()  # embedded version readers (released at exit: their views removed)
 _LOCK = threading.Lock()
 
 
 def track_reader(reader) -> None:
-    """Close `reader` at exit if nobody did (its private views are removed then)."""
+    """Release `reader` at exit if nobody closed it: its private views are removed, its files left
+    in the page cache for other readers (embedded.ShardReader.release)."""
     _READERS.add(reader)
 
 
@@ -43,7 +44,7 @@ def _close_all() -> None:
     # Close while the interpreter is whole: local mode's __del__ at shutdown fails noisily.
     close_clients()
     for reader in list(_READERS):
-        reader.close()
+        reader.release()
 
 
 class StoreUnavailable(RecsError):

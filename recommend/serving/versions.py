@@ -65,8 +65,13 @@ class ClientReader:
     def count(self, kind: str) -> int:
         return self.client.count(self.items if kind == "item" else self.users, exact=True).count
 
+    def warm(self) -> None:
+        """Nothing to do: a server keeps its own files in memory."""
+
     def close(self) -> None:
         pass  # the client is the store's, shared by every version
+
+    release = close
 
 
 class ServerVersions(VersionStore):
