@@ -44,10 +44,10 @@ BATCH = 2048  # points per engine update
 _LINKED = re.compile(r"^(matrix\.dat|page_\d+\.dat|chunk_\d+\.mmap|links(_compressed)?\.bin|graph\.bin|"
                      r"quantized\.data|id_tracker\.mappings|id_tracker\.versions)$")
 # What queries read all over, read through when a server opens a version (`ShardView.warm`): payload
-# pages, id mappings, the text graph and its int8 vectors; not the float vectors, which only a
-# search's rescoring and a real-time list read, a few rows each.
+# pages, id mappings, the text graph, its int8 vectors and their originals (a search rescores with
+# them); not the other float vectors, which only a real-time list reads, a few rows each.
 _HOT = re.compile(r"^(page_\d+\.dat|id_tracker\.mappings|id_tracker\.versions|links(_compressed)?\.bin|graph\.bin|"
-                         r"quantized\.data)$")
+                  r"quantized\.data)$")
 
 
 class ShardError(RecsError):
@@ -213,8 +213,10 @@ class ShardView:
         """Read this view's hot files (`_HOT`) through, so that they are in the page cache (shared by
         every reader, not this process's memory) before the first query needs them. Returns the bytes read."""
         done, buffer = 0, bytearray(1 << 20)
+        graphs = {Path(p).parent for p in self.linked if Path(p).name == "quantized.data"}
         for path in self.linked:
-            if _HOT.match(Path(path).name):
+            # and the originals of a vector with a graph: every search rescores its candidates with them
+            if _HOT.match(Path(path).name) or (Path(path).name == "matrix.dat" and Path(path).parent in graphs):
                 with open(path, "rb", buffering=0) as f:
                     while n := f.readinto(buffer):
                         done += n
