@@ -274,8 +274,13 @@ def test_plain_lookups_skip_the_routing_and_answer_as_the_app_does(tmp_path):
         direct = facade.user_answer(live.snap, "u2", 3).to_dict()
         assert status == 200 and {**body, "age_seconds": 0} == {**via_app, "age_seconds": 0}
         assert {k: body[k] for k in ("query", "source", "items")} == {k: direct[k] for k in ("query", "source", "items")}
+        reader, asked = live.snap.reader, []
+        real = reader.payload
+        reader.payload = lambda kind, name: asked.append(name) or real(kind, name)  # counts the reads
         status, body, _ = get(port, "/users/nobody")  # the lookup fails: the app answers with its own error
         assert status == 404 and body["version"] == V1 and "unknown user" in body["error"]
+        assert asked == ["nobody"]  # once: the app raised the lookup's own error, not asked again
+        reader.payload = real
         for path in ("/users/u1?k=3", "/users/u1", "/items/i2/similar?k=2"):
             made, hot = get(port, path), get(port, path)  # the app made it; then it came from the cache
             assert made[0] == hot[0] == 200 and made[2]["content-type"] == hot[2]["content-type"] == "application/json"

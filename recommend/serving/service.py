@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import orjson
-from fastapi import FastAPI, Path, Query
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
@@ -145,18 +145,20 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return Response(_envelope(snap, body), media_type=JSON)
 
     @app.get("/users/{user_id}", response_model=facade.Answer, response_class=Response)
-    async def user(user_id: IdPath, k: KQuery = None,
+    async def user(request: Request, user_id: IdPath, k: KQuery = None,
                    recent: Annotated[str | None, Query(max_length=4096, description="comma-separated item ids, for a "
                                                        "user the batch has not seen")] = None):
         """The user's precomputed list (none of the items they interacted with)."""
+        _failed_before(request)
         snap, n = snapshot(), k or default_k
         items = [i for i in (recent or "").split(",") if i][:100] or None
         return await cached(snap, ("u", user_id, n, recent), lambda: facade.user_answer(snap, user_id, n, items),
                             searches if items else reads)  # recent items may need a vector query
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
-    async def similar(item_id: IdPath, k: KQuery = None):
+    async def similar(request: Request, item_id: IdPath, k: KQuery = None):
         """The items most similar to this one (itself excluded)."""
+        _failed_before(request)
         snap, n = snapshot(), k or default_k
         return await cached(snap, ("i", item_id, n), lambda: facade.similar_answer(snap, item_id, n))
 
@@ -218,6 +220,15 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
 
 
 HOT_ROUTES = ("/users/{user_id}", "/items/{item_id}/similar")
+FAILED = "recs.lookup_failed"  # the scope key where FastLookups leaves the exception its lookup raised
+
+
+def _failed_before(request: Request) -> None:
+    """Raise what this very lookup raised in FastLookups (an unknown id, the store unavailable), so the
+    app answers it with its own error, without asking the store again."""
+    failed = request.scope.pop(FAILED, None)
+    if failed is not None:
+        raise failed
 
 
 class FastLookups:
@@ -225,9 +236,10 @@ class FastLookups:
     an exact `k`) is answered here, without FastAPI's routing and parameter parsing: from the live
     snapshot's cache, or read from the store in the reads pool by the same facade call as the app's
     route, and cached. These are the bulk of a server's traffic, and the routing costs more than
-    the read. Anything else (another route or parameter, an id the app would not route) and any
-    failure (an unknown id, the store unavailable) goes on to the app unchanged, which answers or
-    refuses it as always; the cached answers are ones the app would have made."""
+    the read. Anything else (another route or parameter, an id the app would not route) goes on to
+    the app unchanged, and so does a failed lookup (an unknown id, the store unavailable), with its
+    exception, which the app's route raises and answers as its own; the cached answers are ones the
+    app would have made."""
 
     def __init__(self, app, live: LiveVersion, metrics, default_k: int, routes: dict, reads: ThreadPoolExecutor):
         self.app, self.live, self.metrics, self.default_k, self.reads = app, live, metrics, default_k, reads
@@ -244,8 +256,8 @@ class FastLookups:
                 else:
                     try:
                         body = await asyncio.get_running_loop().run_in_executor(self.reads, _lookup, snap, key)
-                    except Exception:
-                        body = None  # the app answers it again, with its own error
+                    except Exception as exc:
+                        body, scope[FAILED] = None, exc  # the app's route raises it: its own error answer
                     else:
                         self.metrics.cache_misses.inc()
                         snap.cache.put(key, body)
