@@ -166,3 +166,38 @@ def test_check_repair_removes_an_unfinished_version_but_never_the_live_one(tmp_p
     repaired = check_workdir(config, repair=True)
     assert repaired.ok and repaired.findings[0].repaired == "removed" and not (store.folder / V2).exists()
     assert check_workdir(config).findings == [] and store.live() == V1
+
+
+def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_path):
+    """The engine holds the GIL through a whole optimize (a graph: minutes at 1M). On a worker's own
+    thread that stops its heartbeats, and the scheduler takes it for dead once `worker-ttl` passes:
+    the task "kills" worker after worker and fails (it did, at 1M under load). Shards are written in a
+    child process of the worker (recommend/serving/shard_process.py). Here the ttl is 1 s (the
+    scheduler makes that 5 s: ten heartbeats) and the item shard's optimize (a graph over 24,000
+    vectors) holds the GIL longer; the reread is the oracle."""
+    import dask
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from recommend.serving.publish import Storage, publish_version
+    from recommend.serving.shards import Graph
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(24000, 384)).astype(np.float32)
+    ids = [f"i{j}" for j in range(24000)]
+    items = {"ids": ids, "vectors": vectors, "payloads": [{"item_id": i} for i in ids]}
+    users = {"ids": ["u0", "u1"], "vectors": vectors[:2, :8], "payloads": [{"user_id": "u0"}, {"user_id": "u1"}]}
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    with dask.config.set({"distributed.scheduler.worker-ttl": "1s"}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as cluster, \
+            Client(cluster) as client:
+        started = time.perf_counter()
+        publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)), dask=client)
+        took = time.perf_counter() - started
+    reader = store.open(V1)
+    try:
+        assert reader.count("item") == 24000 and reader.payload("user", "u1") == {"user_id": "u1"}
+        marker = json.loads((store.folder / V1 / "version.json").read_text())
+        assert marker["shards"]["items-000"]["seconds"]["optimize"] > 6.0, took  # the GIL was held past the ttl
+    finally:
+        reader.close()

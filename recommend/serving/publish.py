@@ -187,7 +187,8 @@ def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str
 def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1, graph: Graph = Graph(),
                   dask=None, progress: Callable[[int], None] | None = None) -> tuple[dict, dict, int]:
     """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
-    distributed Client; None: one after the other in this process). Item shards build an HNSW graph
+    distributed Client; each task writes in a child process, recommend/serving/shard_process.py; None:
+    one after the other in this process). Item shards build an HNSW graph
     over the text vector (what text search asks) when `graph.m` > 0; no other vector gets one. Returns (counts,
     {shard name: its points and files}, user shards) for the store's marker."""
     specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
@@ -208,8 +209,10 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
     else:
         from distributed import as_completed
 
+        from recommend.serving.shard_process import run_apart  # the engine's optimize holds the GIL: see there
+
         stamp = time.time_ns()
-        futures = {dask.submit(write_shard_task, *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
+        futures = {dask.submit(run_apart, write_shard_task, *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
                    for name, args in calls.items()}
         for future in as_completed(futures):
             written[futures[future]] = future.result()
