@@ -37,8 +37,9 @@ class NotFound(RecsError):
 
 
 class Cache:
-    """A bounded LRU of answers. No lock: its operations are single dict operations (atomic under the
-    GIL); the service touches it from its event loop only, and a lost race costs one extra fetch."""
+    """A bounded LRU (answers; items' metadata). No lock: its operations are single dict operations
+    (atomic under the GIL), and a lost race costs one extra fetch. The service touches the answers
+    from its event loop only; the metadata is filled from the threads that read the store."""
 
     def __init__(self, size: int):
         self.size, self.data = size, OrderedDict()

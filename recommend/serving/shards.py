@@ -37,7 +37,6 @@ from embedder.errors import RecsError
 from embedder.user_hashing import block_of, block_of_one, bounds, user_hash_few, user_hash_one
 
 ENGINE = "qdrant-edge-py"
-_KEPT: list = []  # engines released (`ShardView.release`): kept open until the process ends
 BATCH = 2048  # points per engine update
 # Files the engine only reads once a shard is closed: linked into readers' views. Everything else
 # (bookkeeping bitmaps, trackers, configs) is copied, since the engine rewrites some of it on open.
@@ -228,9 +227,8 @@ class ShardView:
         pages), where the end of the process unmaps them without that: a reader that exits (a CLI
         query, a check) releases, a server closes only versions it no longer serves."""
         engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
-            _KEPT.append(engine)
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))  # never freed, even at the interpreter's shutdown
+        if engine is not None:  # one more reference, never dropped: not freed even at the interpreter's shutdown
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))
         shutil.rmtree(self.view, ignore_errors=True)
 
     def changed(self) -> list[str]:
