@@ -184,13 +184,25 @@ def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str
     return jobs
 
 
+APART_FROM = 10_000  # points in a shard from which a worker writes it in a child process (below: seconds at most)
+
+
+def shard_sizes(items: Points, users: Points, jobs: list) -> dict[str, float]:
+    """The points each shard of `jobs` is expected to hold: items by its share of the pieces, users
+    by the hash ranges' share."""
+    n_users = sum(1 for _, kind, _, _ in jobs if kind == "user")
+    return {name: (items.count * len(pieces) / max(1, len(items.pieces)) if kind == "item" else users.count / n_users)
+            for name, kind, pieces, _ in jobs}
+
+
 def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1, graph: Graph = Graph(),
                   dask=None, progress: Callable[[int], None] | None = None) -> tuple[dict, dict, int]:
     """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
-    distributed Client; each task writes in a child process, recommend/serving/shard_process.py; None:
-    one after the other in this process). Item shards build an HNSW graph
-    over the text vector (what text search asks) when `graph.m` > 0; no other vector gets one. Returns (counts,
-    {shard name: its points and files}, user shards) for the store's marker."""
+    distributed Client; a task writes a shard of `APART_FROM` points or more in a child process,
+    recommend/serving/shard_process.py; None: one after the other in this process). Item shards
+    build an HNSW graph over the text vector (what text search asks) when `graph.m` > 0; no other
+    vector gets one. Returns (counts, {shard name: its points and files}, user shards) for the
+    store's marker."""
     specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
              "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,8 +223,9 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
 
         from recommend.serving.shard_process import run_apart  # the engine's optimize holds the GIL: see there
 
-        stamp = time.time_ns()
-        futures = {dask.submit(run_apart, write_shard_task, *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
+        stamp, sizes = time.time_ns(), shard_sizes(items, users, jobs)
+        futures = {dask.submit(*((run_apart, write_shard_task) if sizes[name] >= APART_FROM else (write_shard_task,)),
+                               *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
                    for name, args in calls.items()}
         for future in as_completed(futures):
             written[futures[future]] = future.result()
