@@ -247,6 +247,9 @@ def parse_config(data: dict, path: str = "<config>", base: Path | None = None, c
     if Path(config.workdir).exists() and not Path(config.workdir).is_dir():
         raise ConfigError(f"{path}: workdir: {config.workdir} exists and is not a folder (the refresh keeps its runs, "
                           f"cache and store in it): point workdir at a folder")
+    if unknown := [f for f in config.publish.indexed_fields if f not in config.items.metadata]:
+        raise ConfigError(f"{path}: publish.indexed_fields: {', '.join(map(repr, unknown))} not in items.metadata "
+                          f"({', '.join(config.items.metadata) or 'empty'}): only published metadata can be filtered on")
     if config.embed.cache:
         config.embed.cache = _resolve(config.embed.cache, base)
     sources = [(name, getattr(config, name)) for name in ("items", "events", "users")]

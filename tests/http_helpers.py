@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from recommend.serving.publish import Storage, item_payloads, publish_version, user_payloads
+from recommend.serving.payloads import item_payloads, user_payloads
+from recommend.serving.publish import Storage, publish_version
 from recommend.serving.shards import Graph
 
 

@@ -91,7 +91,8 @@ def test_unknown_model_exits_2(tmp_path, sample_dir):
 
 def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     """The real entry point in a fresh process: it starts its own LocalCluster."""
-    path = write_config(tmp_path, sample_dir, tiny_model)
+    path = write_config(tmp_path, sample_dir, tiny_model, items={"metadata": ["title", "category", "price"]},
+                        publish={"indexed_fields": ["category", "price"]})
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     proc = subprocess.run([sys.executable, "-m", "recommend.cli", "refresh", "-c", str(path), "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -106,6 +107,22 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     answer = json.loads(result.output)
     assert result.exit_code == 0 and answer["version"] == report["published_version"] and len(answer["items"]) == 5
     assert not set(events.loc[events.user_id == user, "item_id"]) & {r["item_id"] for r in answer["items"]}
+    # a filter on the published version (its blended vectors): what passes of the list, then a vector query
+    items = pd.read_parquet(sample_dir / "items.parquet").set_index("item_id")
+    category = items.loc[answer["items"][0]["item_id"], "category"]
+    result = runner.invoke(app, ["recommend", user, "-c", str(path), "--json", "--where", f"category={category}",
+                                 "--where", "price<60", "--exclude", answer["items"][0]["item_id"]])
+    filtered = json.loads(result.output)
+    got = [r["item_id"] for r in filtered["items"]]
+    seen = set(events.loc[events.user_id == user, "item_id"]) | {answer["items"][0]["item_id"]}
+    there = items[(items.category == category) & (items.price < 60) & ~items.index.isin(seen)]
+    assert result.exit_code == 0 and len(got) == min(5, len(there)) > 0 and filtered["source"].endswith("query"), filtered
+    assert all(items.loc[i, "category"] == category and items.loc[i, "price"] < 60 for i in got)
+    assert answer["items"][0]["item_id"] not in got and not set(events.loc[events.user_id == user, "item_id"]) & set(got)
+    similar = json.loads(runner.invoke(app, ["similar", got[0], "-c", str(path), "--json", "--where", "price>=60"]).output)
+    assert len(similar["items"]) == 5 and all(r["metadata"]["price"] >= 60 and r["item_id"] != got[0] for r in similar["items"])
+    result = runner.invoke(app, ["recommend", user, "-c", str(path), "--where", "title=x"])
+    assert result.exit_code == 2 and "'title'" in result.output and "indexed: category, price" in result.output
     result = runner.invoke(app, ["recommend", "no-such-user", "-c", str(path)])
     assert result.exit_code == 1 and "unknown user 'no-such-user'" in result.output
     result = runner.invoke(app, ["similar", "no-such-item", "-c", str(path)])

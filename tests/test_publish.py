@@ -9,9 +9,8 @@ from qdrant_client import QdrantClient
 
 from recommend.serving.facade import NotFound, Recommender
 from recommend.serving.live import LiveVersion
-from recommend.serving.publish import (PublishError, Storage, in_process, item_payloads, list_text, list_texts, payload_list,
-                                       publish_version, read_list, stage_version,
-                                       user_payloads, write_version)
+from recommend.serving.payloads import item_payloads, list_text, list_texts, payload_list, read_list, user_payloads
+from recommend.serving.publish import PublishError, Storage, in_process, publish_version, stage_version, write_version
 from recommend.serving.versions import EmbeddedVersions, ServerVersions
 
 

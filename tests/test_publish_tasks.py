@@ -16,7 +16,8 @@ from index.rows import parquet_rows
 from recommend.run.tasks.item_tasks import save_item_side
 from recommend.run.tasks.list_tasks import ListJob, list_blocks
 from recommend.run.tasks.publish_tasks import PointSource, Target, collection_points, vector_sizes
-from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection, payload_list,
+from recommend.serving.payloads import parse_list, payload_list
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, Storage, collection,
                                        publish_version, stage_version)
 from recommend.serving.store import StoreUnavailable, open_local
 from recommend.serving.versions import ServerVersions
@@ -80,6 +81,10 @@ def _check_against_the_run(client, run, reread=None):
     assert [items[i].payload["price"] for i in items] == (rows / 4).tolist()
     user_rows = np.array([user_ids.index(u) for u in users])
     np.testing.assert_allclose(np.array([users[u].vector[USER_VECTOR] for u in users]), space.users[user_rows], atol=1e-6)
+    for u, row in zip(users, user_rows):  # each user's seen items, for a filled list to leave out
+        listed, _, seen = parse_list(users[u].payload, "recommended")
+        assert sorted(seen) == sorted(item_ids[space.seen[row].indices]) and not set(seen) & {i for i, _ in listed}
+    assert len(parse_list(users["u000"].payload, "recommended")[2]) == len(item_ids) - 3
 
 
 def test_the_driver_streams_each_part_into_local_mode_and_the_reread_equals_the_run(tmp_path, run):

@@ -13,6 +13,11 @@ from recommend.cli.app import ConfigOpt, JsonOpt, KOpt, QuietOpt, VerboseOpt, _o
 from recommend.cli.output import print_answer
 
 
+WhereOpt = typer.Option(None, "--where", help="A condition on an indexed item field (publish.indexed_fields), "
+                        "repeatable, all must hold: FIELD=VALUE, FIELD=A|B, FIELD<N, FIELD<=N, FIELD>N, FIELD>=N.")
+ExcludeOpt = typer.Option(None, "--exclude", help="An item id never to answer (repeatable).")
+
+
 def _recommender(config: str):
     from recommend.serving.facade import Recommender
 
@@ -24,44 +29,51 @@ def _recommender(config: str):
 def recommend(user_id: str = typer.Argument(..., help="The user's id, as in the events."),
               k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
               recent: Optional[list[str]] = typer.Option(None, "--recent", help="For a user the batch has not seen: "
-                                                         "item ids they just interacted with (repeatable).")):
+                                                         "item ids they just interacted with (repeatable)."),
+              where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
     """Recommended items for USER_ID from the live version (none they already interacted with).
+    With --where, the items of the list that pass, filled by a vector query when fewer than k do.
 
     \b
     Example:
         recs recommend U00042 --k 5
+        recs recommend U00042 --where 'genres=Comedy' --where 'year>=2000' --exclude 1234
         recs recommend new-user --recent I00012 --recent I00340
     """
     with user_errors():
-        print_answer(_recommender(config).for_user(user_id, k, recent_items=recent), as_json)
+        print_answer(_recommender(config).for_user(user_id, k, recent_items=recent, where=where, exclude=exclude), as_json)
 
 
 @app.command()
 def similar(item_id: str = typer.Argument(..., help="The item's id, as in the catalog."),
-            k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt):
+            k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
+            where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
     """The items most similar to ITEM_ID in the live version (the item itself excluded).
 
     \b
     Example:
         recs similar I00000 --json
+        recs similar I00000 --where 'genres=Comedy|Drama'
     """
     with user_errors():
-        print_answer(_recommender(config).similar(item_id, k), as_json)
+        print_answer(_recommender(config).similar(item_id, k, where=where, exclude=exclude), as_json)
 
 
 @app.command()
 def search(text: str = typer.Argument(..., help="Free text to encode now and match against items."),
-           k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt):
+           k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
+           where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
     """The items nearest to TEXT, encoded now with the live version's model.
 
     \b
     Example:
         recs search "trail running shoes"
+        recs search "space adventure" --where 'year<1990'
     """
     if not text.strip():
         raise typer.BadParameter("search needs a text, e.g. recs search \"trail running shoes\"")
     with user_errors():
-        print_answer(_recommender(config).search(text, k), as_json)
+        print_answer(_recommender(config).search(text, k, where=where, exclude=exclude), as_json)
 
 
 @app.command()

@@ -65,13 +65,14 @@ class PublishPlan:
     model: str                    # as configured, recorded in the version
     k: int
 
-    def storage(self, n_items: int) -> Storage:
+    def storage(self, n_items: int, fields: dict[str, str] | None = None) -> Storage:
         """How the version is stored: with an HNSW graph over the items' text vectors from
-        `graph_min_items` items on."""
+        `graph_min_items` items on, and a payload index on each of `fields` ({name: kind})."""
         pc = self.settings
         graph = Graph(pc.hnsw_m if n_items >= pc.graph_min_items else 0, pc.hnsw_ef_construct)
         return Storage(pc.shards, pc.replicas, pc.vectors_on_disk, pc.payload_on_disk, graph, batch_size=pc.batch_size,
-                       parallel=pc.parallel, index_wait_s=pc.index_wait_s, keep=pc.keep_versions)
+                       parallel=pc.parallel, index_wait_s=pc.index_wait_s, keep=pc.keep_versions,
+                       fields=tuple((fields or {}).items()))
 
     def target(self, on_workers: bool) -> Target:
         """Where the points go from: the workers (a server by URL), or this process."""

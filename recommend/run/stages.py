@@ -49,6 +49,7 @@ from recommend.run.report import (
 )
 from recommend.run.plans import EmbedPlan, GatePlan, IngestPlan, ListsPlan, PublishPlan
 from recommend.run.workdir import write_manifest
+from recommend.serving.filters import indexed_columns
 from recommend.serving.publish import live_gate, publish_version
 
 log = logging.getLogger("recs")
@@ -272,24 +273,27 @@ def publish(run: Run, plan: PublishPlan, store, items: Ingested, emb: EmbedResul
     The points are made a lists part at a time (recommend/run/tasks/publish_tasks.py): the embedded store's
     shards are written by tasks on the workers, a server's points uploaded from the workers."""
     pc, run_id = plan.settings, run.run_id
-    layout = read_item_side(run.folder).layout
+    side = read_item_side(run.folder)
+    layout = side.layout
     on_workers = bool(pc.url and pc.upload_on_workers and run.client is not None)
     with run.stage("publish"):
         source = PointSource(run.folder, emb.vectors)
         target = plan.target(on_workers)
         sizes = vector_sizes(layout, emb.vectors.shape[1])
-        metadata = {c: items.rows[c] for c in plan.metadata}
+        fields, stored = indexed_columns(items.rows, pc.indexed_fields)
+        metadata = {c: stored.get(c, items.rows[c]) for c in plan.metadata}
         points = {kind: collection_points(run.client, source, lists.parts, kind, metadata, sizes[kind], target)
                   for kind in ("item", "user")}
         meta = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": plan.model, "model_fingerprint": emb.model_fingerprint,
                 "dim": int(emb.vectors.shape[1]), "k": plan.k, "layout": layout.to_dict(),
+                "query_scale": float(side.query_scale), "indexed_fields": fields,
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: writing shards" if store.embedded else
                            "publish: upserting" + (" from the workers" if on_workers else ""),
                            points["item"].count + points["user"].count)
         done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, progress=tick,
-                               storage=plan.storage(points["item"].count), dask=run.client)
+                               storage=plan.storage(points["item"].count, fields), dask=run.client)
         previous, written, pruned = done.previous, done.counts, done.pruned
         run.report.published_version, run.report.previous_version = run_id, previous  # live from here on
     seconds = run.report.seconds["publish"]

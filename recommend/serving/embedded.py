@@ -91,18 +91,29 @@ class ShardReader:
                 rows.append(rec.vector[name])
         return found, rows
 
-    def search(self, vector, using: str, k: int, exclude: list | None = None) -> list[tuple[dict, float]]:
+    def vector(self, kind: str, business_id: str, name: str) -> list[float] | None:
+        """One point's vector `name` (a user's profile), or None when the point is not there."""
+        pid = point_id(kind, business_id)
+        for engine in ([self._user_engine(business_id)] if kind == "user" else self.items):
+            found = engine.retrieve([pid], with_payload=False, with_vector=[name])
+            if found:
+                return found[0].vector[name]
+        return None
+
+    def search(self, vector, using: str, k: int, exclude: list | None = None, where=None) -> list[tuple[dict, float]]:
         """The `k` items of highest dot product with `vector` on vector `using` across the item
-        shards, `exclude` (point ids) left out: [(payload without the lists, score)]."""
-        from qdrant_edge import (Filter, HasIdCondition, PayloadSelector, QuantizationSearchParams, Query, QueryRequest,
-                                 SearchParams)
+        shards, `exclude` (point ids) left out, those matching `where` (recommend/serving/filters.py)
+        only: [(payload without the lists, score)]."""
+        from qdrant_edge import PayloadSelector, QuantizationSearchParams, Query, QueryRequest, SearchParams
+
+        from recommend.serving.filters import edge_filter
 
         # on a graph: 200 candidates deep (on vectors with little structure the default depth finds fewer
         # of the true top k; clustered ones are found either way), the best 2k of their int8 copies rescored
         # with the original vectors; no graph: an exact scan, these ignored
         rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
         request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
-                               filter=Filter(must_not=[HasIdCondition(set(exclude))]) if exclude else None,
+                               filter=edge_filter(where, exclude or ()),
                                with_payload=PayloadSelector.Exclude(list(LISTS)))
         hits = [h for engine in self.items for h in engine.query(request)]
         return [(h.payload, h.score) for h in heapq.nlargest(k, hits, key=lambda h: h.score)]

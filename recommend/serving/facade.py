@@ -6,10 +6,16 @@ answer is wholly from yesterday's version or wholly from today's; a refresh that
 is picked up by the next query (within `poll_s`), without reopening anything by hand. The functions
 below `Recommender` take a snapshot and are what the HTTP service calls too.
 
+Every query takes a filter on the items' indexed fields and items to leave out
+(recommend/serving/filters.py). A list is answered from its stored list first, the items that pass
+kept; when fewer than k pass, a vector query on the store fills it (the subject's published vector,
+the filter as a payload filter, a user's seen items left out), and `source` says so ("history+query";
+"query" when none of the stored list passed).
+
 Example:
     rec = Recommender.from_config("config.yaml")
-    answer = rec.for_user("U00042")
-    answer.version, answer.age_seconds, [(r.item_id, r.score) for r in answer.items]
+    answer = rec.for_user("U00042", where={"category": "Shoes", "price": {"lt": 100}}, exclude=["I7"])
+    answer.version, answer.age_seconds, answer.source, [(r.item_id, r.score) for r in answer.items]
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from embedder.errors import RecsError
+from recommend.serving.filters import Where
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
-from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, payload_list
+from recommend.serving.payloads import parse_list
+from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, point_id
 from recommend.serving.store import StoreUnavailable, shown
 
 __all__ = ["Answer", "NotFound", "Recommendation", "Recommender"]
@@ -43,7 +51,8 @@ class Answer:
     version: str
     created_at: str
     age_seconds: float
-    source: str  # history | few-events | history+popular | popular | similar | similar-from-text | realtime | text
+    source: str  # history | few-events | history+popular | popular | similar | similar-from-text | realtime | text;
+    #              "+query" when a vector query filled a filtered list, "query" when it made all of it
     items: list[Recommendation]
 
     def to_dict(self) -> dict:
@@ -77,27 +86,36 @@ class Recommender:
         """Published (complete) versions, newest first; `.live` marks the one being served."""
         return self.live.store.versions()
 
-    def for_user(self, user_id: str, k: int | None = None, recent_items: list[str] | None = None) -> Answer:
+    def for_user(self, user_id: str, k: int | None = None, recent_items: list[str] | None = None,
+                 where: dict | list[str] | None = None, exclude: list[str] | None = None) -> Answer:
         """The precomputed list for `user_id`. A user the batch has not seen gets a real-time list from
-        `recent_items` (item ids they just interacted with) when given; otherwise NotFound."""
-        return user_answer(self.live.current(), user_id, k or self.k, recent_items)
+        `recent_items` (item ids they just interacted with) when given; otherwise NotFound. `where`:
+        {field: value | [values] | {"gt"|"gte"|"lt"|"lte": number}} on indexed fields, or texts as
+        ["category=Shoes", "price<100"]; `exclude`: item ids never answered."""
+        snap = self.live.current()
+        return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude))
 
-    def similar(self, item_id: str, k: int | None = None) -> Answer:
+    def similar(self, item_id: str, k: int | None = None, where: dict | None = None,
+                exclude: list[str] | None = None) -> Answer:
         """The precomputed most similar items to `item_id` (itself excluded)."""
-        return similar_answer(self.live.current(), item_id, k or self.k)
+        snap = self.live.current()
+        return similar_answer(snap, item_id, k or self.k, where_of(snap, where, exclude))
 
-    def for_items(self, item_ids: list[str], k: int | None = None, query: str | None = None) -> Answer:
+    def for_items(self, item_ids: list[str], k: int | None = None, query: str | None = None,
+                  where: dict | list[str] | None = None, exclude: list[str] | None = None) -> Answer:
         """Real-time fallback: the list a user with exactly these items in their history would get
         (built as the batch builds one, in the same blended space), those items excluded."""
-        return items_answer(self.live.current(), item_ids, k or self.k, query)
+        snap = self.live.current()
+        return items_answer(snap, item_ids, k or self.k, query, where_of(snap, where, exclude))
 
-    def search(self, text: str, k: int | None = None) -> Answer:
+    def search(self, text: str, k: int | None = None, where: dict | None = None,
+               exclude: list[str] | None = None) -> Answer:
         """Items nearest to `text`, encoded now with the model the live version was built with."""
         from embedder.encode import encode_chunk
 
         snap = self.live.current()
-        path = query_model(snap, self.model)
-        return text_answer(snap, encode_chunk([text], str(path), device=self.device)[0], text, k or self.k)
+        path, found = query_model(snap, self.model), where_of(snap, where, exclude)
+        return text_answer(snap, encode_chunk([text], str(path), device=self.device)[0], text, k or self.k, found)
 
 
 # ---- queries on one snapshot (the facade's and the HTTP service's) -------------------------------
@@ -123,26 +141,73 @@ def answer(snap: Snapshot, query: str, source: str, items: list[Recommendation])
     return Answer(query, snap.run_id, snap.created_at, snap.age_seconds(), source, items)
 
 
+def where_of(snap: Snapshot, where: dict | list[str] | None = None, exclude=None) -> Where:
+    """A filter against `snap`'s indexed fields: from a dict or the HTTP and CLI texts ("category=Shoes",
+    "price<100"), and item ids to leave out. BadFilter when the version cannot answer it."""
+    fields = snap.meta.get("indexed_fields") or {}
+    if isinstance(where, (list, tuple)):
+        return Where.parse(list(where), exclude, fields=fields)
+    return Where.build(where, exclude, fields=fields)
+
+
 @_store_errors
-def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | None = None) -> Answer:
+def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | None = None,
+                where: Where | None = None) -> Answer:
     payload = _point(snap, "user", user_id)
     if payload is None:
         if recent_items:
-            return items_answer(snap, recent_items, k, query=f"user {user_id}")
+            return items_answer(snap, recent_items, k, query=f"user {user_id}", where=where)
         raise NotFound(f"unknown user {shown(user_id)} in version {snap.run_id}; pass recent items for a real-time list")
-    return _listed(snap, f"user {user_id}", payload, "recommended", k)
+    entries, source, seen = parse_list(payload, "recommended")
+
+    def fill(taken: list[str], n: int) -> list[Recommendation]:
+        vector = snap.reader.vector("user", user_id, USER_VECTOR)
+        if vector is None:
+            return []
+        using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
+        return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
+    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill)
 
 
 @_store_errors
-def similar_answer(snap: Snapshot, item_id: str, k: int) -> Answer:
+def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = None) -> Answer:
     payload = _point(snap, "item", item_id)
     if payload is None:
         raise NotFound(f"unknown item {shown(item_id)} in version {snap.run_id}")
-    return _listed(snap, f"item {item_id}", payload, "similar", k)
+    entries, source, _ = parse_list(payload, "similar")
+
+    def fill(taken: list[str], n: int) -> list[Recommendation]:
+        vector, using = _item_query(snap, item_id)
+        return [] if vector is None else search_items(snap, vector, n, exclude=_points([item_id], taken, where=where),
+                                                      using=using, where=where)
+    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill)
+
+
+def _item_query(snap: Snapshot, item_id: str) -> tuple[np.ndarray | None, str]:
+    """An item's similar-items query as the batch made it (its published raw query row, weighted by
+    the version's layout and query scale) and the vector it is asked against; the text vector
+    against the text vectors for a version without them."""
+    layout, scale = snap.meta.get("layout"), snap.meta.get("query_scale")
+    if layout and scale:
+        from recommend.ranking.blend import Layout, item_queries
+
+        _, rows = snap.reader.vectors([item_id], BLEND_QUERY_VECTOR)
+        if rows:
+            raw, shape = np.asarray(rows, dtype=np.float32), Layout(**layout)
+            return item_queries(raw[:, :shape.behaviour_dim], raw[:, shape.behaviour_dim:], shape, scale)[0], BLEND_VECTOR
+    _, rows = snap.reader.vectors([item_id], ITEM_VECTOR)
+    return (np.asarray(rows[0], dtype=np.float32) if rows else None), ITEM_VECTOR
+
+
+def _points(*id_lists, where: Where | None = None) -> list:
+    """The point ids of the items in `id_lists` and of `where`'s excluded ones."""
+    ids = {i for ids in id_lists for i in ids} | set(where.exclude if where else ())
+    return [point_id("item", i) for i in ids]
 
 
 @_store_errors
-def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None = None) -> Answer:
+def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None = None,
+                 where: Where | None = None) -> Answer:
     from recommend.ranking.blend import Layout, user_from_items  # the real-time path only: pandas and scipy with it
 
     layout = snap.meta.get("layout")
@@ -156,7 +221,7 @@ def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None 
         vector, using = user_from_items(rows, Layout(**layout)), BLEND_VECTOR
     else:
         vector, using = rows.mean(axis=0) / (np.linalg.norm(rows.mean(axis=0)) or 1.0), ITEM_VECTOR
-    hits = search_items(snap, vector, k, exclude=found, using=using)
+    hits = search_items(snap, vector, k, exclude=found + _points(where=where), using=using, where=where)
     return answer(snap, query or f"items {','.join(item_ids)}", "realtime", hits)
 
 
@@ -173,16 +238,19 @@ def query_model(snap: Snapshot, model: str | None = None):
 
 
 @_store_errors
-def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int) -> Answer:
-    return answer(snap, f"text {shown(text, 200)}", "text", search_items(snap, vector, k))
+def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int, where: Where | None = None) -> Answer:
+    hits = search_items(snap, vector, k, exclude=_points(where=where), where=where)
+    return answer(snap, f"text {shown(text, 200)}", "text", hits)
 
 
 def search_items(snap: Snapshot, vector: np.ndarray, k: int, exclude: list | None = None,
-                 using: str = ITEM_VECTOR) -> list[Recommendation]:
-    """The `k` nearest items on vector `using`, `exclude` (point ids) left out: a vector query on the store."""
+                 using: str = ITEM_VECTOR, where: Where | None = None) -> list[Recommendation]:
+    """The `k` nearest items on vector `using`, `exclude` (point ids) left out, those matching
+    `where` only: a vector query on the store."""
     return [Recommendation(payload["item_id"], round(float(score), 5),
                            {k2: v for k2, v in payload.items() if k2 != "item_id"})
-            for payload, score in snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude)]
+            for payload, score in snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude,
+                                                     where or None)]
 
 
 def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
@@ -195,12 +263,17 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
     return payload
 
 
-def _listed(snap: Snapshot, query: str, payload: dict, field_name: str, k: int) -> Answer:
-    entries, source = payload_list(payload, field_name)
-    entries = entries[:k]
+def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill) -> Answer:
+    """The stored list's first `k` entries, or with a filter those of its entries that pass, and
+    `fill(item ids taken, n)`'s n more when fewer than `k` do."""
+    if not where:
+        entries = entries[:k]
     meta = _metadata(snap, [i for i, _ in entries])
-    items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"}) for i, s in entries]
-    return answer(snap, query, source or field_name, items)
+    items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"})
+             for i, s in entries if not where or where.matches(i, meta[i])][:k]
+    if where and len(items) < k and (more := fill([r.item_id for r in items], k - len(items))):
+        source, items = (f"{source}+query" if items else "query"), items + more
+    return answer(snap, query, source, items)
 
 
 def _metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:

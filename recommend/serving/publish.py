@@ -6,17 +6,13 @@ default, recommend/serving/embedded.py: each shard by one task on a Dask worker,
 ``<prefix>_users_<run_id>``; then marked complete and switched live (`publish_version` runs the whole
 transaction). A reader sees yesterday's version or today's, never a mix and never a half one.
 
-A list in a payload (an item's `similar`, a user's `recommended`) is one JSON text, `[[ids], [scores],
-source]` (`list_text`; read back by `read_list` and `payload_list`): one string field costs the engine a
-fraction of a list of objects per point, and every payload field is one more value its writer converts
-and stores for every point, so a payload holds the id, the list and the catalog's chosen metadata, nothing else.
+The points' payloads are made by recommend/serving/payloads.py.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import orjson
 
+from recommend.serving.filters import INDEX
 from recommend.serving.shards import Graph, VectorSpec, blocks_of_shard, user_shard, write_shard
 from recommend.serving.store import StoreUnavailable
 from recommend.serving.version_store import (NAMESPACE, PublishError, Version, VersionStore,  # noqa: F401 (re-exported)
@@ -50,12 +46,6 @@ class PointIds(Sequence):
         if isinstance(index, slice):
             return [point_id(self.kind, b) for b in self.ids[index]]
         return point_id(self.kind, self.ids[index])
-
-
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _points(ids: list[str], vectors: dict[str, np.ndarray], payloads: Iterable[dict], batch_size: int,
@@ -109,6 +99,7 @@ class Storage:
     parallel: int = 1            # upserts in flight from this process
     index_wait_s: float = 600.0  # how long a server may take to index a new version
     keep: int = 3                # versions kept for rollback
+    fields: tuple[tuple[str, str], ...] = ()  # (item field, kind) pairs given a payload index (filters.py)
 
     def collection_options(self) -> dict:
         options = {"shard_number": self.shards, "replication_factor": self.replicas, "on_disk_payload": self.payload_on_disk}
@@ -165,9 +156,10 @@ def _shard_batches(kind: str, pieces: list, route: tuple[int, int] | None):
 
 
 def write_shard_task(folder: str, kind: str, specs: dict[str, VectorSpec], pieces: list,
-                     route: tuple[int, int] | None, graph: Graph) -> dict:
-    """One shard of a version, written from its pieces (a task on a Dask worker, or in this process)."""
-    return write_shard(folder, specs, _shard_batches(kind, pieces, route), graph)
+                     route: tuple[int, int] | None, graph: Graph, fields: tuple = ()) -> dict:
+    """One shard of a version, written from its pieces (a task on a Dask worker, or in this process);
+    `fields`: the payload indexes of an item shard."""
+    return write_shard(folder, specs, _shard_batches(kind, pieces, route), graph, fields if kind == "item" else ())
 
 
 def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str, list, tuple | None]]:
@@ -196,13 +188,13 @@ def shard_sizes(items: Points, users: Points, jobs: list) -> dict[str, float]:
 
 
 def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1, graph: Graph = Graph(),
-                  dask=None, progress: Callable[[int], None] | None = None) -> tuple[dict, dict, int]:
+                  dask=None, progress: Callable[[int], None] | None = None, fields: tuple = ()) -> tuple[dict, dict, int]:
     """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
     distributed Client; a task writes a shard of `APART_FROM` points or more in a child process,
     recommend/serving/shard_process.py; None: one after the other in this process). Item shards
     build an HNSW graph over the text vector (what text search asks) when `graph.m` > 0; no other
-    vector gets one. Returns (counts, {shard name: its points and files}, user shards) for the
-    store's marker."""
+    vector gets one; `fields` ((name, kind) pairs) get a payload index in the item shards. Returns
+    (counts, {shard name: its points and files}, user shards) for the store's marker."""
     specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
              "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,7 +203,8 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
         raise OSError(errno.ENOSPC, f"No space left on device for this version: about {need / 2**20:,.1f} MiB "
                                     f"needed, {free / 2**20:,.1f} MiB free", str(folder))
     jobs = shard_jobs(items, users, shards)
-    calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph) for name, kind, pieces, route in jobs}
+    calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph, tuple(fields))
+             for name, kind, pieces, route in jobs}
     written = {}
     if dask is None:
         for name, args in calls.items():
@@ -243,30 +236,6 @@ def space_needed(items: Points, users: Points, shards: int) -> int:
     return items.count * per_point["item"] + users.count * per_point["user"] + 2 * shards * 256 * 1024
 
 
-def list_text(ids: Sequence[str], scores: Sequence[float], source: str | None = None) -> str:
-    """A list of (item id, score) and the path that made it (`source`: "similar", "history",
-    "popular", ...) as the one JSON text a payload holds: `[[ids], [scores], source]`."""
-    body = [list(ids), [round(float(x), 5) for x in scores]]
-    return orjson.dumps(body + [source] if source is not None else body).decode()
-
-
-def read_list(value) -> list[tuple[str, float]]:
-    """(item id, score) pairs of a payload's list: the JSON text `list_text` writes, or a list of
-    {"item_id", "score"} objects (versions published before the text form)."""
-    return payload_list({"list": value}, "list")[0]
-
-
-def payload_list(payload: dict, field_name: str) -> tuple[list[tuple[str, float]], str | None]:
-    """The (item id, score) pairs of a payload's list `field_name` and the path that made them (None
-    when not recorded). Versions published before the path moved into the list's text held it in
-    the payload's "source", and before the text form the list was a list of {"item_id", "score"}."""
-    value = payload.get(field_name)
-    if isinstance(value, str):
-        parsed = orjson.loads(value)
-        return list(zip(parsed[0], parsed[1])), (parsed[2] if len(parsed) > 2 else payload.get("source"))
-    return [(e["item_id"], e["score"]) for e in value or []], payload.get("source")
-
-
 def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
                   progress: Callable[[int], None] | None = None, storage: Storage = Storage()) -> dict:
     """Create and fill this run's two collections and check their counts. Nothing live changes.
@@ -289,6 +258,9 @@ def stage_version(client, prefix: str, run_id: str, items: dict | Points, users:
                                   for n, size in points.sizes.items()},
             optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),  # no index while loading
             metadata={**metadata, "kind": kind}, **storage.collection_options())
+        for field_name, field_kind in storage.fields if kind == "items" else ():
+            client.create_payload_index(name, field_name, field_schema=getattr(models.PayloadSchemaType,
+                                                                               INDEX[field_kind].upper()))
         points.load(client, name, progress)
         client.update_collection(name, optimizers_config=models.OptimizersConfigDiff(indexing_threshold=INDEXING_THRESHOLD))
         wait_indexed(client, name, storage.index_wait_s)
@@ -332,56 +304,11 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
         items, users = (p if isinstance(p, Points) else in_process(k, p) for k, p in (("item", items), ("user", users)))
         shards = storage.shards or (len(dask.scheduler_info()["workers"]) if dask is not None else 1)
         counts = store.publish(run_id, lambda folder: write_version(
-            folder, items, users, shards=shards, graph=storage.graph, dask=dask, progress=progress), metadata)
+            folder, items, users, shards=shards, graph=storage.graph, dask=dask, progress=progress,
+            fields=storage.fields), metadata)
     else:
         counts = store.publish(run_id, lambda client: stage_version(
             client, store.prefix, run_id, items, users, metadata=metadata, progress=progress, storage=storage), metadata)
     previous = store.switch(run_id)
     pruned = store.prune(storage.keep, protect={run_id, previous})
     return Published(counts, previous, pruned, removed)
-
-
-def list_texts(item_ids, scores: np.ndarray, ids: np.ndarray, sources) -> list[str]:
-    """`list_text` of each row of a block of lists: `ids` (rows x K) index `item_ids`, -1 where a row
-    holds fewer than K; the whole block's names and rounded scores made at once."""
-    ids = np.asarray(ids)
-    if not len(ids):
-        return []
-    valid = ids >= 0
-    names = np.asarray(item_ids, dtype=object)[np.where(valid, ids, 0)].tolist()
-    rounded = np.round(np.asarray(scores, dtype=np.float64), 5).tolist()
-    full = valid.all(axis=1)
-    dumps, out = orjson.dumps, []
-    for r, source in enumerate(sources):
-        if full[r]:
-            out.append(dumps([names[r], rounded[r], str(source)]).decode())
-        else:
-            keep = np.flatnonzero(valid[r]).tolist()
-            out.append(dumps([[names[r][j] for j in keep], [rounded[r][j] for j in keep], str(source)]).decode())
-    return out
-
-
-def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, sources,
-                  subjects=None) -> list[dict]:
-    """Item point payloads: the id, its similar items with scores and the path that made them (one
-    text, `list_text`), and the chosen metadata. `ids` index `item_ids`; `subjects`: the ids of the
-    rows (default `item_ids`: every item, in order; a block of items passes its own, with its rows of
-    `metadata`). The run id is the version's, not repeated in every point: each payload field
-    is work for the engine's writer at every point."""
-    subjects = list(item_ids if subjects is None else subjects)
-    texts = list_texts(item_ids, scores, ids, sources)
-    columns = {k: [_clean(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in metadata.items()}
-    out = []
-    for r, item_id in enumerate(subjects):
-        payload = {"item_id": item_id, "similar": texts[r]}
-        for k, values in columns.items():
-            payload[k] = values[r]
-        out.append(payload)
-    return out
-
-
-def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, sources) -> list[dict]:
-    """User point payloads: the id and the recommended items with scores and the path that made them
-    (one text, `list_text`)."""
-    texts = list_texts(item_ids, scores, ids, sources)
-    return [{"user_id": user_id, "recommended": text} for user_id, text in zip(user_ids, texts)]

@@ -3,6 +3,8 @@
     GET /users/{user_id}?k=10&recent=a,b     the user's list; `recent`: real-time list for a user the batch has not seen
     GET /items/{item_id}/similar?k=10        the item's similar items
     GET /search?q=trail+running+shoes&k=10   items nearest to a text, encoded now
+        each of the three takes &where=category=Shoes&where=price<100 (filters on publish.indexed_fields,
+        recommend/serving/filters.py) and &exclude=I1,I2 (item ids never answered)
     GET /versions                            published versions, which one is live
     GET /health                              {"status": "ok" | "empty" | "degraded", ...}; never needs the API key
     GET /metrics                             Prometheus text format
@@ -15,7 +17,7 @@ Every answer carries `version`, `created_at` and `age_seconds`. Errors are JSON 
 How it stays up: a background task follows the live version (recommend/serving/live.py) and swaps
 snapshots; each request takes the snapshot once. Hot answers are kept per snapshot as JSON bytes,
 touched only on the event loop (no lock); misses read the store in a thread pool. Plain lookups
-(/users/<id>, /items/<id>/similar) skip FastAPI's routing (`FastLookups`).
+(/users/<id>, /items/<id>/similar) skip FastAPI's routing (`FastLookups`, recommend/serving/lookups.py).
 Text queries go to one encoder process in small dynamic batches (recommend/serving/encoder.py).
 
 Example:
@@ -46,14 +48,21 @@ from starlette.exceptions import HTTPException
 from embedder.errors import RecsError
 from recommend.serving import facade
 from recommend.serving.encoder import Busy, QueryEncoder
+from recommend.serving.filters import BadFilter
 from recommend.serving.httpserver import Guard, Metrics, configure_limits
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
+from recommend.serving.lookups import HOT_ROUTES, FastLookups, answer_body, envelope, failed_before
 from recommend.serving.settings import ServeSettings
 
 log = logging.getLogger("recs")
 JSON = "application/json"
 IdPath = Annotated[str, Path(min_length=1, max_length=256, description="the id as in the catalog or the events")]
 KQuery = Annotated[int | None, Query(ge=1, le=1000, description="how many items, 1 to 1000 (default: lists.k)")]
+WhereQuery = Annotated[list[str] | None, Query(max_length=20, description="conditions on the items' indexed fields, "
+                                               "all of which must hold: FIELD=VALUE, FIELD=A|B (any of), FIELD<N, "
+                                               "FIELD<=N, FIELD>N, FIELD>=N; e.g. where=category=Shoes&where=price<100")]
+ExcludeQuery = Annotated[str | None, Query(max_length=8192, description="comma-separated item ids never answered "
+                                           "(already in the cart)")]
 
 
 class Unavailable(RecsError):
@@ -62,22 +71,6 @@ class Unavailable(RecsError):
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
     return Response(orjson.dumps(data), status, media_type=JSON, headers=headers)
-
-
-def _envelope(snap: Snapshot, body: bytes) -> bytes:
-    """The version fields in front of a cached answer body (`{"query":...}`): the age is always now's."""
-    return b'{"version":%s,"created_at":%s,"age_seconds":%s,%s' % (
-        orjson.dumps(snap.run_id), orjson.dumps(snap.created_at), orjson.dumps(snap.age_seconds()), body[1:])
-
-
-def _body(answer: facade.Answer) -> bytes:
-    """The answer's own fields as JSON (orjson writes the Recommendation dataclasses as objects)."""
-    return orjson.dumps({"query": answer.query, "source": answer.source, "items": answer.items})
-
-
-def _lookup(snap: Snapshot, key: tuple) -> bytes:
-    """The body of a plain lookup's answer: key ("u", user id, k, None) or ("i", item id, k)."""
-    return _body((facade.user_answer if key[0] == "u" else facade.similar_answer)(snap, key[1], key[2]))
 
 
 def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, default_k: int = 10, model: str | None = None,
@@ -138,37 +131,47 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         body = snap.cache.get(key)
         if body is None:
             metrics.cache_misses.inc()
-            body = _body(await asyncio.get_running_loop().run_in_executor(pool, compute))
+            body = answer_body(await asyncio.get_running_loop().run_in_executor(pool, compute))
             snap.cache.put(key, body)
         else:
             metrics.cache_hits.inc()
-        return Response(_envelope(snap, body), media_type=JSON)
+        return Response(envelope(snap, body), media_type=JSON)
 
     @app.get("/users/{user_id}", response_model=facade.Answer, response_class=Response)
     async def user(request: Request, user_id: IdPath, k: KQuery = None,
                    recent: Annotated[str | None, Query(max_length=4096, description="comma-separated item ids, for a "
-                                                       "user the batch has not seen")] = None):
-        """The user's precomputed list (none of the items they interacted with)."""
-        _failed_before(request)
+                                                       "user the batch has not seen")] = None,
+                   where: WhereQuery = None, exclude: ExcludeQuery = None):
+        """The user's precomputed list (none of the items they interacted with); with a filter, the
+        items of it that pass, filled by a vector query when fewer than k do (`source` says so)."""
+        failed_before(request)
         snap, n = snapshot(), k or default_k
         items = [i for i in (recent or "").split(",") if i][:100] or None
-        return await cached(snap, ("u", user_id, n, recent), lambda: facade.user_answer(snap, user_id, n, items),
-                            searches if items else reads)  # recent items may need a vector query
+        found = _where(snap, where, exclude)
+        return await cached(snap, ("u", user_id, n, recent) + ((found.key(),) if found else ()),
+                            lambda: facade.user_answer(snap, user_id, n, items, found),
+                            searches if items or found else reads)  # these may need a vector query
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
-    async def similar(request: Request, item_id: IdPath, k: KQuery = None):
-        """The items most similar to this one (itself excluded)."""
-        _failed_before(request)
+    async def similar(request: Request, item_id: IdPath, k: KQuery = None, where: WhereQuery = None,
+                      exclude: ExcludeQuery = None):
+        """The items most similar to this one (itself excluded); a filter as for /users."""
+        failed_before(request)
         snap, n = snapshot(), k or default_k
-        return await cached(snap, ("i", item_id, n), lambda: facade.similar_answer(snap, item_id, n))
+        found = _where(snap, where, exclude)
+        return await cached(snap, ("i", item_id, n) + ((found.key(),) if found else ()),
+                            lambda: facade.similar_answer(snap, item_id, n, found), searches if found else reads)
 
     @app.get("/search", response_model=facade.Answer, response_class=Response)
-    async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None):
-        """Items nearest to a text, encoded now with the live version's model."""
+    async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None,
+                     where: WhereQuery = None, exclude: ExcludeQuery = None):
+        """Items nearest to a text, encoded now with the live version's model; only those that pass a filter."""
         snap, n, text = snapshot(), k or default_k, q.strip()
         if not text:
             raise HTTPException(400, "q: the text is empty")
-        body = snap.cache.get(("s", text, n))
+        found = _where(snap, where, exclude)
+        key = ("s", text, n) + ((found.key(),) if found else ())
+        body = snap.cache.get(key)
         if body is None:
             enc = state["encoder"]
             if enc is None:
@@ -178,9 +181,9 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                                   "than this server encodes queries with; restart `recs serve`")
             vector = await enc.encode(text)
             metrics.search_batch.observe(enc.batches[-1] if enc.batches else 1)
-            return await cached(snap, ("s", text, n), lambda: facade.text_answer(snap, vector, text, n), searches)
+            return await cached(snap, key, lambda: facade.text_answer(snap, vector, text, n, found), searches)
         metrics.cache_hits.inc()
-        return Response(_envelope(snap, body), media_type=JSON)
+        return Response(envelope(snap, body), media_type=JSON)
 
     @app.get("/versions")
     async def versions():
@@ -219,75 +222,11 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     return app
 
 
-HOT_ROUTES = ("/users/{user_id}", "/items/{item_id}/similar")
-FAILED = "recs.lookup_failed"  # the scope key where FastLookups leaves the exception its lookup raised
-
-
-def _failed_before(request: Request) -> None:
-    """Raise what this very lookup raised in FastLookups (an unknown id, the store unavailable), so the
-    app answers it with its own error, without asking the store again."""
-    failed = request.scope.pop(FAILED, None)
-    if failed is not None:
-        raise failed
-
-
-class FastLookups:
-    """Pure ASGI, inside the Guard: a plain GET /users/<id> or /items/<id>/similar (no parameter but
-    an exact `k`) is answered here, without FastAPI's routing and parameter parsing: from the live
-    snapshot's cache, or read from the store in the reads pool by the same facade call as the app's
-    route, and cached. These are the bulk of a server's traffic, and the routing costs more than
-    the read. Anything else (another route or parameter, an id the app would not route) goes on to
-    the app unchanged, and so does a failed lookup (an unknown id, the store unavailable), with its
-    exception, which the app's route raises and answers as its own; the cached answers are ones the
-    app would have made."""
-
-    def __init__(self, app, live: LiveVersion, metrics, default_k: int, routes: dict, reads: ThreadPoolExecutor):
-        self.app, self.live, self.metrics, self.default_k, self.reads = app, live, metrics, default_k, reads
-        self.users, self.similar = routes["/users/{user_id}"], routes["/items/{item_id}/similar"]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "GET" and (snap := self.live.snap) is not None:
-            found = self._key(scope)
-            if found is not None:
-                key, route = found
-                body = snap.cache.get(key)
-                if body is not None:
-                    self.metrics.cache_hits.inc()
-                else:
-                    try:
-                        body = await asyncio.get_running_loop().run_in_executor(self.reads, _lookup, snap, key)
-                    except Exception as exc:
-                        body, scope[FAILED] = None, exc  # the app's route raises it: its own error answer
-                    else:
-                        self.metrics.cache_misses.inc()
-                        snap.cache.put(key, body)
-                if body is not None:
-                    scope["route"] = route  # the Guard's metrics label it as the app would
-                    data = _envelope(snap, body)
-                    await send({"type": "http.response.start", "status": 200,
-                                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]})
-                    await send({"type": "http.response.body", "body": data})
-                    return
-        await self.app(scope, receive, send)
-
-    def _key(self, scope) -> tuple | None:
-        """The cache key the app's route would use, and the route; None when this is not plainly one."""
-        query, k = scope["query_string"], self.default_k
-        if query:
-            digits = query[2:]
-            if query[:2] != b"k=" or not digits.isdigit() or len(digits) > 4 or digits[:1] == b"0":
-                return None
-            k = int(digits)
-            if k > 1000:
-                return None
-        path = scope["path"]
-        if path.startswith("/users/"):
-            name = path[7:]
-            return (("u", name, k, None), self.users) if 0 < len(name) <= 256 and "/" not in name else None
-        if path.startswith("/items/") and path.endswith("/similar"):
-            name = path[7:-8]
-            return (("i", name, k), self.similar) if 0 < len(name) <= 256 and "/" not in name else None
+def _where(snap: Snapshot, where: list[str] | None, exclude: str | None):
+    """The request's filter against `snap`'s indexed fields (BadFilter: 400); None when there is none."""
+    if not where and not exclude:
         return None
+    return facade.where_of(snap, where, [i for i in (exclude or "").split(",") if i][:1000]) or None
 
 
 def _errors(app: FastAPI, live: LiveVersion) -> None:
@@ -312,6 +251,10 @@ def _errors(app: FastAPI, live: LiveVersion) -> None:
         snap = live.snap
         extra = {"version": snap.run_id, "created_at": snap.created_at, "age_seconds": snap.age_seconds()} if snap else {}
         return _json({"error": str(exc), **extra}, 404)
+
+    @app.exception_handler(BadFilter)
+    async def bad_filter(request, exc):
+        return _json({"error": str(exc)}, 400)
 
     @app.exception_handler(Busy)
     async def busy(request, exc):

@@ -39,6 +39,10 @@ class PublishSettings(BaseModel):
     graph_min_items: int = Field(50_000, ge=0, description="embedded store: below this many items text search scans every "
                                                            "item exactly and no graph is built (a scan of that few is "
                                                            "quick, and the graph adds build time to every publish)")
+    indexed_fields: list[str] = Field(default_factory=list, description="item metadata columns (items.metadata) that "
+                                      "queries may filter on (where=..., --where, ?where=): each gets a payload index "
+                                      "(keyword, integer, float or bool: a column whose every value is a "
+                                      "whole number, a number or true/false is published as one)")
     hnsw_ef_construct: int = Field(64, ge=8, le=512, description="embedded store: candidates while building that graph")
 
 

@@ -102,11 +102,14 @@ def shard_files(folder: Path) -> dict[str, list]:
 
 
 def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Iterable[tuple[list, dict, list]],
-                graph: Graph = Graph()) -> dict:
+                graph: Graph = Graph(), fields: tuple[tuple[str, str], ...] = ()) -> dict:
     """Write one shard at `folder` (replaced if there) from `batches` of (point ids, {name: (n, d)
-    array}, payloads), optimise and close it. Returns {"points": n, "files": shard_files(folder)};
+    array}, payloads), with a payload index on each of `fields` ((name, kind): keyword, integer,
+    float or bool; what filters ask, recommend/serving/filters.py), optimise and close it. Returns {"points": n, "files": shard_files(folder)};
     ShardError when the engine counts other than what was written."""
-    from qdrant_edge import EdgeShard, Point, UpdateOperation
+    from qdrant_edge import EdgeShard, PayloadSchemaType, Point, UpdateOperation
+
+    from recommend.serving.filters import INDEX
 
     folder = Path(folder)
     if folder.exists():
@@ -122,6 +125,8 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
         clock = now
 
     try:
+        for name, kind in fields:
+            shard.update(UpdateOperation.create_field_index(name, getattr(PayloadSchemaType, INDEX[kind])))
         for ids, named, payloads in batches:
             lap("read")
             for start in range(0, len(ids), BATCH):

@@ -53,12 +53,18 @@ class ClientReader:
                                       with_payload=False)
         return [p.id for p in points], [p.vector[name] for p in points]
 
-    def search(self, vector, using: str, k: int, exclude: list | None = None) -> list[tuple[dict, float]]:
+    def vector(self, kind: str, business_id: str, name: str) -> list[float] | None:
+        found = self.client.retrieve(self.items if kind == "item" else self.users, ids=[point_id(kind, business_id)],
+                                     with_vectors=[name], with_payload=False)
+        return found[0].vector[name] if found else None
+
+    def search(self, vector, using: str, k: int, exclude: list | None = None, where=None) -> list[tuple[dict, float]]:
         from qdrant_client import models
 
-        flt = models.Filter(must_not=[models.HasIdCondition(has_id=exclude)]) if exclude else None
+        from recommend.serving.filters import client_filter
+
         hits = self.client.query_points(self.items, query=[float(x) for x in vector], using=using, limit=k,
-                                        query_filter=flt, with_payload=models.PayloadSelectorExclude(
+                                        query_filter=client_filter(where, exclude or ()), with_payload=models.PayloadSelectorExclude(
                                             exclude=["similar", "run_id", "source"])).points
         return [(h.payload, h.score) for h in hits]
 

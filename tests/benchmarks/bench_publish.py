@@ -24,7 +24,7 @@ from common import emit, parser  # noqa: E402
 
 
 def version(n: int, dim: int, seed: int = 0) -> tuple[dict, dict]:
-    from recommend.serving.publish import item_payloads, user_payloads
+    from recommend.serving.payloads import item_payloads, user_payloads
 
     rng = np.random.default_rng(seed)
     ids = np.array([f"i{i}" for i in range(n)], dtype=object)

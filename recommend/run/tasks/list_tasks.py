@@ -114,8 +114,9 @@ def forget_item_side() -> None:
 
 
 def _write_part(run: RunFolder, kind: str, block: int, subject_ids, found: tuple[np.ndarray, np.ndarray, np.ndarray],
-                item_ids: np.ndarray, vectors: np.ndarray | None = None) -> dict[str, str]:
-    """A block's two files; `found`: its (scores, ids, source)."""
+                item_ids: np.ndarray, vectors: np.ndarray | None = None, seen=None) -> dict[str, str]:
+    """A block's two files; `found`: its (scores, ids, source); `seen`: the users' seen items (a CSR
+    matrix of users x items), kept for the published payloads."""
     scores, ids, source = found
     lists = run.list_part(kind, block)
     frame = lists_frame(kind, subject_ids, scores, ids, item_ids, source)
@@ -123,6 +124,8 @@ def _write_part(run: RunFolder, kind: str, block: int, subject_ids, found: tuple
     arrays = {"scores": scores, "ids": ids, "source": np.asarray(source, dtype=str)}
     if vectors is not None:
         arrays["vectors"] = vectors
+    if seen is not None:
+        arrays["seen_indptr"], arrays["seen_items"] = seen.indptr, seen.indices
     part = run.part_arrays(kind, block)
     with atomic_path(part) as tmp:
         with open(tmp, "wb") as fh:
@@ -158,7 +161,7 @@ def user_block(run: RunFolder, block: int, start: int, job: ListJob, n_items: in
                             job.new_boost)
     scores, ids, source = recommended_items(side.index, vectors, n_history > 0, rows.binary, job.k, candidates)
     source = labels(np.where((source == "history") & (n_history < side.items.layout.few_events), "few-events", source))
-    files = _write_part(run, "user", block, user_ids, (scores, ids, source), side.item_ids, vectors=vectors)
+    files = _write_part(run, "user", block, user_ids, (scores, ids, source), side.item_ids, vectors=vectors, seen=rows.binary)
     listed = (ids >= 0).sum(axis=1)
     return Part("user", block, start, len(user_ids), files, short_of_k=int((listed < min(job.k, len(side.item_ids))).sum()),
                 new_items_listed=int(np.isin(ids[ids >= 0], side.new_items).sum()), seconds=time.perf_counter() - started)

@@ -48,8 +48,8 @@ from index.rows import RowSource
 from recommend.ranking.blend import ItemSide, Layout
 from recommend.run.tasks.item_tasks import read_item_ids, read_item_side
 from recommend.run.tasks.list_tasks import Part
-from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,
-                                       item_payloads, upload, user_payloads)
+from recommend.serving.payloads import item_payloads, user_payloads
+from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points, upload
 from recommend.serving.store import close_clients, open_store, shared_local
 
 
@@ -127,7 +127,8 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
                                  subjects=subjects)
         return subjects.tolist(), vectors, payloads
     subjects = block_user_ids(source.run, part.block)
-    payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], lists["source"])
+    seen = (lists["seen_indptr"], lists["seen_items"]) if "seen_indptr" in lists else None
+    payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], lists["source"], seen)
     return subjects, {USER_VECTOR: lists["vectors"]}, payloads
 
 

@@ -1,0 +1,191 @@
+"""Filters and exclusions on every query (recommend/serving/filters.py, facade.py), on both stores.
+
+The oracle: the stored list's entries that pass, in order, then the exact nearest of the items that
+pass among the rest (numpy over every item), the user's seen items, the excluded ones and the subject
+left out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recommend.serving.facade import Recommender
+from recommend.serving.filters import BadFilter, Where
+from recommend.serving.live import LiveVersion
+from recommend.serving.payloads import item_payloads, parse_list, user_payloads
+from recommend.serving.publish import Storage, publish_version
+from recommend.serving.versions import EmbeddedVersions, ServerVersions
+
+N_ITEMS, N_USERS, DIM, K = 60, 12, 8, 5
+FIELDS = {"category": "keyword", "price": "float", "stock": "integer", "sale": "bool", "tags": "keyword"}
+CATEGORIES = ("shoes", "hats", "bags")
+
+
+def _catalog():
+    """60 items in 3 categories; user u's list is items u+1..u+8 and u has seen items u+20..u+24,
+    which are nearest to their profile (a fill that did not leave them out would take them first)."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    item_ids = np.array([f"i{i}" for i in range(N_ITEMS)], dtype=object)
+    metadata = {"category": [CATEGORIES[i % 3] for i in range(N_ITEMS)], "price": [float(i * 2.5) for i in range(N_ITEMS)],
+                "stock": [i % 4 for i in range(N_ITEMS)], "sale": [int(i % 5 == 0) for i in range(N_ITEMS)],
+                "tags": [["red", "new"] if i % 7 == 0 else ["blue"] for i in range(N_ITEMS)]}
+    ids = np.array([[(i + j + 1) % N_ITEMS for j in range(8)] for i in range(N_ITEMS)])
+    scores = np.tile(np.linspace(0.9, 0.2, 8, dtype=np.float32), (N_ITEMS, 1))
+    seen_items = np.array([(u + 20 + j) % N_ITEMS for u in range(N_USERS) for j in range(5)])
+    seen = (np.arange(0, 5 * N_USERS + 1, 5), seen_items)
+    users = [f"u{u}" for u in range(N_USERS)]
+    items = {"ids": item_ids.tolist(), "vectors": vectors,
+             "payloads": item_payloads(item_ids, metadata, scores, ids, ["similar"] * N_ITEMS)}
+    profiles = vectors[seen_items].reshape(N_USERS, 5, DIM).sum(axis=1)  # the seen items are each user's nearest
+    users_data = {"ids": users, "vectors": profiles,
+                  "payloads": user_payloads(users, item_ids, scores[:N_USERS], ids[:N_USERS], ["history"] * N_USERS, seen)}
+    return items, users_data, metadata
+
+
+@pytest.fixture(scope="module", params=["embedded", "server"])
+def published(request, tmp_path_factory):
+    items, users, metadata = _catalog()
+    if request.param == "embedded":
+        store = EmbeddedVersions(tmp_path_factory.mktemp("store"), "t")
+    else:
+        from qdrant_client import QdrantClient
+
+        store = ServerVersions(QdrantClient(":memory:"), "t")
+    publish_version(store, "20260101T000000Z-f0", items, users, storage=Storage(fields=tuple(FIELDS.items())),
+                    metadata={"run_id": "20260101T000000Z-f0", "created_at": "2026-01-01T00:00:00+00:00",
+                              "indexed_fields": FIELDS})
+    return Recommender(LiveVersion(store, poll_s=0), k=K), items, users, metadata
+
+
+def _expected(published, where: Where, stored: list[str], seen: list[str], subject, query: np.ndarray):
+    """(item ids, source suffix) the oracle answers."""
+    _, items, _, metadata = published
+    meta = [{k: v[i] for k, v in metadata.items()} for i in range(N_ITEMS)]
+    passing = [i for i in stored if where.matches(i, meta[int(i[1:])])][:K]
+    if len(passing) == K:
+        return passing, ""
+    left_out = set(passing) | set(seen) | {subject}
+    candidates = [j for j in range(N_ITEMS) if where.matches(f"i{j}", meta[j]) and f"i{j}" not in left_out]
+    order = sorted(candidates, key=lambda j: -float(items["vectors"][j] @ query))
+    return passing + [f"i{j}" for j in order[:K - len(passing)]], "+query" if passing else "query"
+
+
+FILTERS = [
+    ({"category": "shoes"}, None),                   # equality
+    ({"category": ["hats", "bags"]}, ["i3"]),        # set membership, and an exclusion
+    ({"price": {"gte": 20, "lt": 80}}, None),        # a numeric range
+    ({"stock": 0, "category": "hats"}, None),        # integer equality with a second condition
+    ({"sale": True}, None),                          # a true/false field (published as 1/0)
+    ({"tags": "red"}, ["i14"]),                      # a list value matches on any element
+    ({}, ["i2", "i4"]),                              # exclusions alone
+]
+
+
+@pytest.mark.parametrize("where,exclude", FILTERS)
+def test_user_lists_keep_what_passes_and_a_vector_query_fills_them_never_with_seen_items(published, where, exclude):
+    rec, items, users, metadata = published
+    for u in (0, 5, 11):
+        got = rec.for_user(f"u{u}", where=where, exclude=exclude)
+        stored, source, seen = parse_list(users["payloads"][u], "recommended")
+        expected, suffix = _expected(published, Where.build(where, exclude, fields=FIELDS),
+                                     [i for i, _ in stored], seen, None, users["vectors"][u])
+        assert [r.item_id for r in got.items] == expected, (where, u)
+        assert got.source == ("history" + suffix if suffix != "query" else "query")
+        assert not set(seen) & {r.item_id for r in got.items} and len(seen) == 5
+
+
+@pytest.mark.parametrize("where,exclude", FILTERS)
+def test_similar_items_keep_what_passes_and_a_vector_query_fills_them(published, where, exclude):
+    rec, items, users, metadata = published
+    for i in (0, 7, 30):
+        got = rec.similar(f"i{i}", where=where, exclude=exclude)
+        stored, _, _ = parse_list(items["payloads"][i], "similar")
+        expected, suffix = _expected(published, Where.build(where, exclude, fields=FIELDS), [j for j, _ in stored], [],
+                                     f"i{i}", items["vectors"][i])
+        assert [r.item_id for r in got.items] == expected, (where, i)
+        assert f"i{i}" not in [r.item_id for r in got.items]
+
+
+@pytest.mark.parametrize("where,exclude", FILTERS)
+def test_text_and_real_time_queries_take_the_filter_as_a_payload_filter(published, where, exclude):
+    rec, items, users, metadata = published
+    found = Where.build(where, exclude, fields=FIELDS)
+    vector = items["vectors"][9] + items["vectors"][40]
+    from recommend.serving.facade import text_answer
+
+    got = text_answer(rec.live.current(), vector, "anything", K, found)
+    assert [r.item_id for r in got.items] == _expected(published, found, [], [], None, vector)[0]
+    assert all(found.matches(r.item_id, r.metadata) for r in got.items) and got.items
+    realtime = rec.for_items(["i9"], where=where, exclude=exclude)
+    assert realtime.items and all(found.matches(r.item_id, r.metadata) and r.item_id != "i9" for r in realtime.items)
+
+
+def test_a_filter_the_version_cannot_answer_names_the_field_and_the_indexed_ones(published):
+    rec = published[0]
+    with pytest.raises(BadFilter, match=r"'colour'.*indexed: category, price, sale, stock, tags"):
+        rec.for_user("u1", where={"colour": "red"})
+    with pytest.raises(BadFilter, match="a range needs a numeric field"):
+        rec.similar("i1", where={"category": {"lt": 3}})
+    with pytest.raises(BadFilter, match="expected a number"):
+        rec.for_user("u1", where={"price": {"lt": "cheap"}})
+    with pytest.raises(BadFilter, match="expected a whole number"):
+        rec.for_user("u1", where={"stock": "many"})
+
+
+def test_the_text_form_means_what_the_dict_form_means():
+    parsed = Where.parse(["category=shoes|hats", "price>=10", "price<50", "sale=true", "stock=3"], ["i1"], fields=FIELDS)
+    built = Where.build({"category": ["shoes", "hats"], "price": {"gte": 10, "lt": 50}, "sale": True, "stock": 3},
+                        ["i1"], fields=FIELDS)
+    assert parsed.key() == built.key()
+    for text in ("price", "=3", "price<", "category=shoes&x"):
+        if text == "category=shoes&x":  # a value may hold any character but the set's separator
+            assert Where.parse([text], fields=FIELDS).matches("i", {"category": "shoes&x"})
+            continue
+        with pytest.raises(BadFilter, match="expected FIELD=VALUE"):
+            Where.parse([text], fields=FIELDS)
+    with pytest.raises(BadFilter, match="a value and a range together"):
+        Where.parse(["price=3", "price<5"], fields=FIELDS)
+    with pytest.raises(BadFilter, match="not a set"):
+        Where.parse(["price=3|4"], fields=FIELDS)
+
+
+def test_an_unfiltered_query_is_the_stored_list_as_before(published):
+    rec, items, users, metadata = published
+    got = rec.for_user("u2")
+    assert [r.item_id for r in got.items] == [i for i, _ in parse_list(users["payloads"][2], "recommended")[0][:K]]
+    assert got.source == "history" and got.items[0].metadata["category"] in CATEGORIES
+
+
+def test_http_takes_filters_as_typed_query_parameters_and_a_bad_one_is_a_400(published):
+    from urllib.parse import quote
+
+    from http_helpers import ServerThread, get
+
+    from recommend.serving.service import create_app
+    from recommend.serving.settings import ServeSettings
+
+    rec = published[0]
+    settings = ServeSettings(port=0)
+    app = create_app(LiveVersion(rec.live.store, poll_s=0.2, freeze=True), settings, default_k=K, encoder=None)
+    with ServerThread(app, settings) as server:
+        for path, answer in ((f"/users/u3?where=category=hats&where={quote('price<100')}&exclude=i4",
+                              rec.for_user("u3", where={"category": "hats", "price": {"lt": 100}}, exclude=["i4"])),
+                             ("/items/i7/similar?k=3&where=" + quote("stock=1|2"), rec.similar("i7", 3, where={"stock": [1, 2]})),
+                             ("/users/u3?exclude=i4,i5", rec.for_user("u3", exclude=["i4", "i5"]))):
+            for _ in range(2):  # the second from the cache, under the filter's own key
+                status, body, _ = get(server.port, path)
+                assert status == 200 and [r["item_id"] for r in body["items"]] == [r.item_id for r in answer.items], path
+                assert body["source"] == answer.source
+        plain = get(server.port, "/users/u3")[1]
+        assert [r["item_id"] for r in plain["items"]] == [r.item_id for r in rec.for_user("u3").items]
+        status, body, _ = get(server.port, "/users/u3?where=colour=red")
+        assert status == 400 and "'colour'" in body["error"] and "indexed: category, price" in body["error"]
+        status, body, _ = get(server.port, "/items/i1/similar?where=price")
+        assert status == 400 and "expected FIELD=VALUE" in body["error"]
+        status, body, _ = get(server.port, "/search?q=x&where=category=hats")
+        assert status == 503  # text search is off in this server; the filter was parsed first
+        spec = get(server.port, "/openapi.json")[1]
+        names = {p["name"] for p in spec["paths"]["/users/{user_id}"]["get"]["parameters"]}
+        assert {"where", "exclude"} <= names
