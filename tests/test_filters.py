@@ -189,3 +189,57 @@ def test_http_takes_filters_as_typed_query_parameters_and_a_bad_one_is_a_400(pub
         spec = get(server.port, "/openapi.json")[1]
         names = {p["name"] for p in spec["paths"]["/users/{user_id}"]["get"]["parameters"]}
         assert {"where", "exclude"} <= names
+
+
+def test_a_batch_answers_each_user_as_alone_and_marks_unknown_ids(published):
+    rec = published[0]
+    asked = ["u4", "nobody", "u0", "u4", "u11"]
+    for where, exclude in ((None, None), ({"category": "bags"}, ["i6"])):
+        batch = rec.for_users(asked, where=where, exclude=exclude)
+        assert batch.unknown == ["nobody"] and batch.answers[1] is None and len(batch.answers) == len(asked)
+        for user_id, got in zip(asked, batch.answers):
+            if got is not None:
+                alone = rec.for_user(user_id, where=where, exclude=exclude)
+                assert (got.source, got.items) == (alone.source, alone.items)
+        rows = batch.to_dict()["answers"]
+        assert [r["user_id"] for r in rows] == asked and rows[1] == {"user_id": "nobody", "error": "unknown user"}
+    with pytest.raises(BadFilter, match="at most 1,000"):
+        rec.for_users([f"u{i}" for i in range(1001)])
+
+
+def test_http_batch_of_users(published):
+    import http.client
+    import json
+
+    from http_helpers import ServerThread
+
+    from recommend.serving.service import create_app
+    from recommend.serving.settings import ServeSettings
+
+    rec = published[0]
+    settings = ServeSettings(port=0)
+
+    def post(port, body, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/users/batch", body=body, headers={"content-type": "application/json", **(headers or {})},
+                     encode_chunked=not isinstance(body, bytes))
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    app = create_app(LiveVersion(rec.live.store, poll_s=0.2, freeze=True), settings, default_k=K, encoder=None)
+    with ServerThread(app, settings) as server:
+        status, body = post(server.port, json.dumps({"user_ids": ["u1", "ghost", "u2"], "k": 3,
+                                                     "where": ["price<100"], "exclude": ["i3"]}).encode())
+        assert status == 200 and body["version"] == rec.live_version()
+        assert [r["user_id"] for r in body["answers"]] == ["u1", "ghost", "u2"] and body["answers"][1]["error"] == "unknown user"
+        alone = rec.for_user("u1", 3, where={"price": {"lt": 100}}, exclude=["i3"])
+        assert [r["item_id"] for r in body["answers"][0]["items"]] == [r.item_id for r in alone.items]
+        status, body = post(server.port, json.dumps({"user_ids": [f"u{i}" for i in range(1001)]}).encode())
+        assert status == 400 and "user_ids" in body["error"]
+        status, body = post(server.port, json.dumps({"user_ids": ["u1"], "where": {"colour": "red"}}).encode())
+        assert status == 400 and "'colour'" in body["error"]
+        status, body = post(server.port, json.dumps({"user_ids": ["u1"] * 300_000}).encode())
+        assert status == 413 and "1,048,576 bytes" in body["error"]
+        chunks = iter([b'{"user_ids": ['] + [b'"u1",' * 10_000] * 30 + [b'"u1"]}'])  # no length declared
+        status, body = post(server.port, chunks, {"transfer-encoding": "chunked"})
+        assert status == 413 and "1,048,576 bytes" in body["error"]

@@ -72,6 +72,16 @@ class ShardReader:
                 return found[0].payload
         return None
 
+    def payloads(self, kind: str, business_ids: list[str]) -> dict[str, dict]:
+        """business id -> whole payload of the points found, one read per shard (a batch of users)."""
+        key, groups = f"{kind}_id", {}
+        for b in business_ids:
+            engines = [self._user_engine(b)] if kind == "user" else self.items
+            for engine in engines:
+                groups.setdefault(id(engine), (engine, []))[1].append(point_id(kind, b))
+        return {rec.payload[key]: rec.payload for engine, pids in groups.values()
+                for rec in engine.retrieve(pids, with_payload=True, with_vector=False)}
+
     def metadata(self, item_ids: list[str]) -> dict[str, dict]:
         """item id -> its payload without the lists, for the ids found."""
         from qdrant_edge import PayloadSelector

@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from embedder.errors import RecsError
-from recommend.serving.filters import Where
+from recommend.serving.filters import BadFilter, Where
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.payloads import parse_list
 from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, point_id
 from recommend.serving.store import StoreUnavailable, shown
 
-__all__ = ["Answer", "NotFound", "Recommendation", "Recommender"]
+__all__ = ["Answer", "BatchAnswer", "NotFound", "Recommendation", "Recommender"]
+MAX_BATCH = 1000  # users in one for_users call (POST /users/batch)
 
 
 @dataclass
@@ -57,6 +58,26 @@ class Answer:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class BatchAnswer:
+    """One answer per user id asked, in order, from one version: an Answer, or None for an id the
+    version does not hold (in `unknown` too)."""
+
+    version: str
+    created_at: str
+    age_seconds: float
+    user_ids: list[str]
+    answers: list[Answer | None]
+    unknown: list[str]
+
+    def to_dict(self) -> dict:
+        """The HTTP answer's form: the version fields and "answers": [{"user_id", "source", "items"}
+        or {"user_id", "error"}], in the order asked."""
+        rows = [{"user_id": u, "source": a.source, "items": [asdict(r) for r in a.items]} if a is not None
+                else {"user_id": u, "error": "unknown user"} for u, a in zip(self.user_ids, self.answers)]
+        return {"version": self.version, "created_at": self.created_at, "age_seconds": self.age_seconds, "answers": rows}
 
 
 class Recommender:
@@ -94,6 +115,13 @@ class Recommender:
         ["category=Shoes", "price<100"]; `exclude`: item ids never answered."""
         snap = self.live.current()
         return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude))
+
+    def for_users(self, user_ids: list[str], k: int | None = None, where: dict | list[str] | None = None,
+                  exclude: list[str] | None = None) -> BatchAnswer:
+        """`for_user` of each of up to MAX_BATCH ids (tonight's email), all from one version; an
+        unknown id gets None and is listed in `unknown`, never failing the others."""
+        snap = self.live.current()
+        return users_answers(snap, user_ids, k or self.k, where_of(snap, where, exclude))
 
     def similar(self, item_id: str, k: int | None = None, where: dict | None = None,
                 exclude: list[str] | None = None) -> Answer:
@@ -158,7 +186,11 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
         if recent_items:
             return items_answer(snap, recent_items, k, query=f"user {user_id}", where=where)
         raise NotFound(f"unknown user {shown(user_id)} in version {snap.run_id}; pass recent items for a real-time list")
-    entries, source, seen = parse_list(payload, "recommended")
+    return _user_listed(snap, user_id, parse_list(payload, "recommended"), k, where)
+
+
+def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None) -> Answer:
+    entries, source, seen = stored
 
     def fill(taken: list[str], n: int) -> list[Recommendation]:
         vector = snap.reader.vector("user", user_id, USER_VECTOR)
@@ -167,6 +199,19 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
     return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill)
+
+
+@_store_errors
+def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | None = None) -> BatchAnswer:
+    """`user_answer` of each id, the payloads read in one call per shard (not cached: a batch would
+    push the hot answers out) and the listed items' metadata in one more."""
+    if len(user_ids) > MAX_BATCH:
+        raise BadFilter(f"{len(user_ids):,} user ids in one call; at most {MAX_BATCH:,}: split the batch")
+    lists = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
+    _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where else entries[:k])}))
+    answers = [_user_listed(snap, u, lists[u], k, where) if u in lists else None for u in user_ids]
+    return BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), list(user_ids), answers,
+                       [u for u in dict.fromkeys(user_ids) if u not in lists])
 
 
 @_store_errors

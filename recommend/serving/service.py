@@ -5,6 +5,8 @@
     GET /search?q=trail+running+shoes&k=10   items nearest to a text, encoded now
         each of the three takes &where=category=Shoes&where=price<100 (filters on publish.indexed_fields,
         recommend/serving/filters.py) and &exclude=I1,I2 (item ids never answered)
+    POST /users/batch {"user_ids": [...], "k": 10, "where": {...}, "exclude": [...]}
+                                             the lists of up to 1,000 users, one answer per id (unknown ids marked)
     GET /versions                            published versions, which one is live
     GET /health                              {"status": "ok" | "empty" | "degraded", ...}; never needs the API key
     GET /metrics                             Prometheus text format
@@ -34,13 +36,14 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -63,6 +66,19 @@ WhereQuery = Annotated[list[str] | None, Query(max_length=20, description="condi
                                                "FIELD<=N, FIELD>N, FIELD>=N; e.g. where=category=Shoes&where=price<100")]
 ExcludeQuery = Annotated[str | None, Query(max_length=8192, description="comma-separated item ids never answered "
                                            "(already in the cart)")]
+
+
+class UsersBatch(BaseModel):
+    """The body of POST /users/batch."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
+        min_length=1, max_length=facade.MAX_BATCH, description=f"at most {facade.MAX_BATCH:,} user ids")
+    k: int | None = Field(None, ge=1, le=1000, description="how many items each, 1 to 1000 (default: lists.k)")
+    where: dict[str, Any] | list[str] | None = Field(None, description='conditions on indexed item fields: '
+                                                     '{"category": "Shoes", "brand": ["a", "b"], "price": {"lt": 100}} '
+                                                     'or ["category=Shoes", "price<100"]')
+    exclude: list[str] | None = Field(None, max_length=1000, description="item ids never answered")
 
 
 class Unavailable(RecsError):
@@ -185,6 +201,16 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         metrics.cache_hits.inc()
         return Response(envelope(snap, body), media_type=JSON)
 
+    @app.post("/users/batch")
+    async def users_batch(body: UsersBatch):
+        """The lists of up to 1,000 users at once, from one version, in the order asked; an unknown id
+        is answered {"user_id", "error"} and never fails the others."""
+        snap = snapshot()
+        found = facade.where_of(snap, body.where, body.exclude) or None
+        answer = await asyncio.get_running_loop().run_in_executor(
+            searches if found else reads, facade.users_answers, snap, body.user_ids, body.k or default_k, found)
+        return Response(orjson.dumps(answer.to_dict()), media_type=JSON)
+
     @app.get("/versions")
     async def versions():
         """Published versions, newest first, and which one is live."""
@@ -237,7 +263,7 @@ def _errors(app: FastAPI, live: LiveVersion) -> None:
             detail = (f"no such route {request.url.path[:100]!r}; try /users/<id>, /items/<id>/similar, /search?q=, "
                       "/versions, /health, /docs")
         elif exc.status_code == 405:
-            detail = f"method {request.method} not allowed here; this API answers GET"
+            detail = f"method {request.method} not allowed here; this API answers GET (and POST /users/batch)"
         return _json({"error": detail}, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

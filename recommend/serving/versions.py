@@ -41,6 +41,11 @@ class ClientReader:
                                      with_payload=True)
         return found[0].payload if found else None
 
+    def payloads(self, kind: str, business_ids: list[str]) -> dict[str, dict]:
+        found = self.client.retrieve(self.items if kind == "item" else self.users,
+                                     ids=[point_id(kind, b) for b in business_ids], with_payload=True)
+        return {p.payload[f"{kind}_id"]: p.payload for p in found}
+
     def metadata(self, item_ids: list[str]) -> dict[str, dict]:
         from qdrant_client import models
 
