@@ -105,6 +105,7 @@ def test_similar_items_keep_what_passes_and_a_vector_query_fills_them(published,
         expected, suffix = _expected(published, Where.build(where, exclude, fields=FIELDS), [j for j, _ in stored], [],
                                      f"i{i}", items["vectors"][i])
         assert [r.item_id for r in got.items] == expected, (where, i)
+        assert got.source == ("similar" + suffix if suffix != "query" else "query")
         assert f"i{i}" not in [r.item_id for r in got.items]
 
 
