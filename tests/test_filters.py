@@ -185,6 +185,10 @@ def test_http_takes_filters_as_typed_query_parameters_and_a_bad_one_is_a_400(pub
         assert status == 400 and "'colour'" in body["error"] and "indexed: category, price" in body["error"]
         status, body, _ = get(server.port, "/items/i1/similar?where=price")
         assert status == 400 and "expected FIELD=VALUE" in body["error"]
+        status, body, _ = get(server.port, "/users/u3?exclude=" + ",".join(f"i{j}" for j in range(1001)))
+        assert status == 400 and "at most 1,000" in body["error"]  # refused, never cut silently
+        status, body, _ = get(server.port, "/users/u3?" + "&".join(["where=stock=1"] * 21))
+        assert status == 400 and "where" in body["error"]
         status, body, _ = get(server.port, "/search?q=x&where=category=hats")
         assert status == 503  # text search is off in this server; the filter was parsed first
         spec = get(server.port, "/openapi.json")[1]

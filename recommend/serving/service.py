@@ -252,7 +252,10 @@ def _where(snap: Snapshot, where: list[str] | None, exclude: str | None):
     """The request's filter against `snap`'s indexed fields (BadFilter: 400); None when there is none."""
     if not where and not exclude:
         return None
-    return facade.where_of(snap, where, [i for i in (exclude or "").split(",") if i][:1000]) or None
+    left_out = [i for i in (exclude or "").split(",") if i]
+    if len(left_out) > 1000:
+        raise BadFilter(f"exclude: {len(left_out):,} item ids; at most 1,000")
+    return facade.where_of(snap, where, left_out) or None
 
 
 def _errors(app: FastAPI, live: LiveVersion) -> None:
