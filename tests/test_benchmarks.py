@@ -26,7 +26,8 @@ PROMISED = {
     "list_blocks": {"list_blocks": ["one_worker_over_two", "workers_1_s", "workers_2_s", "blocks"]},
     "scale": {"scale_out_of_core": ["seconds.total", "driver_peak_rss_mb", "items_encoded", "events_read"]},
 }
-SERVE_ROUTES = {"/users hot", "/users cold", "/items/<id>/similar", "/search", "/users hot across a refresh"}
+SERVE_ROUTES = {"/users hot", "/users cold", "/users filtered", "/users filtered strict", "/items/<id>/similar", "/search",
+                "/users hot across a refresh"}
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -61,6 +62,8 @@ def test_every_benchmark_runs_at_smoke_size_and_prints_its_figures():
     assert {line["kind"] for line in by_name["index_approx_vs_exact"]} == {"auto", "IVF1024,SQfp16", "HNSW32"}
     assert isinstance(by_name["encode_fp32_pipeline_vs_raw"][0]["ratio"], (int, float))
     assert {line["route"] for line in by_name["serve"]} == SERVE_ROUTES
+    filtered = [line for line in by_name["serve"] if line["route"].startswith("/users filtered")]
+    assert all(line["failed"] == 0 and line["requests"] > 0 for line in filtered), filtered  # the filters were answered
     across = next(line for line in by_name["serve"] if line["route"] == "/users hot across a refresh")
     assert across["refresh_exit_code"] == 0 and len(across["versions"]) >= 2, across  # the new version was served
     assert all(line["error"] is None for line in by_name["scale_out_of_core"])

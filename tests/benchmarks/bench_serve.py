@@ -1,7 +1,9 @@
 """`recs serve` under load: 1, 16 and 64 concurrent keep-alive clients on /users (hot: answers
-cached; cold: each user asked once), /items/<id>/similar and /search (unique texts, so every one is
-encoded), then a second `recs refresh` while 16 clients (--refresh-clients) keep asking: failed
-requests across the switch, and when the answers moved to the new version. One JSON line per figure. The load generator
+cached; cold: each user asked once; filtered: cold, with --where, answered from what passes of the
+stored list and a vector query filling it; strict: --strict, where few items pass, so mostly the
+vector query), /items/<id>/similar and /search (unique texts, so every one is encoded), then a
+second `recs refresh` while 16 clients (--refresh-clients) keep asking: failed requests across the
+switch, and when the answers moved to the new version. One JSON line per figure. The load generator
 is raw asyncio streams with prebuilt requests (an httpx client capped at ~800 req/s here), in this
 process, on the same cores as the server.
 
@@ -143,8 +145,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="reuse a folder (sample and first refresh kept)")
     ap.add_argument("--config", default=None, help="serve this refreshed config instead of a sample")
     ap.add_argument("--id-digits", type=int, default=5, help="digits in the ids (U00042: 5)")
-    ap.add_argument("--routes", default="/users hot,/users cold,/items/<id>/similar,/search",
-                    help="which figures, comma-separated")
+    ap.add_argument("--routes", default="/users hot,/users cold,/users filtered,/users filtered strict,"
+                                        "/items/<id>/similar,/search", help="which figures, comma-separated")
+    ap.add_argument("--where", default="category=Running", help="/users filtered's filter (publish.indexed_fields)")
+    ap.add_argument("--strict", default="category=Running&where=price%3C20",
+                    help="/users filtered strict's: few items pass, so the vector query fills the list")
     ap.add_argument("--no-refresh", action="store_true", help="leave out the refresh under load")
     ap.add_argument("--refresh-clients", type=int, default=16, help="clients asking throughout the refresh")
     args = ap.parse_args()
@@ -188,11 +193,16 @@ def serve(args, folder: Path) -> None:
         shuffled = rng.sample(users, len(users))
         cold = {n: iter([f"/users/{u}".encode() for u in shuffled[i::len(clients)]]) for i, n in enumerate(clients)}
         similar = [f"/items/{i}/similar".encode() for i in rng.sample(items, min(1000, len(items)))]
+        filtered = {(name, n): iter([f"/users/{u}?where={where}".encode() for u in rng.sample(users, len(users))[i::len(clients)]])
+                    for name, where in (("/users filtered", args.where), ("/users filtered strict", args.strict))
+                    for i, n in enumerate(clients)}  # cold: each user asked once per filter
         drive(port, iter(similar), 4, 30)
         queries = iter([("/search?q=" + t.replace(" ", "+")).encode() for t in texts(200_000, seed=1, low=3, high=12)])
         for n in clients:
-            for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]), ("/items/<id>/similar", cycle(similar)),
-                                 ("/search", queries)):
+            for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]),
+                                 ("/users filtered", filtered["/users filtered", n]),
+                                 ("/users filtered strict", filtered["/users filtered strict", n]),
+                                 ("/items/<id>/similar", cycle(similar)), ("/search", queries)):
                 if route not in args.routes.split(","):
                     continue
                 figures = drive(port, paths, n, args.seconds)
