@@ -27,7 +27,7 @@ PROMISED = {
     "scale": {"scale_out_of_core": ["seconds.total", "driver_peak_rss_mb", "items_encoded", "events_read"]},
 }
 SERVE_ROUTES = {"/users hot", "/users cold", "/users filtered", "/users filtered strict", "/items/<id>/similar", "/search",
-                "/users hot across a refresh"}
+                "/users hot while adding items", "/users hot across a refresh"}
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -64,6 +64,9 @@ def test_every_benchmark_runs_at_smoke_size_and_prints_its_figures():
     assert {line["route"] for line in by_name["serve"]} == SERVE_ROUTES
     filtered = [line for line in by_name["serve"] if line["route"].startswith("/users filtered")]
     assert all(line["failed"] == 0 and line["requests"] > 0 for line in filtered), filtered  # the filters were answered
+    adding = next(line for line in by_name["serve"] if line["route"] == "/users hot while adding items")
+    assert adding["add_exit_code"] == 0 and adding["items_added"] == 20 and adding["searchable_after_s"], adding
+    assert adding["failed"] == 0, adding
     across = next(line for line in by_name["serve"] if line["route"] == "/users hot across a refresh")
     assert across["refresh_exit_code"] == 0 and len(across["versions"]) >= 2, across  # the new version was served
     assert all(line["error"] is None for line in by_name["scale_out_of_core"])

@@ -123,6 +123,7 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     assert len(similar["items"]) == 5 and all(r["metadata"]["price"] >= 60 and r["item_id"] != got[0] for r in similar["items"])
     result = runner.invoke(app, ["recommend", user, "-c", str(path), "--where", "title=x"])
     assert result.exit_code == 2 and "'title'" in result.output and "indexed: category, price" in result.output
+    _add_items_then_find_them(tmp_path, path, items, report["published_version"])
     result = runner.invoke(app, ["recommend", "no-such-user", "-c", str(path)])
     assert result.exit_code == 1 and "unknown user 'no-such-user'" in result.output
     result = runner.invoke(app, ["similar", "no-such-item", "-c", str(path)])
@@ -147,3 +148,75 @@ def test_refresh_json_then_queries(tmp_path, sample_dir, tiny_model):
     assert all(Path(p).is_file() for p in scored["written"]) and any(p.endswith("weight-sweep.png") for p in scored["written"])
     result = runner.invoke(app, ["eval", "-c", str(path), "--split", "sideways"])
     assert result.exit_code == 2 and "--split must be random, temporal or both" in result.output
+
+
+def _add_items_then_find_them(tmp_path, path, items, version):
+    """`recs add-items` and POST /items on the refresh's version: found by text search and filters at
+    once; a changed item once, with its new metadata; bad rows named, never added."""
+    changed = items.index[3]
+    rows = pd.DataFrame({"item_id": ["NEW-1", changed, "BAD-1", None],
+                         "title": ["Glacier kayak paddle", "Renamed thing", "x", "y"],
+                         "description": ["Carbon shaft.", "Now blue.", "z", "w"], "category": ["Kayaks"] * 4,
+                         "price": ["55.5", "12", "cheap", "1"]})
+    rows.to_csv(tmp_path / "new_items.csv", index=False)
+    result = runner.invoke(app, ["add-items", str(tmp_path / "new_items.csv"), "-c", str(path), "--json"])
+    added = json.loads(result.output)
+    assert result.exit_code == 0 and (added["added"], added["new"], added["replaced"], added["quarantined"]) == (2, 1, 1, 2)
+    assert added["version"] == version and added["encoded"] == 2
+    assert any("BAD-1: price: 'cheap' is not a number" in p for p in added["problems"])
+    assert any("row 4: missing_id" in p for p in added["problems"]), added["problems"]
+    text = "Glacier kayak paddle. Carbon shaft. Category: Kayaks."  # the template, rendered
+    found = json.loads(runner.invoke(app, ["search", text, "-c", str(path), "--json", "--where", "price<60"]).output)
+    assert found["items"][0]["item_id"] == "NEW-1" and found["items"][0]["metadata"]["price"] == 55.5
+    kayaks = json.loads(runner.invoke(app, ["search", "anything", "-c", str(path), "--json", "--k", "50",
+                                            "--where", "category=Kayaks"]).output)
+    assert sorted(r["item_id"] for r in kayaks["items"]) == sorted(["NEW-1", changed])
+    similar = json.loads(runner.invoke(app, ["similar", "NEW-1", "-c", str(path), "--json"]).output)
+    assert similar["source"] == "query" and len(similar["items"]) == 5 and "NEW-1" not in [r["item_id"] for r in similar["items"]]
+    assert json.loads(runner.invoke(app, ["versions", "-c", str(path), "--json"]).output)[0]["added_items"] == 2
+    result = runner.invoke(app, ["add-items", str(tmp_path / "nothing.csv"), "-c", str(path)])
+    assert result.exit_code == 2 and "nothing.csv" in result.output
+
+    # POST /items: the key required; the server answers with them at once
+    import http.client
+
+    from http_helpers import ServerThread
+
+    from recommend.config import load_config
+    from recommend.serving.intake import Intake
+    from recommend.serving.live import LiveVersion
+    from recommend.serving.service import create_app
+    from recommend.serving.settings import ServeSettings
+    from recommend.serving.versions import version_store
+
+    cfg, settings = load_config(path, check_inputs=False), ServeSettings(port=0)
+
+    def post(port, body, key=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/items", body=json.dumps(body), headers={"content-type": "application/json",
+                                                                       **({"authorization": f"Bearer {key}"} if key else {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def get(port, route):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", route, headers={"authorization": "Bearer k"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    new = {"item_id": "NEW-2", "title": "Alpine tent", "description": "Two poles.", "category": "Tents", "price": 300}
+    live = LiveVersion(version_store(cfg.publish, cfg.workdir), poll_s=60)  # only the POST makes it look again
+    with ServerThread(create_app(live, settings, default_k=5, encoder=None, intake=Intake.from_config(cfg)), settings) as server:
+        assert post(server.port, {"items": [new]})[0] == 403  # no key configured: adding is off
+    app_ = create_app(LiveVersion(version_store(cfg.publish, cfg.workdir), poll_s=60), settings, default_k=5,
+                      encoder=None, intake=Intake.from_config(cfg), api_key="k")
+    with ServerThread(app_, settings) as server:
+        assert post(server.port, {"items": [new]})[0] == 401
+        status, body = post(server.port, {"items": [new, {"title": "no id"}]}, key="k")
+        assert status == 200 and body["added"] == 1 and body["added_today"] == 3, body
+        assert any("POST /items row 2: missing_id" in p for p in body["problems"]), body
+        status, body = get(server.port, "/items/NEW-2/similar?k=3")
+        assert status == 200 and body["source"] == "query"
+        status, body = post(server.port, {"items": [{"title": "no id"}]}, key="k")
+        assert status == 400 and "column 'item_id' not found in POST /items" in body["error"], body
+        assert get(server.port, "/health")[1]["added_items"] == 3

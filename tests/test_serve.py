@@ -65,7 +65,7 @@ def test_answers_carry_their_version_and_every_error_is_json(served):
     status, body, _ = get(port, "/users/newcomer?recent=i1,i2&k=4")
     assert status == 200 and body["source"] == "realtime" and not {"i1", "i2"} & {i["item_id"] for i in body["items"]}
     assert get(port, "/versions")[1] == [{"run_id": V1, "live": True, "items": 40, "users": 20,
-                                          "created_at": "2026-01-01T00:00:00+00:00"}]
+                                          "created_at": "2026-01-01T00:00:00+00:00", "added_items": 0}]
 
     status, body, _ = get(port, "/users/nobody")
     assert status == 404 and body["error"].startswith("unknown user 'nobody' in version") and body["version"] == V1
@@ -79,7 +79,7 @@ def test_answers_carry_their_version_and_every_error_is_json(served):
                         ("/users/" + "x" * 300, "user_id: String should have at most 256 characters"),
                         ("/search", "q: Field required"), ("/search?q=%20", "q: the text is empty")):
         assert get(port, path)[:2] == (400, {"error": error}), path
-    assert get(port, "/users/u1", method="POST")[:2] == (405, {"error": "method POST not allowed here; this API answers GET (and POST /users/batch)"})
+    assert get(port, "/users/u1", method="POST")[:2] == (405, {"error": "method POST not allowed here; this API answers GET (and POST /users/batch, /items)"})
     assert get(port, "/users/" + "x" * 9000)[:2] == (414, {"error": "request line longer than 8192 bytes"})
     assert get(port, "/users/u1", headers={"X-Big": "y" * 20_000})[:2] == (431, {"error": "request headers larger than 16384 bytes"})
     for raw in (b"FOO /users/u1 HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /users/u1 HTTP/1.1\r\nBad Header\r\n\r\n"):

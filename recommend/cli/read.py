@@ -98,7 +98,8 @@ def versions(config: str = ConfigOpt, as_json: bool = JsonOpt):
         typer.echo("no version published yet: run `recs refresh`")
     for v in found:
         typer.echo(f"{'*' if v.live else ' '} {v.run_id}  items={v.items} users={v.users} "
-                   f"created={v.metadata.get('created_at', '?')}{'  (live)' if v.live else ''}")
+                   f"created={v.metadata.get('created_at', '?')}{f'  added={v.added}' if v.added else ''}"
+                   f"{'  (live)' if v.live else ''}")
 
 
 @app.command()
@@ -124,6 +125,42 @@ def rollback(run_id: Optional[str] = typer.Argument(None, help="Version to make 
     for skipped in done.skipped:
         typer.echo(f"skipped damaged version {skipped}", err=True)
     typer.echo(f"live: {done.live} (was {done.previous})")
+
+
+@app.command(name="add-items")
+def add_items(path: str = typer.Argument(..., help="A file of new or changed items, with the catalog's columns "
+                                                   "(Parquet, CSV or JSON lines)."),
+              config: str = ConfigOpt, as_json: bool = JsonOpt, verbose: int = VerboseOpt, quiet: bool = QuietOpt):
+    """Add new or changed items to the live version now: text search, similar-from-text and filters
+    find them from the next query (a running `recs serve` within seconds). Texts are encoded through
+    the embedding cache; the published lists stay as they are until the next refresh, which takes
+    the items from the catalog as usual. A rollback leaves them behind with their version. Rows that
+    cannot be added are named with their reason (exit 2 when none can).
+
+    \b
+    Example:
+        recs add-items new_items.csv --config config.yaml
+        recs versions      # added=... on the live version
+    """
+    from recommend.config import load_config
+    from recommend.serving.intake import Intake
+
+    _output(verbose, quiet)
+    with user_errors():
+        report = Intake.from_config(load_config(config, check_inputs=False)).add_file(path)
+    if as_json:
+        typer.echo(report.model_dump_json())
+        return
+    typer.echo(f"added {report.added} items to version {report.version} ({report.new} new, {report.replaced} changed; "
+               f"{report.encoded} texts encoded, {report.from_cache} from cache) in {report.seconds:.1f}s; "
+               f"{report.added_today} added to it today")
+    for problem in report.problems:
+        typer.echo(f"- not added: {problem}", err=True)
+    if report.quarantined > len(report.problems):
+        typer.echo(f"- and {report.quarantined - len(report.problems)} more rows not added", err=True)
+    if not report.still_live:
+        typer.echo(f"warning: version {report.version} is no longer live (a refresh switched meanwhile): "
+                   "add the items again", err=True)
 
 
 @app.command()

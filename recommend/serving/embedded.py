@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from recommend.serving.additions import added_token, read_added
 from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user
 from embedder.artifacts import write_json
 from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
@@ -43,14 +44,14 @@ class ShardReader:
     """One version opened through private views of its shards: reads by id, vector queries over the
     items. Thread-safe for reads (the engine's own locking); `close()` ends the views."""
 
-    def __init__(self, folder: Path, marker: dict, views: Path):
+    def __init__(self, folder: Path, marker: dict, views: Path, added: dict | None = None):
         self.run_id, self.folder = marker["run_id"], folder
         self.user_shards = int(marker["user_shards"])
         self.counts = marker["points"]
         self.view_root = view_root = views / f"{os.getpid()}-{secrets.token_hex(4)}-{self.run_id}"
         self.views: dict[str, ShardView] = {}
         try:
-            for name in sorted(marker["shards"]):
+            for name in sorted(marker["shards"]) + ([added["shard"]] if added else []):
                 self.views[name] = ShardView(folder / name, view_root / name)
         except Exception as exc:
             self.close()
@@ -59,6 +60,21 @@ class ShardReader:
         track_reader(self)  # closed at exit, if nobody did
         self.items = [v.engine for n, v in sorted(self.views.items()) if n.startswith("items-")]
         self.users = [v.engine for n, v in sorted(self.views.items()) if n.startswith("users-")]
+        # today's items (recommend/serving/additions.py): read before the version's own, searched beside
+        # them, the version's points of the items they replace left out
+        self.added = [self.views[added["shard"]].engine] if added else []
+        self.added_items = len(added["items"]) if added else 0
+        self.replaced = [point_id("item", i) for i in added["replaces"]] if added else []
+
+    def _item_engines(self, first_added: bool = True) -> list:
+        """The engines holding items: today's additions first (they win a lookup by id) or last
+        (they override in a merge)."""
+        return self.added + self.items if first_added else self.items + self.added
+
+    def held(self, item_ids: list[str]) -> set[str]:
+        """The ids among `item_ids` that the version's own item shards hold (not today's additions)."""
+        pids = [point_id("item", i) for i in item_ids]
+        return {r.payload["item_id"] for e in self.items for r in e.retrieve(pids, with_payload=True, with_vector=False)}
 
     def _user_engine(self, user_id: str):
         return self.users[shard_of_user(user_id, self.user_shards)]
@@ -66,7 +82,7 @@ class ShardReader:
     def payload(self, kind: str, business_id: str) -> dict | None:
         """The whole payload of one item or user, or None."""
         pid = point_id(kind, business_id)
-        for engine in ([self._user_engine(business_id)] if kind == "user" else self.items):
+        for engine in ([self._user_engine(business_id)] if kind == "user" else self._item_engines()):
             found = engine.retrieve([pid], with_payload=True, with_vector=False)
             if found:
                 return found[0].payload
@@ -76,7 +92,7 @@ class ShardReader:
         """business id -> whole payload of the points found, one read per shard (a batch of users)."""
         key, groups = f"{kind}_id", {}
         for b in business_ids:
-            engines = [self._user_engine(b)] if kind == "user" else self.items
+            engines = [self._user_engine(b)] if kind == "user" else self._item_engines(first_added=False)
             for engine in engines:
                 groups.setdefault(id(engine), (engine, []))[1].append(point_id(kind, b))
         return {rec.payload[key]: rec.payload for engine, pids in groups.values()
@@ -87,27 +103,30 @@ class ShardReader:
         from qdrant_edge import PayloadSelector
 
         pids, out = [point_id("item", i) for i in item_ids], {}
-        for engine in self.items:
+        for engine in self._item_engines(first_added=False):
             for rec in engine.retrieve(pids, with_payload=PayloadSelector.Exclude(list(LISTS)), with_vector=False):
                 out[rec.payload["item_id"]] = rec.payload
         return out
 
     def vectors(self, item_ids: list[str], name: str) -> tuple[list, list]:
         """(point ids, vectors `name`) of the items found."""
-        pids, found, rows = [point_id("item", i) for i in item_ids], [], []
-        for engine in self.items:
+        pids, found, rows, seen = [point_id("item", i) for i in item_ids], [], [], set()
+        for engine in self._item_engines():
             for rec in engine.retrieve(pids, with_payload=False, with_vector=[name]):
-                found.append(rec.id)
-                rows.append(rec.vector[name])
+                if rec.id not in seen:  # an item replaced today: its added point, not the version's
+                    seen.add(rec.id)
+                    if name in (rec.vector or {}):  # an item added today has no blended vectors
+                        found.append(rec.id)
+                        rows.append(rec.vector[name])
         return found, rows
 
     def vector(self, kind: str, business_id: str, name: str) -> list[float] | None:
         """One point's vector `name` (a user's profile), or None when the point is not there."""
         pid = point_id(kind, business_id)
-        for engine in ([self._user_engine(business_id)] if kind == "user" else self.items):
+        for engine in ([self._user_engine(business_id)] if kind == "user" else self._item_engines()):
             found = engine.retrieve([pid], with_payload=False, with_vector=[name])
             if found:
-                return found[0].vector[name]
+                return (found[0].vector or {}).get(name)
         return None
 
     def search(self, vector, using: str, k: int, exclude: list | None = None, where=None) -> list[tuple[dict, float]]:
@@ -122,16 +141,22 @@ class ShardReader:
         # of the true top k; clustered ones are found either way), the best 2k of their int8 copies rescored
         # with the original vectors; no graph: an exact scan, these ignored
         rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
-        request = QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
-                               filter=edge_filter(where, exclude or ()),
-                               with_payload=PayloadSelector.Exclude(list(LISTS)))
-        hits = [h for engine in self.items for h in engine.query(request)]
+        def request(left_out):
+            return QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
+                                filter=edge_filter(where, left_out), with_payload=PayloadSelector.Exclude(list(LISTS)))
+        own = request(list(exclude or ()) + self.replaced)  # an item replaced today is answered from its added point
+        hits = [h for engine in self.items for h in engine.query(own)]
+        if self.added:
+            hits += self.added[0].query(request(list(exclude or ())))
         return [(h.payload, h.score) for h in heapq.nlargest(k, hits, key=lambda h: h.score)]
 
     def count(self, kind: str) -> int:
         from qdrant_edge import CountRequest
 
-        return sum(e.count(CountRequest(exact=True)) for e in (self.items if kind == "item" else self.users))
+        if kind == "user":
+            return sum(e.count(CountRequest(exact=True)) for e in self.users)
+        own = sum(e.count(CountRequest(exact=True)) for e in self.items)
+        return own - len(self.replaced) + sum(e.count(CountRequest(exact=True)) for e in self.added)
 
     def warm(self) -> None:
         """Read the files queries touch into the page cache (a server, before it serves this version)."""
@@ -200,8 +225,9 @@ class EmbeddedVersions(VersionStore):
         live, found = self.live(), []
         for run_id in self._folders():
             if marker := self._marker(run_id):
-                points = marker["points"]
-                found.append(Version(run_id, run_id == live, points.get("items"), points.get("users"), marker["metadata"]))
+                points, added = marker["points"], read_added(self.folder / run_id)
+                found.append(Version(run_id, run_id == live, points.get("items"), points.get("users"), marker["metadata"],
+                                     len(added["items"]) if added else 0))
         return found
 
     def incomplete(self) -> list[str]:
@@ -218,18 +244,25 @@ class EmbeddedVersions(VersionStore):
             return "incomplete: no version.json (its publish did not finish)"
         if not marker:
             return f"{folder / 'version.json'} is damaged"
-        for name, shard in sorted(marker["shards"].items()):
+        try:
+            added = read_added(folder)
+        except (OSError, ValueError):
+            return f"{folder / 'added.json'} is damaged (today's added items); `recs add-items` writes it again"
+        for name, shard in sorted(marker["shards"].items()) + ([(added["shard"], added)] if added else []):
             if found := problems(folder / name, shard["files"], deep=deep):
                 return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         if deep:
             try:
-                reader = ShardReader(folder, marker, self.views)
+                reader = ShardReader(folder, marker, self.views, added)
             except DamagedVersion as exc:
                 return str(exc)
             try:
                 for kind in ("items", "users"):
-                    if (n := reader.count(kind[:-1])) != marker["points"].get(kind):
-                        return f"the {kind} shards of {folder} hold {n} points, version.json says {marker['points'].get(kind)}"
+                    expected = marker["points"].get(kind)
+                    if kind == "items" and added:
+                        expected += len(added["items"]) - len(added["replaces"])
+                    if (n := reader.count(kind[:-1])) != expected:
+                        return f"the {kind} shards of {folder} hold {n} points, version.json says {expected}"
             finally:
                 reader.release()
         return None
@@ -280,11 +313,27 @@ class EmbeddedVersions(VersionStore):
             raise DamagedVersion(f"version {run_id} in {self.folder} is not there or incomplete" if marker is None
                                  else f"{self.folder / run_id / 'version.json'} is damaged")
         folder = self.folder / run_id
-        for name, shard in marker["shards"].items():
+        try:
+            added = read_added(folder)
+        except (OSError, ValueError):
+            raise DamagedVersion(f"{folder / 'added.json'} is damaged (today's added items)") from None
+        for name, shard in list(marker["shards"].items()) + ([(added["shard"], added)] if added else []):
             if found := problems(folder / name, shard["files"]):
                 raise DamagedVersion(f"version {run_id} is damaged: {found[0]}")
         self._clean_views()
-        return ShardReader(folder, marker, self.views)
+        return ShardReader(folder, marker, self.views, added)
+
+    def additions(self, run_id: str):
+        return added_token(self.folder / run_id)
+
+    def add_items(self, run_id: str, points: list, replaces: set[str]) -> int:
+        """Add today's items to version `run_id` (recommend/serving/additions.py); returns how many
+        items it holds added."""
+        from recommend.serving.additions import write_added
+
+        if not self._marker(run_id):
+            raise PublishError(f"version {run_id} is not there or incomplete in {self.folder}")
+        return len(write_added(self.folder / run_id, self.metadata(run_id), points, replaces)["items"])
 
     def _clean_views(self) -> None:
         """Remove views left by readers that died without closing (their process is gone)."""

@@ -225,6 +225,8 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
         vector, using = _item_query(snap, item_id)
         return [] if vector is None else search_items(snap, vector, n, exclude=_points([item_id], taken, where=where),
                                                       using=using, where=where)
+    if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
+        return answer(snap, f"item {item_id}", "query", fill([], k))
     return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill)
 
 

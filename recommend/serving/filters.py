@@ -195,6 +195,16 @@ def _stored_kind(value) -> str | None:
     return "keyword" if isinstance(value, str) else None
 
 
+def published_value(text: str, kind: str):
+    """A catalog value (ingest keeps metadata as text) as an indexed field of `kind` holds it, as
+    `indexed_columns` publishes it; ValueError when it is not one (an item added during the day,
+    recommend/serving/intake.py)."""
+    value = _typed(text.strip(), kind)
+    if kind == "float" and not math.isfinite(value):
+        raise ValueError(text)
+    return int(value) if kind == "bool" else value
+
+
 def stored_value(value, kind: str):
     """A metadata value as an indexed field of `kind` is published (a bool as 1/0; see INDEX)."""
     if kind == "bool" and isinstance(value, bool):

@@ -78,6 +78,7 @@ class Snapshot:
     items: Cache = field(default_factory=lambda: Cache(ITEM_METADATA_CACHE))
 
     retired: bool = False  # replaced by a newer live version (LiveVersion.poll_once)
+    additions: object = None  # the store's token of the items added to this version when it was opened
 
     def __del__(self):
         # the last query holding this version ended. A version replaced is closed: its memory maps
@@ -137,12 +138,17 @@ class LiveVersion:
             except Exception as exc:
                 self.reachable, self.error = False, _describe(exc)
                 return False
-            if run_id is None or (self.snap is not None and run_id == self.snap.run_id):
+            try:  # items added to the live version today: opened again with them (recommend/serving/additions.py)
+                added = self.store.additions(run_id) if run_id is not None else None
+            except Exception as exc:
+                self.reachable, self.error = False, _describe(exc)
+                return False
+            if run_id is None or (self.snap is not None and (run_id, added) == (self.snap.run_id, self.snap.additions)):
                 self.error = None
                 return False
             started = time.perf_counter()
             try:
-                new = self._open(run_id)
+                new = self._open(run_id, added)
             except Exception as exc:
                 self.error = f"cannot open version {run_id}: {_describe(exc)}"
                 if self.snap is not None:  # otherwise the caller raises it (current()) or /health shows it
@@ -159,12 +165,12 @@ class LiveVersion:
                 _trim()
             return True
 
-    def _open(self, run_id: str) -> Snapshot:
+    def _open(self, run_id: str, additions=None) -> Snapshot:
         meta = self.store.metadata(run_id)
         reader = self.store.open(run_id)
         if self.warm:
             reader.warm()
-        return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size))
+        return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size), additions=additions)
 
 
 def _describe(exc: Exception) -> str:

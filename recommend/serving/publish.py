@@ -33,6 +33,14 @@ BLEND_VECTOR, BLEND_QUERY_VECTOR = "blend", "blend_query"
 INDEXING_THRESHOLD = 20_000  # Qdrant's default (kB of vectors before a segment gets an HNSW index), restored after the load
 
 
+def vector_sizes(layout, text_dim: int) -> dict[str, dict[str, int]]:
+    """The named vectors' sizes of each kind of point, from the version's layout (a
+    recommend.ranking.blend.Layout: behaviour_dim, text_dim) and the encoder's dimensions."""
+    blend = layout.behaviour_dim + layout.text_dim
+    return {"item": {ITEM_VECTOR: int(text_dim), BLEND_VECTOR: blend + 1, BLEND_QUERY_VECTOR: blend},
+            "user": {USER_VECTOR: blend + 1}}
+
+
 class PointIds(Sequence):
     """The point ids of business ids, made as sliced (a batch of points at a time)."""
 

@@ -7,6 +7,9 @@
         recommend/serving/filters.py) and &exclude=I1,I2 (item ids never answered)
     POST /users/batch {"user_ids": [...], "k": 10, "where": {...}, "exclude": [...]}
                                              the lists of up to 1,000 users, one answer per id (unknown ids marked)
+    POST /items {"items": [{...catalog columns...}]}
+                                             add up to 1,000 new or changed items to the live version now (the
+                                             API key required; recommend/serving/intake.py)
     GET /versions                            published versions, which one is live
     GET /health                              {"status": "ok" | "empty" | "degraded", ...}; never needs the API key
     GET /metrics                             Prometheus text format
@@ -48,11 +51,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from embedder.errors import RecsError
+from embedder.errors import InputError, RecsError
 from recommend.serving import facade
 from recommend.serving.encoder import Busy, QueryEncoder
 from recommend.serving.filters import BadFilter
 from recommend.serving.httpserver import Guard, Metrics, configure_limits
+from recommend.serving.intake import MAX_POSTED, AddReport, Intake
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.lookups import HOT_ROUTES, FastLookups, answer_body, envelope, failed_before
 from recommend.serving.settings import ServeSettings
@@ -81,6 +85,15 @@ class UsersBatch(BaseModel):
     exclude: list[str] | None = Field(None, max_length=1000, description="item ids never answered")
 
 
+class NewItems(BaseModel):
+    """The body of POST /items."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_POSTED, description=(
+        f"at most {MAX_POSTED:,} items, each with the catalog's columns (items.id, the text template's fields, "
+        "items.metadata), e.g. {\"item_id\": \"I9001\", \"title\": \"Trail shoe\", \"category\": \"Shoes\", \"price\": 89}"))
+
+
 class Unavailable(RecsError):
     """Nothing can be answered now (nothing published, the store unreachable): HTTP 503."""
 
@@ -90,11 +103,13 @@ def _json(data, status: int = 200, headers: dict | None = None) -> Response:
 
 
 def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, default_k: int = 10, model: str | None = None,
-               device: str = "cpu", api_key: str | None = None, encoder: QueryEncoder | None | bool = True) -> FastAPI:
+               device: str = "cpu", api_key: str | None = None, encoder: QueryEncoder | None | bool = True,
+               intake: Intake | None = None) -> FastAPI:
     """The HTTP app over `live`. `encoder`: True starts the query encoder process for the live
-    version's model (or `model`); None: /search answers 503."""
+    version's model (or `model`); None: /search answers 503. `intake`: what POST /items adds with
+    (None: it answers 403), in a process of its own (the encoder and the engine's writes hold the GIL)."""
     metrics = Metrics()
-    state = {"encoder": None}
+    state = {"encoder": None, "adder": None}
     reads = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="recs-store")  # see ServeSettings.read_threads
     searches = ThreadPoolExecutor(1, thread_name_prefix="recs-search")  # a vector query never holds up a read by id
 
@@ -128,8 +143,9 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                 task.cancel()
             if state["encoder"] is not None:
                 state["encoder"].close()
-            for pool in (reads, searches):
-                pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (reads, searches, state["adder"]):
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
             limits.restore_original_limits()
 
     # FastAPI with /docs and /redoc loading Swagger UI and ReDoc from /static-offline-docs (the files ship in
@@ -211,6 +227,22 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             searches if found else reads, facade.users_answers, snap, body.user_ids, body.k or default_k, found)
         return Response(orjson.dumps(answer.to_dict()), media_type=JSON)
 
+    @app.post("/items", response_model=AddReport)
+    async def add_items(body: NewItems):
+        """Add new or changed items to the live version now: text search, similar-from-text and filters
+        find them within a poll (serve.poll_s). Needs the API key; rows that cannot be added are named."""
+        if intake is None or api_key is None:
+            raise HTTPException(403, "adding items needs an API key: set the variable serve.api_key_env names "
+                                     "and restart `recs serve`")
+        if state["adder"] is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            state["adder"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        report = await asyncio.get_running_loop().run_in_executor(state["adder"], intake.add_records, body.items)
+        await asyncio.to_thread(live.poll_once)  # this process answers with them at once; others within poll_s
+        return _json(report.model_dump())
+
     @app.get("/versions")
     async def versions():
         """Published versions, newest first, and which one is live."""
@@ -226,7 +258,8 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         if snap is None:
             return _json({"status": "empty", "version": None})
         return _json({"status": "ok", "version": snap.run_id, "created_at": snap.created_at,
-                      "age_seconds": snap.age_seconds(), "pending_error": without_paths(live.error),
+                      "age_seconds": snap.age_seconds(), "added_items": getattr(snap.reader, "added_items", 0),
+                      "pending_error": without_paths(live.error),
                       "search": "ready" if state["encoder"] and state["encoder"].ready else "not ready"})
 
     @app.get("/metrics")
@@ -266,7 +299,7 @@ def _errors(app: FastAPI, live: LiveVersion) -> None:
             detail = (f"no such route {request.url.path[:100]!r}; try /users/<id>, /items/<id>/similar, /search?q=, "
                       "/versions, /health, /docs")
         elif exc.status_code == 405:
-            detail = f"method {request.method} not allowed here; this API answers GET (and POST /users/batch)"
+            detail = f"method {request.method} not allowed here; this API answers GET (and POST /users/batch, /items)"
         return _json({"error": detail}, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -281,6 +314,7 @@ def _errors(app: FastAPI, live: LiveVersion) -> None:
         extra = {"version": snap.run_id, "created_at": snap.created_at, "age_seconds": snap.age_seconds()} if snap else {}
         return _json({"error": str(exc), **extra}, 404)
 
+    @app.exception_handler(InputError)
     @app.exception_handler(BadFilter)
     async def bad_filter(request, exc):
         return _json({"error": str(exc)}, 400)
@@ -344,7 +378,7 @@ def app_from_config(config, *, encoder: bool = True) -> FastAPI:
     live = LiveVersion(version_store(config.publish, config.workdir), poll_s=settings.poll_s,
                        cache_size=settings.cache_size, freeze=True, warm=True)
     return create_app(live, settings, default_k=config.lists.k, model=config.embed.model, device=config.embed.device,
-                      api_key=api_key(settings), encoder=encoder)
+                      api_key=api_key(settings), encoder=encoder, intake=Intake.from_config(config))
 
 
 def app_from_env() -> FastAPI:

@@ -103,10 +103,12 @@ def shard_files(folder: Path) -> dict[str, list]:
 
 def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Iterable[tuple[list, dict, list]],
                 graph: Graph = Graph(), fields: tuple[tuple[str, str], ...] = ()) -> dict:
-    """Write one shard at `folder` (replaced if there) from `batches` of (point ids, {name: (n, d)
-    array}, payloads), with a payload index on each of `fields` ((name, kind): keyword, integer,
-    float or bool; what filters ask, recommend/serving/filters.py), optimise and close it. Returns {"points": n, "files": shard_files(folder)};
-    ShardError when the engine counts other than what was written."""
+    """Write one shard at `folder` (replaced if there) from `batches`: tuples (point ids, {name: (n, d)
+    array}, payloads), or lists of engine Points (each with the vectors it has: an added item,
+    recommend/serving/additions.py). A payload index on each of `fields` ((name, kind): keyword,
+    integer, float or bool; what filters ask, recommend/serving/filters.py). Optimised and closed.
+    Returns {"points": n, "files": shard_files(folder)}; ShardError when the engine counts other
+    than what was written."""
     from qdrant_edge import EdgeShard, PayloadSchemaType, Point, UpdateOperation
 
     from recommend.serving.filters import INDEX
@@ -127,16 +129,13 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
     try:
         for name, kind in fields:
             shard.update(UpdateOperation.create_field_index(name, getattr(PayloadSchemaType, INDEX[kind])))
-        for ids, named, payloads in batches:
+        for batch in batches:
             lap("read")
-            for start in range(0, len(ids), BATCH):
-                stop = min(start + BATCH, len(ids))
-                block = {n: np.ascontiguousarray(v[start:stop], dtype=np.float32) for n, v in named.items()}
-                points = [Point(ids[i], {n: b[i - start] for n, b in block.items()}, payloads[i]) for i in range(start, stop)]
+            for points in (_points(Point, *batch) if isinstance(batch, tuple) else [batch]):
                 lap("points")
                 shard.update(UpdateOperation.upsert_points(points))
                 lap("update")
-                written += stop - start
+                written += len(points)
         shard.optimize()
         shard.flush()
         found = shard.info().points_count
@@ -148,6 +147,14 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
     files = shard_files(folder)
     lap("digest")
     return {"points": written, "files": files, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def _points(point, ids: list, named: dict, payloads: list):
+    """Engine points of a batch (point ids, {name: (n, d) array}, payloads), BATCH at a time."""
+    for start in range(0, len(ids), BATCH):
+        stop = min(start + BATCH, len(ids))
+        block = {n: np.ascontiguousarray(v[start:stop], dtype=np.float32) for n, v in named.items()}
+        yield [point(ids[i], {n: b[i - start] for n, b in block.items()}, payloads[i]) for i in range(start, stop)]
 
 
 def user_shard(user_ids, shards: int) -> np.ndarray:

@@ -57,10 +57,11 @@ class Version:
     items: int | None
     users: int | None
     metadata: dict
+    added: int = 0  # items added to it since it was published (recommend/serving/additions.py)
 
     def to_dict(self) -> dict:
         return {"run_id": self.run_id, "live": self.live, "items": self.items, "users": self.users,
-                "created_at": self.metadata.get("created_at")}
+                "created_at": self.metadata.get("created_at"), "added_items": self.added}
 
 
 class VersionStore:
@@ -79,6 +80,12 @@ class VersionStore:
     def switch(self, run_id: str) -> str | None: ...
     def remove(self, run_id: str) -> None: ...
     def open(self, run_id: str): ...  # a reader: payload(), metadata(), vectors(), search(), count(), close()
+    def add_items(self, run_id: str, points: list, replaces: set[str]) -> int: ...  # today's items (additions.py)
+
+    def additions(self, run_id: str):
+        """What changes when items are added to version `run_id` (None: none added): a reader
+        following the live version opens it again when this changes (recommend/serving/live.py)."""
+        return None
 
     def live_gate(self) -> dict | None:
         """The quality-gate figures the live version was published with, and its run id (None before

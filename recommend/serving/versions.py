@@ -33,8 +33,12 @@ log = logging.getLogger("recs")
 class ClientReader:
     """A version's two collections read through a qdrant-client (a server, or in-memory mode in tests)."""
 
-    def __init__(self, client, items: str, users: str):
-        self.client, self.items, self.users = client, items, users
+    def __init__(self, client, items: str, users: str, added_items: int = 0):
+        self.client, self.items, self.users, self.added_items = client, items, users, added_items
+
+    def held(self, item_ids: list[str]) -> set[str]:
+        """The ids among `item_ids` the items collection holds."""
+        return set(self.payloads("item", item_ids))
 
     def payload(self, kind: str, business_id: str) -> dict | None:
         found = self.client.retrieve(self.items if kind == "item" else self.users, ids=[point_id(kind, business_id)],
@@ -56,12 +60,13 @@ class ClientReader:
     def vectors(self, item_ids: list[str], name: str) -> tuple[list, list]:
         points = self.client.retrieve(self.items, ids=[point_id("item", i) for i in item_ids], with_vectors=[name],
                                       with_payload=False)
+        points = [p for p in points if name in (p.vector or {})]  # an item added today has no blended vectors
         return [p.id for p in points], [p.vector[name] for p in points]
 
     def vector(self, kind: str, business_id: str, name: str) -> list[float] | None:
         found = self.client.retrieve(self.items if kind == "item" else self.users, ids=[point_id(kind, business_id)],
                                      with_vectors=[name], with_payload=False)
-        return found[0].vector[name] if found else None
+        return (found[0].vector or {}).get(name) if found else None
 
     def search(self, vector, using: str, k: int, exclude: list | None = None, where=None) -> list[tuple[dict, float]]:
         from qdrant_client import models
@@ -103,7 +108,7 @@ class ServerVersions(VersionStore):
 
     def versions(self) -> list[Version]:
         live, (names, runs) = self.live(), self._runs()
-        return [Version(r, r == live, m["points"].get("items"), m["points"].get("users"), m)
+        return [Version(r, r == live, m["points"].get("items"), m["points"].get("users"), m, len(m.get("added") or ()))
                 for r, m in sorted(runs.items(), reverse=True)
                 if m.get("complete") and collection(self.prefix, "users", r) in names]
 
@@ -123,8 +128,11 @@ class ServerVersions(VersionStore):
             name = collection(self.prefix, kind, run_id)
             if not self.client.collection_exists(name):
                 return f"collection {name} is missing"
-            if (n := self.client.count(name, exact=True).count) != meta["points"].get(kind):
-                return f"{name} holds {n} points, its metadata says {meta['points'].get(kind)}"
+            expected = meta["points"].get(kind)
+            if kind == "items":  # and today's items that are not the version's own
+                expected += len(meta.get("added") or ()) - len(meta.get("replaced") or ())
+            if (n := self.client.count(name, exact=True).count) != expected:
+                return f"{name} holds {n} points, its metadata says {expected}"
         return None
 
     def publish(self, run_id: str, fill: Callable, metadata: dict) -> dict:
@@ -159,7 +167,28 @@ class ServerVersions(VersionStore):
                 self.client.delete_collection(name)
 
     def open(self, run_id: str) -> ClientReader:
-        return ClientReader(self.client, collection(self.prefix, "items", run_id), collection(self.prefix, "users", run_id))
+        return ClientReader(self.client, collection(self.prefix, "items", run_id), collection(self.prefix, "users", run_id),
+                            len(self.metadata(run_id).get("added") or ()))
+
+    def additions(self, run_id: str):
+        return self.metadata(run_id).get("added_generation")
+
+    def add_items(self, run_id: str, points: list, replaces: set[str]) -> int:
+        """Upsert today's items (recommend/serving/additions.py) into version `run_id`'s items
+        collection; the ids added are kept in its metadata. Returns how many it holds added."""
+        from qdrant_client import models
+
+        name, meta = collection(self.prefix, "items", run_id), self.metadata(run_id)
+        if not meta.get("complete"):
+            raise PublishError(f"version {run_id} is not complete in {self.where}")
+        self.client.upsert(name, [models.PointStruct(id=point_id("item", p.item_id), vector=p.vectors, payload=p.payload)
+                                  for p in points], wait=True)
+        before = set(meta.get("added") or ())
+        added = sorted(before | {p.item_id for p in points})
+        replaced = sorted(set(meta.get("replaced") or ()) | (set(replaces) - before))  # the version's own items
+        self.client.update_collection(name, metadata={**meta, "added": added, "replaced": replaced,
+                                                      "added_generation": int(meta.get("added_generation") or 0) + 1})
+        return len(added)
 
 
 def _unreachable_is_unavailable(method):
@@ -177,7 +206,7 @@ def _unreachable_is_unavailable(method):
     return guarded
 
 
-for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", "remove"):
+for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", "remove", "additions", "add_items"):
     setattr(ServerVersions, _name, _unreachable_is_unavailable(getattr(ServerVersions, _name)))
 
 

@@ -2,8 +2,11 @@
 cached; cold: each user asked once; filtered: cold, with --where, answered from what passes of the
 stored list and a vector query filling it; strict: --strict, where few items pass, so mostly the
 vector query), /items/<id>/similar and /search (unique texts, so every one is encoded), then a
-second `recs refresh` while 16 clients (--refresh-clients) keep asking: failed requests across the
-switch, and when the answers moved to the new version. One JSON line per figure. The load generator
+`recs add-items` of --add-items new items (texts not seen before, so all encoded) while 16 clients keep
+asking: when the last one is found by /search, failed requests meanwhile, and the add against raw
+`model.encode` of the same texts in this process (the baseline, same run); then a second
+`recs refresh` while 16 clients (--refresh-clients) keep asking: failed requests across the switch,
+and when the answers moved to the new version. One JSON line per figure. The load generator
 is raw asyncio streams with prebuilt requests (an httpx client capped at ~800 req/s here), in this
 process, on the same cores as the server.
 
@@ -151,6 +154,7 @@ def main() -> None:
     ap.add_argument("--strict", default="category=Running&where=price%3C20",
                     help="/users filtered strict's: few items pass, so the vector query fills the list")
     ap.add_argument("--no-refresh", action="store_true", help="leave out the refresh under load")
+    ap.add_argument("--add-items", type=int, default=1000, help="items `recs add-items` adds under load (0: none)")
     ap.add_argument("--refresh-clients", type=int, default=16, help="clients asking throughout the refresh")
     args = ap.parse_args()
     scratch = not (args.workdir or args.config)  # a folder of its own, removed at the end
@@ -211,6 +215,9 @@ def serve(args, folder: Path) -> None:
         steady_mb = memory.peak_mb()
         emit("serve_memory", {"steady_peak_rss_mb": steady_mb, "steady_peak_anon_mb": memory.peak_anon_mb(),
                               "items": args.items, "users": args.users})
+        if args.add_items:
+            emit("serve", {**add_under_load(args, config, port, hot), "items": args.items, "users": args.users,
+                           "model": args.model})
         if args.no_refresh:
             return
 
@@ -243,6 +250,50 @@ def serve(args, folder: Path) -> None:
         memory.stop()
         server.terminate()
         server.wait(30)
+
+
+def add_under_load(args, config: Path, port: int, hot: list[bytes]) -> dict:
+    """`recs add-items` of --add-items new items while --refresh-clients clients ask /users (hot):
+    seconds until /search finds the last one, failed requests meanwhile, and the add against raw
+    `model.encode` of the same texts here (before the load)."""
+    import urllib.parse
+    import urllib.request
+
+    import pandas as pd
+
+    from bench_encode import raw_encode
+
+    data = yaml.safe_load(config.read_text())
+    path = Path(data["items"]["path"])
+    catalog = pd.read_parquet(path if path.is_absolute() else config.parent / path)
+    new = catalog.sample(args.add_items, replace=len(catalog) < args.add_items, random_state=1).reset_index(drop=True)
+    stamp = time.time_ns()
+    new["item_id"] = [f"ADD{stamp}-{i}" for i in range(len(new))]
+    new["title"] = texts(len(new), seed=stamp % 1000, low=3, high=6)  # unseen texts: every one encoded
+    file = config.parent / f"added-{stamp}.parquet"
+    new.to_parquet(file)
+    from embedder.text import render_text
+
+    rendered = [render_text(data["items"]["text"], row) for row in new.to_dict("records")]
+    _, raw_s = raw_encode(rendered, "fp32", model=args.model)
+    search = f"/search?k=1&q={urllib.parse.quote_plus(rendered[-1])}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    adder = subprocess.Popen([sys.executable, "-m", "recommend.cli", "add-items", str(file), "-q", "-c", str(config), "--json"],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    started, results, found = time.monotonic(), [], None
+    while found is None and time.monotonic() - started < 600:
+        results.append(drive(port, cycle(hot), args.refresh_clients, 0.5))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{search}", timeout=30) as resp:
+            if [r["item_id"] for r in json.loads(resp.read())["items"]] == [new["item_id"].iloc[-1]]:
+                found = time.monotonic() - started
+    report = json.loads(adder.communicate(timeout=600)[0].strip().splitlines()[-1])
+    file.unlink()
+    p99s = [r["p99_ms"] for r in results if r["p99_ms"] is not None]
+    return {"route": "/users hot while adding items", "clients": args.refresh_clients, "items_added": report["added"],
+            "add_exit_code": adder.returncode, "searchable_after_s": round(found, 2) if found else None,
+            "add_items_s": report["seconds"], "raw_encode_s": round(raw_s, 2),
+            "add_over_raw_encode": round(report["seconds"] / raw_s, 2), "requests": sum(r["requests"] for r in results),
+            "failed": sum(r["failed"] for r in results), "worst_p99_ms": max(p99s) if p99s else None}
 
 
 if __name__ == "__main__":

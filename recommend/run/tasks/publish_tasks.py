@@ -45,11 +45,12 @@ from embedder.event_blocks import block_user_ids
 from embedder.run_folder import RunFolder
 from embedder.task_window import in_window
 from index.rows import RowSource
-from recommend.ranking.blend import ItemSide, Layout
+from recommend.ranking.blend import ItemSide
 from recommend.run.tasks.item_tasks import read_item_ids, read_item_side
 from recommend.run.tasks.list_tasks import Part
 from recommend.serving.payloads import item_payloads, user_payloads
-from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points, upload
+from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,  # noqa: F401
+                                      upload, vector_sizes)
 from recommend.serving.store import close_clients, open_store, shared_local
 
 
@@ -103,13 +104,6 @@ def forget_sources() -> None:
     with _lock:
         _sides.clear()
     close_clients(local_only=True)
-
-
-def vector_sizes(layout: Layout, text_dim: int) -> dict[str, dict[str, int]]:
-    """The named vectors' sizes of each kind of point."""
-    blend = layout.behaviour_dim + layout.text_dim
-    return {"item": {ITEM_VECTOR: int(text_dim), BLEND_VECTOR: blend + 1, BLEND_QUERY_VECTOR: blend},
-            "user": {USER_VECTOR: blend + 1}}
 
 
 def part_points(source: PointSource, part: Part, metadata: Mapping[str, list]
