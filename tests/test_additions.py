@@ -117,6 +117,9 @@ def test_added_items_are_searchable_at_once_and_a_changed_item_replaces_its_old_
     reader = store.open(V1)
     try:
         assert reader.count("item") == N_ITEMS + 1
+        # the changed item keeps the blended vectors the night made; the new one has none yet
+        _, rows = reader.vectors(["i5", "n1"], "blend")
+        assert len(rows) == 1 and np.allclose(rows[0], items["vectors"]["blend"][5])
     finally:
         reader.release()
 

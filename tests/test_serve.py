@@ -79,7 +79,8 @@ def test_answers_carry_their_version_and_every_error_is_json(served):
                         ("/users/" + "x" * 300, "user_id: String should have at most 256 characters"),
                         ("/search", "q: Field required"), ("/search?q=%20", "q: the text is empty")):
         assert get(port, path)[:2] == (400, {"error": error}), path
-    assert get(port, "/users/u1", method="POST")[:2] == (405, {"error": "method POST not allowed here; this API answers GET (and POST /users/batch, /items)"})
+    assert get(port, "/users/u1", method="POST")[:2] == (405, {
+        "error": "method POST not allowed here; this API answers GET (and POST /users/batch, /items)"})
     assert get(port, "/users/" + "x" * 9000)[:2] == (414, {"error": "request line longer than 8192 bytes"})
     assert get(port, "/users/u1", headers={"X-Big": "y" * 20_000})[:2] == (431, {"error": "request headers larger than 16384 bytes"})
     for raw in (b"FOO /users/u1 HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /users/u1 HTTP/1.1\r\nBad Header\r\n\r\n"):

@@ -16,6 +16,8 @@ from recommend.cli.output import print_answer
 WhereOpt = typer.Option(None, "--where", help="A condition on an indexed item field (publish.indexed_fields), "
                         "repeatable, all must hold: FIELD=VALUE, FIELD=A|B, FIELD<N, FIELD<=N, FIELD>N, FIELD>=N.")
 ExcludeOpt = typer.Option(None, "--exclude", help="An item id never to answer (repeatable).")
+DiversityOpt = typer.Option(0.0, "--diversity", min=0.0, max=1.0, help="Variety over relevance, 0 (none) to 1: maximal "
+                            "marginal relevance over a deeper pool of candidates.")
 
 
 def _recommender(config: str):
@@ -30,7 +32,8 @@ def recommend(user_id: str = typer.Argument(..., help="The user's id, as in the 
               k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
               recent: Optional[list[str]] = typer.Option(None, "--recent", help="For a user the batch has not seen: "
                                                          "item ids they just interacted with (repeatable)."),
-              where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
+              where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt,
+              diversity: float = DiversityOpt):
     """Recommended items for USER_ID from the live version (none they already interacted with).
     With --where, the items of the list that pass, filled by a vector query when fewer than k do.
 
@@ -39,15 +42,18 @@ def recommend(user_id: str = typer.Argument(..., help="The user's id, as in the 
         recs recommend U00042 --k 5
         recs recommend U00042 --where 'genres=Comedy' --where 'year>=2000' --exclude 1234
         recs recommend new-user --recent I00012 --recent I00340
+        recs recommend U00042 --diversity 0.5
     """
     with user_errors():
-        print_answer(_recommender(config).for_user(user_id, k, recent_items=recent, where=where, exclude=exclude), as_json)
+        print_answer(_recommender(config).for_user(user_id, k, recent_items=recent, where=where, exclude=exclude,
+                                                   diversity=diversity), as_json)
 
 
 @app.command()
 def similar(item_id: str = typer.Argument(..., help="The item's id, as in the catalog."),
             k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
-            where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
+            where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt,
+            diversity: float = DiversityOpt):
     """The items most similar to ITEM_ID in the live version (the item itself excluded).
 
     \b
@@ -56,13 +62,14 @@ def similar(item_id: str = typer.Argument(..., help="The item's id, as in the ca
         recs similar I00000 --where 'genres=Comedy|Drama'
     """
     with user_errors():
-        print_answer(_recommender(config).similar(item_id, k, where=where, exclude=exclude), as_json)
+        print_answer(_recommender(config).similar(item_id, k, where=where, exclude=exclude, diversity=diversity), as_json)
 
 
 @app.command()
 def search(text: str = typer.Argument(..., help="Free text to encode now and match against items."),
            k: Optional[int] = KOpt, config: str = ConfigOpt, as_json: bool = JsonOpt,
-           where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt):
+           where: Optional[list[str]] = WhereOpt, exclude: Optional[list[str]] = ExcludeOpt,
+           diversity: float = DiversityOpt):
     """The items nearest to TEXT, encoded now with the live version's model.
 
     \b
@@ -73,7 +80,7 @@ def search(text: str = typer.Argument(..., help="Free text to encode now and mat
     if not text.strip():
         raise typer.BadParameter("search needs a text, e.g. recs search \"trail running shoes\"")
     with user_errors():
-        print_answer(_recommender(config).search(text, k, where=where, exclude=exclude), as_json)
+        print_answer(_recommender(config).search(text, k, where=where, exclude=exclude, diversity=diversity), as_json)
 
 
 @app.command()

@@ -62,7 +62,7 @@ def added_points(reader, meta: dict, item_ids: list[str], text: np.ndarray, meta
     kept: dict[str, dict] = {i: {} for i in held}
     for name in (BLEND_VECTOR, BLEND_QUERY_VECTOR) if meta.get("layout") and held else ():
         pids, rows = reader.vectors(list(held), name)
-        by_pid = dict(zip(pids, rows))
+        by_pid = {str(p): r for p, r in zip(pids, rows)}  # the engine answers UUIDs
         for i in held:
             if (row := by_pid.get(point_id("item", i))) is not None:
                 kept[i][name] = [float(x) for x in row]

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from embedder.errors import RecsError
+from recommend.serving.diversity import diversify, pool_size
 from recommend.serving.filters import BadFilter, Where
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.payloads import parse_list
@@ -108,42 +109,44 @@ class Recommender:
         return self.live.store.versions()
 
     def for_user(self, user_id: str, k: int | None = None, recent_items: list[str] | None = None,
-                 where: dict | list[str] | None = None, exclude: list[str] | None = None) -> Answer:
+                 where: dict | list[str] | None = None, exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """The precomputed list for `user_id`. A user the batch has not seen gets a real-time list from
         `recent_items` (item ids they just interacted with) when given; otherwise NotFound. `where`:
         {field: value | [values] | {"gt"|"gte"|"lt"|"lte": number}} on indexed fields, or texts as
-        ["category=Shoes", "price<100"]; `exclude`: item ids never answered."""
+        ["category=Shoes", "price<100"]; `exclude`: item ids never answered; `diversity` (0..1): variety
+        over relevance (maximal marginal relevance, recommend/serving/diversity.py)."""
         snap = self.live.current()
-        return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude))
+        return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude), _share(diversity))
 
     def for_users(self, user_ids: list[str], k: int | None = None, where: dict | list[str] | None = None,
-                  exclude: list[str] | None = None) -> BatchAnswer:
+                  exclude: list[str] | None = None, diversity: float = 0.0) -> BatchAnswer:
         """`for_user` of each of up to MAX_BATCH ids (tonight's email), all from one version; an
         unknown id gets None and is listed in `unknown`, never failing the others."""
         snap = self.live.current()
-        return users_answers(snap, user_ids, k or self.k, where_of(snap, where, exclude))
+        return users_answers(snap, user_ids, k or self.k, where_of(snap, where, exclude), _share(diversity))
 
     def similar(self, item_id: str, k: int | None = None, where: dict | None = None,
-                exclude: list[str] | None = None) -> Answer:
+                exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """The precomputed most similar items to `item_id` (itself excluded)."""
         snap = self.live.current()
-        return similar_answer(snap, item_id, k or self.k, where_of(snap, where, exclude))
+        return similar_answer(snap, item_id, k or self.k, where_of(snap, where, exclude), _share(diversity))
 
     def for_items(self, item_ids: list[str], k: int | None = None, query: str | None = None,
-                  where: dict | list[str] | None = None, exclude: list[str] | None = None) -> Answer:
+                  where: dict | list[str] | None = None, exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """Real-time fallback: the list a user with exactly these items in their history would get
         (built as the batch builds one, in the same blended space), those items excluded."""
         snap = self.live.current()
-        return items_answer(snap, item_ids, k or self.k, query, where_of(snap, where, exclude))
+        return items_answer(snap, item_ids, k or self.k, query, where_of(snap, where, exclude), _share(diversity))
 
     def search(self, text: str, k: int | None = None, where: dict | None = None,
-               exclude: list[str] | None = None) -> Answer:
+               exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """Items nearest to `text`, encoded now with the model the live version was built with."""
         from embedder.encode import encode_chunk
 
         snap = self.live.current()
         path, found = query_model(snap, self.model), where_of(snap, where, exclude)
-        return text_answer(snap, encode_chunk([text], str(path), device=self.device)[0], text, k or self.k, found)
+        return text_answer(snap, encode_chunk([text], str(path), device=self.device)[0], text, k or self.k, found,
+                           _share(diversity))
 
 
 # ---- queries on one snapshot (the facade's and the HTTP service's) -------------------------------
@@ -180,16 +183,16 @@ def where_of(snap: Snapshot, where: dict | list[str] | None = None, exclude=None
 
 @_store_errors
 def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | None = None,
-                where: Where | None = None) -> Answer:
+                where: Where | None = None, diversity: float = 0.0) -> Answer:
     payload = _point(snap, "user", user_id)
     if payload is None:
         if recent_items:
-            return items_answer(snap, recent_items, k, query=f"user {user_id}", where=where)
+            return items_answer(snap, recent_items, k, query=f"user {user_id}", where=where, diversity=diversity)
         raise NotFound(f"unknown user {shown(user_id)} in version {snap.run_id}; pass recent items for a real-time list")
-    return _user_listed(snap, user_id, parse_list(payload, "recommended"), k, where)
+    return _user_listed(snap, user_id, parse_list(payload, "recommended"), k, where, diversity)
 
 
-def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None) -> Answer:
+def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0) -> Answer:
     entries, source, seen = stored
 
     def fill(taken: list[str], n: int) -> list[Recommendation]:
@@ -198,24 +201,25 @@ def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Whe
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
-    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill)
+    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity)
 
 
 @_store_errors
-def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | None = None) -> BatchAnswer:
+def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | None = None,
+                  diversity: float = 0.0) -> BatchAnswer:
     """`user_answer` of each id, the payloads read in one call per shard (not cached: a batch would
     push the hot answers out) and the listed items' metadata in one more."""
     if len(user_ids) > MAX_BATCH:
         raise BadFilter(f"{len(user_ids):,} user ids in one call; at most {MAX_BATCH:,}: split the batch")
     lists = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
     _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where else entries[:k])}))
-    answers = [_user_listed(snap, u, lists[u], k, where) if u in lists else None for u in user_ids]
+    answers = [_user_listed(snap, u, lists[u], k, where, diversity) if u in lists else None for u in user_ids]
     return BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), list(user_ids), answers,
                        [u for u in dict.fromkeys(user_ids) if u not in lists])
 
 
 @_store_errors
-def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = None) -> Answer:
+def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = None, diversity: float = 0.0) -> Answer:
     payload = _point(snap, "item", item_id)
     if payload is None:
         raise NotFound(f"unknown item {shown(item_id)} in version {snap.run_id}")
@@ -226,8 +230,8 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
         return [] if vector is None else search_items(snap, vector, n, exclude=_points([item_id], taken, where=where),
                                                       using=using, where=where)
     if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
-        return answer(snap, f"item {item_id}", "query", fill([], k))
-    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill)
+        entries, source = [], "query"
+    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity)
 
 
 def _item_query(snap: Snapshot, item_id: str) -> tuple[np.ndarray | None, str]:
@@ -254,7 +258,7 @@ def _points(*id_lists, where: Where | None = None) -> list:
 
 @_store_errors
 def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None = None,
-                 where: Where | None = None) -> Answer:
+                 where: Where | None = None, diversity: float = 0.0) -> Answer:
     from recommend.ranking.blend import Layout, user_from_items  # the real-time path only: pandas and scipy with it
 
     layout = snap.meta.get("layout")
@@ -268,7 +272,10 @@ def items_answer(snap: Snapshot, item_ids: list[str], k: int, query: str | None 
         vector, using = user_from_items(rows, Layout(**layout)), BLEND_VECTOR
     else:
         vector, using = rows.mean(axis=0) / (np.linalg.norm(rows.mean(axis=0)) or 1.0), ITEM_VECTOR
-    hits = search_items(snap, vector, k, exclude=found + _points(where=where), using=using, where=where)
+    hits = search_items(snap, vector, pool_size(k) if diversity else k, exclude=found + _points(where=where), using=using,
+                        where=where)
+    if diversity:
+        return answer(snap, query or f"items {','.join(item_ids)}", "realtime+diverse", diversify(snap.reader, hits, k, diversity))
     return answer(snap, query or f"items {','.join(item_ids)}", "realtime", hits)
 
 
@@ -285,8 +292,11 @@ def query_model(snap: Snapshot, model: str | None = None):
 
 
 @_store_errors
-def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int, where: Where | None = None) -> Answer:
-    hits = search_items(snap, vector, k, exclude=_points(where=where), where=where)
+def text_answer(snap: Snapshot, vector: np.ndarray, text: str, k: int, where: Where | None = None,
+                diversity: float = 0.0) -> Answer:
+    hits = search_items(snap, vector, pool_size(k) if diversity else k, exclude=_points(where=where), where=where)
+    if diversity:
+        return answer(snap, f"text {shown(text, 200)}", "text+diverse", diversify(snap.reader, hits, k, diversity))
     return answer(snap, f"text {shown(text, 200)}", "text", hits)
 
 
@@ -310,17 +320,31 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
     return payload
 
 
-def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill) -> Answer:
+def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill,
+            diversity: float = 0.0) -> Answer:
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
-    `fill(item ids taken, n)`'s n more when fewer than `k` do."""
-    if not where:
+    `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
+    today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
+    chosen by maximal marginal relevance."""
+    if not where and not diversity:
         entries = entries[:k]
     meta = _metadata(snap, [i for i, _ in entries])
     items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"})
-             for i, s in entries if not where or where.matches(i, meta[i])][:k]
-    if where and len(items) < k and (more := fill([r.item_id for r in items], k - len(items))):
+             for i, s in entries if not where or where.matches(i, meta[i])]
+    if diversity:
+        pool = pool_size(k)
+        more = fill([r.item_id for r in items], pool - len(items)) if len(items) < pool else []
+        return answer(snap, query, f"{source}+diverse", diversify(snap.reader, items + more, k, diversity))
+    items = items[:k]
+    if (where or not entries) and len(items) < k and (more := fill([r.item_id for r in items], k - len(items))):
         source, items = (f"{source}+query" if items else "query"), items + more
     return answer(snap, query, source, items)
+
+
+def _share(diversity: float) -> float:
+    if not 0.0 <= diversity <= 1.0:
+        raise BadFilter(f"diversity: expected a number from 0 (relevance only) to 1 (variety first), got {diversity}")
+    return float(diversity)
 
 
 def _metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:

@@ -49,6 +49,7 @@ class AddReport(BaseModel):
     problems: list[str] = Field(default_factory=list)
     still_live: bool = Field(True, description="false when another version went live meanwhile: add them again")
     seconds: float = 0.0
+    steps: dict[str, float] = Field(default_factory=dict, description="seconds: read (and validate), encode, store")
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,15 @@ class Intake:
             run_id = store.live()
             if run_id is None:
                 raise NotFound(f"nothing published under prefix {self.publish.prefix!r} yet: run `recs refresh` first")
-            meta = store.metadata(run_id)
+            meta, steps = store.metadata(run_id), {}
             got = ingest_items(replace(self.items, path=path, key=f"add-items {path}", format=fmt), self.mapping)
             rows, problems = _typed_rows(got.rows, self.mapping.metadata, meta.get("indexed_fields") or {})
             problems = [f"{r.source} row {r.row}: {r.reason}: {r.detail}" for r in got.quarantine.itertuples()] + problems
             if not len(rows):
                 raise InputError(f"no item of {path} can be added: " + "; ".join(problems[:5]))
+            steps["read"] = time.perf_counter() - started
             embedded = _encode(rows, self.embed, self.cache_root, meta, run_id)
+            steps["encode"] = time.perf_counter() - started - steps["read"]
             reader = store.open(run_id)
             try:
                 from recommend.serving.additions import added_points
@@ -118,10 +121,12 @@ class Intake:
                 reader.release()
             today = store.add_items(run_id, points, replaces)
             live_now = store.live()
+            steps["store"] = time.perf_counter() - started - steps["read"] - steps["encode"]
         return AddReport(version=run_id, added=len(points), new=len(points) - len(replaces), replaced=len(replaces),
                          added_today=today, encoded=embedded.counts.items_encoded, from_cache=embedded.counts.items_from_cache,
                          rows_read=got.counts.rows_read, quarantined=len(problems), problems=problems[:SHOWN],
-                         still_live=live_now == run_id, seconds=round(time.perf_counter() - started, 2))
+                         still_live=live_now == run_id, seconds=round(time.perf_counter() - started, 2),
+                         steps={k: round(v, 2) for k, v in steps.items()})
 
 
 def _typed_rows(rows, metadata: tuple[str, ...], indexed: dict[str, str]):

@@ -68,6 +68,8 @@ KQuery = Annotated[int | None, Query(ge=1, le=1000, description="how many items,
 WhereQuery = Annotated[list[str] | None, Query(max_length=20, description="conditions on the items' indexed fields, "
                                                "all of which must hold: FIELD=VALUE, FIELD=A|B (any of), FIELD<N, "
                                                "FIELD<=N, FIELD>N, FIELD>=N; e.g. where=category=Shoes&where=price<100")]
+DiversityQuery = Annotated[float | None, Query(ge=0, le=1, description="variety over relevance, 0 (none, the default) "
+                                               "to 1: maximal marginal relevance over a deeper pool of candidates")]
 ExcludeQuery = Annotated[str | None, Query(max_length=8192, description="comma-separated item ids never answered "
                                            "(already in the cart)")]
 
@@ -83,6 +85,7 @@ class UsersBatch(BaseModel):
                                                      '{"category": "Shoes", "brand": ["a", "b"], "price": {"lt": 100}} '
                                                      'or ["category=Shoes", "price<100"]')
     exclude: list[str] | None = Field(None, max_length=1000, description="item ids never answered")
+    diversity: float = Field(0.0, ge=0, le=1, description="variety over relevance, 0 to 1 (as for /users)")
 
 
 class NewItems(BaseModel):
@@ -173,36 +176,37 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     async def user(request: Request, user_id: IdPath, k: KQuery = None,
                    recent: Annotated[str | None, Query(max_length=4096, description="comma-separated item ids, for a "
                                                        "user the batch has not seen")] = None,
-                   where: WhereQuery = None, exclude: ExcludeQuery = None):
+                   where: WhereQuery = None, exclude: ExcludeQuery = None, diversity: DiversityQuery = None):
         """The user's precomputed list (none of the items they interacted with); with a filter, the
         items of it that pass, filled by a vector query when fewer than k do (`source` says so)."""
         failed_before(request)
         snap, n = snapshot(), k or default_k
         items = [i for i in (recent or "").split(",") if i][:100] or None
         found = _where(snap, where, exclude)
-        return await cached(snap, ("u", user_id, n, recent) + ((found.key(),) if found else ()),
-                            lambda: facade.user_answer(snap, user_id, n, items, found),
-                            searches if items or found else reads)  # these may need a vector query
+        return await cached(snap, ("u", user_id, n, recent, diversity) + ((found.key(),) if found else ()),
+                            lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0),
+                            searches if items or found or diversity else reads)  # these may need a vector query
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
     async def similar(request: Request, item_id: IdPath, k: KQuery = None, where: WhereQuery = None,
-                      exclude: ExcludeQuery = None):
+                      exclude: ExcludeQuery = None, diversity: DiversityQuery = None):
         """The items most similar to this one (itself excluded); a filter as for /users."""
         failed_before(request)
         snap, n = snapshot(), k or default_k
         found = _where(snap, where, exclude)
-        return await cached(snap, ("i", item_id, n) + ((found.key(),) if found else ()),
-                            lambda: facade.similar_answer(snap, item_id, n, found), searches if found else reads)
+        return await cached(snap, ("i", item_id, n, diversity) + ((found.key(),) if found else ()),
+                            lambda: facade.similar_answer(snap, item_id, n, found, diversity or 0.0),
+                            searches if found or diversity else reads)
 
     @app.get("/search", response_model=facade.Answer, response_class=Response)
     async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None,
-                     where: WhereQuery = None, exclude: ExcludeQuery = None):
+                     where: WhereQuery = None, exclude: ExcludeQuery = None, diversity: DiversityQuery = None):
         """Items nearest to a text, encoded now with the live version's model; only those that pass a filter."""
         snap, n, text = snapshot(), k or default_k, q.strip()
         if not text:
             raise HTTPException(400, "q: the text is empty")
         found = _where(snap, where, exclude)
-        key = ("s", text, n) + ((found.key(),) if found else ())
+        key = ("s", text, n, diversity) + ((found.key(),) if found else ())
         body = snap.cache.get(key)
         if body is None:
             enc = state["encoder"]
@@ -213,7 +217,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                                   "than this server encodes queries with; restart `recs serve`")
             vector = await enc.encode(text)
             metrics.search_batch.observe(enc.batches[-1] if enc.batches else 1)
-            return await cached(snap, key, lambda: facade.text_answer(snap, vector, text, n, found), searches)
+            return await cached(snap, key, lambda: facade.text_answer(snap, vector, text, n, found, diversity or 0.0), searches)
         metrics.cache_hits.inc()
         return Response(envelope(snap, body), media_type=JSON)
 
@@ -223,8 +227,9 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         is answered {"user_id", "error"} and never fails the others."""
         snap = snapshot()
         found = facade.where_of(snap, body.where, body.exclude) or None
-        answer = await asyncio.get_running_loop().run_in_executor(
-            searches if found else reads, facade.users_answers, snap, body.user_ids, body.k or default_k, found)
+        answer = await asyncio.get_running_loop().run_in_executor(searches if found or body.diversity else reads,
+                                                                  facade.users_answers, snap, body.user_ids,
+                                                                  body.k or default_k, found, body.diversity)
         return Response(orjson.dumps(answer.to_dict()), media_type=JSON)
 
     @app.post("/items", response_model=AddReport)
