@@ -75,7 +75,8 @@ def test_docs_and_redoc_render_offline_and_list_every_operation(served, tmp_path
     port = served
     status, schema, _ = get(port, "/openapi.json")
     operations = {(path, op["operationId"]) for path, methods in schema["paths"].items() for op in methods.values()}
-    assert {"/users/{user_id}", "/users/batch", "/items/{item_id}/similar", "/search", "/versions", "/health", "/metrics"} == {
+    assert {"/users/{user_id}", "/users/batch", "/items", "/items/{item_id}/similar", "/search", "/versions", "/health",
+            "/metrics"} == {
         path for path, _ in operations}
 
     for page in PAGES:  # the pages as served: every URL in them is this server's, and each asset answers

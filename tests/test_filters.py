@@ -248,3 +248,21 @@ def test_http_batch_of_users(published):
         chunks = iter([b'{"user_ids": ['] + [b'"u1",' * 10_000] * 30 + [b'"u1"]}'])  # no length declared
         status, body = post(server.port, chunks, {"transfer-encoding": "chunked"})
         assert status == 413 and "1,048,576 bytes" in body["error"]
+
+
+@pytest.mark.parametrize("where,exclude", FILTERS)
+def test_a_filter_the_stored_list_answers_needs_no_vector_query(published, where, exclude):
+    """What `recs serve` reads beside plain lookups: the answer, when the stored list gives it whole;
+    NeedsQuery (then the search thread) when a vector query must fill it."""
+    from recommend.serving.facade import NeedsQuery, similar_answer, user_answer
+
+    rec = published[0]
+    snap, found = rec.live.current(), Where.build(where, exclude, fields=FIELDS)
+    for ask in (lambda q: user_answer(snap, "u4", K, None, found, vector_query=q),
+                lambda q: similar_answer(snap, "i7", K, found, vector_query=q)):
+        whole = ask(True)
+        if whole.source.endswith("query"):
+            with pytest.raises(NeedsQuery):
+                ask(False)
+        else:
+            assert {**ask(False).to_dict(), "age_seconds": 0} == {**whole.to_dict(), "age_seconds": 0}

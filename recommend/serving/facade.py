@@ -81,6 +81,10 @@ class BatchAnswer:
         return {"version": self.version, "created_at": self.created_at, "age_seconds": self.age_seconds, "answers": rows}
 
 
+class NeedsQuery(Exception):
+    """The stored list does not answer alone: a vector query is needed (raised when none was allowed)."""
+
+
 class Recommender:
     """Queries against the live version (the embedded store or a server: the same calls)."""
 
@@ -183,16 +187,19 @@ def where_of(snap: Snapshot, where: dict | list[str] | None = None, exclude=None
 
 @_store_errors
 def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | None = None,
-                where: Where | None = None, diversity: float = 0.0) -> Answer:
+                where: Where | None = None, diversity: float = 0.0, vector_query: bool = True) -> Answer:
+    """`vector_query` False: NeedsQuery where the stored list does not answer alone (a server reads
+    those on its search thread, the rest beside plain lookups)."""
     payload = _point(snap, "user", user_id)
     if payload is None:
         if recent_items:
             return items_answer(snap, recent_items, k, query=f"user {user_id}", where=where, diversity=diversity)
         raise NotFound(f"unknown user {shown(user_id)} in version {snap.run_id}; pass recent items for a real-time list")
-    return _user_listed(snap, user_id, parse_list(payload, "recommended"), k, where, diversity)
+    return _user_listed(snap, user_id, parse_list(payload, "recommended"), k, where, diversity, vector_query)
 
 
-def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0) -> Answer:
+def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0,
+                 vector_query: bool = True) -> Answer:
     entries, source, seen = stored
 
     def fill(taken: list[str], n: int) -> list[Recommendation]:
@@ -201,7 +208,8 @@ def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Whe
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
-    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity)
+    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill if vector_query else None,
+                   diversity)
 
 
 @_store_errors
@@ -219,7 +227,8 @@ def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | No
 
 
 @_store_errors
-def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = None, diversity: float = 0.0) -> Answer:
+def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = None, diversity: float = 0.0,
+                   vector_query: bool = True) -> Answer:
     payload = _point(snap, "item", item_id)
     if payload is None:
         raise NotFound(f"unknown item {shown(item_id)} in version {snap.run_id}")
@@ -231,7 +240,8 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
                                                       using=using, where=where)
     if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
         entries, source = [], "query"
-    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity)
+    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill if vector_query else None,
+                   diversity)
 
 
 def _item_query(snap: Snapshot, item_id: str) -> tuple[np.ndarray | None, str]:
@@ -325,12 +335,14 @@ def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, wher
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
     `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
     today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
-    chosen by maximal marginal relevance."""
+    chosen by maximal marginal relevance. `fill` None: NeedsQuery when it would be called."""
     if not where and not diversity:
         entries = entries[:k]
     meta = _metadata(snap, [i for i, _ in entries])
     items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"})
              for i, s in entries if not where or where.matches(i, meta[i])]
+    if fill is None and (diversity or ((where or not entries) and len(items) < k)):
+        raise NeedsQuery(query)
     if diversity:
         pool = pool_size(k)
         more = fill([r.item_id for r in items], pool - len(items)) if len(items) < pool else []

@@ -101,8 +101,8 @@ class FastLookups:
         path = scope["path"]
         if path.startswith("/users/"):
             name = path[7:]
-            return (("u", name, k, None), self.users) if 0 < len(name) <= 256 and "/" not in name else None
+            return (("u", name, k, None, None), self.users) if 0 < len(name) <= 256 and "/" not in name else None
         if path.startswith("/items/") and path.endswith("/similar"):
             name = path[7:-8]
-            return (("i", name, k), self.similar) if 0 < len(name) <= 256 and "/" not in name else None
+            return (("i", name, k, None), self.similar) if 0 < len(name) <= 256 and "/" not in name else None
         return None

@@ -39,14 +39,13 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -56,46 +55,14 @@ from recommend.serving import facade
 from recommend.serving.encoder import Busy, QueryEncoder
 from recommend.serving.filters import BadFilter
 from recommend.serving.httpserver import Guard, Metrics, configure_limits
-from recommend.serving.intake import MAX_POSTED, AddReport, Intake
+from recommend.serving.intake import AddReport, Intake
+from recommend.serving.parameters import DiversityQuery, ExcludeQuery, IdPath, KQuery, NewItems, UsersBatch, WhereQuery
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.lookups import HOT_ROUTES, FastLookups, answer_body, envelope, failed_before
 from recommend.serving.settings import ServeSettings
 
 log = logging.getLogger("recs")
 JSON = "application/json"
-IdPath = Annotated[str, Path(min_length=1, max_length=256, description="the id as in the catalog or the events")]
-KQuery = Annotated[int | None, Query(ge=1, le=1000, description="how many items, 1 to 1000 (default: lists.k)")]
-WhereQuery = Annotated[list[str] | None, Query(max_length=20, description="conditions on the items' indexed fields, "
-                                               "all of which must hold: FIELD=VALUE, FIELD=A|B (any of), FIELD<N, "
-                                               "FIELD<=N, FIELD>N, FIELD>=N; e.g. where=category=Shoes&where=price<100")]
-DiversityQuery = Annotated[float | None, Query(ge=0, le=1, description="variety over relevance, 0 (none, the default) "
-                                               "to 1: maximal marginal relevance over a deeper pool of candidates")]
-ExcludeQuery = Annotated[str | None, Query(max_length=8192, description="comma-separated item ids never answered "
-                                           "(already in the cart)")]
-
-
-class UsersBatch(BaseModel):
-    """The body of POST /users/batch."""
-
-    model_config = ConfigDict(extra="forbid")
-    user_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(
-        min_length=1, max_length=facade.MAX_BATCH, description=f"at most {facade.MAX_BATCH:,} user ids")
-    k: int | None = Field(None, ge=1, le=1000, description="how many items each, 1 to 1000 (default: lists.k)")
-    where: dict[str, Any] | list[str] | None = Field(None, description='conditions on indexed item fields: '
-                                                     '{"category": "Shoes", "brand": ["a", "b"], "price": {"lt": 100}} '
-                                                     'or ["category=Shoes", "price<100"]')
-    exclude: list[str] | None = Field(None, max_length=1000, description="item ids never answered")
-    diversity: float = Field(0.0, ge=0, le=1, description="variety over relevance, 0 to 1 (as for /users)")
-
-
-class NewItems(BaseModel):
-    """The body of POST /items."""
-
-    model_config = ConfigDict(extra="forbid")
-    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_POSTED, description=(
-        f"at most {MAX_POSTED:,} items, each with the catalog's columns (items.id, the text template's fields, "
-        "items.metadata), e.g. {\"item_id\": \"I9001\", \"title\": \"Trail shoe\", \"category\": \"Shoes\", \"price\": 89}"))
-
 
 class Unavailable(RecsError):
     """Nothing can be answered now (nothing published, the store unreachable): HTTP 503."""
@@ -162,11 +129,18 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             raise Unavailable(live.error or f"nothing published under prefix {live.store.prefix!r} yet: run `recs refresh`")
         return snap
 
-    async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads) -> Response:
+    async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads, query=None) -> Response:
+        """The answer from the cache, or `compute`d on `pool`; with `query`, `compute` is tried beside
+        plain lookups first and `query` runs on the search thread only when a vector query is needed."""
         body = snap.cache.get(key)
         if body is None:
             metrics.cache_misses.inc()
-            body = answer_body(await asyncio.get_running_loop().run_in_executor(pool, compute))
+            loop = asyncio.get_running_loop()
+            try:
+                found = await loop.run_in_executor(pool, compute)
+            except facade.NeedsQuery:
+                found = await loop.run_in_executor(searches, query)
+            body = answer_body(found)
             snap.cache.put(key, body)
         else:
             metrics.cache_hits.inc()
@@ -184,8 +158,10 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         items = [i for i in (recent or "").split(",") if i][:100] or None
         found = _where(snap, where, exclude)
         return await cached(snap, ("u", user_id, n, recent, diversity) + ((found.key(),) if found else ()),
-                            lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0),
-                            searches if items or found or diversity else reads)  # these may need a vector query
+                            lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0,
+                                                       not found or bool(diversity)),
+                            searches if items or diversity else reads,  # these need a vector query; a filter may
+                            lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0))
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
     async def similar(request: Request, item_id: IdPath, k: KQuery = None, where: WhereQuery = None,
@@ -195,8 +171,10 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         snap, n = snapshot(), k or default_k
         found = _where(snap, where, exclude)
         return await cached(snap, ("i", item_id, n, diversity) + ((found.key(),) if found else ()),
-                            lambda: facade.similar_answer(snap, item_id, n, found, diversity or 0.0),
-                            searches if found or diversity else reads)
+                            lambda: facade.similar_answer(snap, item_id, n, found, diversity or 0.0,
+                                                          not found or bool(diversity)),
+                            searches if diversity else reads, lambda: facade.similar_answer(snap, item_id, n, found,
+                                                                                            diversity or 0.0))
 
     @app.get("/search", response_model=facade.Answer, response_class=Response)
     async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None,
