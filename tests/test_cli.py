@@ -50,7 +50,7 @@ def test_unknown_config_key_exits_2_naming_key(tmp_path, sample_dir, tiny_model)
     path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": 5, "top_n": 3})
     result = runner.invoke(app, ["refresh", "--config", str(path)])
     assert result.exit_code == 2
-    assert "unknown key 'lists.top_n' (allowed here: k, half_life_days, block_size)" in result.output
+    assert "unknown key 'lists.top_n' (allowed here: k, half_life_days, block_size, keep)" in result.output
     assert "Traceback" not in result.output
     # with --json a scheduler gets the failure as the last line of stdout too
     result = runner.invoke(app, ["refresh", "--config", str(path), "--json"])
@@ -63,6 +63,9 @@ def test_wrong_type_and_missing_input_exit_2(tmp_path, sample_dir, tiny_model):
     path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": "ten"})
     result = runner.invoke(app, ["refresh", "-c", str(path)])
     assert result.exit_code == 2 and "lists.k: Input should be a valid integer" in result.output
+    path = write_config(tmp_path, sample_dir, tiny_model, lists={"k": 10, "keep": 5})
+    result = runner.invoke(app, ["refresh", "-c", str(path)])
+    assert result.exit_code == 2 and "keep (5) is fewer than k (10)" in result.output, result.output
     path = write_config(tmp_path, sample_dir, tiny_model, events={"path": str(tmp_path / "missing.parquet")})
     result = runner.invoke(app, ["refresh", "-c", str(path)])
     assert result.exit_code == 2 and f"events.path: no file matches '{tmp_path / 'missing.parquet'}'" in result.output

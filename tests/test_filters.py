@@ -253,16 +253,17 @@ def test_http_batch_of_users(published):
 @pytest.mark.parametrize("where,exclude", FILTERS)
 def test_a_filter_the_stored_list_answers_needs_no_vector_query(published, where, exclude):
     """What `recs serve` reads beside plain lookups: the answer, when the stored list gives it whole;
-    NeedsQuery (then the search thread) when a vector query must fill it."""
+    NeedsQuery when a vector query must fill it, whose then() (on the search thread) finishes it."""
     from recommend.serving.facade import NeedsQuery, similar_answer, user_answer
 
     rec = published[0]
     snap, found = rec.live.current(), Where.build(where, exclude, fields=FIELDS)
     for ask in (lambda q: user_answer(snap, "u4", K, None, found, vector_query=q),
                 lambda q: similar_answer(snap, "i7", K, found, vector_query=q)):
-        whole = ask(True)
-        if whole.source.endswith("query"):
-            with pytest.raises(NeedsQuery):
+        whole = {**ask(True).to_dict(), "age_seconds": 0}
+        if whole["source"].endswith("query"):
+            with pytest.raises(NeedsQuery) as needs:
                 ask(False)
+            assert {**needs.value.then().to_dict(), "age_seconds": 0} == whole  # finished on the search thread
         else:
-            assert {**ask(False).to_dict(), "age_seconds": 0} == {**whole.to_dict(), "age_seconds": 0}
+            assert {**ask(False).to_dict(), "age_seconds": 0} == whole

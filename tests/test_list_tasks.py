@@ -116,3 +116,29 @@ def test_a_failing_block_fails_the_call_and_names_the_cause(tmp_path, space, das
     save_item_side(blocks.run, space.items, np.asarray(item_ids, dtype=object))
     with pytest.raises(RuntimeError, match="index.faiss"):
         list_blocks(dask_client, len(item_ids), blocks, settings, ListJob(K), sample=np.arange(3))
+
+
+def test_lists_kept_longer_than_k_begin_with_the_k_lists(tmp_path, space):
+    """lists.keep: each list is searched and stored 25 deep; its first K entries are the K lists
+    (a query answers K by default), and the Parts' counts still speak of K."""
+    space, item_ids, user_ids, blocks, settings = space
+    index = build_index(space.item_docs, "exact")
+    got = {}
+    for keep in (None, 25):
+        at = blocks_in(blocks, tmp_path / f"keep-{keep}")
+        save_index(index, at.run.index)
+        save_item_side(at.run, space.items, np.asarray(item_ids, dtype=object))
+        parts = list_blocks(None, len(item_ids), at, settings, ListJob(K, new_slots=1, new_boost=1.5, keep=keep),
+                            sample=np.arange(3), block_size=100)
+        got[keep] = (pd.read_parquet(at.run.lists), parts)
+    (short, short_parts), (long, long_parts) = got[None], got[25]
+    head = long[long["rank"] <= K].reset_index(drop=True)
+    pd.testing.assert_frame_equal(head.drop(columns=["score", "source"]), short.drop(columns=["score", "source"]))
+    np.testing.assert_allclose(head["score"], short["score"], atol=1e-5)
+    sizes = long.groupby(["subject_kind", "subject_id"]).size()
+    assert sizes.max() == 25 and (sizes == 25).mean() > 0.95  # u000 has 3 unseen items left
+    assert [p.short_of_k for p in long_parts] == [p.short_of_k for p in short_parts]
+    assert [p.new_items_listed for p in long_parts] == [p.new_items_listed for p in short_parts]
+    for a, b in zip(long_parts, short_parts):
+        if a.kind == "item":
+            np.testing.assert_array_equal(a.sample_ids, b.sample_ids)

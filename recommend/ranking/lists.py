@@ -100,14 +100,16 @@ class Candidates:
 
 
 def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen: sp.csr_matrix, k: int,
-                      items: Candidates, progress: Callable[[int], None] | None = None
+                      items: Candidates, progress: Callable[[int], None] | None = None, head: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every user, the k items nearest their profile that they have not interacted with.
 
     `seen`: (users, items) CSR, the items each user interacted with. Users without history get the
     most popular items. New items may earn places (`earn_places`). Returns (scores, ids, source) where
     source is 'history', 'history+new' (a new item let in), 'history+popular' (topped up) or 'popular'
-    per user.
+    per user. `head` (lists.keep: lists stored deeper than the k a query answers): new items earn
+    places among the first `head` entries only, as in a list of `head`, so that those are the same
+    whatever the depth.
     """
     item_vectors, popular_scores = items.vectors, items.popularity
     k = min(k, len(item_vectors))
@@ -120,9 +122,30 @@ def recommended_items(index, profiles: RowSource, has_history: np.ndarray, seen:
         scores[rows], ids[rows] = s, i
     filled = fill_from_popular(scores, ids, seen, _order(popular_scores, items.popular_order), profiles, item_vectors,
                                popular_scores)
-    let_in = earn_places(scores, ids, profiles, items, seen, rows)
+    if head is None or head >= ids.shape[1]:
+        let_in = earn_places(scores, ids, profiles, items, seen, rows)
+    else:
+        let_in = _earn_in_head(scores, ids, profiles, items, seen, rows, head)
     source = labels(np.where(~has_history, "popular", np.where(filled, "history+popular", np.where(let_in, "history+new", "history"))))
     return scores, ids, source
+
+
+def _earn_in_head(scores: np.ndarray, ids: np.ndarray, queries: RowSource, items: Candidates, seen: sp.csr_matrix,
+                  rows: np.ndarray, head: int) -> np.ndarray:
+    """`earn_places` on the first `head` entries of each list (in place); an item that made way there
+    leads the rest of the list, and a new item let in leaves it."""
+    head_scores, head_ids = scores[:, :head].copy(), ids[:, :head].copy()
+    let_in = earn_places(head_scores, head_ids, queries, items, seen, rows)
+    depth = ids.shape[1]
+    for r in np.flatnonzero(let_in):
+        now = set(head_ids[r].tolist())
+        made_way = [(i, s) for i, s in zip(ids[r, :head], scores[r, :head]) if i not in now]
+        entered = now - set(ids[r, :head].tolist())
+        rest = made_way + [(i, s) for i, s in zip(ids[r, head:], scores[r, head:]) if i not in entered]
+        rest = (rest + [(-1, -np.inf)] * depth)[:depth - head]
+        ids[r, head:], scores[r, head:] = [i for i, _ in rest], [s for _, s in rest]
+    ids[:, :head], scores[:, :head] = head_ids, head_scores
+    return let_in
 
 
 def labels(values: np.ndarray) -> np.ndarray:

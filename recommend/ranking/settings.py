@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class BlendSettings(BaseModel):
@@ -49,6 +49,15 @@ class ListsSettings(BaseModel):
     half_life_days: float = Field(14.0, gt=0, description="an event this old counts half in a user's profile")
     block_size: int = Field(8192, ge=1, description="items, or users (about: a user block is a range of a hash of "
                             "the ids), per task on the Dask workers")
+    keep: int | None = Field(None, ge=1, le=1000, description="entries stored in each list when more than k "
+                             "(a query answers k by default): a filter then finds more of its items in the stored list, "
+                             "without a vector query, for keep/k times the lists' size in the store; none: k")
+
+    @model_validator(mode="after")
+    def _keep_at_least_k(self):
+        if self.keep is not None and self.keep < self.k:
+            raise ValueError(f"keep ({self.keep}) is fewer than k ({self.k}): the stored lists hold at least k")
+        return self
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class ListsPlan:
 
     @property
     def job(self) -> ListJob:
-        return ListJob(self.lists.k, self.blend.new_item_slots, self.blend.new_item_boost)
+        return ListJob(self.lists.k, self.blend.new_item_slots, self.blend.new_item_boost, self.lists.keep)
 
 
 @dataclass(frozen=True)

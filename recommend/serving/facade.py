@@ -82,7 +82,12 @@ class BatchAnswer:
 
 
 class NeedsQuery(Exception):
-    """The stored list does not answer alone: a vector query is needed (raised when none was allowed)."""
+    """The stored list does not answer alone: a vector query is needed (raised when none was allowed).
+    `then()` finishes the answer from where it stopped (the stored list's part is done)."""
+
+    def __init__(self, then):
+        super().__init__("a vector query is needed")
+        self.then = then
 
 
 class Recommender:
@@ -208,8 +213,7 @@ def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Whe
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
-    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill if vector_query else None,
-                   diversity)
+    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, vector_query)
 
 
 @_store_errors
@@ -240,8 +244,7 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
                                                       using=using, where=where)
     if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
         entries, source = [], "query"
-    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill if vector_query else None,
-                   diversity)
+    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity, vector_query)
 
 
 def _item_query(snap: Snapshot, item_id: str) -> tuple[np.ndarray | None, str]:
@@ -331,26 +334,30 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 
 
 def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill,
-            diversity: float = 0.0) -> Answer:
+            diversity: float = 0.0, vector_query: bool = True) -> Answer:
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
     `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
     today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
-    chosen by maximal marginal relevance. `fill` None: NeedsQuery when it would be called."""
+    chosen by maximal marginal relevance. `vector_query` False: NeedsQuery when `fill` would be called."""
     if not where and not diversity:
         entries = entries[:k]
     meta = _metadata(snap, [i for i, _ in entries])
     items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"})
              for i, s in entries if not where or where.matches(i, meta[i])]
-    if fill is None and (diversity or ((where or not entries) and len(items) < k)):
-        raise NeedsQuery(query)
     if diversity:
-        pool = pool_size(k)
-        more = fill([r.item_id for r in items], pool - len(items)) if len(items) < pool else []
-        return answer(snap, query, f"{source}+diverse", diversify(snap.reader, items + more, k, diversity))
-    items = items[:k]
-    if (where or not entries) and len(items) < k and (more := fill([r.item_id for r in items], k - len(items))):
-        source, items = (f"{source}+query" if items else "query"), items + more
-    return answer(snap, query, source, items)
+        def finish() -> Answer:
+            pool = pool_size(k)
+            more = fill([r.item_id for r in items], pool - len(items)) if len(items) < pool else []
+            return answer(snap, query, f"{source}+diverse", diversify(snap.reader, items + more, k, diversity))
+    else:
+        def finish() -> Answer:
+            found, label = items[:k], source
+            if (where or not entries) and len(found) < k and (more := fill([r.item_id for r in found], k - len(found))):
+                label, found = (f"{source}+query" if found else "query"), found + more
+            return answer(snap, query, label, found)
+    if not vector_query and (diversity or ((where or not entries) and len(items) < k)):
+        raise NeedsQuery(finish)
+    return finish()
 
 
 def _share(diversity: float) -> float:

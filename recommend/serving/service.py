@@ -129,17 +129,17 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             raise Unavailable(live.error or f"nothing published under prefix {live.store.prefix!r} yet: run `recs refresh`")
         return snap
 
-    async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads, query=None) -> Response:
-        """The answer from the cache, or `compute`d on `pool`; with `query`, `compute` is tried beside
-        plain lookups first and `query` runs on the search thread only when a vector query is needed."""
+    async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads) -> Response:
+        """The answer from the cache, or `compute`d on `pool`; one that needs a vector query
+        (facade.NeedsQuery) is finished on the search thread."""
         body = snap.cache.get(key)
         if body is None:
             metrics.cache_misses.inc()
             loop = asyncio.get_running_loop()
             try:
                 found = await loop.run_in_executor(pool, compute)
-            except facade.NeedsQuery:
-                found = await loop.run_in_executor(searches, query)
+            except facade.NeedsQuery as needs:
+                found = await loop.run_in_executor(searches, needs.then)
             body = answer_body(found)
             snap.cache.put(key, body)
         else:
@@ -160,8 +160,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return await cached(snap, ("u", user_id, n, recent, diversity) + ((found.key(),) if found else ()),
                             lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0,
                                                        not found or bool(diversity)),
-                            searches if items or diversity else reads,  # these need a vector query; a filter may
-                            lambda: facade.user_answer(snap, user_id, n, items, found, diversity or 0.0))
+                            searches if items or diversity else reads)  # these need a vector query; a filter may
 
     @app.get("/items/{item_id}/similar", response_model=facade.Answer, response_class=Response)
     async def similar(request: Request, item_id: IdPath, k: KQuery = None, where: WhereQuery = None,
@@ -173,8 +172,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return await cached(snap, ("i", item_id, n, diversity) + ((found.key(),) if found else ()),
                             lambda: facade.similar_answer(snap, item_id, n, found, diversity or 0.0,
                                                           not found or bool(diversity)),
-                            searches if diversity else reads, lambda: facade.similar_answer(snap, item_id, n, found,
-                                                                                            diversity or 0.0))
+                            searches if diversity else reads)
 
     @app.get("/search", response_model=facade.Answer, response_class=Response)
     async def search(q: Annotated[str, Query(min_length=1, max_length=1000, description="free text")], k: KQuery = None,

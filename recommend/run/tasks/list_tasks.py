@@ -57,6 +57,12 @@ class ListJob:
     k: int
     new_slots: int = 0     # blend.new_item_slots
     new_boost: float = 1.0  # blend.new_item_boost
+    keep: int | None = None  # lists.keep: entries stored when more than k
+
+    @property
+    def depth(self) -> int:
+        """The entries each list is searched and stored to (its first k are the answer's)."""
+        return max(self.k, self.keep or self.k)
 
 
 @dataclass
@@ -139,12 +145,12 @@ def item_block(run: RunFolder, block: int, start: int, stop: int, job: ListJob, 
     started = time.perf_counter()
     side = load_item_side(run)
     rows = np.arange(start, stop, dtype=np.int64)
-    scores, ids, filled = similar_items(side.index, take_rows(side.queries, rows), job.k, np.asarray(side.items.popularity),
+    scores, ids, filled = similar_items(side.index, take_rows(side.queries, rows), job.depth, np.asarray(side.items.popularity),
                                         item_vectors=side.docs, rows=rows, popular_order=side.popular_order)
     warm = np.asarray(side.items.warm[rows])
     source = labels(np.where(filled, "similar+popular", np.where(warm, "similar", "similar-from-text")))
     files = _write_part(run, "item", block, side.item_ids[rows], (scores, ids, source), side.item_ids)
-    return Part("item", block, start, len(rows), files, sample_ids=ids[np.isin(rows, sample)],
+    return Part("item", block, start, len(rows), files, sample_ids=ids[np.isin(rows, sample), :job.k],
                 seconds=time.perf_counter() - started)
 
 
@@ -159,12 +165,14 @@ def user_block(run: RunFolder, block: int, start: int, job: ListJob, n_items: in
     n_history = rows.n_history
     candidates = Candidates(side.docs, np.asarray(side.items.popularity), side.popular_order, side.new_items, job.new_slots,
                             job.new_boost)
-    scores, ids, source = recommended_items(side.index, vectors, n_history > 0, rows.binary, job.k, candidates)
+    scores, ids, source = recommended_items(side.index, vectors, n_history > 0, rows.binary, job.depth, candidates,
+                                            head=job.k)
     source = labels(np.where((source == "history") & (n_history < side.items.layout.few_events), "few-events", source))
     files = _write_part(run, "user", block, user_ids, (scores, ids, source), side.item_ids, vectors=vectors, seen=rows.binary)
     listed = (ids >= 0).sum(axis=1)
     return Part("user", block, start, len(user_ids), files, short_of_k=int((listed < min(job.k, len(side.item_ids))).sum()),
-                new_items_listed=int(np.isin(ids[ids >= 0], side.new_items).sum()), seconds=time.perf_counter() - started)
+                new_items_listed=int(np.isin(ids[:, :job.k][ids[:, :job.k] >= 0], side.new_items).sum()),
+                seconds=time.perf_counter() - started)
 
 
 def list_blocks(client, n_items: int, blocks: Blocks, settings: RankingSettings, job: ListJob, *,
