@@ -21,6 +21,7 @@ PROMISED = {
     "index": {"index_approx_vs_exact": ["speed_ratio", "recall_at_20"]},
     "publish": {"publish_points_per_s": ["speedup", "embedded_points_per_s", "baseline_points_per_s"]},
     "serve": {"serve": ["requests"], "serve_memory": ["steady_peak_rss_mb"]},
+    "filters": {"filters_keep": ["ms_per_request", "speedup_vs_k_deep", "asked"]},
     "lists": {"lists_ours": ["total_s", "users_listed"], "lists_workers": ["total_s", "users_listed"],
               "lists_ratio": ["ours_total_over_workers"]},
     "list_blocks": {"list_blocks": ["one_worker_over_two", "workers_1_s", "workers_2_s", "blocks"]},

@@ -52,7 +52,7 @@ def peers() -> list[str]:
 
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
-              "serve": [], "lists": ["--sizes", "100000", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
+              "serve": [], "filters": [], "lists": ["--sizes", "100000", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
               "list_blocks": ["--size", "100000"],  # docs/performance.md's figure
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
 GPU = {"gpu": []}  # bench_gpu.py: default sizes (200,000 texts, 1,000,000 items)
@@ -65,6 +65,7 @@ SMOKE = {"encode": ["--texts", "8", "--model", STANDIN, "--skip-trim"],
          "publish": ["--points", "50", "--dim", "32"],
          "serve": ["--items", "50", "--users", "100", "--seconds", "0.2", "--clients", "1,2", "--model", STANDIN,
                    "--refresh-clients", "1", "--add-items", "20"],
+         "filters": ["--items", "60", "--users", "80", "--asked", "20", "--keeps", "30", "--model", STANDIN],
          "lists": ["--sizes", "500", "--systems", "ours", "workers", *[p for p in peers() if p != "spark"]],
          "list_blocks": ["--size", "500"],
          "scale": ["--items", "500", "--users", "500", "--parts", "2", "--publish",
