@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from recommend.serving.diversity import mmr, pool_size
-from recommend.serving.facade import Recommender, text_answer
+from recommend.serving.facade import text_answer
 from recommend.serving.filters import BadFilter, Where
 from recommend.serving.live import LiveVersion
 from recommend.serving.payloads import parse_list
-from recommend.serving.publish import Storage, publish_version
-from recommend.serving.versions import EmbeddedVersions, ServerVersions
-from test_filters import FIELDS, K, N_ITEMS, _catalog
+import test_filters
+from test_filters import FIELDS, K, N_ITEMS
 
 
 def _oracle(relevance, vectors, k, diversity):
@@ -46,19 +45,7 @@ def test_mmr_picks_what_the_greedy_rule_says(diversity):
     assert mmr(np.array([0.9, 0.85, 0.5]), vectors, 3, 0.6) == [0, 2, 1]
 
 
-@pytest.fixture(scope="module", params=["embedded", "server"])
-def published(request, tmp_path_factory):
-    items, users, metadata = _catalog()
-    if request.param == "embedded":
-        store = EmbeddedVersions(tmp_path_factory.mktemp("store"), "d")
-    else:
-        from qdrant_client import QdrantClient
-
-        store = ServerVersions(QdrantClient(":memory:"), "d")
-    publish_version(store, "20260101T000000Z-d0", items, users, storage=Storage(fields=tuple(FIELDS.items())),
-                    metadata={"run_id": "20260101T000000Z-d0", "created_at": "2026-01-01T00:00:00+00:00",
-                              "indexed_fields": FIELDS})
-    return Recommender(LiveVersion(store, poll_s=0), k=K), items, users, metadata
+published = test_filters.published  # the same version, on both stores (a fixture of this module too)
 
 
 def _alike(items, answer) -> float:
