@@ -264,8 +264,11 @@ def add_under_load(args, config: Path, port: int, hot: list[bytes]) -> dict:
     from bench_encode import raw_encode
 
     data = yaml.safe_load(config.read_text())
+    import glob
+
     path = Path(data["items"]["path"])
-    catalog = pd.read_parquet(path if path.is_absolute() else config.parent / path)
+    path = path if path.is_absolute() else config.parent / path
+    catalog = pd.read_parquet((sorted(glob.glob(str(path))) or [str(path)])[0])  # a glob of parts: the first one
     new = catalog.sample(args.add_items, replace=len(catalog) < args.add_items, random_state=1).reset_index(drop=True)
     stamp = time.time_ns()
     new["item_id"] = [f"ADD{stamp}-{i}" for i in range(len(new))]
@@ -275,7 +278,7 @@ def add_under_load(args, config: Path, port: int, hot: list[bytes]) -> dict:
     from embedder.text import render_text
 
     rendered = [render_text(data["items"]["text"], row) for row in new.to_dict("records")]
-    _, raw_s = raw_encode(rendered, "fp32", model=args.model)
+    _, raw_s = raw_encode(rendered, "fp32", model=data["embed"]["model"])  # the model the items are encoded with
     search = f"/search?k=1&q={urllib.parse.quote_plus(rendered[-1])}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     adder = subprocess.Popen([sys.executable, "-m", "recommend.cli", "add-items", str(file), "-q", "-c", str(config), "--json"],
