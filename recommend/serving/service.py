@@ -219,7 +219,8 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            state["adder"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            # a fresh process for each addition: what it opened of the version (the engine's maps) goes with it
+            state["adder"] = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
         report = await asyncio.get_running_loop().run_in_executor(state["adder"], intake.add_records, body.items)
         await asyncio.to_thread(live.poll_once)  # this process answers with them at once; others within poll_s
         return _json(report.model_dump())
