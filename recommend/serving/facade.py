@@ -213,7 +213,8 @@ def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Whe
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
-    return _listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, vector_query)
+    return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity),
+                     vector_query)
 
 
 @_store_errors
@@ -244,7 +245,7 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
                                                       using=using, where=where)
     if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
         entries, source = [], "query"
-    return _listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity, vector_query)
+    return _answered(_listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity), vector_query)
 
 
 def _item_query(snap: Snapshot, item_id: str) -> tuple[np.ndarray | None, str]:
@@ -334,11 +335,12 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 
 
 def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill,
-            diversity: float = 0.0, vector_query: bool = True) -> Answer:
+            diversity: float = 0.0) -> tuple:
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
     `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
     today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
-    chosen by maximal marginal relevance. `vector_query` False: NeedsQuery when `fill` would be called."""
+    chosen by maximal marginal relevance. Returns (a function that finishes the answer, whether it
+    calls `fill`: a vector query), for `_answered`."""
     if not where and not diversity:
         entries = entries[:k]
     meta = _metadata(snap, [i for i, _ in entries])
@@ -355,7 +357,13 @@ def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, wher
             if (where or not entries) and len(found) < k and (more := fill([r.item_id for r in found], k - len(found))):
                 label, found = (f"{source}+query" if found else "query"), found + more
             return answer(snap, query, label, found)
-    if not vector_query and (diversity or ((where or not entries) and len(items) < k)):
+    return finish, bool(diversity or ((where or not entries) and len(items) < k))
+
+
+def _answered(listed: tuple, vector_query: bool = True) -> Answer:
+    """The answer `_listed` prepared; `vector_query` False: NeedsQuery when it needs one."""
+    finish, needs = listed
+    if needs and not vector_query:
         raise NeedsQuery(finish)
     return finish()
 
