@@ -148,7 +148,9 @@ class LiveVersion:
                 return False
             started = time.perf_counter()
             try:
-                new = self._open(run_id, added)
+                # items added to the version served: its shards' files are in memory already, only the
+                # added shard is new (small); a whole warm read would be all CPU, under a server's load
+                new = self._open(run_id, added, warm=self.warm and (self.snap is None or run_id != self.snap.run_id))
             except Exception as exc:
                 self.error = f"cannot open version {run_id}: {_describe(exc)}"
                 if self.snap is not None:  # otherwise the caller raises it (current()) or /health shows it
@@ -165,10 +167,10 @@ class LiveVersion:
                 _trim()
             return True
 
-    def _open(self, run_id: str, additions=None) -> Snapshot:
+    def _open(self, run_id: str, additions=None, warm: bool = False) -> Snapshot:
         meta = self.store.metadata(run_id)
         reader = self.store.open(run_id)
-        if self.warm:
+        if warm:
             reader.warm()
         return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size), additions=additions)
 
