@@ -159,6 +159,11 @@ def test_an_added_shard_is_checked_and_what_a_crashed_addition_left_is_removed(t
 
     with pytest.raises(DamagedVersion, match="added-0002"):
         store.open(V1)
+    (folder / "added.json").write_text("{not json")  # a damaged list of today's items
+    assert [v.added for v in store.versions()] == [0]  # the versions are still listed
+    assert "added.json is damaged" in store.verify(V1)
+    with pytest.raises(DamagedVersion, match="added.json"):
+        store.open(V1)
 
 
 def test_a_users_list_never_names_an_item_added_today(store):

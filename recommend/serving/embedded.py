@@ -225,10 +225,17 @@ class EmbeddedVersions(VersionStore):
         live, found = self.live(), []
         for run_id in self._folders():
             if marker := self._marker(run_id):
-                points, added = marker["points"], read_added(self.folder / run_id)
-                found.append(Version(run_id, run_id == live, points.get("items"), points.get("users"), marker["metadata"],
-                                     len(added["items"]) if added else 0))
+                found.append(Version(run_id, run_id == live, marker["points"].get("items"), marker["points"].get("users"),
+                                     marker["metadata"], self._added_count(run_id)))
         return found
+
+    def _added_count(self, run_id: str) -> int:
+        """Items added to a version today; 0 when its added.json is damaged (`verify` names it)."""
+        try:
+            added = read_added(self.folder / run_id)
+        except (OSError, ValueError):
+            return 0
+        return len(added["items"]) if added else 0
 
     def incomplete(self) -> list[str]:
         return [r for r in self._folders() if not self._marker(r)]
@@ -247,7 +254,7 @@ class EmbeddedVersions(VersionStore):
         try:
             added = read_added(folder)
         except (OSError, ValueError):
-            return f"{folder / 'added.json'} is damaged (today's added items); `recs add-items` writes it again"
+            return f"{folder / 'added.json'} is damaged (the items added to this version today)"
         for name, shard in sorted(marker["shards"].items()) + ([(added["shard"], added)] if added else []):
             if found := problems(folder / name, shard["files"], deep=deep):
                 return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")

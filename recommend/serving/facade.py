@@ -125,27 +125,27 @@ class Recommender:
         ["category=Shoes", "price<100"]; `exclude`: item ids never answered; `diversity` (0..1): variety
         over relevance (maximal marginal relevance, recommend/serving/diversity.py)."""
         snap = self.live.current()
-        return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude), _share(diversity))
+        return user_answer(snap, user_id, k or self.k, recent_items, where_of(snap, where, exclude), _diversity(diversity))
 
     def for_users(self, user_ids: list[str], k: int | None = None, where: dict | list[str] | None = None,
                   exclude: list[str] | None = None, diversity: float = 0.0) -> BatchAnswer:
         """`for_user` of each of up to MAX_BATCH ids (tonight's email), all from one version; an
         unknown id gets None and is listed in `unknown`, never failing the others."""
         snap = self.live.current()
-        return users_answers(snap, user_ids, k or self.k, where_of(snap, where, exclude), _share(diversity))
+        return users_answers(snap, user_ids, k or self.k, where_of(snap, where, exclude), _diversity(diversity))
 
     def similar(self, item_id: str, k: int | None = None, where: dict | None = None,
                 exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """The precomputed most similar items to `item_id` (itself excluded)."""
         snap = self.live.current()
-        return similar_answer(snap, item_id, k or self.k, where_of(snap, where, exclude), _share(diversity))
+        return similar_answer(snap, item_id, k or self.k, where_of(snap, where, exclude), _diversity(diversity))
 
     def for_items(self, item_ids: list[str], k: int | None = None, query: str | None = None,
                   where: dict | list[str] | None = None, exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
         """Real-time fallback: the list a user with exactly these items in their history would get
         (built as the batch builds one, in the same blended space), those items excluded."""
         snap = self.live.current()
-        return items_answer(snap, item_ids, k or self.k, query, where_of(snap, where, exclude), _share(diversity))
+        return items_answer(snap, item_ids, k or self.k, query, where_of(snap, where, exclude), _diversity(diversity))
 
     def search(self, text: str, k: int | None = None, where: dict | None = None,
                exclude: list[str] | None = None, diversity: float = 0.0) -> Answer:
@@ -155,7 +155,7 @@ class Recommender:
         snap = self.live.current()
         path, found = query_model(snap, self.model), where_of(snap, where, exclude)
         return text_answer(snap, encode_chunk([text], str(path), device=self.device)[0], text, k or self.k, found,
-                           _share(diversity))
+                           _diversity(diversity))
 
 
 # ---- queries on one snapshot (the facade's and the HTTP service's) -------------------------------
@@ -368,7 +368,8 @@ def _answered(listed: tuple, vector_query: bool = True) -> Answer:
     return finish()
 
 
-def _share(diversity: float) -> float:
+def _diversity(diversity: float) -> float:
+    """`diversity` as a query takes it; BadFilter (HTTP 400, exit 2) outside 0..1."""
     if not 0.0 <= diversity <= 1.0:
         raise BadFilter(f"diversity: expected a number from 0 (relevance only) to 1 (variety first), got {diversity}")
     return float(diversity)

@@ -72,7 +72,7 @@ class Intake:
 
     def add_records(self, records: list[dict]) -> AddReport:
         """Add items given as records with the catalog's columns (POST /items); a problem names the
-        record by its position ("item 3")."""
+        record by its position ("POST /items row 3") or its id."""
         if not records:
             raise InputError("no items to add")
         with tempfile.TemporaryDirectory(prefix="recs-add-") as folder:
@@ -88,7 +88,8 @@ class Intake:
 
     def add_file(self, path: str, fmt: str | None = None) -> AddReport:
         """Add the items of a catalog file (Parquet, CSV or JSON lines, by its extension or `fmt`) to
-        the live version. NotFound before the first publish; RecsError when no row can be added."""
+        the live version. NotFound before the first publish; InputError (exit 2, HTTP 400) when no
+        row can be added; ConfigError when embed.model is not the live version's model."""
         from embedder.ingest import ingest_items
         from recommend.serving.versions import version_store
 
@@ -156,9 +157,10 @@ def _kind_text(kind: str) -> str:
 def _encode(rows, embed, cache_root: str, meta: dict, run_id: str):
     """The rows' text vectors, through the cache, with the model the version was built with."""
     from embedder.encode import embed_items, resolve_model
+    from recommend.config import ConfigError
 
     model = resolve_model(embed)
     if meta.get("model_fingerprint") and model.fingerprint != meta["model_fingerprint"]:
-        raise RecsError(f"embed.model {embed.model} is not the model version {run_id} was built with "
+        raise ConfigError(f"embed.model {embed.model} is not the model version {run_id} was built with "
                         f"({meta.get('model')}): its items would be in another vector space")
     return embed_items(rows[["item_id", "text"]], model, cache_root=cache_root)
