@@ -150,11 +150,14 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
 
 
 def _points(point, ids: list, named: dict, payloads: list):
-    """Engine points of a batch (point ids, {name: (n, d) array}, payloads), BATCH at a time."""
+    """Engine points of a batch (point ids, {name: (n, d) array}, payloads), BATCH at a time. Each
+    vector goes to the engine as a memoryview of its float32 row: the engine reads it about twice as
+    fast as a numpy row (a point of 579 floats: 14-17 us against 30-45 on machine C), the same values."""
     for start in range(0, len(ids), BATCH):
         stop = min(start + BATCH, len(ids))
-        block = {n: np.ascontiguousarray(v[start:stop], dtype=np.float32) for n, v in named.items()}
-        yield [point(ids[i], {n: b[i - start] for n, b in block.items()}, payloads[i]) for i in range(start, stop)]
+        rows = {n: list(map(memoryview, np.ascontiguousarray(v[start:stop], dtype=np.float32)))
+                for n, v in named.items()}
+        yield [point(ids[i], {n: r[i - start] for n, r in rows.items()}, payloads[i]) for i in range(start, stop)]
 
 
 def user_shard(user_ids, shards: int) -> np.ndarray:
