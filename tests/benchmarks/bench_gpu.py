@@ -3,7 +3,9 @@ baseline in the same run, and each answer checked.
 
 Encode (texts like the sample shop's, made unique): sentence-transformers' own `model.encode` (fp32,
 and under fp16 autocast), the GPU encoder (embedder/token_batches.py) alone, then the pipeline: a
-refresh's embed step through a Dask GPU worker with a cold content-hash cache, and again warm.
+refresh's embed step as the refresh runs it (each worker's encode threads, the vectors written to an
+embeddings.parquet on a worker) through a Dask GPU worker with a cold content-hash cache, then again
+with every text cached; the pipeline's rate against the GPU encoder's alone, in the same precision.
 Cosines to fp32 on the CPU come from `--reference` (vectors of the first texts, made on a CPU).
 
 Search (unit vectors from a seeded generator that numpy keeps stable across versions): every item's
@@ -204,46 +206,61 @@ def bench_encode(device: str, n: int, model: str, reference_path: str | None, st
                                                   "batch_size": 256, "texts": len(few), "texts_per_s": round(raw[precision]),
                                                   **to_cpu_fp32(vectors)})
     baseline = max(raw.values())
+    alone = {}  # the GPU encoder's texts/s by precision: the pipeline's ceiling
     for precision in ("fp16", "bf16", "fp32") if device == "cuda" else ("fp32", "bf16"):
         fast = TokenBatchEncoder.from_model(model_, device, precision)
         if fast is None:
             emit("failed", {"part": "token batches", "why": "this model's layout is not one TokenBatchEncoder runs"})
             break
         vectors, seconds = timed(lambda b: np.concatenate([fast.encode(b[i:i + 4096]) for i in range(0, len(b), 4096)]), texts)
+        alone[precision] = n / seconds
         emit("encode_raw_token_batches", {"precision": precision, "texts": n, "chunk": 4096, "texts_per_s": round(n / seconds),
                                           "vs_best_sentence_transformers": round(n / seconds / baseline, 2), **to_cpu_fp32(vectors)})
     items = pd.DataFrame({"item_id": [str(i) for i in range(n)], "text": texts})
     settings = EmbedSettings(model=path, device=device)
     for threads in threads_per_worker:
-        survive(pipeline, items, settings, device, threads, baseline, to_cpu_fp32)
+        survive(pipeline, items, settings, device, threads, baseline, alone, to_cpu_fp32)
 
 
-def pipeline(items, settings, device, threads, baseline, to_cpu_fp32) -> None:
-    """The embed step of a refresh through a Dask cluster (one worker per GPU), cold cache then warm."""
+def pipeline(items, settings, device, threads, baseline, alone, to_cpu_fp32) -> None:
+    """The embed step as a refresh runs it (recommend/run/stages.py: `encode_threads`, `out=` the run's
+    embeddings.parquet) through a Dask cluster (one worker per GPU), cold cache, then every text cached."""
     from embedder.encode import embed_items
+    from index.rows import parquet_rows
     from recommend.config import DaskSettings
     from recommend.run.infra.cluster import dask_client
+    from recommend.run.infra.preflight import encode_threads
 
     n = len(items)
     with dask_client(DaskSettings(threads_per_worker=threads), device=device) as client, \
-            tempfile.TemporaryDirectory() as cache:
+            tempfile.TemporaryDirectory() as folder:
         workers = client.scheduler_info()["workers"]
+        cache, torch_threads = os.path.join(folder, "cache"), encode_threads(client)
+
+        def embed(frame, name):
+            return embed_items(frame, settings, cache_root=cache, client=client, threads=torch_threads,
+                               out=os.path.join(folder, f"{name}.parquet"))
+
         warm = items.iloc[:2048].assign(item_id=lambda f: "warm-" + f["item_id"], text=lambda f: "warm up " + f["text"])
-        embed_items(warm, settings, cache_root=cache, client=client)  # each worker loads the model once, as in a refresh
+        embed(warm, "warm-up")  # each worker loads the model once, as in a refresh
         start = time.perf_counter()
-        cold = embed_items(items, settings, cache_root=cache, client=client)
+        cold = embed(items, "cold")
         cold_s = time.perf_counter() - start
         start = time.perf_counter()
-        again = embed_items(items, settings, cache_root=cache, client=client)
-        warm_s = time.perf_counter() - start
+        again = embed(items, "cached")
+        cached_s = time.perf_counter() - start
+        chosen = cold.counts.precision.chosen
         emit("encode_pipeline", {
             "texts": n, "workers": len(workers), "threads_per_worker": [w["nthreads"] for w in workers.values()],
-            "precision": cold.counts.precision.chosen, "precision_check_mean_cosine": cold.counts.precision.mean_cosine,
+            "torch_threads": sorted(set(torch_threads.values())),
+            "precision": chosen, "precision_check_mean_cosine": cold.counts.precision.mean_cosine,
             "cold_seconds": round(cold_s, 2), "cold_texts_per_s": round(n / cold_s),
             "encoded": cold.counts.items_encoded, "encode_seconds": cold.counts.encode_seconds,
             "vs_best_sentence_transformers": round(n / cold_s / baseline, 2),
-            "warm_seconds": round(warm_s, 2), "warm_from_cache": again.counts.items_from_cache,
-            **to_cpu_fp32(cold.vectors.astype(np.float32))})
+            "vs_gpu_encoder_alone": round(n / cold_s / alone[chosen], 2) if chosen in alone else None,
+            "cached_seconds": round(cached_s, 3), "cached_from_cache": again.counts.items_from_cache,
+            "cached_encoded": again.counts.items_encoded, "cached_share_of_cold": round(cached_s / cold_s, 3),
+            **to_cpu_fp32(parquet_rows(os.path.join(folder, "cold.parquet"), dtype=np.float32)[:4096])})
 
 
 def main() -> None:

