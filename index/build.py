@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from embedder.artifacts import atomic_path
+from index.norm_head import NormHead, head_path, with_saved_head
 from index.rows import RowSource
 
 EXACT = "Flat"
@@ -48,7 +49,8 @@ def gpu_count() -> int:
 
 
 def ivf_of(index):
-    """The IVF part of `index` (also inside an IndexPreTransform), or None for other kinds."""
+    """The IVF part of `index` (also inside an IndexPreTransform or a NormHead), or None for other kinds."""
+    index = getattr(index, "body", index)
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, AttributeError):
@@ -96,8 +98,14 @@ def build_index(vectors: RowSource, kind: str = "auto", exact_below: int = 50_00
 
 
 def save_index(index, path: Path | str) -> Path:
-    """Write the index (moved back to CPU if needed) to a temporary name, then rename."""
+    """Write the index (moved back to CPU if needed) to a temporary name, then rename; a `NormHead`
+    writes its head beside it (index/norm_head.py), any other index removes a head left there."""
     path = Path(path)
+    if isinstance(index, NormHead):
+        index.save_head(path)
+        index = index.body
+    else:
+        head_path(path).unlink(missing_ok=True)
     if hasattr(faiss, "index_gpu_to_cpu") and gpu_count() > 0:
         try:
             index = faiss.index_gpu_to_cpu(index)
@@ -111,5 +119,6 @@ def save_index(index, path: Path | str) -> Path:
 def load_index(path: Path | str, mmap: bool = False):
     """The index saved at `path`. `mmap`: its vectors (codes) are mapped from the file, not copied, so
     that processes on one host share one copy in the page cache (the lists' blocks on the workers read
-    and hold the index once per host, not once per worker); the file must then stay as it is."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    and hold the index once per host, not once per worker); the file must then stay as it is. With
+    the head saved beside it, a `NormHead`."""
+    return with_saved_head(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0), path)

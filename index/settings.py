@@ -19,6 +19,9 @@ class IndexSettings(BaseModel):
     target_recall: float | None = Field(0.95, gt=0, le=1, description="tune the search depth (IVF nprobe, HNSW "
                                         "efSearch) to this recall@k against exact search on a sample; null: search_depth")
     search_depth: int | None = Field(None, ge=1, description="a fixed nprobe / efSearch when target_recall is null")
+    norm_head: float = Field(0.001, ge=0, le=0.2, description="share of the items, the longest by norm, searched "
+                             "exactly beside an approximate index and merged with its answers (index/norm_head.py): "
+                             "most lists are drawn from them, and a graph finds them poorly from a user's profile; 0: none")
     exact_budget_s: float = Field(7200, gt=0, description="when no depth reaches target_recall: exact search if it "
                                   "costs (by a timed sample) at most this many seconds, else the depth where recall "
                                   "stops growing (reported)")

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from index.build import APPROXIMATE, build_index, ivf_of
+from index.norm_head import NormHead
 from index.rows import RowSource
 from index.settings import IndexSettings
 from index.search import exact_search, flat_vectors, is_exact, own_rows, recall_at_k, sample_rows, search_excluding
@@ -41,6 +42,8 @@ class Tuning(BaseModel):
     value: int | None = None       # the depth set (None: faiss's default)
     exact: bool = False            # the index searches exactly
     recall: float | None = None    # recall@k at `value`, the lower of the query sets
+    recall_by_set: dict[str, float] = Field(default_factory=dict)  # "items", "users": each set's recall@k at `value`
+    norm_head: int = 0             # rows searched exactly beside the index (index/norm_head.py)
     target: float | None = None
     reached: bool | None = None
     sample: int | None = None      # queries the recall was measured on
@@ -54,9 +57,10 @@ class Tuning(BaseModel):
 
 
 def _hnsw(index):
-    """The HNSW graph of `index` (also inside a padding IndexPreTransform), or None."""
+    """The HNSW graph of `index` (also inside a padding IndexPreTransform or a NormHead), or None."""
     import faiss
 
+    index = getattr(index, "body", index)
     if isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
     return getattr(index, "hnsw", None)
@@ -114,6 +118,7 @@ def tune_depth(index, vectors: RowSource, sets: list[tuple[np.ndarray, object]],
     name, candidates = knob
     truths = [exact_search(vectors, q, k, exclude)[1] for q, exclude in sets]
     tried: dict[int, float] = {}
+    by_set: dict[int, list[float]] = {}
     seconds: dict[int, float] = {}
     n_sample = sum(len(q) for q, _ in sets)
     for value in candidates:
@@ -121,7 +126,8 @@ def tune_depth(index, vectors: RowSource, sets: list[tuple[np.ndarray, object]],
         start = time.perf_counter()
         found = [search_excluding(index, q, k, exclude)[1] for q, exclude in sets]
         seconds[value] = (time.perf_counter() - start) / max(n_sample, 1)
-        tried[value] = round(min(recall_at_k(got, truth) for got, truth in zip(found, truths)), 4)
+        by_set[value] = [round(recall_at_k(got, truth), 4) for got, truth in zip(found, truths)]
+        tried[value] = min(by_set[value])
         if progress:
             progress(1)
         if tried[value] >= target or (slowest is not None and seconds[value] > slowest):
@@ -131,7 +137,9 @@ def tune_depth(index, vectors: RowSource, sets: list[tuple[np.ndarray, object]],
         value = min(v for v, r in tried.items() if r >= best - PLATEAU)
         set_depth(index, value)
     return Tuning(knob=name, value=value, recall=tried[value], target=target, reached=tried[value] >= target,
-                  sample=int(n_sample), query_sets=len(sets), tried=tried, seconds_per_query=seconds[value])
+                  sample=int(n_sample), query_sets=len(sets), tried=tried, seconds_per_query=seconds[value],
+                  recall_by_set=dict(zip(("items", "users"), by_set[value])),
+                  norm_head=len(getattr(index, "rows", ())))
 
 
 EXACT_SAMPLE = 2048   # queries timed to estimate what exact search of all of them costs
@@ -173,11 +181,15 @@ def build_tuned(vectors: RowSource, queries: RowSource | None, k: int, settings:
                 f"{HEADROOM:g} times building {factory} (about {build_estimate:.0f} s)"))
     started = time.perf_counter()
     index = build_index(stored, factory)
+    if settings.norm_head and not is_exact(index):  # the longest documents searched exactly beside it
+        index = NormHead.around(index, stored, settings.norm_head)
+        factory = f"{factory} with the {len(index.rows)} longest items searched exactly"
     if settings.target_recall is None or depth_knob(index) is None:
         if settings.search_depth is not None:
             set_depth(index, settings.search_depth)
         del flat
         return index, Tuning(knob=(depth_knob(index) or (None,))[0], value=settings.search_depth, exact=is_exact(index),
+                             norm_head=len(getattr(index, "rows", ())),
                              decision=f"{factory} at a fixed depth (index.target_recall is null)")
     name, candidates = depth_knob(index)
     tuning = tune_depth(index, stored, tuning_sets(queries, other_queries, other_rows), k, settings.target_recall,

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from index.build import build_index, choose_factory, load_index, save_index
+from index.build import build_index, choose_factory, ivf_of, load_index, save_index
 from conftest import brute_force
 from index.search import search_excluding
 from index.settings import IndexSettings
@@ -61,10 +61,8 @@ def test_tuned_depth_is_the_smallest_that_reaches_the_target_recall(kind, target
 
 
 def test_fixed_depth_without_a_target():
-    import faiss
-
     index, tuning = build_tuned(_unit(3000, d=32), None, 10, IndexSettings(kind="IVF64,Flat", target_recall=None, search_depth=3))
-    assert faiss.extract_index_ivf(index).nprobe == 3 and tuning.value == 3
+    assert ivf_of(index).nprobe == 3 and tuning.value == 3
     _, exact = build_tuned(_unit(100), None, 10, IndexSettings(kind="auto"))
     assert exact.exact and exact.knob is None
 
@@ -140,7 +138,7 @@ def test_exact_search_when_no_depth_worth_searching_reaches_the_target():
     # stays (the smallest within 0.01 of the best tried), reported
     index, tuning = build_tuned(items, items, 10, IndexSettings(kind="IVF256,Flat", target_recall=0.99, exact_budget_s=1e-9))
     best = max(tuning.tried.values())
-    assert tuning.fallback == "plateau" and not is_exact(index) and faiss.extract_index_ivf(index).nprobe == tuning.value
+    assert tuning.fallback == "plateau" and not is_exact(index) and ivf_of(index).nprobe == tuning.value
     assert tuning.value == min(v for v, r in tuning.tried.items() if r >= best - 0.01)
     assert tuning.recall == tuning.tried[tuning.value] >= best - 0.01
     # HNSW on the same data nears recall 1 well before efSearch 512: a target above reach (one the config
@@ -345,7 +343,8 @@ def test_the_search_that_pays_is_chosen_by_its_measured_cost(monkeypatch):
     monkeypatch.setattr(tune, "_exact_seconds", lambda *args: 0.01)  # 10 ms a query: 10,000 s for a million
     index, tuning = build_tuned(items, items, 10, IndexSettings(), n_searches=10**6)
     assert not is_exact(index) and tuning.reached and tuning.knob == "efSearch"
-    assert tuning.approx_estimate_s < tuning.exact_estimate_s == 10_000 and tuning.decision.startswith("HNSW32,SQbf16 at efSearch=")
+    assert tuning.approx_estimate_s < tuning.exact_estimate_s == 10_000 and tuning.norm_head == 3  # 0.1% of 3,000
+    assert tuning.decision.startswith("HNSW32,SQbf16 with the 3 longest items searched exactly at efSearch=")
     unreachable = dict(kind="auto", target_recall=1.01, search_depth=None)  # a target no depth reaches
     index, tuning = build_tuned(items, items, 10, IndexSettings.model_construct(**unreachable, exact_budget_s=1e5),
                                 n_searches=10**6)

@@ -33,6 +33,7 @@ from embedder.task_window import one_task
 from index.build import save_index
 from index.search import Recall, is_exact, recall_on_rows
 from index.settings import IndexSettings
+from index.norm_head import head_path
 from index.tune import Tuning, build_tuned
 from recommend.ranking.blend import SCALE_SAMPLE, ItemSide, Layout, fit_item_side, scale_sample, user_block, user_block_vectors
 from recommend.ranking.settings import RankingSettings
@@ -123,7 +124,8 @@ def _index_task(run: RunFolder, k: int, index_settings: IndexSettings, sample: t
         index, tuning = build_tuned(items.docs(), items.queries(), k, index_settings, user_block_vectors(rows, items),
                                     np.flatnonzero(rows.n_history > 0), n_searches=n_searches)
         save_index(index, run.index)
-        return BuiltIndex(tuning, is_exact(index), {run.relative(run.index): file_digest(run.index)})
+        written = [run.index, head_path(run.index)]  # the second where the index has a head (index/norm_head.py)
+        return BuiltIndex(tuning, is_exact(index), {run.relative(p): file_digest(p) for p in written if p.exists()})
 
 
 def build_index(client, blocks: Blocks, k: int, index_settings: IndexSettings, sample: tuple[list[str], pd.DataFrame],
