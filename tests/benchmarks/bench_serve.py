@@ -1,7 +1,9 @@
 """`recs serve` under load: 1, 16 and 64 concurrent keep-alive clients on /users (hot: answers
 cached; cold: each user asked once; filtered: cold, with --where, answered from what passes of the
 stored list and a vector query filling it; strict: --strict, where few items pass, so mostly the
-vector query), /items/<id>/similar and /search (unique texts, so every one is encoded), then a
+vector query; covered: --where's field, any of the values the user's own stored list holds, so
+the list answers alone), /items/<id>/similar, /search (unique texts, so every one is encoded) and POST
+/users/batch (1,000 users a call, each user once; filtered: with --where), then a
 `recs add-items` of --add-items new items (texts not seen before, so all encoded) while 16 clients keep
 asking: when the last one is found by /search, failed requests meanwhile, and the add against raw
 `model.encode` of the same texts in this process (the baseline, same run); then a second
@@ -51,7 +53,12 @@ async def _client(port: int, paths, stop: float, out: dict, key: str | None) -> 
             break
         started = time.perf_counter()
         try:
-            writer.write(b"GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n" % (path, auth))
+            if isinstance(path, tuple):  # (path, JSON body): a POST
+                path, body = path
+                writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\n%sContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (path, auth, len(body), body))
+            else:
+                writer.write(b"GET %s HTTP/1.1\r\nHost: bench\r\n%s\r\n" % (path, auth))
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
             body = await reader.readexactly(length)
@@ -82,6 +89,35 @@ def drive(port: int, paths, clients: int, seconds: float, key: str | None = None
     return {"clients": clients, "requests": len(lat), "failed": len(out["failed"]), "req_per_s": round(len(lat) / wall, 1),
             "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": pick(1.0), "seconds": round(wall, 2),
             "_versions": out["versions"]}
+
+
+def _covered(config: Path, users: list[str], field: str, clients: list[int]) -> dict:
+    """/users requests for each client count whose filter the user's stored list covers: `field`
+    any of the values the list's k items hold (read through the facade in this process, 1,000 users
+    a call), so the list answers alone; each user once."""
+    from urllib.parse import quote
+
+    from recommend.serving.facade import Recommender
+
+    rec, paths = Recommender.from_config(str(config), poll_s=1e9), []
+    for start in range(0, len(users), 1000):
+        batch = rec.for_users(users[start:start + 1000])
+        for user, answer in zip(batch.user_ids, batch.answers):
+            values = sorted({str(r.metadata[field]) for r in (answer.items if answer else []) if r.metadata.get(field) is not None})
+            if values:
+                paths.append(f"/users/{user}?where={quote(field + '=' + '|'.join(values), safe='=|')}".encode())
+    del rec  # its version released (recommend/serving/live.py), the server's pages left in the page cache
+    return {n: iter(paths[i::len(clients)]) for i, n in enumerate(clients)}
+
+
+def _batches(rng, users: list[str], clients: list[int], where: str | None) -> dict:
+    """POST /users/batch requests for each client count: 1,000 users a call (fewer in a small shop),
+    each user asked once per route; `where` (as in a query string) in each body."""
+    body = {"where": [where.replace("%3C", "<")]} if where else {}
+    mine, size = rng.sample(users, len(users)), max(1, min(1000, len(users) // len(clients)))
+    return {n: iter([(b"/users/batch", json.dumps({"user_ids": part[j:j + size], **body}).encode())
+                     for j in range(0, len(part) - size + 1, size)])
+            for n, part in ((n, mine[i::len(clients)]) for i, n in enumerate(clients))}
 
 
 def cycle(paths: list[bytes]):
@@ -149,7 +185,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="serve this refreshed config instead of a sample")
     ap.add_argument("--id-digits", type=int, default=5, help="digits in the ids (U00042: 5)")
     ap.add_argument("--routes", default="/users hot,/users cold,/users filtered,/users filtered strict,"
-                                        "/items/<id>/similar,/search", help="which figures, comma-separated")
+                                        "/items/<id>/similar,/search,/users/batch", help="which figures, comma-separated")
     ap.add_argument("--where", default="category=Running", help="/users filtered's filter (publish.indexed_fields)")
     ap.add_argument("--strict", default="category=Running&where=price%3C20",
                     help="/users filtered strict's: few items pass, so the vector query fills the list")
@@ -201,12 +237,19 @@ def serve(args, folder: Path) -> None:
                     for name, where in (("/users filtered", args.where), ("/users filtered strict", args.strict))
                     for i, n in enumerate(clients)}  # cold: each user asked once per filter
         drive(port, iter(similar), 4, 30)
+        covered = (_covered(config, rng.sample(users, min(len(users), 20_000 * len(clients))), args.where.split("=")[0],
+                            clients) if "/users filtered covered" in args.routes.split(",") else {})
+        batched = {"/users/batch": _batches(rng, users, clients, None),
+                   "/users/batch filtered": _batches(rng, users, clients, args.where)}
         queries = iter([("/search?q=" + t.replace(" ", "+")).encode() for t in texts(200_000, seed=1, low=3, high=12)])
         for n in clients:
             for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]),
                                  ("/users filtered", filtered["/users filtered", n]),
                                  ("/users filtered strict", filtered["/users filtered strict", n]),
-                                 ("/items/<id>/similar", cycle(similar)), ("/search", queries)):
+                                 ("/users filtered covered", covered.get(n)),
+                                 ("/items/<id>/similar", cycle(similar)), ("/search", queries),
+                                 ("/users/batch", batched["/users/batch"][n]),
+                                 ("/users/batch filtered", batched["/users/batch filtered"][n])):
                 if route not in args.routes.split(","):
                     continue
                 figures = drive(port, paths, n, args.seconds)
