@@ -213,13 +213,14 @@ def read_user_ids(run: RunFolder, n_blocks: int) -> list[str]:
             pq.read_table(run.user_block(b), columns=["user_id"]).column(0).to_pylist()]
 
 
-def first_users(run: RunFolder, n_blocks: int, n: int) -> tuple[list[str], pd.DataFrame]:
-    """The `n` users with events whose hashes are the smallest, and their events: read from the first
-    blocks only (blocks are hash ranges). Their ids come back in hash order."""
+def first_users(run: RunFolder, n_blocks: int, n: int, largest: bool = False) -> tuple[list[str], pd.DataFrame]:
+    """The `n` users with events whose hashes are the smallest (`largest`: the largest), and their
+    events: read from the first (last) blocks only (blocks are hash ranges). Their ids come back in
+    hash order (descending for `largest`)."""
     taken: list[pd.DataFrame] = []
     events: list[pd.DataFrame] = []
     found = 0
-    for b in range(n_blocks):
+    for b in (reversed(range(n_blocks)) if largest else range(n_blocks)):
         if found >= n:
             break
         users = pq.read_table(run.user_block(b)).to_pandas()
@@ -229,6 +230,6 @@ def first_users(run: RunFolder, n_blocks: int, n: int) -> tuple[list[str], pd.Da
         events.append(block_events)
         found += len(users)
     users = pd.concat(taken, ignore_index=True) if taken else pd.DataFrame({"user_id": [], "_h": []})
-    chosen = users.sort_values("_h", kind="stable")["user_id"].head(n).tolist()
+    chosen = users.sort_values("_h", kind="stable", ascending=not largest)["user_id"].head(n).tolist()
     frame = pd.concat(events, ignore_index=True) if events else pd.DataFrame(columns=_EVENT_SCHEMA.names)
     return chosen, frame[frame["user_id"].isin(chosen)].reset_index(drop=True)

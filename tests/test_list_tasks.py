@@ -142,3 +142,30 @@ def test_lists_kept_longer_than_k_begin_with_the_k_lists(tmp_path, space):
     for a, b in zip(long_parts, short_parts):
         if a.kind == "item":
             np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+
+
+def test_the_users_recall_is_measured_on_held_out_users_against_exact_search(tmp_path, space):
+    """user_search_recall: the users of largest hash (the depth is tuned on those of smallest), their
+    seen items excluded, the saved index's answers against exact search. Oracle: the same users'
+    rows of the whole space, searched here."""
+    from embedder.event_blocks import first_users
+    from index.search import exact_search, recall_at_k, search_excluding
+    from recommend.run.tasks.item_tasks import user_search_recall
+
+    space, item_ids, user_ids, blocks, settings = space
+    blocks = blocks_in(blocks, tmp_path)
+    save_item_side(blocks.run, space.items, np.asarray(item_ids, dtype=object))
+    held = first_users(blocks.run, blocks.n, 40, largest=True)[0]
+    assert not set(held) & set(first_users(blocks.run, blocks.n, 40)[0])
+    rows = np.array([user_ids.index(u) for u in held])
+    rows = rows[space.has_history[rows]]
+    seen = [space.seen[r].indices for r in rows]
+    index = build_index(space.item_docs, "IVF8,Flat")
+    index.nprobe = 1  # shallow: it misses some
+    save_index(index, blocks.run.index)
+    got = user_search_recall(None, blocks, 40, K, settings)
+    truth = exact_search(space.item_docs, space.users[rows], K, seen)[1]
+    want = recall_at_k(search_excluding(index, space.users[rows], K, seen, vectors=space.item_docs)[1], truth)
+    assert got.sample == len(rows) and got.recall == round(want, 4) < 1
+    save_index(build_index(space.item_docs, "exact"), blocks.run.index)
+    assert user_search_recall(None, blocks, 40, K, settings).recall == 1.0

@@ -38,6 +38,7 @@ class IndexSummary(BaseModel):
     cold_items_projected: int     # of them, given behaviour vectors from their text
     cold_items_in_user_lists: int
     item_lists_recall: Recall
+    user_search_recall: Recall | None = None  # the index's, for held-out users against exact search (None: exact)
     search_depth: Tuning
     layout: dict                  # the blended space's layout (recommend.ranking.blend.Layout)
 

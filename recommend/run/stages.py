@@ -31,7 +31,7 @@ from index.rows import parquet_rows
 from index.search import Recall, sample_rows
 from recommend.quality.gate import GateFigures, GateReport, check_gate, gate_problems
 from recommend.ranking.blend import Layout
-from recommend.run.tasks.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side
+from recommend.run.tasks.item_tasks import build_index, fit_blocks, item_lists_recall, read_item_side, user_search_recall
 from recommend.run.tasks.list_tasks import Part, list_blocks, part_files
 from recommend.run.tasks.publish_tasks import PointSource, collection_points, vector_sizes
 from recommend.run.tasks.user_tasks import gate_figures, sample_users
@@ -244,6 +244,7 @@ def lists(run: Run, plan: ListsPlan, blocks: Blocks, emb: EmbedResult) -> Lists:
         recall = Recall(recall=1.0, k=k, sample=0, exact=True) if built.exact else item_lists_recall(
             client, run.folder, rows, np.concatenate([p.sample_ids for p in parts if p.kind == "item"]),
             min(k, max(len(item_ids) - 1, 0)))
+        users_recall = None if built.exact else user_search_recall(client, blocks, RECALL_SAMPLE, k, ranking)
         release_freed_memory()
     factory = EXACT if tuning.exact or tuning.fallback == "exact" else (APPROXIMATE if plan.index.kind == "auto"
                                                                          else plan.index.kind)
@@ -253,14 +254,15 @@ def lists(run: Run, plan: ListsPlan, blocks: Blocks, emb: EmbedResult) -> Lists:
         users_short_of_k=sum(p.short_of_k for p in user_parts), k=k,
         cold_items=saved.cold_items, cold_items_projected=saved.cold_items_projected,
         cold_items_in_user_lists=sum(p.new_items_listed for p in user_parts),
-        item_lists_recall=recall, search_depth=tuning, layout=saved.layout.to_dict())
+        item_lists_recall=recall, user_search_recall=users_recall, search_depth=tuning, layout=saved.layout.to_dict())
     run.report.index = summary
     write_manifest(run.folder, IndexManifest(**summary.model_dump(), files=files, seconds=run.report.seconds["index"],
                                           index_config=plan.index, lists_config=plan.lists,
                                           blend_config=plan.blend))
     depth = ("exact" if tuning.exact or tuning.fallback == "exact"
              else f"{tuning.knob}={tuning.value if tuning.value is not None else 'faiss default'}")
-    run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}; "
+    users = f", users' {users_recall.recall} (held out)" if users_recall else ""
+    run.out.say(f"[index] {factory} searched at {depth}, item lists' recall@{k} {recall.recall}{users}; "
                 f"{len(item_ids)} item lists, {blocks.users} user lists in {len(parts)} blocks "
                 f"({blocks.users - saved.users_with_history} by popularity, {summary.cold_items} items placed by text alone) "
                 f"({run.report.seconds['index']:.1f}s)")

@@ -141,6 +141,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra
             "seconds": report.get("seconds"), "items_encoded": (report.get("embed") or {}).get("items_encoded"),
             "users": (report.get("index") or {}).get("users"), "events_read": (report.get("events") or {}).get("rows_read"),
             "item_lists_recall": (report.get("index") or {}).get("item_lists_recall"),
+            "user_search_recall": (report.get("index") or {}).get("user_search_recall"),
             "search_depth": {k: v for k, v in ((report.get("index") or {}).get("search_depth") or {}).items() if k != "tried"},
             "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "error": error}
 

@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from embedder.artifacts import atomic_path, file_digest, write_parquet
-from embedder.event_blocks import Blocks
+from embedder.event_blocks import Blocks, first_users
 from embedder.run_folder import RunFolder
 from embedder.task_window import one_task
-from index.build import save_index
-from index.search import Recall, is_exact, recall_on_rows
+from index.build import load_index, save_index
+from index.search import Recall, exact_search, flat_vectors, is_exact, recall_at_k, recall_on_rows, search_excluding
 from index.settings import IndexSettings
 from index.norm_head import head_path
 from index.tune import Tuning, build_tuned
@@ -145,3 +145,24 @@ def item_lists_recall(client, run: RunFolder, rows: np.ndarray, found: np.ndarra
     """The item lists' recall@k on the sampled `rows` (their listed ids `found`) against exact search
     over the saved item side, on a worker."""
     return one_task(client, _recall_task, run, rows, found, k)
+
+
+def _user_recall_task(run: RunFolder, n_blocks: int, n: int, k: int, settings: RankingSettings, now) -> Recall:
+    with threadpool_limits(os.cpu_count()):
+        items, index = read_item_side(run), load_index(run.index, mmap=True)
+        user_ids, events = first_users(run, n_blocks, n, largest=True)
+        rows = user_block(events, n_items=len(items.popularity), user_ids=user_ids, settings=settings, now=now)
+        has = np.flatnonzero(rows.n_history > 0)
+        profiles, seen = user_block_vectors(rows, items)[has], rows.binary[has].tocsr()
+        docs = flat_vectors(index)
+        docs = items.docs() if docs is None else docs
+        found = search_excluding(index, profiles, k, seen, vectors=docs)[1]
+        truth = exact_search(docs, profiles, k, [seen.indices[seen.indptr[i]:seen.indptr[i + 1]] for i in range(len(has))])[1]
+        return Recall(recall=round(recall_at_k(found, truth), 4), k=k, sample=int(len(has)), exact=False)
+
+
+def user_search_recall(client, blocks: Blocks, n: int, k: int, settings: RankingSettings) -> Recall:
+    """The index's recall@k for users' lists (their seen items excluded) against exact search, on the
+    `n` users of largest hash (held out: the depth was tuned on those of smallest hash), on a worker."""
+    return one_task(client, _user_recall_task, blocks.run, blocks.n, n, k, settings, blocks.newest)
+
