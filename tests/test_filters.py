@@ -173,6 +173,9 @@ def test_http_takes_filters_as_typed_query_parameters_and_a_bad_one_is_a_400(pub
     with ServerThread(app, settings) as server:
         for path, answer in ((f"/users/u3?where=category=hats&where={quote('price<100')}&exclude=i4",
                               rec.for_user("u3", where={"category": "hats", "price": {"lt": 100}}, exclude=["i4"])),
+                             # k and where= only: answered before the routing (lookups.FastLookups), filled alike
+                             (f"/users/u3?k=4&where=category=hats&where={quote('price<100')}",
+                              rec.for_user("u3", 4, where={"category": "hats", "price": {"lt": 100}})),
                              ("/items/i7/similar?k=3&where=" + quote("stock=1|2"), rec.similar("i7", 3, where={"stock": [1, 2]})),
                              ("/users/u3?exclude=i4,i5", rec.for_user("u3", exclude=["i4", "i5"]))):
             for _ in range(2):  # the second from the cache, under the filter's own key

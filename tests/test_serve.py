@@ -295,3 +295,16 @@ def test_plain_lookups_skip_the_routing_and_answer_as_the_app_does(tmp_path):
         assert 'recs_requests_total{route="/users/{user_id}",status="404"} 1.0' in metrics
         assert 'recs_requests_total{route="/items/{item_id}/similar",status="200"} 2.0' in metrics
         assert "recs_cache_hits_total 5.0" in metrics  # the second of each pair, u1 once more, and k=03 (by the app)
+
+
+def test_only_an_exact_k_and_where_filters_are_read_before_the_routing():
+    """lookups.plain_parameters: what FastLookups answers itself, decoded as the app decodes it;
+    anything else (another parameter, a k written otherwise or twice, over 20 filters) goes to the app."""
+    from recommend.serving.lookups import plain_parameters
+
+    assert plain_parameters(b"k=3") == (3, [])
+    assert plain_parameters(b"where=category%3DRunning+shoes&where=price%3C10&k=1000") == (
+        1000, ["category=Running shoes", "price<10"])
+    for refused in (b"k=03", b"k=0", b"k=1001", b"k=3&k=4", b"k=x", b"recent=i1", b"where=a=1&diversity=0.5",
+                    b"&".join([b"where=stock=1"] * 21)):
+        assert plain_parameters(refused) is None, refused

@@ -256,7 +256,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _errors(app, live)
-    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=default_k, reads=reads,
+    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=default_k, reads=reads, searches=searches,
                        routes={r.path: r for r in app.routes if r.path in HOT_ROUTES})
     app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_requests=settings.max_requests)  # outside: first
     app.state.metrics, app.state.live, app.state.serving = metrics, live, state
