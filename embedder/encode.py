@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from embedder.artifacts import arrow_to_vectors, vectors_to_arrow, write_parquet_blocks
-from embedder.cache import BUCKET_CHARS, STORED_DTYPE, EmbeddingCache, arrow_strings, content_hash
-from embedder.errors import StorageError
+from embedder.cache import STORED_DTYPE, EmbeddingCache, arrow_strings, content_hashes
+from embedder.embeddings_file import write_embeddings
 from embedder.encoder import load_encoder
 from embedder.model import model_fingerprint, pick_device, resolve_model_path
 from embedder.precision import MIN_MEAN_COSINE, cosine_report, resolve_precision
@@ -292,7 +291,7 @@ def embed_items(items: pd.DataFrame, settings: EmbedSettings | ResolvedModel = E
 def hash_texts(key_prefix: str, texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The cache keys of `texts` under `key_prefix` (the model's fingerprint, and the precision when
     not fp32), as an Arrow array: one hashing task's work on a worker."""
-    return pa.array([content_hash(key_prefix, text) for text in texts.to_pylist()], pa.string())
+    return content_hashes(key_prefix, texts)
 
 
 def text_hashes(key_prefix: str, texts: pa.Array | pa.ChunkedArray, client=None) -> pa.Array:
@@ -311,39 +310,6 @@ def text_hashes(key_prefix: str, texts: pa.Array | pa.ChunkedArray, client=None)
     for i, hashed in in_window(client, len(starts), submit):
         parts[i] = hashed
     return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-
-
-EMBEDDINGS_BLOCK = 65_536  # rows per row group of embeddings.parquet (readers read one at a time)
-
-
-def write_embeddings(out: str, item_ids, keys, cache_root: str) -> None:
-    """embeddings.parquet (`item_id`, `content_hash`, `vector`; rows in item order) from the cache,
-    where every key is after the encode (run as one task on a worker: the items x dim array is made
-    there, a bucket of the cache read at a time). A key the cache no longer holds (a file damaged
-    since the encode) stops the run, naming the bucket: nothing half-made is written."""
-    cache = EmbeddingCache(cache_root)
-    item_ids = arrow_strings(item_ids).cast(pa.string())  # arrays or Arrow arrays
-    keys = pd.Series(keys.to_pylist() if isinstance(keys, pa.Array) else keys, dtype=object)
-    vectors = None
-    for bucket, rows in keys.groupby(keys.str[:BUCKET_CHARS]).indices.items():
-        wanted = keys.iloc[rows]
-        table, set_aside = cache.lookup_bucket(bucket, wanted.unique())
-        found = {} if table is None else dict(zip(table["content_hash"].to_pylist(), range(table.num_rows)))
-        at = np.array([found.get(k, -1) for k in wanted], dtype=np.int64)
-        if (at < 0).any() or set_aside:
-            raise StorageError(f"embedding cache {cache_root}, bucket {bucket}: {int((at < 0).sum())} vector(s) this run "
-                             f"encoded or found are gone{' (' + '; '.join(set_aside) + ')' if set_aside else ''}; "
-                             "run the refresh again: they are encoded anew")
-        got = arrow_to_vectors(table["vector"], STORED_DTYPE)
-        if vectors is None:
-            vectors = np.empty((len(keys), got.shape[1]), dtype=STORED_DTYPE)
-        vectors[rows] = got[at]
-    if vectors is None:
-        raise StorageError(f"embedding cache {cache_root}: no vectors for the {len(keys)} items")
-    write_parquet_blocks((pa.table({"item_id": item_ids[i:i + EMBEDDINGS_BLOCK],
-                                    "content_hash": pa.array(keys.iloc[i:i + EMBEDDINGS_BLOCK], pa.string()),
-                                    "vector": vectors_to_arrow(vectors[i:i + EMBEDDINGS_BLOCK])})
-                          for i in range(0, len(keys), EMBEDDINGS_BLOCK)), out)
 
 
 def _encode_misses(texts: pa.Array, rows: np.ndarray, plan: EncodePlan, *, client,

@@ -180,7 +180,7 @@ def test_embeddings_written_on_a_worker_equal_the_vectors_brought_here(tmp_path,
         raise AssertionError("a text was hashed in the driver")
 
     monkeypatch.setattr(encode_module.EmbeddingCache, "lookup", keys_only)
-    monkeypatch.setattr(encode_module, "content_hash", no_hash_here)
+    monkeypatch.setattr(encode_module, "content_hashes", no_hash_here)
     for n, (frame, vectors) in enumerate(zip((items, edited), expected)):
         out = tmp_path / f"embeddings-{n}.parquet"
         result = embed_items(frame, EmbedSettings(model=str(tiny_model), device="cpu", precision="fp32"),
@@ -210,6 +210,66 @@ def test_worker_layout_one_per_gpu_else_one_per_core():
         assert on_gpus == {"kind": "single-gpu", "n_workers": 1, "threads_per_worker": 4}
     assert worker_layout("cuda", 3, 1, gpus=2) == {**on_gpus, "n_workers": 3, "threads_per_worker": 1}  # overrides
     assert worker_layout("cpu", None, 2, gpus=0)["n_workers"] == max(1, cores // 2)
+
+
+def test_keys_made_in_bulk_equal_the_keys_made_one_by_one():
+    """Oracle: `content_hash` text by text (the cache's keys since the start). `content_hashes` gives
+    the same keys for Arrow (string, large string, sliced, chunked), Series and lists, with unicode,
+    empty and null texts and across its blocks; the checksum made from Arrow's buffers equals the one
+    made from "\\n".join; `bucket_rows` groups as pandas does."""
+    import pyarrow as pa
+    import xxhash
+
+    import embedder.cache as cache_module
+    from embedder.cache import bucket_rows, content_hashes
+
+    texts = ["", "a", "Café au lait", "日本語のテキスト", "emoji 🎉 x", "tab\tand\0nul"] + [f"item {i} " * (i % 7) for i in range(300)]
+    expected = [content_hash("fp:bf16", t) for t in texts]
+    sliced = pa.array(["skip"] + texts)[1:]
+    for given in (texts, pd.Series(texts), pa.array(texts), pa.array(texts, pa.large_string()), sliced,
+                  pa.chunked_array([texts[:7], texts[7:]]), pd.Series(texts, dtype="string[pyarrow]")):
+        assert content_hashes("fp:bf16", given).to_pylist() == expected
+    assert content_hashes("fp", pa.array(["x", None])).to_pylist() == [content_hash("fp", "x"), content_hash("fp", None)]
+    assert content_hashes("fp", []).to_pylist() == []
+    original = cache_module.HASH_BLOCK
+    try:
+        cache_module.HASH_BLOCK = 64  # several blocks
+        assert content_hashes("fp:bf16", texts).to_pylist() == expected
+    finally:
+        cache_module.HASH_BLOCK = original
+    vectors = _unit_rows(np.random.default_rng(2).normal(size=(len(texts), 8))).astype(STORED_DTYPE)
+    for keys in (pa.array(expected), pa.array(["x"] + expected)[1:], pa.array(expected[:1]), pa.array([], pa.string())):
+        old = xxhash.xxh3_128("\n".join(keys.to_pylist()).encode())
+        old.update(vectors[:len(keys)].tobytes())
+        assert cache_module._checksum(keys, vectors[:len(keys)]) == old.hexdigest().encode()
+    keys = pd.Series(expected)
+    groups = {b: list(rows) for b, rows in keys.groupby(keys.str[:1]).indices.items()}
+    assert {b: list(rows) for b, rows in bucket_rows(pa.array(expected))} == groups
+
+
+def test_embeddings_from_the_cache_take_what_a_lookup_finds(tmp_path):
+    """Oracle: `lookup`'s vectors (a dict from the rows read: a key stored twice gives its last row).
+    `write_embeddings` matches keys with Arrow and gives the same vectors, in item order, for keys
+    repeated among the items and keys stored twice with different vectors; a key not there stops it."""
+    import pyarrow as pa
+
+    from embedder.artifacts import arrow_to_vectors
+    from embedder.encode import write_embeddings
+    from embedder.errors import StorageError
+
+    cache = EmbeddingCache(str(tmp_path / "c"))
+    keys = [content_hash("fp", f"text {i}") for i in range(120)]
+    rng = np.random.default_rng(3)
+    cache.add(keys, _unit_rows(rng.normal(size=(120, 8))))
+    cache.add(keys[:40], _unit_rows(rng.normal(size=(40, 8))))  # stored twice (a compaction cut short)
+    wanted = [keys[i] for i in rng.integers(0, 120, 300)]
+    found = cache.lookup(keys).found
+    write_embeddings(str(tmp_path / "e.parquet"), [f"i{i}" for i in range(300)], pa.array(wanted), cache.root)
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table["content_hash"].to_pylist() == wanted and table["item_id"].to_pylist() == [f"i{i}" for i in range(300)]
+    np.testing.assert_array_equal(arrow_to_vectors(table["vector"], np.float32), np.stack([found[k] for k in wanted]))
+    with pytest.raises(StorageError, match="1 vector"):
+        write_embeddings(str(tmp_path / "f.parquet"), ["a", "b"], pa.array([keys[0], content_hash("fp", "absent")]), cache.root)
 
 
 def test_cache_lookup_on_workers_equals_lookup_in_process(tmp_path, dask_client):
