@@ -218,3 +218,24 @@ def test_lists_read_each_items_metadata_once_per_version(tmp_path):
     for i in range(10):
         assert rec.similar(f"i{i}", k=5).items[0].metadata == {"title": f"title {(i + 1) % 40}"}
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 24  # u0..u19 name i1..i24, each read once
+
+
+def test_a_shard_stores_the_vectors_given_even_from_an_unaligned_array(tmp_path):
+    """An array unpickled from a worker's message can sit unaligned in its buffer; its rows still go
+    to the engine (as memoryviews, recommend/serving/shards.py) with their exact values. Oracle: the
+    array given, read back by id."""
+    import numpy as np
+    from qdrant_edge import EdgeShard
+
+    from recommend.serving.shards import VectorSpec, write_shard
+
+    given = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    unaligned = np.frombuffer(b"\0" + given.tobytes(), dtype=np.float32, offset=1).reshape(50, 8)
+    assert not unaligned.flags["ALIGNED"]
+    write_shard(tmp_path / "s", {"v": VectorSpec(8)}, [(list(range(1, 51)), {"v": unaligned}, [{}] * 50)])
+    shard = EdgeShard.load(str(tmp_path / "s"))
+    try:
+        got = {p.id: p.vector["v"] for p in shard.retrieve(list(range(1, 51)), True, True)}
+    finally:
+        shard.close()
+    np.testing.assert_array_equal(np.array([got[i] for i in range(1, 51)], dtype=np.float32), given)

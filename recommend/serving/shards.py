@@ -155,7 +155,9 @@ def _points(point, ids: list, named: dict, payloads: list):
     fast as a numpy row (a point of 579 floats: 14-17 us against 30-45 on machine C), the same values."""
     for start in range(0, len(ids), BATCH):
         stop = min(start + BATCH, len(ids))
-        rows = {n: list(map(memoryview, np.ascontiguousarray(v[start:stop], dtype=np.float32)))
+        # aligned too: an array unpickled from a worker's message may not be, and the engine refuses
+        # the memoryview of an unaligned row (its format is "=f", not "f")
+        rows = {n: list(map(memoryview, np.require(v[start:stop], dtype=np.float32, requirements=["C", "A"])))
                 for n, v in named.items()}
         yield [point(ids[i], {n: r[i - start] for n, r in rows.items()}, payloads[i]) for i in range(start, stop)]
 
