@@ -107,8 +107,8 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
     array}, payloads), or lists of engine Points (each with the vectors it has: an added item,
     recommend/serving/additions.py). A payload index on each of `fields` ((name, kind): keyword,
     integer, float or bool; what filters ask, recommend/serving/filters.py). Optimised and closed.
-    Returns {"points": n, "files": shard_files(folder)}; ShardError when the engine counts other
-    than what was written."""
+    Returns {"points": n, "files": shard_files(folder), "seconds": per step, "ran": [start, end] in
+    epoch seconds}; ShardError when the engine counts other than what was written."""
     from qdrant_edge import EdgeShard, PayloadSchemaType, Point, UpdateOperation
 
     from recommend.serving.filters import INDEX
@@ -118,6 +118,7 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
         shutil.rmtree(folder)  # a leftover of a task that ran before (a lost worker's)
     shard, written = EdgeShard.create(str(folder), _config(vectors, graph)), 0
     seconds = dict.fromkeys(("read", "points", "update", "optimize", "digest"), 0.0)
+    began = time.time()  # wall-clock, beside the steps' seconds: when the shard's writing ran within the publish
     clock = time.perf_counter()
 
     def lap(step: str) -> None:
@@ -146,7 +147,8 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
         raise ShardError(f"shard {folder}: wrote {written} points, the engine counts {found}")
     files = shard_files(folder)
     lap("digest")
-    return {"points": written, "files": files, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    return {"points": written, "files": files, "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "ran": [round(began, 3), round(time.time(), 3)]}
 
 
 def _points(point, ids: list, named: dict, payloads: list):
