@@ -158,10 +158,10 @@ class ExactIndex:
         return scores, ids
 
 
-def exact_search(vectors: RowSource, queries: RowSource, k: int, exclude: Sequence[np.ndarray] | None = None
+def exact_search(vectors: RowSource, queries: RowSource, k: int, exclude: sp.csr_matrix | Sequence[np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product of each query over all `vectors`, `exclude[i]` left out of query
-    i's results. Returns ``(scores, ids)``.
+    """Exact top-k by inner product of each query over all `vectors`, `exclude[i]` (an id array, or a
+    CSR matrix's row i) left out of query i's results. Returns ``(scores, ids)``.
 
     Example:
         scores, ids = exact_search(item_vectors, item_vectors[:5], 10, exclude=[[0], [1], [2], [3], [4]])

@@ -305,6 +305,6 @@ def test_only_an_exact_k_and_where_filters_are_read_before_the_routing():
     assert plain_parameters(b"k=3") == (3, [])
     assert plain_parameters(b"where=category%3DRunning+shoes&where=price%3C10&k=1000") == (
         1000, ["category=Running shoes", "price<10"])
-    for refused in (b"k=03", b"k=0", b"k=1001", b"k=3&k=4", b"k=x", b"recent=i1", b"where=a=1&diversity=0.5",
+    for refused in (b"k=03", b"k=0", b"k=1001", b"k=3&k=4", b"k=x", b"k=%C2%B2", b"recent=i1", b"where=a=1&diversity=0.5",
                     b"&".join([b"where=stock=1"] * 21)):
         assert plain_parameters(refused) is None, refused

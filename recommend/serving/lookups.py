@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-
 from urllib.parse import parse_qsl
 
 import orjson
@@ -57,7 +56,8 @@ def plain_parameters(query: bytes) -> tuple[int | None, list[str]] | None:
     for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
         if name == "where":
             where.append(value)
-        elif name == "k" and k is None and value.isdigit() and len(value) <= 4 and value[:1] != "0" and int(value) <= 1000:
+        elif (name == "k" and k is None and value.isascii() and value.isdigit()  # "²" is a digit to str, not to int
+              and len(value) <= 4 and value[:1] != "0" and int(value) <= 1000):
             k = int(value)
         else:
             return None
@@ -77,8 +77,8 @@ class FastLookups:
     an exact `k` and `where=` filters) is answered here, without FastAPI's routing and parameter
     parsing: from the live snapshot's cache, or read from the store in the reads pool by the same
     facade call as the app's route (a filtered list that falls short is filled on the search
-    thread, as the app's route fills it), and cached. These are the bulk of a server's traffic, and the routing costs more than
-    the read. Anything else (another route or parameter, an id the app would not route) goes on to
+    thread, as the app's route fills it), and cached. These are the bulk of a server's traffic, and
+    the routing costs more than the read. Anything else (another route or parameter, an id the app would not route) goes on to
     the app unchanged, and so does a failed lookup (an unknown id, the store unavailable), with its
     exception, which the app's route raises and answers as its own; the cached answers are ones the
     app would have made."""

@@ -157,7 +157,7 @@ def _user_recall_task(run: RunFolder, n_blocks: int, n: int, k: int, settings: R
         docs = flat_vectors(index)
         docs = items.docs() if docs is None else docs
         found = search_excluding(index, profiles, k, seen, vectors=docs)[1]
-        truth = exact_search(docs, profiles, k, [seen.indices[seen.indptr[i]:seen.indptr[i + 1]] for i in range(len(has))])[1]
+        truth = exact_search(docs, profiles, k, seen)[1]
         return Recall(recall=round(recall_at_k(found, truth), 4), k=k, sample=int(len(has)), exact=False)
 
 
