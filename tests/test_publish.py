@@ -134,7 +134,7 @@ def test_a_version_is_invisible_until_its_marker_and_the_next_publish_removes_le
     with pytest.raises(KeyboardInterrupt):  # the process stopped between the shards and the marker
         store.publish(run, lambda folder: (write_version(folder, items, users), _raise())[0], {})
     assert not leftover.exists()  # an orderly failure cleans up after itself
-    write_version(leftover, items, users, shards=2)  # a kill -9 does not: a version's shards without a marker
+    write_version(leftover, items, users, storage=Storage(shards=2))  # a kill -9 does not: a version's shards without a marker
     assert store.incomplete() == [run] and [v.run_id for v in store.versions()] == ["20260101T000000-aaaa"]
     assert store.live_gate()["run_id"] == "20260101T000000-aaaa"
     with pytest.raises(PublishError, match="unknown version"):

@@ -106,7 +106,7 @@ def test_a_damaged_shard_is_named_at_once_a_reader_refuses_it_and_the_others_sta
 
 def test_a_full_disk_fails_the_publish_naming_the_path_and_the_live_version_stays_readable(tmp_path):
     small = tmp_path / "small"
-    unmount = mount_small_filesystem(small, "8m")
+    unmount = mount_small_filesystem(small, "12m")
     try:
         store = EmbeddedVersions(small / "store", "t")
         publish_small(store, V1)
@@ -173,7 +173,7 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
     thread that stops its heartbeats, and the scheduler takes it for dead once `worker-ttl` passes:
     the task "kills" worker after worker and fails (it did, at 1M under load). Shards are written in a
     child process of the worker (recommend/serving/shard_process.py). Here the ttl is 1 s (the
-    scheduler makes that 5 s: ten heartbeats) and the item shard's optimize (a graph over 48,000
+    scheduler makes that 5 s: ten heartbeats) and the text shard's optimize (a graph over 48,000
     vectors: 8 s and more; 24,000 took 3.9 s on a fast machine, too short to show anything) holds
     the GIL longer; the reread is the oracle."""
     import dask
@@ -201,6 +201,6 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
         assert reader.count("item") == 48000 and reader.payload("user", "u1") == {"user_id": "u1"}
         marker = json.loads((store.folder / V1 / "version.json").read_text())
         ttl = max(1.0, 10 * heartbeat_interval(1)) + 1.0  # as the scheduler computes it, checked once a ttl
-        assert marker["shards"]["items-000"]["seconds"]["optimize"] > ttl, took  # the GIL was held past the ttl
+        assert marker["shards"]["texts-000"]["seconds"]["optimize"] > ttl, took  # the GIL was held past the ttl
     finally:
         reader.close()

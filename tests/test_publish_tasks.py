@@ -4,6 +4,8 @@ the driver streams the parts (local mode) or tasks upload them from a worker. No
 here: the workers' uploads are checked against a local-mode folder through one worker, and a worker
 that cannot reach its server fails the publish without a trace."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -140,9 +142,9 @@ def test_the_embedded_stores_shards_are_written_by_tasks_on_the_workers_each_use
     with get_task_stream(dask_client) as stream:
         done = publish_version(store, RUN, *_points(None, run, dask=dask_client), metadata={}, progress=ticks.append,
                                dask=dask_client)
-    assert done.counts == {"items": 400, "users": 150} and sum(ticks) == 550
+    assert done.counts == {"items": 400, "users": 150} and sum(ticks) == 950  # items twice: their text shards too
     tasks = [(key_split(t["key"]), t["worker"]) for t in stream.data]
-    assert sorted(k for k, _ in tasks) == ["write-shard-items"] * 2 + ["write-shard-users"] * 2
+    assert sorted(k for k, _ in tasks) == ["write-shard-items"] * 2 + ["write-shard-texts"] * 2 + ["write-shard-users"] * 2
     assert len({w for _, w in tasks}) == 2  # side by side, on both workers
     reader = store.open(RUN)
     try:
@@ -153,7 +155,13 @@ def test_the_embedded_stores_shards_are_written_by_tasks_on_the_workers_each_use
         shards = [scrolled(e) for e in reader.users]
         for s, found in enumerate(shards):
             assert found and (user_shard(list(found), 2) == s).all()
-        items = {k: v for e in reader.items for k, v in scrolled(e).items()}
+        texts = [scrolled(e) for e in reader.texts]  # the text vectors: in shards of their own, by the item id's hash
+        for s, found in enumerate(texts):
+            assert found and (user_shard(list(found), 2) == s).all()
+            assert all("similar" not in r.payload and r.payload["title"] == f"title {i}" for i, r in found.items())
+        text = {k: v for found in texts for k, v in found.items()}
+        items = {k: SimpleNamespace(payload=v.payload, vector={**v.vector, **text[k].vector})
+                 for e in reader.items for k, v in scrolled(e).items()}
         _check_against_the_run(None, run, (items, {k: v for found in shards for k, v in found.items()}))
         assert all(reader.payload("user", u)["user_id"] == u for u in run[2])  # routed by hash, found in one shard
     finally:

@@ -36,7 +36,7 @@ def test_readers_in_several_processes_leave_the_shards_untouched_beside_a_writer
     publish_small(store, V1, n_items=300, n_users=200, graph=Graph(m=16))  # the graph and its int8 copies too
     folder = store.folder / V1
     before = {shard.name: _state(shard) for shard in folder.iterdir() if shard.is_dir()}
-    assert sorted(before) == ["items-000", "users-000"]
+    assert sorted(before) == ["items-000", "texts-000", "users-000"]
 
     here = store.open(V1)
     others = [subprocess.Popen([sys.executable, "-c", READ, str(store.root), V1], cwd=ROOT, text=True,
@@ -130,7 +130,7 @@ def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
     items = {"ids": ids, "vectors": vectors, "payloads": [{"item_id": i} for i in ids]}
     users = {"ids": ["u0"], "vectors": vectors[:1], "payloads": [{"user_id": "u0"}]}
     publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)))
-    shard = next((store.folder / V1).glob("items-000/segments/*/vector_storage-text/quantized.data"))
+    shard = next((store.folder / V1).glob("texts-000/segments/*/vector_storage-text/quantized.data"))
     assert shard.stat().st_size > 8000 * 384 * 0.9  # the int8 copies were built
     reader = store.open(V1)
     try:

@@ -293,7 +293,7 @@ def publish(run: Run, plan: PublishPlan, store, items: Ingested, emb: EmbedResul
                 "gate": gate.model_dump(include={"ndcg", "popularity_ndcg", "users", "holdout", "k", "method"})}
         tick = run.out.bar("publish: writing shards" if store.embedded else
                            "publish: upserting" + (" from the workers" if on_workers else ""),
-                           points["item"].count + points["user"].count)
+                           points["item"].count * (2 if store.embedded else 1) + points["user"].count)  # + text shards
         done = publish_version(store, run_id, points["item"], points["user"], metadata=meta, progress=tick,
                                storage=plan.storage(points["item"].count, fields), dask=run.client)
         previous, written, pruned = done.previous, done.counts, done.pruned

@@ -3,6 +3,9 @@
     <workdir>/store/<prefix>/LIVE                         the live version, replaced atomically
     <workdir>/store/<prefix>/versions/<run_id>/           one version:
         items-000/ ...  users-000/ ...                    its shards (users routed by hash, items in shards of their own)
+        texts-000/ ...  texts-000.keys.npz                the items' text vectors (their search graph), routed by
+                                                          the item id's hash, each carried from the live version
+                                                          when it can (recommend/serving/text_shards.py)
         version.json                                      the completion marker, written last: counts, every
                                                           shard's files with sizes and digests, metadata
     <workdir>/store/<prefix>/views/<pid>-<token>/         readers' private views (removed when they close)
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from recommend.serving.additions import added_token, read_added
+from recommend.serving.publish import ITEM_VECTOR
 from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user
 from embedder.artifacts import write_json
 from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
@@ -60,6 +64,8 @@ class ShardReader:
         track_reader(self)  # closed at exit, if nobody did
         self.items = [v.engine for n, v in sorted(self.views.items()) if n.startswith("items-")]
         self.users = [v.engine for n, v in sorted(self.views.items()) if n.startswith("users-")]
+        # the items' text vectors, in shards of their own (text_shards.py; a version before them: the item shards')
+        self.texts = [v.engine for n, v in sorted(self.views.items()) if n.startswith("texts-")] or self.items
         # today's items (recommend/serving/additions.py): read before the version's own, searched beside
         # them, the version's points of the items they replace left out
         self.added = [self.views[added["shard"]].engine] if added else []
@@ -111,7 +117,7 @@ class ShardReader:
     def vectors(self, item_ids: list[str], name: str) -> tuple[list, list]:
         """(point ids, vectors `name`) of the items found."""
         pids, found, rows, seen = [point_id("item", i) for i in item_ids], [], [], set()
-        for engine in self._item_engines():
+        for engine in self.added + (self.texts if name == ITEM_VECTOR else self.items):
             for rec in engine.retrieve(pids, with_payload=False, with_vector=[name]):
                 if rec.id not in seen:  # an item replaced today: its added point, not the version's
                     seen.add(rec.id)
@@ -123,7 +129,9 @@ class ShardReader:
     def vector(self, kind: str, business_id: str, name: str) -> list[float] | None:
         """One point's vector `name` (a user's profile), or None when the point is not there."""
         pid = point_id(kind, business_id)
-        for engine in ([self._user_engine(business_id)] if kind == "user" else self._item_engines()):
+        engines = ([self._user_engine(business_id)] if kind == "user"
+                   else self.added + (self.texts if name == ITEM_VECTOR else self.items))
+        for engine in engines:
             found = engine.retrieve([pid], with_payload=False, with_vector=[name])
             if found:
                 return (found[0].vector or {}).get(name)
@@ -145,7 +153,7 @@ class ShardReader:
             return QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
                                 filter=edge_filter(where, left_out), with_payload=PayloadSelector.Exclude(list(LISTS)))
         own = request(list(exclude or ()) + self.replaced)  # an item replaced today is answered from its added point
-        hits = [h for engine in self.items for h in engine.query(own)]
+        hits = [h for engine in (self.texts if using == ITEM_VECTOR else self.items) for h in engine.query(own)]
         if self.added:
             hits += self.added[0].query(request(list(exclude or ())))
         return [(h.payload, h.score) for h in heapq.nlargest(k, hits, key=lambda h: h.score)]
@@ -155,7 +163,7 @@ class ShardReader:
 
         if kind == "user":
             return sum(e.count(CountRequest(exact=True)) for e in self.users)
-        own = sum(e.count(CountRequest(exact=True)) for e in self.items)
+        own = sum(e.count(CountRequest(exact=True)) for e in (self.texts if kind == "text" else self.items))
         return own - len(self.replaced) + sum(e.count(CountRequest(exact=True)) for e in self.added)
 
     def warm(self) -> None:
@@ -264,9 +272,9 @@ class EmbeddedVersions(VersionStore):
             except DamagedVersion as exc:
                 return str(exc)
             try:
-                for kind in ("items", "users"):
-                    expected = marker["points"].get(kind)
-                    if kind == "items" and added:
+                for kind in ("items", "users") + (("texts",) if marker.get("texts") else ()):
+                    expected = marker["points"].get("items" if kind == "texts" else kind)
+                    if kind != "users" and added:
                         expected += len(added["items"]) - len(added["replaces"])
                     if (n := reader.count(kind[:-1])) != expected:
                         return f"the {kind} shards of {folder} hold {n} points, version.json says {expected}"
@@ -274,22 +282,23 @@ class EmbeddedVersions(VersionStore):
                 reader.release()
         return None
 
-    def publish(self, run_id: str, fill: Callable[[Path], tuple[dict, dict, int]], metadata: dict) -> dict:
-        """Write version `run_id` with `fill(folder) -> (counts, shards, user_shards)` (the shards
-        written in `folder`), then its marker. Any failure removes the folder and raises."""
+    def publish(self, run_id: str, fill: Callable[[Path], tuple[dict, dict, dict]], metadata: dict) -> dict:
+        """Write version `run_id` with `fill(folder) -> (counts, shards, layout)` (the shards written in
+        `folder`; layout: the marker's "user_shards" and "texts"), then its marker. Any failure removes
+        the folder and raises."""
         folder = self.folder / run_id
         try:
             if folder.exists():
                 shutil.rmtree(folder)  # a leftover of a crashed attempt at this run
             folder.mkdir(parents=True)
-            counts, shards, user_shards = fill(folder)
+            counts, shards, layout = fill(folder)
             for kind in ("items", "users"):
                 stored = sum(s["points"] for n, s in shards.items() if n.startswith(kind))
                 if stored != counts[kind]:
                     raise PublishError(f"version {run_id}: {counts[kind]} {kind} to write, {stored} in the shards of {folder}")
             write_json({
                 "run_id": run_id, "prefix": self.prefix, "engine": ENGINE, "namespace": str(NAMESPACE),
-                "points": counts, "user_shards": user_shards, "shards": shards, "metadata": metadata},
+                "points": counts, **layout, "shards": shards, "metadata": metadata},
                 folder / "version.json", durable=True)
             return counts
         except BaseException as exc:
@@ -299,6 +308,12 @@ class EmbeddedVersions(VersionStore):
                                    f"{str(exc)[:300]}; the partial version was removed and the live version "
                                    "stays live") from None
             raise
+
+    def written(self, run_id: str | None) -> tuple[Path, dict] | None:
+        """(folder, marker) of complete version `run_id`, what a publish may start its text shards
+        from (recommend/serving/text_shards.py); None when there is none."""
+        marker = self._marker(run_id) if run_id else None
+        return (self.folder / run_id, marker) if marker else None
 
     def switch(self, run_id: str) -> str | None:
         try:

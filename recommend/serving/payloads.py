@@ -97,14 +97,15 @@ def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: 
     is work for the engine's writer at every point."""
     subjects = list(item_ids if subjects is None else subjects)
     texts = list_texts(item_ids, scores, ids, sources)
+    return [{"item_id": p["item_id"], "similar": texts[r], **{k: v for k, v in p.items() if k != "item_id"}}
+            for r, p in enumerate(metadata_payloads(subjects, metadata))]
+
+
+def metadata_payloads(subjects: list, metadata: dict[str, list]) -> list[dict]:
+    """The id and chosen metadata of each item in `subjects` (`metadata`: column -> their rows'
+    values): an item payload without its list, what a text shard holds (text_shards.py)."""
     columns = {k: [_clean(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for k, v in metadata.items()}
-    out = []
-    for r, item_id in enumerate(subjects):
-        payload = {"item_id": item_id, "similar": texts[r]}
-        for k, values in columns.items():
-            payload[k] = values[r]
-        out.append(payload)
-    return out
+    return [{"item_id": item_id, **{k: values[r] for k, values in columns.items()}} for r, item_id in enumerate(subjects)]
 
 
 def user_payloads(user_ids, item_ids, scores: np.ndarray, ids: np.ndarray, sources, seen: tuple | None = None) -> list[dict]:

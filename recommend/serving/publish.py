@@ -15,14 +15,15 @@ import errno
 import functools
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from recommend.serving.filters import INDEX
-from recommend.serving.shards import Graph, VectorSpec, blocks_of_shard, user_shard, write_shard
+from recommend.serving.shards import Graph, ShardError, VectorSpec, blocks_of_shard, user_shard, write_shard
+from recommend.serving.text_shards import text_settings, write_text_shard
 from recommend.serving.store import StoreUnavailable
 from recommend.serving.version_store import (NAMESPACE, PublishError, Version, VersionStore,  # noqa: F401 (re-exported)
                                              alias, collection, point_id)
@@ -122,13 +123,15 @@ class Points:
     - `pieces` (picklable callables, each returning (business ids, {name: (n, d) array}, payloads))
       are what the embedded store's shard tasks read; for users, `blocks` says the pieces are the
       event blocks in order (hash ranges: a user shard reads only those overlapping its own range),
-      None that any piece may hold any user."""
+      None that any piece may hold any user; for items, `texts` are pieces with the text vector and
+      the metadata alone, what the text shards read (None: `pieces`, which have them too)."""
 
     sizes: dict[str, int]
     count: int
     load: Callable[[object, str, Callable[[int], None] | None], None]
     pieces: list[Callable[[], tuple[list, dict, list]]] = field(default_factory=list)
     blocks: int | None = None
+    texts: list[Callable[[], tuple[list, dict, list]]] | None = None  # items: what the text shards read (default: pieces)
 
 
 def in_process(kind: str, data: dict, batch_size: int = 256, parallel: int = 1) -> Points:
@@ -151,8 +154,10 @@ def _given(ids: list, vectors: dict, payloads: list) -> tuple[list, dict, list]:
     return ids, vectors, payloads
 
 
-def _shard_batches(kind: str, pieces: list, route: tuple[int, int] | None):
-    """(point ids, vectors, payloads) of each piece; `route` (shard, shards): only that shard's users."""
+def _shard_batches(kind: str, pieces: list, route: tuple[int, int] | None, names):
+    """(point ids, vectors, payloads) of each piece; `route` (shard, shards): only that shard's users;
+    `names`: the vectors kept (items': without the text vector where they have others, it lives in
+    the text shards, recommend/serving/text_shards.py)."""
     for piece in pieces:
         ids, vectors, payloads = piece()
         if route is not None and len(ids):
@@ -160,23 +165,33 @@ def _shard_batches(kind: str, pieces: list, route: tuple[int, int] | None):
             if len(keep) < len(ids):
                 ids, payloads = [ids[i] for i in keep], [payloads[i] for i in keep]
                 vectors = {n: np.asarray(v)[keep] for n, v in vectors.items()}
+        vectors = {n: v for n, v in vectors.items() if n in names}
         yield [point_id(kind, b) for b in ids], vectors, payloads
 
 
 def write_shard_task(folder: str, kind: str, specs: dict[str, VectorSpec], pieces: list,
-                     route: tuple[int, int] | None, graph: Graph, fields: tuple = ()) -> dict:
+                     route: tuple[int, int] | None, graph: Graph, fields: tuple = (), previous: tuple | None = None) -> dict:
     """One shard of a version, written from its pieces (a task on a Dask worker, or in this process);
-    `fields`: the payload indexes of an item shard."""
-    return write_shard(folder, specs, _shard_batches(kind, pieces, route), graph, fields if kind == "item" else ())
+    `fields`: the payload indexes of an item or text shard; `previous` (a text shard's): (folder, its
+    entry in version.json) of the live version's same shard, to start from (text_shards.py)."""
+    if kind == "text":
+        return write_text_shard(folder, specs[ITEM_VECTOR], (piece() for piece in pieces), route, graph, fields,
+                                *(previous or (None, None)))
+    return write_shard(folder, specs, _shard_batches(kind, pieces, route, set(specs)), graph if kind == "item" else Graph(),
+                       fields if kind == "item" else ())
 
 
 def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str, list, tuple | None]]:
     """(shard name, kind, pieces, route) of every shard: the item pieces cut into `shards` runs in
-    order; users in `shards` hash ranges, each with the pieces that may hold its users."""
+    order; the items' text vectors (`items.texts`, else the item pieces) in `shards` ranges of the
+    item ids' hash, the same from version to version; users in `shards` hash ranges, each with the
+    pieces that may hold its users."""
     jobs = []
     n_items = max(1, min(shards, len(items.pieces)))
     for s, run in enumerate(np.array_split(np.arange(len(items.pieces)), n_items)):
         jobs.append((f"items-{s:03d}", "item", [items.pieces[i] for i in run], None))
+    for s in range(shards):
+        jobs.append((f"texts-{s:03d}", "text", items.texts or items.pieces, (s, shards)))
     for s in range(shards):
         mine = (users.pieces if users.blocks is None
                 else [users.pieces[b] for b in blocks_of_shard(s, shards, users.blocks)])
@@ -184,34 +199,65 @@ def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str
     return jobs
 
 
-APART_FROM = 10_000  # points in a shard from which a worker writes it in a child process (below: seconds at most)
+APART_FROM = 10_000  # points of a text shard with a graph from which a worker writes it in a child process
 
 
 def shard_sizes(items: Points, users: Points, jobs: list) -> dict[str, float]:
-    """The points each shard of `jobs` is expected to hold: items by its share of the pieces, users
-    by the hash ranges' share."""
-    n_users = sum(1 for _, kind, _, _ in jobs if kind == "user")
-    return {name: (items.count * len(pieces) / max(1, len(items.pieces)) if kind == "item" else users.count / n_users)
+    """The points each shard of `jobs` is expected to hold: items by its share of the pieces, texts
+    and users by the hash ranges' share."""
+    ranges = {kind: sum(1 for _, k, _, _ in jobs if k == kind) or 1 for kind in ("text", "user")}
+    return {name: (items.count * len(pieces) / max(1, len(items.pieces)) if kind == "item"
+                   else (items.count if kind == "text" else users.count) / ranges[kind])
             for name, kind, pieces, _ in jobs}
 
 
-def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1, graph: Graph = Graph(),
-                  dask=None, progress: Callable[[int], None] | None = None, fields: tuple = ()) -> tuple[dict, dict, int]:
+# Seconds per point of a shard's writing, by kind, from the 1M x 1M publish (docs/performance.md,
+# "Publishing at 1M"): an item point (two blended vectors, its list) about 100 us, a user point 56 us,
+# a text point 25 us, and its graph 420 us more unless the shard is carried from the live version
+# (its changes only). Only their ratios matter: they order the shards.
+COST_PER_POINT = {"item": 100e-6, "user": 56e-6, "text": 25e-6, "graph": 420e-6}
+
+
+def longest_first(jobs: list, sizes: dict[str, float], graph: Graph, carried: set = frozenset()) -> list:
+    """`jobs` ordered by their expected time, longest first (`carried`: text shards started from the
+    live version's): handed out one per task slot as slots free, the long shards start at once and
+    the short ones fill the slots that free up early (at 100k x 100k both user shards had waited on
+    one worker while the other sat idle)."""
+    def cost(job) -> float:
+        name, kind = job[0], job[1]
+        graphed = kind == "text" and graph.m and name not in carried
+        return sizes[name] * (COST_PER_POINT[kind] + (COST_PER_POINT["graph"] if graphed else 0.0))
+
+    return sorted(jobs, key=cost, reverse=True)
+
+
+def write_version(folder: Path, items: Points, users: Points, *, storage: Storage = Storage(shards=1), dask=None,
+                  progress: Callable[[int], None] | None = None, previous: tuple[Path, dict] | None = None
+                  ) -> tuple[dict, dict, dict]:
     """Write a version's shards into `folder`: one task per shard on the workers of `dask` (a
-    distributed Client; a task writes a shard of `APART_FROM` points or more in a child process,
-    recommend/serving/shard_process.py; None: one after the other in this process). Item shards
-    build an HNSW graph over the text vector (what text search asks) when `graph.m` > 0; no other
-    vector gets one; `fields` ((name, kind) pairs) get a payload index in the item shards. Returns
-    (counts, {shard name: its points and files}, user shards) for the store's marker."""
-    specs = {"item": {n: VectorSpec(d, indexed=n == ITEM_VECTOR) for n, d in items.sizes.items()},
+    distributed Client; a task writes a text shard of `APART_FROM` points or more with a graph in a
+    child process, recommend/serving/shard_process.py, the others on the worker's thread; None: one
+    after the other in this process). `storage.shards`
+    item, text and user shards each. The text shards build an HNSW graph over the items' text vectors
+    (what text search asks) when `storage.graph.m` > 0, starting from `previous` ((folder, marker) of
+    the live version) where its text shards were written alike (recommend/serving/text_shards.py); no
+    other vector gets one. `storage.fields` ((name, kind) pairs) get a payload index in the item and
+    text shards. Returns (counts, {shard name: its points and files}, the marker's other fields)."""
+    shards, graph, fields = storage.shards or 1, storage.graph, tuple(storage.fields)
+    specs = {"item": {n: VectorSpec(d) for n, d in items.sizes.items() if n != ITEM_VECTOR or len(items.sizes) == 1},
+             "text": {ITEM_VECTOR: VectorSpec(items.sizes[ITEM_VECTOR], indexed=True)},
              "user": {n: VectorSpec(d) for n, d in users.sizes.items()}}
     folder.mkdir(parents=True, exist_ok=True)
     need, free = space_needed(items, users, shards), shutil.disk_usage(folder).free
     if free < need:  # the engine writes through memory maps: a disk that fills up mid-write kills the writer (SIGBUS)
         raise OSError(errno.ENOSPC, f"No space left on device for this version: about {need / 2**20:,.1f} MiB "
                                     f"needed, {free / 2**20:,.1f} MiB free", str(folder))
+    texts = {"settings": text_settings(specs["text"][ITEM_VECTOR], graph, fields, shards)}
+    before = previous if previous and (previous[1].get("texts") or {}).get("settings") == texts["settings"] else None
     jobs = shard_jobs(items, users, shards)
-    calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph, tuple(fields))
+    carry = {name: (str(before[0] / name), before[1]["shards"][name]) for name, kind, _, _ in jobs
+             if kind == "text" and before and name in before[1]["shards"]}
+    calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph, fields, carry.get(name))
              for name, kind, pieces, route in jobs}
     written = {}
     if dask is None:
@@ -220,20 +266,31 @@ def write_version(folder: Path, items: Points, users: Points, *, shards: int = 1
             if progress:
                 progress(written[name]["points"])
     else:
-        from distributed import as_completed
-
+        from embedder.task_window import in_window, task_slots
         from recommend.serving.shard_process import run_apart  # the engine's optimize holds the GIL: see there
 
+        # one shard per task slot at a time, the next handed out as one ends: submitted all at once, the
+        # scheduler queued two on each worker from the start, and a worker that finished early sat idle
         stamp, sizes = time.time_ns(), shard_sizes(items, users, jobs)
-        futures = {dask.submit(*((run_apart, write_shard_task) if sizes[name] >= APART_FROM else (write_shard_task,)),
-                               *args, pure=False, key=f"write-shard-{name}-{stamp}"): name
-                   for name, args in calls.items()}
-        for future in as_completed(futures):
-            written[futures[future]] = future.result()
+        order = [job[0] for job in longest_first(jobs, sizes, graph, set(carry))]
+
+        def submit(i: int):
+            # apart: a graph's build, where the engine holds the GIL for minutes; the other shards' optimize
+            # holds it seconds (12 s for 500k items), and a child's start (imports: about 1.3 s) cost more
+            # than that at 100k x 100k, where six children started one after another took a third of the publish
+            name = order[i]
+            apart = calls[name][1] == "text" and graph.m > 0 and sizes[name] >= APART_FROM
+            return dask.submit(*((run_apart, write_shard_task) if apart else (write_shard_task,)),
+                               *calls[name], pure=False, key=f"write-shard-{name}-{stamp}")
+
+        for i, info in in_window(dask, len(order), submit, window=task_slots(dask)):
+            written[order[i]] = info
             if progress:
-                progress(written[futures[future]]["points"])
+                progress(info["points"])
     counts = {kind: sum(w["points"] for n, w in written.items() if n.startswith(kind)) for kind in ("items", "users")}
-    return counts, written, shards
+    if (held := sum(w["points"] for n, w in written.items() if n.startswith("texts"))) != counts["items"]:
+        raise ShardError(f"version {folder}: {counts['items']} items written, {held} in the text shards")
+    return counts, written, {"user_shards": shards, "texts": texts}
 
 
 def space_needed(items: Points, users: Points, shards: int) -> int:
@@ -241,7 +298,8 @@ def space_needed(items: Points, users: Points, shards: int) -> int:
     load's segment and the optimised one), about half a kilobyte of payload and graph per point, and
     the engine's files per shard."""
     per_point = {kind: 2 * 4 * sum(p.sizes.values()) + 512 for kind, p in (("item", items), ("user", users))}
-    return items.count * per_point["item"] + users.count * per_point["user"] + 2 * shards * 256 * 1024
+    texts = items.count * 512 + 2 * shards * 256 * 1024  # the text vectors' graph and payloads, in shards of their own
+    return items.count * per_point["item"] + users.count * per_point["user"] + 2 * shards * 256 * 1024 + texts
 
 
 def stage_version(client, prefix: str, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
@@ -312,8 +370,8 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
         items, users = (p if isinstance(p, Points) else in_process(k, p) for k, p in (("item", items), ("user", users)))
         shards = storage.shards or (len(dask.scheduler_info()["workers"]) if dask is not None else 1)
         counts = store.publish(run_id, lambda folder: write_version(
-            folder, items, users, shards=shards, graph=storage.graph, dask=dask, progress=progress,
-            fields=storage.fields), metadata)
+            folder, items, users, storage=replace(storage, shards=shards), dask=dask, progress=progress,
+            previous=store.written(previous)), metadata)
     else:
         counts = store.publish(run_id, lambda client: stage_version(
             client, store.prefix, run_id, items, users, metadata=metadata, progress=progress, storage=storage), metadata)

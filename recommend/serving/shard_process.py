@@ -4,12 +4,13 @@ Qdrant's engine holds the GIL through a whole `optimize()`: minutes for half a m
 a text graph, and on a loaded machine longer than the five minutes after which Dask's scheduler
 takes a worker whose heartbeats stopped for dead. A publish at 1M items and users under load failed
 that way: each attempt of an item shard's task "killed" its worker, and the task failed after four.
-So the task runs the write in a child process and waits for it, the worker's event loop free to
-answer. The child dies with the worker (PR_SET_PDEATHSIG, Linux): a worker killed mid-write leaves
+So a task writing a text shard with a graph runs the write in a child process and waits for it,
+the worker's event loop free to answer (the other shards' optimize holds the GIL for seconds: they
+are written on the worker's thread). The child dies with the worker (PR_SET_PDEATHSIG, Linux): a worker killed mid-write leaves
 no writer behind. Errors come back as they were raised (an OSError stays an OSError).
 
 Example:
-    info = run_apart(write_shard_task, folder, "user", specs, pieces, (0, 2), Graph())
+    info = run_apart(write_shard_task, folder, "text", specs, pieces, (0, 2), Graph(m=16))
 """
 
 from __future__ import annotations
