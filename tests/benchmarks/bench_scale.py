@@ -7,6 +7,10 @@ here, the model's encode rate is measured by bench_encode.py. Publishing is off 
 (into the embedded store, Qdrant's engine in-process, as the default config does).
 
     .venv/bin/python tests/benchmarks/bench_scale.py --items 1000000 --users 1000000
+    .venv/bin/python tests/benchmarks/bench_scale.py --items 100000 --users 100000 --parts 8 --publish --nights 2
+
+`--nights 2` refreshes twice on one workdir, 1% of the items' texts changed before the second (`--change`):
+the second night's publish starts its text shards from the first's (recommend/serving/text_shards.py).
 """
 
 from __future__ import annotations
@@ -146,6 +150,34 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra
             "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "error": error}
 
 
+def change_items(data: Path, fraction: float, night: int) -> int:
+    """The next night's catalog: a `fraction` of the items (drawn by `night`) get a new word in their
+    description, so their text vectors change. Returns how many."""
+    rng, changed = np.random.default_rng(1000 + night), 0
+    for path in sorted(data.glob("items-*.parquet")):
+        frame = pd.read_parquet(path)
+        rows = rng.random(len(frame)) < fraction
+        frame.loc[rows, "description"] = frame.loc[rows, "description"] + f" night{night}"
+        frame.to_parquet(path, index=False)
+        changed += int(rows.sum())
+    return changed
+
+
+def published(work: Path) -> dict:
+    """The live version's shards from its version.json: each shard's wall time, and what the text
+    shards carried from the version before (recommend/serving/text_shards.py)."""
+    store = work / "work" / "store" / "recs"
+    try:
+        run_id = json.loads((store / "LIVE").read_text())["run_id"]
+        shards = json.loads((store / "versions" / run_id / "version.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    carried = [s["carried"] for n, s in shards.items() if n.startswith("texts-") and s.get("carried")]
+    return {"shard_wall_s": {n: round(s["ran"][1] - s["ran"][0], 1) for n, s in sorted(shards.items()) if "ran" in s},
+            "text_shards_carried": len(carried), "text_points_upserted": sum(c["upserted"] for c in carried),
+            "text_points_removed": sum(c["removed"] for c in carried)}
+
+
 def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--items", type=int, default=1_000_000)
@@ -157,7 +189,11 @@ def main() -> None:
                              "the same data, each from a cold workdir (strong scaling); default: one per core")
     args_parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="a config setting for the refresh, e.g. index.exact_budget_s=1 (repeatable)")
-    args_parser.add_argument("--stage", choices=["all", "generate", "run"], default="all", help=argparse.SUPPRESS)
+    args_parser.add_argument("--nights", type=int, default=1, help="refreshes on the same workdir, each after the "
+                             "first with --change of the items' texts changed (the text shards carried: with --publish)")
+    args_parser.add_argument("--change", type=float, default=0.01, help="share of the items changed before each next night")
+    args_parser.add_argument("--stage", choices=["all", "generate", "run", "change"], default="all", help=argparse.SUPPRESS)
+    args_parser.add_argument("--night", type=int, default=2, help=argparse.SUPPRESS)
     args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = args_parser.parse_args()
     try:
@@ -167,11 +203,15 @@ def main() -> None:
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return
+    if args.stage == "change":
+        print(json.dumps({"night": args.night, "items_changed": change_items(Path(args.dir) / "data", args.change, args.night)}))
+        return
     counts = [int(w) for w in args.workers.split(",") if w] or [None]
     if args.stage == "run":
         workers = counts[0]
         work = Path(args.dir) / (f"workers-{workers}" if workers else "")
-        print(json.dumps({"workers": workers, **run(Path(args.dir) / "data", work, args.publish, workers, extra)}))
+        figures = run(Path(args.dir) / "data", work, args.publish, workers, extra)
+        print(json.dumps({"workers": workers, **figures, **(published(work) if args.publish else {})}))
         return
     with tempfile.TemporaryDirectory() as tmp:  # each step in a fresh process: the driver's peak is the refresh's own
         t = time.perf_counter()
@@ -181,15 +221,22 @@ def main() -> None:
         generate_s = time.perf_counter() - t
         runs = []
         for workers in counts:
-            proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
-                                  + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set],
-                                  check=True, stdout=subprocess.PIPE, text=True)  # its errors show
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
-                                       "encoder": "stand-in:hashing-384", "published": args.publish,
-                                       "generate_s": round(generate_s, 1), "target_peak_rss_mb": 4096, **runs[-1]})
+            for night in range(1, args.nights + 1):
+                changed = 0
+                if night > 1:  # the next night: a share of the items changed, the same workdir (cache, live version)
+                    proc = subprocess.run([sys.executable, __file__, "--stage", "change", "--dir", tmp, "--night", str(night),
+                                           "--change", str(args.change)], check=True, stdout=subprocess.PIPE, text=True)
+                    changed = json.loads(proc.stdout.strip().splitlines()[-1])["items_changed"]
+                proc = subprocess.run([sys.executable, __file__, "--stage", "run", "--dir", tmp, "--workers", str(workers or "")]
+                                      + (["--publish"] if args.publish else []) + [f"--set={s}" for s in args.set],
+                                      check=True, stdout=subprocess.PIPE, text=True)  # its errors show
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                emit("scale_out_of_core", {"items": args.items, "users": args.users, "events_per_user": args.events_per_user,
+                                           "encoder": "stand-in:hashing-384", "published": args.publish, "night": night,
+                                           "items_changed": changed, "generate_s": round(generate_s, 1),
+                                           "target_peak_rss_mb": 4096, **runs[-1]})
     totals = [(r.get("seconds") or {}).get("total") for r in runs]
-    if len(runs) > 1 and all(totals):
+    if len(counts) > 1 and args.nights == 1 and all(totals):
         emit("scale_strong_scaling", {"items": args.items, "users": args.users, "workers": counts, "total_s": totals,
                                       "seconds_by_stage": [r["seconds"] for r in runs],
                                       "speedup_vs_first": [round(totals[0] / t, 2) for t in totals]})
