@@ -20,6 +20,7 @@ PROMISED = {
     "incremental": {"incremental_vs_cold": ["ratio_total", "ratio_embed", "cold_s", "incremental_s", "encoded_cold"]},
     "index": {"index_approx_vs_exact": ["speed_ratio", "recall_at_20"]},
     "publish": {"publish_points_per_s": ["speedup", "embedded_points_per_s", "baseline_points_per_s"]},
+    "text_shards": {"text_shard_night": ["items", "night", "whole_s", "whole_recall_at_10"]},
     "serve": {"serve": ["requests"], "serve_memory": ["steady_peak_rss_mb"]},
     "filters": {"filters_keep": ["ms_per_request", "speedup_vs_k_deep", "asked"]},
     "lists": {"lists_ours": ["total_s", "users_listed"], "lists_workers": ["total_s", "users_listed"],

@@ -160,3 +160,25 @@ def test_a_payload_list_keeps_its_rows_entries_and_source_and_older_forms_still_
     assert payload_list(older, "recommended") == payload_list(oldest, "recommended") == ([("b", 0.5)], "history")
     payloads = user_payloads(["u1", "u2"], item_ids, scores[:2], ids[:2], ["history", "popular"])
     assert payloads[1] == {"user_id": "u2", "recommended": texts[1].replace("similar+popular", "popular")}
+
+
+def test_shards_are_handed_out_longest_first_a_graph_first_and_a_carried_text_shard_last():
+    """The schedule of write_version on workers (one shard per task slot, the next as one ends): the
+    text shards building a graph are the long ones and start first; carried from the live version
+    they only apply the night's changes and go last; without a graph the item shards lead."""
+    from recommend.serving.publish import Points, longest_first, shard_jobs, shard_sizes
+    from recommend.serving.shards import Graph
+
+    items = Points({"text": 8, "blend": 4}, 1000, None, [object()] * 4)
+    users = Points({"profile": 4}, 1000, None, [object()] * 2)
+    jobs = shard_jobs(items, users, 2)
+    sizes = shard_sizes(items, users, jobs)
+    assert sizes == {"items-000": 500, "items-001": 500, "texts-000": 500, "texts-001": 500, "users-000": 500,
+                     "users-001": 500}
+
+    def order(graph, carried=frozenset()):
+        return [job[0][:-4] for job in longest_first(jobs, sizes, graph, carried)]
+
+    assert order(Graph(m=16)) == ["texts"] * 2 + ["items"] * 2 + ["users"] * 2
+    assert order(Graph(m=16), {"texts-000", "texts-001"}) == ["items"] * 2 + ["users"] * 2 + ["texts"] * 2
+    assert order(Graph()) == ["items"] * 2 + ["users"] * 2 + ["texts"] * 2

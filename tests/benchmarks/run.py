@@ -52,6 +52,7 @@ def peers() -> list[str]:
 
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
+              "text_shards": ["--items", "100000", "--nights", "3"],
               "serve": [], "filters": [], "lists": ["--sizes", "100000", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
               "list_blocks": ["--size", "100000"],  # docs/performance.md's figure
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
@@ -63,6 +64,7 @@ SMOKE = {"encode": ["--texts", "8", "--model", STANDIN, "--skip-trim"],
          # IVF1024 trains on the items: at least 1024 of them
          "index": ["--items", "2000", "--queries", "50", "--dim", "32"],
          "publish": ["--points", "50", "--dim", "32"],
+         "text_shards": ["--items", "300", "--nights", "2", "--queries", "20", "--dim", "32"],
          "serve": ["--items", "50", "--users", "100", "--seconds", "0.2", "--clients", "1,2", "--model", STANDIN,
                    "--refresh-clients", "1", "--add-items", "20"],
          "filters": ["--items", "60", "--users", "80", "--asked", "20", "--keeps", "30", "--model", STANDIN],
