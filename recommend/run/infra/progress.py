@@ -12,14 +12,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+STDERR_HANDLER = "recs-stderr"
+
+
 def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     """The `recs` logger on stderr: warnings by default, info with one -v, debug with two, errors
     only with --quiet."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logger = logging.getLogger("recs")
     logger.setLevel(level)
-    if not logger.handlers:
+    if not any(h.name == STDERR_HANDLER for h in logger.handlers):  # ours once, whatever else is attached
         handler = logging.StreamHandler()
+        handler.name = STDERR_HANDLER
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.propagate = False
