@@ -25,8 +25,8 @@ class PublishSettings(BaseModel):
                                                       "uploads them all); the workers need the API key variable too")
     shards: int | None = Field(None, ge=1, le=256, description="shards of the items and of the users each: on a "
                                                               "server Qdrant's shard_number (default: the "
-                                                              "server's); embedded, written side by side, one "
-                                                              "task each (default: one per Dask worker)")
+                                                              "server's); embedded, this many item, text and user "
+                                                              "shards, one task each (default: one per Dask worker)")
     replicas: int | None = Field(None, ge=1, description="copies of each shard on a cluster (replication_factor); "
                                                         "default: the server's")
     vectors_on_disk: bool = Field(False, description="a server keeps the vectors in memory-mapped files, not in RAM")
