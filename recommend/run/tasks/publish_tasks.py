@@ -48,7 +48,8 @@ from index.rows import RowSource
 from recommend.ranking.blend import ItemSide
 from recommend.run.tasks.item_tasks import read_item_ids, read_item_side
 from recommend.run.tasks.list_tasks import Part
-from recommend.serving.payloads import item_payloads, metadata_payloads, user_payloads
+from recommend.run.tasks.text_pieces import TextPiece
+from recommend.serving.payloads import item_payloads, user_payloads
 from recommend.serving.publish import (BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, PointIds, Points,  # noqa: F401
                                       upload, vector_sizes)
 from recommend.serving.store import close_clients, open_store, shared_local
@@ -110,7 +111,7 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list], t
                 ) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:
     """(business ids, named vectors, payloads) of one part's subjects. `metadata`: the catalog's
     chosen columns for an item part's rows; `text`: with the items' text vectors (a server's item
-    points hold them; the embedded store's are in text shards of their own, `part_texts`)."""
+    points hold them; the embedded store's are in text shards of their own, read by text_pieces.py's `TextPiece`)."""
     side, item_ids = _item_side(source.run)
     with np.load(source.run.part_arrays(part.kind, part.block)) as arrays:
         lists = {name: arrays[name] for name in arrays.files}
@@ -127,16 +128,6 @@ def part_points(source: PointSource, part: Part, metadata: Mapping[str, list], t
     seen = (lists["seen_indptr"], lists["seen_items"]) if "seen_indptr" in lists else None
     payloads = user_payloads(subjects, item_ids, lists["scores"], lists["ids"], lists["source"], seen)
     return subjects, {USER_VECTOR: lists["vectors"]}, payloads
-
-
-def part_texts(source: PointSource, part: Part, metadata: Mapping[str, list]
-               ) -> tuple[list[str], dict[str, np.ndarray], list[dict]]:
-    """(business ids, {"text": vectors}, id and metadata payloads) of an item part's items: what the
-    embedded store's text shards hold (recommend/serving/text_shards.py)."""
-    _, item_ids = _item_side(source.run)
-    rows = np.arange(part.start, part.start + part.subjects, dtype=np.int64)
-    subjects = item_ids[rows].tolist()
-    return subjects, {ITEM_VECTOR: source.text[rows]}, metadata_payloads(subjects, metadata)
 
 
 def upload_part(qdrant, name: str, source: PointSource, part: Part, metadata: Mapping[str, list], batch_size: int,
@@ -187,7 +178,8 @@ def collection_points(client, source: PointSource, parts: list[Part], kind: str,
             client.run(forget_sources)
 
     pieces = [functools.partial(part_points, source, part, rows_of(part), False) for part in mine]
-    texts = [functools.partial(part_texts, source, part, rows_of(part)) for part in mine] if kind == "item" else None
+    texts = ([TextPiece(str(source.run.item_ids), source.text, p.start, p.start + p.subjects, rows_of(p)) for p in mine]
+             if kind == "item" else None)
     in_order = [p.block for p in mine] == list(range(len(mine)))  # user parts are the event blocks, 0..n-1
     return Points(sizes, sum(p.subjects for p in mine), load, pieces, len(mine) if kind == "user" and in_order else None,
                   texts)
