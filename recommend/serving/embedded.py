@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from recommend.serving.additions import added_token, read_added
+from recommend.serving.payloads import LIST_FIELDS
 from recommend.serving.publish import ITEM_VECTOR
 from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user
 from embedder.artifacts import write_json
@@ -41,7 +42,6 @@ from recommend.serving.store import DamagedVersion, StoreUnavailable, track_read
 from recommend.serving.version_store import NAMESPACE, PublishError, Version, VersionStore, point_id
 
 log = logging.getLogger("recs")
-LISTS = ("similar", "recommended", "run_id", "source")  # payload fields that are not item metadata
 
 
 class ShardReader:
@@ -110,7 +110,7 @@ class ShardReader:
 
         pids, out = [point_id("item", i) for i in item_ids], {}
         for engine in self._item_engines(first_added=False):
-            for rec in engine.retrieve(pids, with_payload=PayloadSelector.Exclude(list(LISTS)), with_vector=False):
+            for rec in engine.retrieve(pids, with_payload=PayloadSelector.Exclude(list(LIST_FIELDS)), with_vector=False):
                 out[rec.payload["item_id"]] = rec.payload
         return out
 
@@ -151,7 +151,7 @@ class ShardReader:
         rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
         def request(left_out):
             return QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
-                                filter=edge_filter(where, left_out), with_payload=PayloadSelector.Exclude(list(LISTS)))
+                                filter=edge_filter(where, left_out), with_payload=PayloadSelector.Exclude(list(LIST_FIELDS)))
         own = request(list(exclude or ()) + self.replaced)  # an item replaced today is answered from its added point
         hits = [h for engine in (self.texts if using == ITEM_VECTOR else self.items) for h in engine.query(own)]
         if self.added:

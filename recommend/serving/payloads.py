@@ -88,6 +88,9 @@ def list_texts(item_ids, scores: np.ndarray, ids: np.ndarray, sources, seen: tup
     return out
 
 
+LIST_FIELDS = ("similar", "recommended", "run_id", "source")  # payload fields that are not item metadata
+
+
 def item_payloads(item_ids, metadata: dict[str, list], scores: np.ndarray, ids: np.ndarray, sources,
                   subjects=None) -> list[dict]:
     """Item point payloads: the id, its similar items with scores and the path that made them (one

@@ -34,10 +34,10 @@ import numpy as np
 import xxhash
 
 from embedder.artifacts import file_digest
+from recommend.serving.payloads import LIST_FIELDS
 from recommend.serving.shards import Graph, ShardError, VectorSpec, engine_points, problems, shard_files, user_shard, write_shard
 
 TEXT = "text"  # the vector a text shard holds (publish.ITEM_VECTOR)
-LIST_FIELDS = ("similar", "recommended", "run_id", "source")  # an item payload's fields that are not metadata
 
 
 def keys_path(shard: Path | str) -> Path:
