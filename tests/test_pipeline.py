@@ -19,14 +19,19 @@ REPORT_KEYS = {"status", "run_id", "run_dir", "items", "events", "users", "embed
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, sample_dir, tiny_model, dask_client):
     folder = tmp_path_factory.mktemp("pipeline")
-    config = load_config(write_config(folder, sample_dir, tiny_model))
+    # a text graph over the sample's items, built after the switch (the first version: text_graph.py)
+    config = load_config(write_config(folder, sample_dir, tiny_model, publish={"graph_min_items": 0}))
     return config, refresh(config, quiet=True, client=dask_client)
 
 
 def test_report_and_artifacts(first_run):
     config, report = first_run
     assert REPORT_KEYS <= set(report.model_dump()) and report.status == "ok"
-    assert set(report.seconds) >= {"ingest", "embed", "index", "publish", "total"}
+    assert set(report.seconds) >= {"ingest", "embed", "index", "publish", "graph", "total"}
+    assert report.text_graph == "built"
+    version = Path(config.workdir) / "store" / "recs" / "versions" / report.published_version
+    marker = json.loads((version / "version.json").read_text())
+    assert marker["texts"]["settings"]["graph"][0] == 16 and marker["shards"]["texts-000"]["folder"] == "texts-000.graph"
     assert report.items.rows_read == 240 and report.index.users == 83 and report.index.users_with_history == 80
     assert report.embed.items_encoded + report.embed.items_from_cache == 240
     run = config.workdir + f"/runs/{report.run_id}"

@@ -175,7 +175,8 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
     child process of the worker (recommend/serving/shard_process.py). Here the ttl is 1 s (the
     scheduler makes that 5 s: ten heartbeats) and the text shard's optimize (a graph over 48,000
     vectors: 8 s and more; 24,000 took 3.9 s on a fast machine, too short to show anything) holds
-    the GIL longer; the reread is the oracle."""
+    the GIL longer, in the graph's build after the switch (recommend/serving/text_graph.py: the first
+    publish goes live without it); the reread is the oracle."""
     import dask
     import numpy as np
     from distributed import Client, LocalCluster
@@ -183,6 +184,7 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
 
     from recommend.serving.publish import Storage, publish_version
     from recommend.serving.shards import Graph
+    from recommend.serving.text_graph import build_text_graph
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(48000, 384)).astype(np.float32)
@@ -195,6 +197,7 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
             Client(cluster) as client:
         started = time.perf_counter()
         publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)), dask=client)
+        assert list(build_text_graph(store, V1, dask=client)) == ["texts-000"]
         took = time.perf_counter() - started
     reader = store.open(V1)
     try:

@@ -120,6 +120,7 @@ def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
     import numpy as np
 
     from recommend.serving.publish import ITEM_VECTOR, Storage, publish_version
+    from recommend.serving.text_graph import build_text_graph
 
     store = EmbeddedVersions(tmp_path / "store", "t")
     rng = np.random.default_rng(3)
@@ -130,7 +131,8 @@ def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
     items = {"ids": ids, "vectors": vectors, "payloads": [{"item_id": i} for i in ids]}
     users = {"ids": ["u0"], "vectors": vectors[:1], "payloads": [{"user_id": "u0"}]}
     publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)))
-    shard = next((store.folder / V1).glob("texts-000/segments/*/vector_storage-text/quantized.data"))
+    build_text_graph(store, V1)  # the first version gets its graph after the switch (text_graph.py)
+    shard = next((store.folder / V1).glob("texts-000.graph/segments/*/vector_storage-text/quantized.data"))
     assert shard.stat().st_size > 8000 * 384 * 0.9  # the int8 copies were built
     reader = store.open(V1)
     try:

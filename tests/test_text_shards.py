@@ -12,6 +12,7 @@ import pytest
 from recommend.serving.filters import Where
 from recommend.serving.publish import Storage, publish_version
 from recommend.serving.shards import Graph
+from recommend.serving.text_graph import build_text_graph, shard_folder
 from recommend.serving.text_shards import keys_path
 from recommend.serving.version_store import point_id
 from recommend.serving.versions import EmbeddedVersions
@@ -28,12 +29,14 @@ def catalog(n: int, seed: int = 0) -> dict:
 
 
 def publish(store, run_id: str, items: dict, storage: Storage) -> dict:
-    """`items` published as `run_id` (two users beside them); returns the version's marker."""
+    """`items` published as `run_id` (two users beside them), its text graph built after the switch
+    when it was left for then (as the refresh's graph stage does); returns the version's marker."""
     data = {"ids": items["ids"], "vectors": {"text": items["text"], "blend": items["blend"]},
             "payloads": [{"item_id": i, "similar": "", "category": c} for i, c in zip(items["ids"], items["category"])]}
     users = {"ids": ["u0", "u1"], "vectors": {"profile": items["blend"][:2]},
              "payloads": [{"user_id": "u0"}, {"user_id": "u1"}]}
-    publish_version(store, run_id, data, users, metadata={"run_id": run_id}, storage=storage)
+    if publish_version(store, run_id, data, users, metadata={"run_id": run_id}, storage=storage).graph_pending:
+        build_text_graph(store, run_id)
     return json.loads((store.folder / run_id / "version.json").read_text())
 
 
@@ -106,10 +109,10 @@ def test_a_carried_text_shard_holds_what_a_whole_write_holds(tmp_path, shards):
 def test_a_text_shard_is_written_whole_when_the_live_one_differs_or_is_damaged(tmp_path, other):
     store = EmbeddedVersions(tmp_path / "store", "t")
     night1 = catalog(300)
-    publish(store, V1, night1, Storage(shards=1, graph=Graph(m=16)))
+    live = publish(store, V1, night1, Storage(shards=1, graph=Graph(m=16)))
     storage = Storage(shards=2 if other == "shards" else 1, graph=Graph(m=8 if other == "graph" else 16))
     if other == "keys":
-        keys_path(store.folder / V1 / "texts-000").write_bytes(b"not the keys")
+        keys_path(store.folder / V1 / shard_folder(live, "texts-000")).write_bytes(b"not the keys")
     marker = publish(store, V2, changed(night1), storage)
     assert all(s["carried"] is None for n, s in marker["shards"].items() if n.startswith("texts-"))
     reader = store.open(V2)

@@ -49,7 +49,7 @@ class RefreshReport(BaseModel):
     status: Literal["ok", "failed"] = "ok"
     run_id: str | None            # None when the run never started (its config could not be used)
     run_dir: str | None
-    failed_stage: Literal["config", "start", "preflight", "ingest", "embed", "gate", "index", "publish"] | None = None
+    failed_stage: Literal["config", "start", "preflight", "ingest", "embed", "gate", "index", "publish", "graph"] | None = None
     error: str | None = None      # the message the user saw
     exit_code: int = 0
     items: SourceCounts | None = None
@@ -60,6 +60,9 @@ class RefreshReport(BaseModel):
     index: IndexSummary | None = None
     published_version: str | None = None
     previous_version: str | None = None
+    # the text search graph built after the switch (recommend/serving/text_graph.py): "built", or
+    # "failed: why" (the version stays live, searched exactly); None when the publish built it or needed none
+    text_graph: str | None = None
     seconds: dict[str, float] = Field(default_factory=dict)  # per stage, and "total"
 
 

@@ -51,6 +51,7 @@ from recommend.run.plans import EmbedPlan, GatePlan, IngestPlan, ListsPlan, Publ
 from recommend.run.workdir import write_manifest
 from recommend.serving.filters import indexed_columns
 from recommend.serving.publish import live_gate, publish_version
+from recommend.serving.text_graph import build_text_graph
 
 log = logging.getLogger("recs")
 
@@ -305,4 +306,27 @@ def publish(run: Run, plan: PublishPlan, store, items: Ingested, emb: EmbedResul
                                                 seconds=seconds))
     cleaned = f"; incomplete leftovers removed: {len(done.removed_incomplete)}" if done.removed_incomplete else ""
     run.out.say(f"[publish] version {run_id} live (previous: {previous or 'none'}; pruned: {len(pruned)}{cleaned}) ({seconds:.1f}s)")
+    if done.graph_pending:
+        text_graph(run, store, run_id, written["items"])
     return previous
+
+
+def text_graph(run: Run, store, run_id: str, items: int) -> None:
+    """The text shards' graph, when the publish left it to build after the switch (no graph was live:
+    recommend/serving/text_graph.py). The version is live already and text search scans exactly until
+    this ends. A failure is reported, not the run's: the version stays live and sound, and the next
+    publish builds the graph again."""
+    with run.stage("graph"):
+        tick = run.out.bar("graph: text search graph", items)
+        try:
+            build_text_graph(store, run_id, dask=run.client, progress=tick)
+        except Exception as exc:
+            run.report.text_graph = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    seconds = run.report.seconds["graph"]
+    if run.report.text_graph:
+        log.warning("the text search graph of version %s was not built: %s", run_id, run.report.text_graph)
+        run.out.say(f"[graph] {run.report.text_graph}; version {run_id} stays live, its text search scans every "
+                    f"item until a publish builds the graph ({seconds:.1f}s)")
+    else:
+        run.report.text_graph = "built"
+        run.out.say(f"[graph] text search graph built over {items} items, after the switch ({seconds:.1f}s)")

@@ -5,7 +5,9 @@
         items-000/ ...  users-000/ ...                    its shards (users routed by hash, items in shards of their own)
         texts-000/ ...  texts-000.keys.npz                the items' text vectors (their search graph), routed by
                                                           the item id's hash, each carried from the live version
-                                                          when it can (recommend/serving/text_shards.py)
+                                                          when it can (recommend/serving/text_shards.py);
+                                                          texts-000.graph/ once a graph is built after the
+                                                          switch (recommend/serving/text_graph.py)
         version.json                                      the completion marker, written last: counts, every
                                                           shard's files with sizes and digests, metadata
     <workdir>/store/<prefix>/views/<pid>-<token>/         readers' private views (removed when they close)
@@ -39,6 +41,7 @@ from recommend.serving.publish import ITEM_VECTOR
 from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user
 from embedder.artifacts import write_json
 from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
+from recommend.serving.text_graph import has_graph, pending, shard_folder
 from recommend.serving.version_store import NAMESPACE, PublishError, Version, VersionStore, point_id
 
 log = logging.getLogger("recs")
@@ -51,12 +54,14 @@ class ShardReader:
     def __init__(self, folder: Path, marker: dict, views: Path, added: dict | None = None):
         self.run_id, self.folder = marker["run_id"], folder
         self.user_shards = int(marker["user_shards"])
+        # the text search graph: "pending" while it is built after the switch (text_graph.py), "none" below graph_min_items
+        self.text_graph = "pending" if pending(marker) else "built" if has_graph(marker) else "none"
         self.counts = marker["points"]
         self.view_root = view_root = views / f"{os.getpid()}-{secrets.token_hex(4)}-{self.run_id}"
         self.views: dict[str, ShardView] = {}
         try:
             for name in sorted(marker["shards"]) + ([added["shard"]] if added else []):
-                self.views[name] = ShardView(folder / name, view_root / name)
+                self.views[name] = ShardView(folder / shard_folder(marker, name), view_root / name)
         except Exception as exc:
             self.close()
             raise DamagedVersion(f"version {self.run_id}: shard {folder / name} cannot be opened "
@@ -166,10 +171,11 @@ class ShardReader:
         own = sum(e.count(CountRequest(exact=True)) for e in (self.texts if kind == "text" else self.items))
         return own - len(self.replaced) + sum(e.count(CountRequest(exact=True)) for e in self.added)
 
-    def warm(self) -> None:
-        """Read the files queries touch into the page cache (a server, before it serves this version)."""
-        started = time.perf_counter()
-        done = sum(view.warm() for view in self.views.values())
+    def warm(self, held: "ShardReader | None" = None) -> None:
+        """Read the files queries touch into the page cache (a server, before it serves this version);
+        `held`: a reader of this version already serving, whose shards' files are there: the others only."""
+        started, known = time.perf_counter(), {v.shard for v in (held.views.values() if held is not None else ())}
+        done = sum(view.warm() for view in self.views.values() if view.shard not in known)
         log.info("version %s: %.0f MB read into memory in %.2fs", self.run_id, done / 2**20, time.perf_counter() - started)
 
     def changed(self) -> list[str]:
@@ -264,7 +270,7 @@ class EmbeddedVersions(VersionStore):
         except (OSError, ValueError):
             return f"{folder / 'added.json'} is damaged (the items added to this version today)"
         for name, shard in sorted(marker["shards"].items()) + ([(added["shard"], added)] if added else []):
-            if found := problems(folder / name, shard["files"], deep=deep):
+            if found := problems(folder / shard_folder(marker, name), shard["files"], deep=deep):
                 return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         if deep:
             try:
@@ -340,13 +346,30 @@ class EmbeddedVersions(VersionStore):
         except (OSError, ValueError):
             raise DamagedVersion(f"{folder / 'added.json'} is damaged (today's added items)") from None
         for name, shard in list(marker["shards"].items()) + ([(added["shard"], added)] if added else []):
-            if found := problems(folder / name, shard["files"]):
+            if found := problems(folder / shard_folder(marker, name), shard["files"]):
                 raise DamagedVersion(f"version {run_id} is damaged: {found[0]}")
         self._clean_views()
         return ShardReader(folder, marker, self.views, added)
 
-    def additions(self, run_id: str):
-        return added_token(self.folder / run_id)
+    def changes(self, run_id: str):
+        """Today's additions (additions.added_token) and version.json, replaced once the text graph
+        is built after the switch (recommend/serving/text_graph.py)."""
+        try:
+            st = (self.folder / run_id / "version.json").stat()
+        except FileNotFoundError:
+            return added_token(self.folder / run_id), None
+        return added_token(self.folder / run_id), (st.st_ino, st.st_mtime_ns)
+
+    def graphed(self, run_id: str, shards: dict, settings: dict) -> None:
+        """Version `run_id`'s marker replaced whole with `shards` (name: entry, each with the folder
+        its files are in) for its text shards, written with graph settings `settings`
+        (recommend/serving/text_graph.py)."""
+        marker = self._marker(run_id)
+        if not marker:
+            raise PublishError(f"version {run_id} is not there or incomplete in {self.folder}")
+        marker["shards"].update(shards)
+        marker["texts"] = {"settings": settings}
+        write_json(marker, self.folder / run_id / "version.json", durable=True)
 
     def add_items(self, run_id: str, points: list, replaces: set[str]) -> int:
         """Add today's items to version `run_id` (recommend/serving/additions.py); returns how many

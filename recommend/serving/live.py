@@ -78,7 +78,7 @@ class Snapshot:
     items: Cache = field(default_factory=lambda: Cache(ITEM_METADATA_CACHE))
 
     retired: bool = False  # replaced by a newer live version (LiveVersion.poll_once)
-    additions: object = None  # the store's token of the items added to this version when it was opened
+    changes: object = None  # the store's token of this version's changes in place when it was opened (its `changes`)
 
     def __del__(self):
         # the last query holding this version ended. A version replaced is closed: its memory maps
@@ -138,19 +138,21 @@ class LiveVersion:
             except Exception as exc:
                 self.reachable, self.error = False, _describe(exc)
                 return False
-            try:  # items added to the live version today: opened again with them (recommend/serving/additions.py)
-                added = self.store.additions(run_id) if run_id is not None else None
+            try:  # the live version changed in place (items added today, its text graph built): opened again
+                changes = self.store.changes(run_id) if run_id is not None else None
             except Exception as exc:
                 self.reachable, self.error = False, _describe(exc)
                 return False
-            if run_id is None or (self.snap is not None and (run_id, added) == (self.snap.run_id, self.snap.additions)):
+            if run_id is None or (self.snap is not None and (run_id, changes) == (self.snap.run_id, self.snap.changes)):
                 self.error = None
                 return False
             started = time.perf_counter()
             try:
-                # items added to the version served: its shards' files are in memory already, only the
-                # added shard is new (small); a whole warm read would be all CPU, under a server's load
-                new = self._open(run_id, added, warm=self.warm and (self.snap is None or run_id != self.snap.run_id))
+                # the version served changed in place: most of its shards' files are in memory already,
+                # only its new shards are read (an added one, small; the text shards with their graph): a
+                # whole warm read would be all CPU, under a server's load
+                same = self.snap is not None and run_id == self.snap.run_id
+                new = self._open(run_id, changes, warm=self.warm, held=self.snap.reader if same else None)
             except Exception as exc:
                 self.error = f"cannot open version {run_id}: {_describe(exc)}"
                 if self.snap is not None:  # otherwise the caller raises it (current()) or /health shows it
@@ -167,12 +169,12 @@ class LiveVersion:
                 _trim()
             return True
 
-    def _open(self, run_id: str, additions=None, warm: bool = False) -> Snapshot:
+    def _open(self, run_id: str, changes=None, warm: bool = False, held=None) -> Snapshot:
         meta = self.store.metadata(run_id)
         reader = self.store.open(run_id)
         if warm:
-            reader.warm()
-        return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size), additions=additions)
+            reader.warm(held)
+        return Snapshot(run_id, meta.get("created_at") or "", reader, meta, Cache(self.cache_size), changes=changes)
 
 
 def _describe(exc: Exception) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from recommend.serving.filters import INDEX
 from recommend.serving.shards import Graph, ShardError, VectorSpec, blocks_of_shard, user_shard, write_shard
+from recommend.serving.text_graph import has_graph, pending, shard_folder
 from recommend.serving.text_shards import text_settings, write_text_shard
 from recommend.serving.store import StoreUnavailable
 from recommend.serving.version_store import (NAMESPACE, PublishError, Version, VersionStore,  # noqa: F401 (re-exported)
@@ -199,9 +200,6 @@ def shard_jobs(items: Points, users: Points, shards: int) -> list[tuple[str, str
     return jobs
 
 
-APART_FROM = 10_000  # points of a text shard with a graph from which a worker writes it in a child process
-
-
 def shard_sizes(items: Points, users: Points, jobs: list) -> dict[str, float]:
     """The points each shard of `jobs` is expected to hold: items by its share of the pieces, texts
     and users by the hash ranges' share."""
@@ -240,8 +238,9 @@ def write_version(folder: Path, items: Points, users: Points, *, storage: Storag
     after the other in this process). `storage.shards`
     item, text and user shards each. The text shards build an HNSW graph over the items' text vectors
     (what text search asks) when `storage.graph.m` > 0, starting from `previous` ((folder, marker) of
-    the live version) where its text shards were written alike (recommend/serving/text_shards.py); no
-    other vector gets one. `storage.fields` ((name, kind) pairs) get a payload index in the item and
+    the live version) where its text shards were written alike (recommend/serving/text_shards.py);
+    when `previous` has no graph, the marker says it is pending and it is built after the switch
+    (recommend/serving/text_graph.py). No other vector gets one. `storage.fields` ((name, kind) pairs) get a payload index in the item and
     text shards. Returns (counts, {shard name: its points and files}, the marker's other fields)."""
     shards, graph, fields = storage.shards or 1, storage.graph, tuple(storage.fields)
     specs = {"item": {n: VectorSpec(d) for n, d in items.sizes.items() if n != ITEM_VECTOR or len(items.sizes) == 1},
@@ -252,11 +251,17 @@ def write_version(folder: Path, items: Points, users: Points, *, storage: Storag
     if free < need:  # the engine writes through memory maps: a disk that fills up mid-write kills the writer (SIGBUS)
         raise OSError(errno.ENOSPC, f"No space left on device for this version: about {need / 2**20:,.1f} MiB "
                                     f"needed, {free / 2**20:,.1f} MiB free", str(folder))
-    texts = {"settings": text_settings(specs["text"][ITEM_VECTOR], graph, fields, shards)}
+    # no live graph to keep (no version live, or it has none): the graph is built after the switch
+    # (recommend/serving/text_graph.py), the lists do not wait for it
+    after = graph.m > 0 and not has_graph(previous[1] if previous else None)
+    texts = {"settings": text_settings(specs["text"][ITEM_VECTOR], replace(graph, m=0) if after else graph, fields, shards)}
+    if after:
+        texts["pending"] = text_settings(specs["text"][ITEM_VECTOR], graph, fields, shards)
+        graph = replace(graph, m=0)
     before = previous if previous and (previous[1].get("texts") or {}).get("settings") == texts["settings"] else None
     jobs = shard_jobs(items, users, shards)
-    carry = {name: (str(before[0] / name), before[1]["shards"][name]) for name, kind, _, _ in jobs
-             if kind == "text" and before and name in before[1]["shards"]}
+    carry = {name: (str(before[0] / shard_folder(before[1], name)), before[1]["shards"][name])
+             for name, kind, _, _ in jobs if kind == "text" and before and name in before[1]["shards"]}
     calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph, fields, carry.get(name))
              for name, kind, pieces, route in jobs}
     written = {}
@@ -267,7 +272,7 @@ def write_version(folder: Path, items: Points, users: Points, *, storage: Storag
                 progress(written[name]["points"])
     else:
         from embedder.task_window import in_window, task_slots
-        from recommend.serving.shard_process import run_apart  # the engine's optimize holds the GIL: see there
+        from recommend.serving.shard_process import APART_FROM, run_apart  # the engine's optimize holds the GIL: see there
 
         # one shard per task slot at a time, the next handed out as one ends: submitted all at once, the
         # scheduler queued two on each worker from the start, and a worker that finished early sat idle
@@ -349,6 +354,7 @@ class Published:
     previous: str | None
     pruned: list[str]
     removed_incomplete: list[str]
+    graph_pending: bool = False  # the text graph is to be built now (text_graph.build_text_graph)
 
 
 def publish_version(store: VersionStore, run_id: str, items: dict | Points, users: dict | Points, *, metadata: dict,
@@ -377,4 +383,5 @@ def publish_version(store: VersionStore, run_id: str, items: dict | Points, user
             client, store.prefix, run_id, items, users, metadata=metadata, progress=progress, storage=storage), metadata)
     previous = store.switch(run_id)
     pruned = store.prune(storage.keep, protect={run_id, previous})
-    return Published(counts, previous, pruned, removed)
+    written = store.written(run_id) if store.embedded else None
+    return Published(counts, previous, pruned, removed, bool(written and pending(written[1])))

@@ -241,6 +241,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             return _json({"status": "empty", "version": None})
         return _json({"status": "ok", "version": snap.run_id, "created_at": snap.created_at,
                       "age_seconds": snap.age_seconds(), "added_items": getattr(snap.reader, "added_items", 0),
+                      "text_graph": getattr(snap.reader, "text_graph", None),  # "pending": text search scans exactly
                       "pending_error": without_paths(live.error),
                       "search": "ready" if state["encoder"] and state["encoder"].ready else "not ready"})
 

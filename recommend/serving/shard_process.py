@@ -25,6 +25,7 @@ from pathlib import Path
 
 from recommend.serving.shards import ShardError
 
+APART_FROM = 10_000  # points of a text shard with a graph from which a worker builds it in a child process
 ROOT = Path(__file__).resolve().parents[2]  # holds recommend/ and embedder/: the child imports them from here
 
 

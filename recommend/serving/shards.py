@@ -75,7 +75,7 @@ class Graph:
     threads: int = 1  # per shard writer: writers run side by side, one per task slot
 
 
-def _config(vectors: dict[str, VectorSpec], graph: Graph):
+def engine_config(vectors: dict[str, VectorSpec], graph: Graph):
     from qdrant_edge import (Distance, EdgeConfig, EdgeOptimizersConfig, EdgeVectorParams, HnswIndexConfig, Memory,
                              ScalarQuantizationConfig, ScalarType)
 
@@ -116,7 +116,7 @@ def write_shard(folder: Path | str, vectors: dict[str, VectorSpec], batches: Ite
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)  # a leftover of a task that ran before (a lost worker's)
-    shard, written = EdgeShard.create(str(folder), _config(vectors, graph)), 0
+    shard, written = EdgeShard.create(str(folder), engine_config(vectors, graph)), 0
     seconds = dict.fromkeys(("read", "points", "update", "optimize", "digest"), 0.0)
     began = time.time()  # wall-clock, beside the steps' seconds: when the shard's writing ran within the publish
     clock = time.perf_counter()

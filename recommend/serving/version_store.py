@@ -82,9 +82,10 @@ class VersionStore:
     def open(self, run_id: str): ...  # a reader: payload(), metadata(), vectors(), search(), count(), close()
     def add_items(self, run_id: str, points: list, replaces: set[str]) -> int: ...  # today's items (additions.py)
 
-    def additions(self, run_id: str):
-        """What changes when items are added to version `run_id` (None: none added): a reader
-        following the live version opens it again when this changes (recommend/serving/live.py)."""
+    def changes(self, run_id: str):
+        """What changes when version `run_id` changes in place (items added today; the embedded
+        store's text graph built after the switch): a reader following the live version opens it
+        again when this changes (recommend/serving/live.py)."""
         return None
 
     def live_gate(self) -> dict | None:

@@ -81,7 +81,7 @@ class ClientReader:
     def count(self, kind: str) -> int:
         return self.client.count(self.items if kind == "item" else self.users, exact=True).count
 
-    def warm(self) -> None:
+    def warm(self, held=None) -> None:
         """Nothing to do: a server keeps its own files in memory."""
 
     def close(self) -> None:
@@ -170,7 +170,7 @@ class ServerVersions(VersionStore):
         return ClientReader(self.client, collection(self.prefix, "items", run_id), collection(self.prefix, "users", run_id),
                             len(self.metadata(run_id).get("added") or ()))
 
-    def additions(self, run_id: str):
+    def changes(self, run_id: str):
         return self.metadata(run_id).get("added_generation")
 
     def add_items(self, run_id: str, points: list, replaces: set[str]) -> int:
@@ -206,7 +206,7 @@ def _unreachable_is_unavailable(method):
     return guarded
 
 
-for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", "remove", "additions", "add_items"):
+for _name in ("live", "versions", "incomplete", "metadata", "verify", "switch", "remove", "changes", "add_items"):
     setattr(ServerVersions, _name, _unreachable_is_unavailable(getattr(ServerVersions, _name)))
 
 

@@ -147,7 +147,7 @@ def run(data: Path, work: Path, publish: bool, workers: int | None = None, extra
             "item_lists_recall": (report.get("index") or {}).get("item_lists_recall"),
             "user_search_recall": (report.get("index") or {}).get("user_search_recall"),
             "search_depth": {k: v for k, v in ((report.get("index") or {}).get("search_depth") or {}).items() if k != "tried"},
-            "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "error": error}
+            "gate_ndcg": (report.get("gate") or {}).get("ndcg"), "text_graph": report.get("text_graph"), "error": error}
 
 
 def change_items(data: Path, fraction: float, night: int) -> int:
