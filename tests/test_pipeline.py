@@ -351,3 +351,23 @@ def test_the_gate_on_a_worker_scores_what_one_process_scores(tmp_path, sample_di
     assert 0 < report.gate.users == figures.users <= 30
     assert report.gate.ndcg == pytest.approx(figures.ndcg, abs=1e-9) and report.gate.ndcg > 0
     assert report.gate.popularity_ndcg == pytest.approx(figures.popularity_ndcg, abs=1e-9)
+
+
+def test_a_graph_build_that_fails_after_the_switch_leaves_the_version_live_and_the_next_refresh_builds_it(
+        tmp_path, sample_dir, tiny_model, dask_client, monkeypatch):
+    import recommend.run.stages as stages
+
+    def fails(*args, **kwargs):
+        raise OSError("No space left on device")  # injected: the build after the switch dies
+
+    config = load_config(write_config(tmp_path, sample_dir, tiny_model, publish={"graph_min_items": 0}))
+    monkeypatch.setattr(stages, "build_text_graph", fails)
+    first = refresh(config, quiet=True, client=dask_client)
+    assert first.status == "ok" and first.exit_code == 0 and first.text_graph.startswith("failed: OSError: No space")
+    rec = Recommender.from_config(config)
+    assert rec.live_version() == first.published_version
+    assert len(rec.search("trail running shoes", k=3).items) == 3  # an exact scan meanwhile
+
+    monkeypatch.undo()
+    second = refresh(config, quiet=True, client=dask_client)
+    assert second.text_graph == "built" and rec.live_version() == second.published_version

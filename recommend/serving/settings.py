@@ -35,7 +35,8 @@ class PublishSettings(BaseModel):
     index_wait_s: float = Field(600, gt=0, description="how long to wait for a server to index a new version before failing")
     hnsw_m: int = Field(16, ge=0, le=64, description="embedded store: edges per node of the HNSW graph over the items' "
                                                    "text vectors (int8-quantized, rescored with the originals) that text "
-                                                   "search uses from graph_min_items items on; 0: never a graph")
+                                                   "search uses from graph_min_items items on (on a first publish, built after "
+                                                   "the switch: text search scans exactly until then); 0: never a graph")
     graph_min_items: int = Field(50_000, ge=0, description="embedded store: below this many items text search scans every "
                                                            "item exactly and no graph is built (a scan of that few is "
                                                            "quick, and the graph adds build time to every publish)")
