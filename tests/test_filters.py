@@ -242,6 +242,8 @@ def test_http_batch_of_users(published):
         assert [r["user_id"] for r in body["answers"]] == ["u1", "ghost", "u2"] and body["answers"][1]["error"] == "unknown user"
         alone = rec.for_user("u1", 3, where={"price": {"lt": 100}}, exclude=["i3"])
         assert [r["item_id"] for r in body["answers"][0]["items"]] == [r.item_id for r in alone.items]
+        # the HTTP answer is the facade's to_dict, field for field (orjson writes the Recommendations)
+        assert body["answers"] == rec.for_users(["u1", "ghost", "u2"], 3, where=["price<100"], exclude=["i3"]).to_dict()["answers"]
         status, body = post(server.port, json.dumps({"user_ids": [f"u{i}" for i in range(1001)]}).encode())
         assert status == 400 and "user_ids" in body["error"]
         status, body = post(server.port, json.dumps({"user_ids": ["u1"], "where": {"colour": "red"}}).encode())

@@ -73,11 +73,13 @@ class BatchAnswer:
     answers: list[Answer | None]
     unknown: list[str]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, recommendations: bool = False) -> dict:
         """The HTTP answer's form: the version fields and "answers": [{"user_id", "source", "items"}
-        or {"user_id", "error"}], in the order asked."""
-        rows = [{"user_id": u, "source": a.source, "items": [asdict(r) for r in a.items]} if a is not None
-                else {"user_id": u, "error": "unknown user"} for u, a in zip(self.user_ids, self.answers)]
+        or {"user_id", "error"}], in the order asked. `recommendations`: the items left as the
+        Recommendation objects, for orjson to write as objects (the HTTP answer: asdict's deep copies
+        took 80 of 120 ms for 1,000 users at 1M x 1M)."""
+        rows = [{"user_id": u, "source": a.source, "items": a.items if recommendations else [asdict(r) for r in a.items]}
+                if a is not None else {"user_id": u, "error": "unknown user"} for u, a in zip(self.user_ids, self.answers)]
         return {"version": self.version, "created_at": self.created_at, "age_seconds": self.age_seconds, "answers": rows}
 
 

@@ -206,7 +206,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         answer = await asyncio.get_running_loop().run_in_executor(searches if found or body.diversity else reads,
                                                                   facade.users_answers, snap, body.user_ids,
                                                                   body.k or default_k, found, body.diversity)
-        return Response(orjson.dumps(answer.to_dict()), media_type=JSON)
+        return Response(orjson.dumps(answer.to_dict(recommendations=True)), media_type=JSON)
 
     @app.post("/items", response_model=AddReport)
     async def add_items(body: NewItems):
