@@ -24,7 +24,8 @@ PROMISED = {
     "serve": {"serve": ["requests"], "serve_memory": ["steady_peak_rss_mb"]},
     "filters": {"filters_keep": ["ms_per_request", "speedup_vs_k_deep", "asked"]},
     "lists": {"lists_ours": ["total_s", "users_listed"], "lists_workers": ["total_s", "users_listed"],
-              "lists_ratio": ["ours_total_over_workers"]},
+              "lists_ratio": ["ours_total_over_workers"], "lists_exact": ["all_lists_s", "users_searched", "items_searched"],
+              "lists_index_stage": ["index_stage_s", "exact_search_s", "index_stage_over_exact"]},
     "list_blocks": {"list_blocks": ["one_worker_over_two", "workers_1_s", "workers_2_s", "blocks"]},
     "scale": {"scale_out_of_core": ["seconds.total", "driver_peak_rss_mb", "items_encoded", "events_read"]},
 }

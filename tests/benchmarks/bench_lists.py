@@ -20,12 +20,18 @@ names the recall it searched at. Each system runs in its own process (its peak m
   recommendForAllUsers (seen items NOT left out: Spark has no such option, an easier question);
 - implicit 0.7.3's AlternatingLeastSquares (64 factors, 15 iterations, 2 threads, BLAS on 1 thread as
   its docs advise): fit, then `recommend` for all users with already-liked items filtered (exact).
+- exact search and ScaNN on the vectors the `workers` run left (`exact`, `scann`:
+  tests/benchmarks/lists_peers.py), every user's and item's list; `lists_index_stage` then sets the
+  refresh's index stage (with `--index auto`: its search chosen by measuring, its held-out recall)
+  beside exact search's time and ScaNN's recall and time at a few depths.
 It prints one JSON line per system and size (with the true number of events), and one with each
 system's total over ours on the workers (users' lists only, preparation included), naming any
 difference left in the work.
 
     .venv/bin/pip install -e ".[bench]"      # implicit and pyspark: benchmark-only dependencies
     .venv/bin/python tests/benchmarks/bench_lists.py --sizes 100000 300000 --systems ours workers implicit spark
+    .venv/bin/python tests/benchmarks/bench_lists.py --sizes 1000000 --index auto --systems workers exact scann implicit \
+        --exact-share 0.1     # the lists at a million: the index stage against exact search, ScaNN, implicit's ALS
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from common import emit, parser  # noqa: E402
+from lists_peers import exact_search, scann_search  # noqa: E402
 
 
 def load(data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -158,6 +165,8 @@ def workers(data: Path, index_kind: str) -> dict:
             "lists_s": round(PHASES["user_block"], 1), "total_s": round(users_only, 1),
             "item_lists_s": round(PHASES["item_block"], 1), "refresh_stage_s": round(total, 1),
             "user_blocks": blocks.n, "rank": out.layout.behaviour_dim, **_index_figures(out.summary.search_depth),
+            "held_out_recall": {"users": getattr(out.summary.user_search_recall, "recall", 1.0),
+                                "items": out.summary.item_lists_recall.recall},
             "users_listed": out.summary.users - out.summary.users_short_of_k, "seen_items_filtered": True,
             "worker_peak_mb": round(max(worker_peaks.values()))}
 
@@ -250,19 +259,43 @@ def unequal(results: dict[str, dict]) -> dict[str, str]:
     return out
 
 
+SYSTEMS = ["ours", "workers", "exact", "scann", "implicit", "spark"]
+
+
+def index_stage_figures(size: int, events: int, results: dict[str, dict]) -> dict:
+    """The refresh's index stage (every item's and user's list, its search chosen by measuring) beside
+    exact search of the same lists on the same vectors, and ScaNN's where it ran."""
+    ours, exact = results["workers"], results["exact"]
+    out = {"items": size, "users": size, "events": events,
+           "index_stage_s": ours["refresh_stage_s"], "search": ours["index"], "held_out_recall": ours["held_out_recall"],
+           "exact_search_s": exact["all_lists_s"], "exact": exact["all_lists"],
+           "index_stage_over_exact": round(ours["refresh_stage_s"] / exact["all_lists_s"], 3),
+           "work": "index stage: the fit, the index and its tuning, every user's and item's list; exact: the search alone"}
+    if "scann" in results:
+        out["scann"] = [{"leaves": d["leaves_searched"], "users_recall": d["users_recall"], "items_recall": d["items_recall"],
+                         "all_lists_s": round(results["scann"]["build_s"] + d["users_all_lists_s"] + d["items_all_lists_s"], 1)}
+                        for d in results["scann"]["depths"]]
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000], help="items = users, 10 events each")
-    p.add_argument("--system", choices=["ours", "workers", "implicit", "spark"], help="(internal: run one system)")
-    p.add_argument("--systems", nargs="+", default=["ours", "workers", "implicit", "spark"],
-                   help="which to run (spark: pip install pyspark and a Java 17 runtime)")
+    p.add_argument("--system", choices=SYSTEMS, help="(internal: run one system)")
+    p.add_argument("--systems", nargs="+", default=["ours", "workers", "implicit", "spark"], choices=SYSTEMS,
+                   help="which to run, in this order (spark: pip install pyspark and a Java 17 runtime; exact and "
+                        "scann search the vectors `workers` left, so run after it)")
     p.add_argument("--index", choices=["exact", "auto"], default="exact",
                    help="this project's search: exact (the default: the same answers' work as implicit's recommend), "
                         "or auto (exact or HNSW, chosen by measuring: the ratio line names the recall)")
+    p.add_argument("--exact-share", type=float, default=1.0,
+                   help="exact and scann: the share of users and items searched (the time scaled to every list); 1: all")
     p.add_argument("--data", type=Path, help="(internal)")
     args = p.parse_args()
     if args.system:  # one system, in its own process: its figures and its peak RSS
-        run = {"ours": ours, "workers": workers, "implicit": implicit_als, "spark": spark_als}[args.system]
+        run = {"ours": ours, "workers": workers, "implicit": implicit_als, "spark": spark_als,
+               "exact": lambda d: exact_search(d / "workers" / "run", args.exact_share, d / "exact-sample.npz"),
+               "scann": lambda d: scann_search(d / "workers" / "run", d / "exact-sample.npz")}[args.system]
         figures = run(args.data, args.index) if args.system in ("ours", "workers") else run(args.data)
         figures["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(figures))
@@ -277,10 +310,14 @@ def main() -> None:
             events = sum(pq.read_metadata(f).num_rows for f in Path(tmp).glob("events-*.parquet"))
             results = {}
             for system in args.systems:
-                out = subprocess.run([sys.executable, __file__, "--system", system, "--data", tmp, "--index", args.index],
+                out = subprocess.run([sys.executable, __file__, "--system", system, "--data", tmp, "--index", args.index,
+                                      "--exact-share", str(args.exact_share)],
                                      stdout=subprocess.PIPE, text=True, check=True)  # its errors show
                 results[system] = json.loads(out.stdout.strip().splitlines()[-1])
                 emit(f"lists_{system}", {"items": size, "users": size, "events": events, **results[system]})
+            if "workers" in results and "exact" in results:
+                emit("lists_index_stage", index_stage_figures(size, events, results))
+            results = {name: r for name, r in results.items() if "total_s" in r}  # exact, scann: search alone
             base = "workers" if "workers" in results else "ours" if "ours" in results else None
             if base:  # each system's time over ours (as the refresh runs it, on the workers, when it ran)
                 emit("lists_ratio", {

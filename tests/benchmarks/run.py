@@ -42,9 +42,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def peers() -> list[str]:
-    """The lists' peers installed here (the bench extra: implicit; pyspark with a Java runtime): a fresh
-    clone without them still runs every benchmark, comparing ours in one process and on the workers."""
-    found = ["implicit"] if importlib.util.find_spec("implicit") else []
+    """The lists' peers installed here (exact search always; the bench extra: ScaNN, implicit; pyspark
+    with a Java runtime): a fresh clone without them still runs every benchmark, comparing ours in one
+    process and on the workers with exact search on the same vectors."""
+    found = ["exact"] + [p for p in ("scann", "implicit") if importlib.util.find_spec(p)]
     if importlib.util.find_spec("pyspark") and shutil.which("java"):
         found.append("spark")
     return found
@@ -53,7 +54,8 @@ def peers() -> list[str]:
 BENCHMARKS = {"encode": ["--texts", "2000"], "incremental": ["--items", "3000"],
               "index": ["--items", "100000", "--queries", "10000"], "publish": ["--points", "20000"],
               "text_shards": ["--items", "100000", "--nights", "3"],
-              "serve": [], "filters": [], "lists": ["--sizes", "100000", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
+              "serve": [], "filters": [],
+              "lists": ["--sizes", "100000", "--index", "auto", "--systems", "ours", "workers", *peers()],  # 300k too: --sizes 100000 300000
               "list_blocks": ["--size", "100000"],  # docs/performance.md's figure
               "scale": ["--items", "100000", "--users", "100000", "--parts", "8"]}  # the 1M/1M target: bench_scale.py
 GPU = {"gpu": []}  # bench_gpu.py: default sizes (200,000 texts, 1,000,000 items)
