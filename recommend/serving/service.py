@@ -113,9 +113,12 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
                 task.cancel()
             if state["encoder"] is not None:
                 state["encoder"].close()
-            for pool in (reads, searches, state["adder"]):
-                if pool is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (reads, searches):
+                pool.shutdown(wait=False, cancel_futures=True)
+            if state["adder"] is not None:  # waited for: an addition under way ends (nothing accepted is lost), and
+                # the pool's thread, replacing the process it retired (max_tasks_per_child), is not left racing
+                # the shutdown (Python 3.11: "TypeError: object of type 'NoneType' has no len()" in that thread)
+                state["adder"].shutdown(wait=True, cancel_futures=True)
             limits.restore_original_limits()
 
     # FastAPI with /docs and /redoc loading Swagger UI and ReDoc from /static-offline-docs (the files ship in
