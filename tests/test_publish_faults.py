@@ -173,10 +173,10 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
     thread that stops its heartbeats, and the scheduler takes it for dead once `worker-ttl` passes:
     the task "kills" worker after worker and fails (it did, at 1M under load). Shards are written in a
     child process of the worker (recommend/serving/shard_process.py). Here the ttl is 1 s (the
-    scheduler makes that 5 s: ten heartbeats) and the text shard's optimize (a graph over 48,000
-    vectors: 8 s and more; 24,000 took 3.9 s on a fast machine, too short to show anything) holds
-    the GIL longer, in the graph's build after the switch (recommend/serving/text_graph.py: the first
-    publish goes live without it); the reread is the oracle."""
+    scheduler makes that 5 s: ten heartbeats) and the text shard's optimize (a graph over 64,000
+    vectors with ef_construct 200: about 16 s here; 48,000 at the default 64 took 5.8 s in one CI run,
+    under the ttl, so the test showed nothing) holds the GIL longer, in the graph's build after the
+    switch (recommend/serving/text_graph.py: the first publish goes live without it); the reread is the oracle."""
     import dask
     import numpy as np
     from distributed import Client, LocalCluster
@@ -187,8 +187,8 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
     from recommend.serving.text_graph import build_text_graph
 
     rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(48000, 384)).astype(np.float32)
-    ids = [f"i{j}" for j in range(48000)]
+    vectors = rng.normal(size=(64000, 384)).astype(np.float32)
+    ids = [f"i{j}" for j in range(64000)]
     items = {"ids": ids, "vectors": vectors, "payloads": [{"item_id": i} for i in ids]}
     users = {"ids": ["u0", "u1"], "vectors": vectors[:2, :8], "payloads": [{"user_id": "u0"}, {"user_id": "u1"}]}
     store = EmbeddedVersions(tmp_path / "store", "t")
@@ -196,12 +196,12 @@ def test_a_shard_write_holding_the_gil_past_the_workers_ttl_still_publishes(tmp_
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as cluster, \
             Client(cluster) as client:
         started = time.perf_counter()
-        publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16)), dask=client)
+        publish_version(store, V1, items, users, metadata={"run_id": V1}, storage=Storage(graph=Graph(m=16, ef_construct=200)), dask=client)
         assert list(build_text_graph(store, V1, dask=client)) == ["texts-000"]
         took = time.perf_counter() - started
     reader = store.open(V1)
     try:
-        assert reader.count("item") == 48000 and reader.payload("user", "u1") == {"user_id": "u1"}
+        assert reader.count("item") == 64000 and reader.payload("user", "u1") == {"user_id": "u1"}
         marker = json.loads((store.folder / V1 / "version.json").read_text())
         ttl = max(1.0, 10 * heartbeat_interval(1)) + 1.0  # as the scheduler computes it, checked once a ttl
         assert marker["shards"]["texts-000"]["seconds"]["optimize"] > ttl, took  # the GIL was held past the ttl
