@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from recommend.serving.filters import INDEX
+from recommend.serving.shard_process import APART_FROM, run_shard_tasks
 from recommend.serving.shards import Graph, ShardError, VectorSpec, blocks_of_shard, user_shard, write_shard
 from recommend.serving.text_graph import has_graph, pending, shard_folder
 from recommend.serving.text_shards import text_settings, write_text_shard
@@ -264,34 +265,13 @@ def write_version(folder: Path, items: Points, users: Points, *, storage: Storag
              for name, kind, _, _ in jobs if kind == "text" and before and name in before[1]["shards"]}
     calls = {name: (str(folder / name), kind, specs[kind], pieces, route, graph, fields, carry.get(name))
              for name, kind, pieces, route in jobs}
-    written = {}
-    if dask is None:
-        for name, args in calls.items():
-            written[name] = write_shard_task(*args)
-            if progress:
-                progress(written[name]["points"])
-    else:
-        from embedder.task_window import in_window, task_slots
-        from recommend.serving.shard_process import APART_FROM, run_apart  # the engine's optimize holds the GIL: see there
-
-        # one shard per task slot at a time, the next handed out as one ends: submitted all at once, the
-        # scheduler queued two on each worker from the start, and a worker that finished early sat idle
-        stamp, sizes = time.time_ns(), shard_sizes(items, users, jobs)
-        order = [job[0] for job in longest_first(jobs, sizes, graph, set(carry))]
-
-        def submit(i: int):
-            # apart: a graph's build, where the engine holds the GIL for minutes; the other shards' optimize
-            # holds it seconds (12 s for 500k items), and a child's start (imports: about 1.3 s) cost more
-            # than that at 100k x 100k, where six children started one after another took a third of the publish
-            name = order[i]
-            apart = calls[name][1] == "text" and graph.m > 0 and sizes[name] >= APART_FROM
-            return dask.submit(*((run_apart, write_shard_task) if apart else (write_shard_task,)),
-                               *calls[name], pure=False, key=f"write-shard-{name}-{stamp}")
-
-        for i, info in in_window(dask, len(order), submit, window=task_slots(dask)):
-            written[order[i]] = info
-            if progress:
-                progress(info["points"])
+    sizes = shard_sizes(items, users, jobs)
+    order = [job[0] for job in longest_first(jobs, sizes, graph, set(carry))]
+    # apart: a graph's build, where the engine holds the GIL for minutes; the other shards' optimize holds
+    # it seconds (12 s for 500k items), and a child's start (imports: about 1.3 s) cost more than that at
+    # 100k x 100k, where six children started one after another took a third of the publish
+    written = run_shard_tasks(write_shard_task, calls, order, dask=dask, progress=progress, key="write-shard",
+                              apart=lambda name: calls[name][1] == "text" and graph.m > 0 and sizes[name] >= APART_FROM)
     counts = {kind: sum(w["points"] for n, w in written.items() if n.startswith(kind)) for kind in ("items", "users")}
     if (held := sum(w["points"] for n, w in written.items() if n.startswith("texts"))) != counts["items"]:
         raise ShardError(f"version {folder}: {counts['items']} items written, {held} in the text shards")

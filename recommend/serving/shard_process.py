@@ -8,9 +8,11 @@ So a task writing a text shard with a graph runs the write in a child process an
 the worker's event loop free to answer (the other shards' optimize holds the GIL for seconds: they
 are written on the worker's thread). The child dies with the worker (PR_SET_PDEATHSIG, Linux): a worker killed mid-write leaves
 no writer behind. Errors come back as they were raised (an OSError stays an OSError).
+`run_shard_tasks` hands a publish's (or a graph build's) shard tasks to the workers this way.
 
 Example:
     info = run_apart(write_shard_task, folder, "text", specs, pieces, (0, 2), Graph(m=16))
+    done = run_shard_tasks(write_shard_task, calls, order, apart=lambda name: False, dask=client)
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 from recommend.serving.shards import ShardError
 
@@ -48,6 +52,35 @@ def run_apart(function, *args):
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def run_shard_tasks(task, calls: dict[str, tuple], order: list[str], apart: Callable[[str], bool], *, dask=None,
+                    progress: Callable[[int], None] | None = None, key: str = "shard") -> dict[str, dict]:
+    """`task(*calls[name])` for each name of `order`: in this process when `dask` is None, else as
+    tasks on the workers, one per task slot, the next handed out as one ends (submitted all at once,
+    the scheduler queued two on each worker and a worker that finished early sat idle), in a child
+    process (`run_apart`) where `apart(name)`. `progress(points)` as each ends. {name: its result}."""
+    done: dict[str, dict] = {}
+    if dask is None:
+        for name in order:
+            done[name] = task(*calls[name])
+            if progress:
+                progress(done[name]["points"])
+        return done
+    from embedder.task_window import in_window, task_slots
+
+    stamp = time.time_ns()
+
+    def submit(i: int):
+        name = order[i]
+        return dask.submit(*((run_apart, task) if apart(name) else (task,)), *calls[name], pure=False,
+                           key=f"{key}-{name}-{stamp}")
+
+    for i, info in in_window(dask, len(order), submit, window=task_slots(dask)):
+        done[order[i]] = info
+        if progress:
+            progress(info["points"])
+    return done
 
 
 def _die_with_parent() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from embedder.artifacts import file_digest
+from recommend.serving.shard_process import APART_FROM, run_shard_tasks
 from recommend.serving.shards import Graph, ShardError, VectorSpec, engine_config, shard_files
 from recommend.serving.text_shards import TEXT, keys_path
 
@@ -97,27 +98,9 @@ def build_text_graph(store, run_id: str, *, dask=None, progress: Callable[[int],
     names = sorted(n for n in marker["shards"] if n.startswith("texts-"))
     calls = {n: (str(folder / shard_folder(marker, n)), str(folder / f"{n}{SUFFIX}"), spec, graph)
              for n in names}
-    done = {}
-    if dask is None:
-        for name, args in calls.items():
-            done[name] = graph_text_shard(*args)
-            if progress:
-                progress(done[name]["points"])
-    else:
-        from embedder.task_window import in_window, task_slots
-        from recommend.serving.shard_process import APART_FROM, run_apart
-
-        stamp = time.time_ns()
-
-        def submit(i: int):  # apart: the engine holds the GIL through the build (shard_process.py)
-            apart = marker["shards"][names[i]]["points"] >= APART_FROM
-            return dask.submit(*((run_apart, graph_text_shard) if apart else (graph_text_shard,)), *calls[names[i]],
-                               pure=False, key=f"graph-{names[i]}-{stamp}")
-
-        for i, info in in_window(dask, len(names), submit, window=task_slots(dask)):
-            done[names[i]] = info
-            if progress:
-                progress(info["points"])
+    # apart: the engine holds the GIL through the build (shard_process.py)
+    done = run_shard_tasks(graph_text_shard, calls, names, dask=dask, progress=progress, key="graph",
+                           apart=lambda name: marker["shards"][name]["points"] >= APART_FROM)
     for name, info in done.items():
         if info["points"] != marker["shards"][name]["points"]:
             raise ShardError(f"{calls[name][1]}: {info['points']} points after its graph, "
