@@ -8,6 +8,8 @@ here, the model's encode rate is measured by bench_encode.py. Publishing is off 
 
     .venv/bin/python tests/benchmarks/bench_scale.py --items 1000000 --users 1000000
     .venv/bin/python tests/benchmarks/bench_scale.py --items 100000 --users 100000 --parts 8 --publish --nights 2
+    .venv/bin/python tests/benchmarks/bench_scale.py --stage generate --dir D --users 3000000 --parts 48  # then:
+    .venv/bin/python tests/benchmarks/bench_scale.py --stage run --dir D
 
 `--nights 2` refreshes twice on one workdir, 1% of the items' texts changed before the second (`--change`):
 the second night's publish starts its text shards from the first's (recommend/serving/text_shards.py).
@@ -192,14 +194,18 @@ def main() -> None:
     args_parser.add_argument("--nights", type=int, default=1, help="refreshes on the same workdir, each after the "
                              "first with --change of the items' texts changed (the text shards carried: with --publish)")
     args_parser.add_argument("--change", type=float, default=0.01, help="share of the items changed before each next night")
-    args_parser.add_argument("--stage", choices=["all", "generate", "run", "change"], default="all", help=argparse.SUPPRESS)
+    args_parser.add_argument("--stage", choices=["all", "generate", "run", "change"], default="all",
+                             help="one step alone, on the data kept in --dir: generate it once, then run refreshes on it "
+                             "(performance.md's figures were made so); default: all, in a temporary folder")
     args_parser.add_argument("--night", type=int, default=2, help=argparse.SUPPRESS)
-    args_parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    args_parser.add_argument("--dir", default=None, help="the folder of --stage's data (DIR/data) and work")
     args = args_parser.parse_args()
     try:
         extra = settings(args.set)  # a malformed --set stops here (exit 2), before any data is made
     except ValueError as exc:
         args_parser.error(str(exc))
+    if args.stage != "all" and not args.dir:
+        args_parser.error(f"--stage {args.stage} needs --dir: the folder its data is kept in")
     if args.stage == "generate":
         generate(Path(args.dir) / "data", args.items, args.users, args.events_per_user, args.parts)
         return
