@@ -231,6 +231,36 @@ def test_recs_serve_follows_config_and_clients_that_go_away_leave_no_traceback(t
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # no encoder left behind
 
 
+def test_serve_workers_on_any_free_port_say_which_and_each_answers(tmp_path, sample_dir, tiny_model):
+    """`--workers 2 --port 0`: the port printed is the one the workers share (uvicorn binds it for them
+    and would print 0), and two worker processes answer on it."""
+    import psutil
+
+    config = write_config(tmp_path, sample_dir, tiny_model, serve={"port": 0})
+    publish_small(EmbeddedVersions(tmp_path / "work" / "store", "recs"), V1)
+    proc = subprocess.Popen([sys.executable, "-m", "recommend.cli", "serve", "-c", str(config), "--workers", "2"],
+                            env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port = int(line.split(":")[2].split()[0])
+        assert port > 0 and "with 2 workers" in line, line
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                status, body, _ = get(port, "/users/u1")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the workers never answered"
+                time.sleep(0.2)
+        assert status == 200 and body["version"] == V1 and [r["item_id"] for r in body["items"]][:2] == ["i2", "i3"]
+        workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(proc.pid).children()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+
+
 def test_a_qdrant_server_outage_is_503_and_degraded_never_500():
     """The server code path (on qdrant-client's in-memory mode); the outage is injected by pointing the
     client at a closed port. Cached answers still come; others are 503; /health says degraded."""

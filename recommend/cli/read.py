@@ -203,8 +203,10 @@ def serve(config: str = ConfigOpt,
             typer.echo(f"warning: serving on {settings.host} without an API key: anyone who reaches this port can "
                        f"read the lists (set {settings.api_key_env})", err=True)
         if settings.workers > 1:
-            from recommend.serving.httpserver import run_workers
+            from recommend.serving.httpserver import free_port, run_workers
 
+            if settings.port == 0:  # uvicorn binds for its workers and never says which port 0 became
+                settings = settings.model_copy(update={"port": free_port(settings.host)})
             os.environ["RECS_CONFIG"] = str(Path(config).resolve())
             typer.echo(f"serving on http://{settings.host}:{settings.port} with {settings.workers} workers "
                        f"(Ctrl-C stops){'; API key required' if keyed else ''}", err=True)

@@ -234,6 +234,15 @@ def run_server(app, settings: ServeSettings, announce=print) -> None:
     Announcing(config).run(sockets=[sock])
 
 
+def free_port(host: str) -> int:
+    """A port free on `host` now (the OS's pick for port 0), for workers that must share one."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def run_workers(factory: str, settings: ServeSettings) -> None:
     """`settings.workers` server processes on one socket, each building its app with `factory`."""
     import uvicorn
