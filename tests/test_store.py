@@ -113,6 +113,29 @@ def test_a_readers_shard_of_one_id_is_the_writers():
         assert [block_of_one(h, shards) for h in edges] == block_of(np.array(edges, np.uint64), shards).tolist()
 
 
+def test_a_batch_of_users_is_read_from_each_users_shard(tmp_path):
+    """A batch routes its ids all at once (pandas' hash from 64 ids on, Python's below): every user is
+    found in the shard its id routes to, and the batch answers each as a lookup alone does."""
+    from http_helpers import small_version
+    from recommend.serving.publish import Storage, publish_version
+
+    store = EmbeddedVersions(tmp_path / "store", "t")
+    publish_version(store, V1, *small_version(n_items=300, n_users=300), storage=Storage(shards=3),
+                    metadata={"run_id": V1, "created_at": "2026-01-01T00:00:00+00:00"})
+    rec = Recommender(LiveVersion(store))
+    reader = rec.live.current().reader
+    assert reader.user_shards == 3
+    for asked in ([f"u{i}" for i in range(0, 300, 7)], [f"u{i}" for i in range(299, -1, -1)]):  # 43 ids, then 300
+        assert reader.payloads("user", asked + ["ghost"]) == {u: reader.payload("user", u) for u in asked}
+    asked = [f"u{i}" for i in range(0, 300, 3)] + ["ghost", "u3"]
+    batch = rec.for_users(asked, k=4)
+    assert batch.unknown == ["ghost"] and len(batch.answers) == len(asked)
+    for user_id, got in zip(asked, batch.answers):
+        if user_id != "ghost":
+            alone = rec.for_user(user_id, k=4)
+            assert (got.source, got.items) == (alone.source, alone.items) and len(got.items) == 4
+
+
 def test_text_search_over_the_graph_finds_the_exact_nearest_items(tmp_path):
     """From graph_min_items on, text search walks an HNSW graph over int8 copies of the vectors and
     rescores with the originals: against exact search (the oracle) it must find the same top 10.

@@ -38,7 +38,7 @@ from typing import Callable
 from recommend.serving.additions import added_token, read_added
 from recommend.serving.payloads import LIST_FIELDS
 from recommend.serving.publish import ITEM_VECTOR
-from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user
+from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user, user_shard
 from embedder.artifacts import write_json
 from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
 from recommend.serving.text_graph import has_graph, pending, shard_folder
@@ -100,11 +100,11 @@ class ShardReader:
         return None
 
     def payloads(self, kind: str, business_ids: list[str]) -> dict[str, dict]:
-        """business id -> whole payload of the points found, one read per shard (a batch of users)."""
+        """business id -> whole payload of the points found, one read per shard (a batch's users routed at once)."""
         key, groups = f"{kind}_id", {}
-        for b in business_ids:
-            engines = [self._user_engine(b)] if kind == "user" else self._item_engines(first_added=False)
-            for engine in engines:
+        shards = user_shard(business_ids, self.user_shards).tolist() if kind == "user" and self.user_shards > 1 else ()
+        for n, b in enumerate(business_ids):
+            for engine in [self.users[shards[n] if shards else 0]] if kind == "user" else self._item_engines(False):
                 groups.setdefault(id(engine), (engine, []))[1].append(point_id(kind, b))
         return {rec.payload[key]: rec.payload for engine, pids in groups.values()
                 for rec in engine.retrieve(pids, with_payload=True, with_vector=False)}

@@ -206,7 +206,7 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
 
 
 def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0,
-                 vector_query: bool = True) -> Answer:
+                 vector_query: bool = True, meta: dict | None = None) -> Answer:
     entries, source, seen = stored
 
     def fill(taken: list[str], n: int) -> list[Recommendation]:
@@ -215,7 +215,7 @@ def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Whe
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
         return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
-    return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity),
+    return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, meta),
                      vector_query)
 
 
@@ -227,8 +227,8 @@ def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | No
     if len(user_ids) > MAX_BATCH:
         raise BadFilter(f"{len(user_ids):,} user ids in one call; at most {MAX_BATCH:,}: split the batch")
     lists = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
-    _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where else entries[:k])}))
-    answers = [_user_listed(snap, u, lists[u], k, where, diversity) if u in lists else None for u in user_ids]
+    meta = _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where or diversity else entries[:k])}))
+    answers = [_user_listed(snap, u, lists[u], k, where, diversity, meta=meta) if u in lists else None for u in user_ids]
     return BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), list(user_ids), answers,
                        [u for u in dict.fromkeys(user_ids) if u not in lists])
 
@@ -337,7 +337,7 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 
 
 def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill,
-            diversity: float = 0.0) -> tuple:
+            diversity: float = 0.0, meta: dict | None = None) -> tuple:
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
     `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
     today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
@@ -345,9 +345,8 @@ def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, wher
     calls `fill`: a vector query), for `_answered`."""
     if not where and not diversity:
         entries = entries[:k]
-    meta = _metadata(snap, [i for i, _ in entries])
-    items = [Recommendation(i, s, {k2: v for k2, v in meta[i].items() if k2 != "item_id"})
-             for i, s in entries if not where or where.matches(i, meta[i])]
+    meta = meta or _metadata(snap, [i for i, _ in entries])  # a batch reads its items' at once
+    items = [Recommendation(i, s, dict(meta[i])) for i, s in entries if not where or where.matches(i, meta[i])]
     if diversity:
         def finish() -> Answer:
             pool = pool_size(k)
@@ -378,12 +377,12 @@ def _diversity(diversity: float) -> float:
 
 
 def _metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:
-    """item id -> its metadata ({} for an id the version does not hold), from the snapshot's item
-    cache; the store is read once for the ids not there."""
+    """item id -> its metadata without the id ({} for an id the version does not hold), from the
+    snapshot's item cache (copy a value before handing it out); the store is read once for the ids not there."""
     found = {i: m for i in item_ids if (m := snap.items.get(i)) is not None}
     if missing := [i for i in item_ids if i not in found]:
         read = snap.reader.metadata(missing)
         for i in missing:
-            found[i] = read.get(i, {})
+            found[i] = {k: v for k, v in read.get(i, {}).items() if k != "item_id"}
             snap.items.put(i, found[i])
     return found
