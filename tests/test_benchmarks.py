@@ -30,7 +30,7 @@ PROMISED = {
     "scale": {"scale_out_of_core": ["seconds.total", "driver_peak_rss_mb", "items_encoded", "events_read"]},
 }
 SERVE_ROUTES = {"/users hot", "/users cold", "/users filtered", "/users filtered strict", "/items/<id>/similar", "/search",
-                "/users/batch", "/users hot while adding items", "/users hot across a refresh"}
+                "/users/batch", "/users/batch beside /users", "/users hot while adding items", "/users hot across a refresh"}
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -67,6 +67,7 @@ def test_every_benchmark_runs_at_smoke_size_and_prints_its_figures():
     assert {line["route"] for line in by_name["serve"]} == SERVE_ROUTES
     filtered = [line for line in by_name["serve"] if line["route"].startswith(("/users filtered", "/users/batch"))]
     assert all(line["failed"] == 0 and line["requests"] > 0 for line in filtered), filtered  # filters and batches answered
+    assert all(line["lookups"]["failed"] == 0 and line["lookups"]["requests"] > 0 for line in filtered if "lookups" in line)
     adding = next(line for line in by_name["serve"] if line["route"] == "/users hot while adding items")
     assert adding["add_exit_code"] == 0 and adding["items_added"] == 20 and adding["searchable_after_s"], adding
     assert adding["failed"] == 0, adding

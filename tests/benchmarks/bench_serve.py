@@ -3,7 +3,8 @@ cached; cold: each user asked once; filtered: cold, with --where, answered from 
 stored list and a vector query filling it; strict: --strict, where few items pass, so mostly the
 vector query; covered: --where's field, any of the values the user's own stored list holds, so
 the list answers alone), /items/<id>/similar, /search (unique texts, so every one is encoded) and POST
-/users/batch (1,000 users a call, each user once; filtered: with --where), then a
+/users/batch (1,000 users a call, each user once; filtered: with --where; beside /users: one batch
+client while as many clients as the figure's ask /users cold, the apps' traffic beside a batch job), then a
 `recs add-items` of --add-items new items (texts not seen before, so all encoded) while 16 clients keep
 asking: when the last one is found by /search, failed requests meanwhile, and the add against raw
 `model.encode` of the same texts in this process (the baseline, same run); then a second
@@ -75,20 +76,30 @@ async def _client(port: int, paths, stop: float, out: dict, key: str | None) -> 
 
 def drive(port: int, paths, clients: int, seconds: float, key: str | None = None, versions: bool = False) -> dict:
     """`clients` closed-loop clients for `seconds` (or until `paths`, an iterator, runs out)."""
-    out = {"latency": [], "failed": [], "versions": [] if versions else None}
+    return drive_groups(port, [(paths, clients)], seconds, key, versions)[0]
+
+
+def drive_groups(port: int, groups: list, seconds: float, key: str | None = None, versions: bool = False) -> list[dict]:
+    """Each (paths, clients) group's closed-loop clients at once for `seconds`: the figures of each
+    (a batch job's calls beside the apps' lookups)."""
+    outs = [{"latency": [], "failed": [], "versions": [] if versions else None} for _ in groups]
 
     async def main():
         stop = time.perf_counter() + seconds
-        await asyncio.gather(*(_client(port, paths, stop, out, key) for _ in range(clients)))
+        await asyncio.gather(*(_client(port, paths, stop, out, key) for (paths, clients), out in zip(groups, outs)
+                               for _ in range(clients)))
 
     started = time.perf_counter()
     asyncio.run(main())
     wall = time.perf_counter() - started
-    lat = sorted(out["latency"])
-    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2)) if lat else (lambda q: None)
-    return {"clients": clients, "requests": len(lat), "failed": len(out["failed"]), "req_per_s": round(len(lat) / wall, 1),
-            "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": pick(1.0), "seconds": round(wall, 2),
-            "_versions": out["versions"]}
+    figures = []
+    for (_, clients), out in zip(groups, outs):
+        lat = sorted(out["latency"])
+        pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2)) if lat else (lambda q: None)
+        figures.append({"clients": clients, "requests": len(lat), "failed": len(out["failed"]),
+                        "req_per_s": round(len(lat) / wall, 1), "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+                        "max_ms": pick(1.0), "seconds": round(wall, 2), "_versions": out["versions"]})
+    return figures
 
 
 def _covered(config: Path, users: list[str], field: str, clients: list[int]) -> dict:
@@ -185,7 +196,8 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="serve this refreshed config instead of a sample")
     ap.add_argument("--id-digits", type=int, default=5, help="digits in the ids (U00042: 5)")
     ap.add_argument("--routes", default="/users hot,/users cold,/users filtered,/users filtered strict,"
-                                        "/items/<id>/similar,/search,/users/batch", help="which figures, comma-separated")
+                                        "/items/<id>/similar,/search,/users/batch,/users/batch beside /users",
+                    help="which figures, comma-separated")
     ap.add_argument("--where", default="category=Running", help="/users filtered's filter (publish.indexed_fields)")
     ap.add_argument("--strict", default="category=Running&where=price%3C20",
                     help="/users filtered strict's: few items pass, so the vector query fills the list")
@@ -240,7 +252,10 @@ def serve(args, folder: Path) -> None:
         covered = (_covered(config, rng.sample(users, min(len(users), 20_000 * len(clients))), args.where.split("=")[0],
                             clients) if "/users filtered covered" in args.routes.split(",") else {})
         batched = {"/users/batch": _batches(rng, users, clients, None),
-                   "/users/batch filtered": _batches(rng, users, clients, args.where)}
+                   "/users/batch filtered": _batches(rng, users, clients, args.where),
+                   "/users/batch beside": _batches(rng, users, clients, None)}
+        cold_beside = {n: iter([f"/users/{u}".encode() for u in rng.sample(users, len(users))[i::len(clients)]])
+                       for i, n in enumerate(clients)}
         queries = iter([("/search?q=" + t.replace(" ", "+")).encode() for t in texts(200_000, seed=1, low=3, high=12)])
         for n in clients:
             for route, paths in (("/users hot", cycle(hot)), ("/users cold", cold[n]),
@@ -255,6 +270,11 @@ def serve(args, folder: Path) -> None:
                 figures = drive(port, paths, n, args.seconds)
                 figures.pop("_versions")
                 emit("serve", {"route": route, **figures, "items": args.items, "users": args.users, "model": args.model})
+            if "/users/batch beside /users" in args.routes.split(","):  # one batch job while n apps' clients ask
+                alone, apps = drive_groups(port, [(batched["/users/batch beside"][n], 1), (cold_beside[n], n)], args.seconds)
+                emit("serve", {"route": "/users/batch beside /users", **{k: v for k, v in alone.items() if k != "_versions"},
+                               "lookup_clients": n, "lookups": {k: v for k, v in apps.items() if k != "_versions"},
+                               "items": args.items, "users": args.users, "model": args.model})
         steady_mb = memory.peak_mb()
         emit("serve_memory", {"steady_peak_rss_mb": steady_mb, "steady_peak_anon_mb": memory.peak_anon_mb(),
                               "items": args.items, "users": args.users})
