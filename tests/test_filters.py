@@ -244,6 +244,10 @@ def test_http_batch_of_users(published):
         assert [r["item_id"] for r in body["answers"][0]["items"]] == [r.item_id for r in alone.items]
         # the HTTP answer is the facade's to_dict, field for field (orjson writes the Recommendations)
         assert body["answers"] == rec.for_users(["u1", "ghost", "u2"], 3, where=["price<100"], exclude=["i3"]).to_dict()["answers"]
+        # a batch read in several parts (service.BATCH_PART) is still one answer per id, in order, one unknown list
+        asked = [f"u{i % 30}" for i in range(0, 700, 3)] + ["ghost", "nobody", "ghost"]
+        status, body = post(server.port, json.dumps({"user_ids": asked, "k": 4}).encode())
+        assert status == 200 and body["answers"] == rec.for_users(asked, 4).to_dict()["answers"]
         status, body = post(server.port, json.dumps({"user_ids": [f"u{i}" for i in range(1001)]}).encode())
         assert status == 400 and "user_ids" in body["error"]
         status, body = post(server.port, json.dumps({"user_ids": ["u1"], "where": {"colour": "red"}}).encode())

@@ -63,6 +63,7 @@ from recommend.serving.settings import ServeSettings
 
 log = logging.getLogger("recs")
 JSON = "application/json"
+BATCH_PART = 100  # users of POST /users/batch read in one task: a plain lookup queues behind a part, not a whole batch
 
 class Unavailable(RecsError):
     """Nothing can be answered now (nothing published, the store unreachable): HTTP 503."""
@@ -204,11 +205,13 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     async def users_batch(body: UsersBatch):
         """The lists of up to 1,000 users at once, from one version, in the order asked; an unknown id
         is answered {"user_id", "error"} and never fails the others."""
-        snap = snapshot()
-        found = facade.where_of(snap, body.where, body.exclude) or None
-        answer = await asyncio.get_running_loop().run_in_executor(searches if found or body.diversity else reads,
-                                                                  facade.users_answers, snap, body.user_ids,
-                                                                  body.k or default_k, found, body.diversity)
+        snap, ids = snapshot(), body.user_ids
+        found, loop = facade.where_of(snap, body.where, body.exclude) or None, asyncio.get_running_loop()
+        parts = [await loop.run_in_executor(searches if found or body.diversity else reads, facade.users_answers, snap,
+                                            ids[start:start + BATCH_PART], body.k or default_k, found, body.diversity)
+                 for start in range(0, len(ids), BATCH_PART)]  # one version throughout: `snap` is held
+        answer = facade.BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), ids, [a for p in parts for a in p.answers],
+                                    list(dict.fromkeys(u for p in parts for u in p.unknown)))
         return Response(orjson.dumps(answer.to_dict(recommendations=True)), media_type=JSON)
 
     @app.post("/items", response_model=AddReport)
