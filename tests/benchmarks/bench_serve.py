@@ -131,6 +131,19 @@ def _batches(rng, users: list[str], clients: list[int], where: str | None) -> di
             for n, part in ((n, mine[i::len(clients)]) for i, n in enumerate(clients))}
 
 
+def passes_some(port: int, users: list[str], where: str, flag: str) -> None:
+    """Refuse a filter no item passes: its figure would time empty answers (category=7 where the
+    catalog's values are c0..c49 did, until 2026-12-06)."""
+    import urllib.request
+
+    for user in users:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/{user}?where={where}", timeout=30) as resp:
+            if json.loads(resp.read())["items"]:
+                return
+    raise SystemExit(f"bench_serve.py: {flag} {where!r} passes no item for the first {len(users)} users: "
+                     "pick values the catalog holds (bench_scale.py's categories are c0..c49)")
+
+
 def cycle(paths: list[bytes]):
     while True:
         yield from paths
@@ -249,6 +262,11 @@ def serve(args, folder: Path) -> None:
                     for name, where in (("/users filtered", args.where), ("/users filtered strict", args.strict))
                     for i, n in enumerate(clients)}  # cold: each user asked once per filter
         drive(port, iter(similar), 4, 30)
+        routes = args.routes.split(",")
+        for flag, where, named in (("--where", args.where, ("/users filtered", "/users/batch filtered")),
+                                   ("--strict", args.strict, ("/users filtered strict",))):
+            if set(named) & set(routes):
+                passes_some(port, users[:50], where, flag)
         covered = (_covered(config, rng.sample(users, min(len(users), 20_000 * len(clients))), args.where.split("=")[0],
                             clients) if "/users filtered covered" in args.routes.split(",") else {})
         batched = {"/users/batch": _batches(rng, users, clients, None),

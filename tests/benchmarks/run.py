@@ -68,7 +68,7 @@ SMOKE = {"encode": ["--texts", "8", "--model", STANDIN, "--skip-trim"],
          "publish": ["--points", "50", "--dim", "32"],
          "text_shards": ["--items", "300", "--nights", "2", "--queries", "20", "--dim", "32"],
          "serve": ["--items", "50", "--users", "100", "--seconds", "0.2", "--clients", "1,2", "--model", STANDIN,
-                   "--refresh-clients", "1", "--add-items", "20"],
+                   "--refresh-clients", "1", "--add-items", "20", "--strict", "price%3C40"],  # items pass it at 50
          "filters": ["--items", "60", "--users", "80", "--asked", "20", "--keeps", "30", "--model", STANDIN],
          "lists": ["--sizes", "500", "--systems", "ours", "workers", *[p for p in peers() if p != "spark"]],
          "list_blocks": ["--size", "500"],
