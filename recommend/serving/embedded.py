@@ -12,10 +12,9 @@
                                                           shard's files with sizes and digests, metadata
     <workdir>/store/<prefix>/views/<pid>-<token>/         readers' private views (removed when they close)
 
-A version without a sound version.json is incomplete: invisible to versions, rollback, pruning and
-readers, and removed by the next publish. Shards are written by tasks on the Dask workers, side by
-side (recommend/serving/publish.py, `write_version`); the driver holds no points. Readers open a
-version without reading it whole: memory by what they touch (`ShardReader`), never a copy of it.
+A version without a sound version.json is incomplete: invisible to versions, rollback, pruning and readers, and
+removed by the next publish. Shards are written by tasks on the Dask workers, side by side (publish.py,
+`write_version`); the driver holds no points. Readers open a version without reading it whole (`ShardReader`).
 
 Example:
     store = EmbeddedVersions(Path(".recs") / "store", "recs")
@@ -143,25 +142,28 @@ class ShardReader:
         return None
 
     def search(self, vector, using: str, k: int, exclude: list | None = None, where=None) -> list[tuple[dict, float]]:
-        """The `k` items of highest dot product with `vector` on vector `using` across the item
-        shards, `exclude` (point ids) left out, those matching `where` (recommend/serving/filters.py)
-        only: [(payload without the lists, score)]."""
-        from qdrant_edge import PayloadSelector, QuantizationSearchParams, Query, QueryRequest, SearchParams
+        """The `k` items of highest dot product with `vector` on vector `using` across the item shards, `exclude`
+        (point ids) left out, those matching `where` (filters.py) only: [(payload without the lists, score)]."""
+        return self.search_many([(vector, exclude)], using, k, where)[0]
+
+    def search_many(self, queries: list, using: str, k: int, where=None) -> list[list[tuple[dict, float]]]:
+        """`search` of each (vector, exclude) in `queries`, asked as one planned batch per shard (the
+        engine's query_batch: 100 filtered queries in about half the time of one call each)."""
+        from qdrant_edge import PayloadSelector, QuantizationSearchParams, Query, QueryBatchRequest, QueryRequest, SearchParams
 
         from recommend.serving.filters import edge_filter
 
-        # on a graph: 200 candidates deep (on vectors with little structure the default depth finds fewer
-        # of the true top k; clustered ones are found either way), the best 2k of their int8 copies rescored
-        # with the original vectors; no graph: an exact scan, these ignored
+        # on a graph: 200 candidates deep (on vectors with little structure the default depth finds fewer of the true
+        # top k), the best 2k of their int8 copies rescored with the original vectors; no graph: an exact scan
         rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
-        def request(left_out):
-            return QueryRequest(limit=k, query=Query.Nearest([float(x) for x in vector], using=using), params=rescore,
-                                filter=edge_filter(where, left_out), with_payload=PayloadSelector.Exclude(list(LIST_FIELDS)))
-        own = request(list(exclude or ()) + self.replaced)  # an item replaced today is answered from its added point
-        hits = [h for engine in (self.texts if using == ITEM_VECTOR else self.items) for h in engine.query(own)]
-        if self.added:
-            hits += self.added[0].query(request(list(exclude or ())))
-        return [(h.payload, h.score) for h in heapq.nlargest(k, hits, key=lambda h: h.score)]
+        def batch(replaced):  # an item replaced today is answered from its added point
+            return QueryBatchRequest([QueryRequest(limit=k, query=Query.Nearest([float(x) for x in v], using=using),
+                                                   params=rescore, filter=edge_filter(where, list(x or ()) + replaced),
+                                                   with_payload=PayloadSelector.Exclude(list(LIST_FIELDS))) for v, x in queries])
+        found = [e.query_batch(batch(self.replaced)) for e in (self.texts if using == ITEM_VECTOR else self.items)]
+        found += [self.added[0].query_batch(batch([]))] if self.added else []
+        return [[(h.payload, h.score) for h in heapq.nlargest(k, (h for hits in found for h in hits[q]), key=lambda h: h.score)]
+                for q in range(len(queries))]
 
     def count(self, kind: str) -> int:
         from qdrant_edge import CountRequest
@@ -192,8 +194,7 @@ class ShardReader:
         shutil.rmtree(self.view_root, ignore_errors=True)
 
     def release(self) -> None:
-        """Remove the views, leaving the engines' memory maps to the end of the process (ShardView.release:
-        a reader that exits must not evict the files from the page cache under a server)."""
+        """Remove the views, the engines' memory maps left to the process's end (ShardView.release: no eviction)."""
         for view in self.views.values():
             view.release()
         self.views = {}
@@ -302,10 +303,8 @@ class EmbeddedVersions(VersionStore):
                 stored = sum(s["points"] for n, s in shards.items() if n.startswith(kind))
                 if stored != counts[kind]:
                     raise PublishError(f"version {run_id}: {counts[kind]} {kind} to write, {stored} in the shards of {folder}")
-            write_json({
-                "run_id": run_id, "prefix": self.prefix, "engine": ENGINE, "namespace": str(NAMESPACE),
-                "points": counts, **layout, "shards": shards, "metadata": metadata},
-                folder / "version.json", durable=True)
+            write_json({"run_id": run_id, "prefix": self.prefix, "engine": ENGINE, "namespace": str(NAMESPACE),
+                        "points": counts, **layout, "shards": shards, "metadata": metadata}, folder / "version.json", durable=True)
             return counts
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)

@@ -31,6 +31,7 @@ from recommend.serving.filters import BadFilter, Where
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.payloads import parse_list
 from recommend.serving.publish import BLEND_QUERY_VECTOR, BLEND_VECTOR, ITEM_VECTOR, USER_VECTOR, point_id
+from recommend.serving.query_batches import NeedsQuery, answered_together
 from recommend.serving.store import StoreUnavailable, shown
 
 __all__ = ["Answer", "BatchAnswer", "NotFound", "Recommendation", "Recommender"]
@@ -81,15 +82,6 @@ class BatchAnswer:
         rows = [{"user_id": u, "source": a.source, "items": a.items if recommendations else [asdict(r) for r in a.items]}
                 if a is not None else {"user_id": u, "error": "unknown user"} for u, a in zip(self.user_ids, self.answers)]
         return {"version": self.version, "created_at": self.created_at, "age_seconds": self.age_seconds, "answers": rows}
-
-
-class NeedsQuery(Exception):
-    """The stored list does not answer alone: a vector query is needed (raised when none was allowed).
-    `then()` finishes the answer from where it stopped (the stored list's part is done)."""
-
-    def __init__(self, then):
-        super().__init__("a vector query is needed")
-        self.then = then
 
 
 class Recommender:
@@ -206,15 +198,15 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
 
 
 def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0,
-                 vector_query: bool = True, meta: dict | None = None) -> Answer:
-    entries, source, seen = stored
+                 vector_query: bool = True, meta: dict | None = None, search=None) -> Answer:
+    entries, source, seen, search = *stored, search or search_items
 
     def fill(taken: list[str], n: int) -> list[Recommendation]:
         vector = snap.reader.vector("user", user_id, USER_VECTOR)
         if vector is None:
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
-        return search_items(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
+        return search(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
     return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, meta),
                      vector_query)
 
@@ -228,7 +220,11 @@ def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | No
         raise BadFilter(f"{len(user_ids):,} user ids in one call; at most {MAX_BATCH:,}: split the batch")
     lists = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
     meta = _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where or diversity else entries[:k])}))
-    answers = [_user_listed(snap, u, lists[u], k, where, diversity, meta=meta) if u in lists else None for u in user_ids]
+    if where and not diversity:  # the short lists' vector queries asked together (query_batches.py)
+        answers = answered_together(snap.reader, user_ids, lambda u, search: _user_listed(
+            snap, u, lists[u], k, where, 0.0, False, meta, search) if u in lists else None, _found)
+    else:
+        answers = [_user_listed(snap, u, lists[u], k, where, diversity, meta=meta) if u in lists else None for u in user_ids]
     return BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), list(user_ids), answers,
                        [u for u in dict.fromkeys(user_ids) if u not in lists])
 
@@ -320,10 +316,13 @@ def search_items(snap: Snapshot, vector: np.ndarray, k: int, exclude: list | Non
                  using: str = ITEM_VECTOR, where: Where | None = None) -> list[Recommendation]:
     """The `k` nearest items on vector `using`, `exclude` (point ids) left out, those matching
     `where` only: a vector query on the store."""
-    return [Recommendation(payload["item_id"], round(float(score), 5),
-                           {k2: v for k2, v in payload.items() if k2 != "item_id"})
-            for payload, score in snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude,
-                                                     where or None)]
+    return _found(snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude, where or None))
+
+
+def _found(hits: list) -> list[Recommendation]:
+    """A store's hits [(payload, score)] as the answer's items."""
+    return [Recommendation(p["item_id"], round(float(score), 5), {k: v for k, v in p.items() if k != "item_id"})
+            for p, score in hits]
 
 
 def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:

@@ -78,6 +78,10 @@ class ClientReader:
                                             exclude=["similar", "run_id", "source"])).points
         return [(h.payload, h.score) for h in hits]
 
+    def search_many(self, queries: list, using: str, k: int, where=None) -> list[list[tuple[dict, float]]]:
+        """`search` of each (vector, exclude) in `queries` (the embedded store's reader asks them as one batch)."""
+        return [self.search(vector, using, k, exclude, where) for vector, exclude in queries]
+
     def count(self, kind: str) -> int:
         return self.client.count(self.items if kind == "item" else self.users, exact=True).count
 
