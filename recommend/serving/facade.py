@@ -321,7 +321,7 @@ def search_items(snap: Snapshot, vector: np.ndarray, k: int, exclude: list | Non
 
 def _found(hits: list) -> list[Recommendation]:
     """A store's hits [(payload, score)] as the answer's items."""
-    return [Recommendation(p["item_id"], round(float(score), 5), {k: v for k, v in p.items() if k != "item_id"})
+    return [Recommendation(p["item_id"], round(float(score), 5), {key: v for key, v in p.items() if key != "item_id"})
             for p, score in hits]
 
 

@@ -36,7 +36,7 @@ class Deferred:
     def __init__(self, reader, make: Callable):
         self.reader, self.make, self.asked, self.found = reader, make, [], None
 
-    def __call__(self, snap, vector, k: int, exclude=None, using: str = "", where=None) -> list:
+    def __call__(self, snap, vector, k: int, exclude=None, using: str = "", where=None) -> list:  # search_items' call
         if self.found is None:
             self.asked.append((np.asarray(vector, dtype=np.float32), k, exclude, using, where))
             return []
