@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Callable
 from recommend.serving.additions import added_token, read_added
 from recommend.serving.payloads import LIST_FIELDS
 from recommend.serving.publish import ITEM_VECTOR
+from recommend.serving.shard_search import search_shards
 from recommend.serving.shards import ENGINE, ShardView, problems, shard_of_user, user_shard
 from embedder.artifacts import write_json
 from recommend.serving.store import DamagedVersion, StoreUnavailable, track_reader
@@ -147,23 +147,10 @@ class ShardReader:
         return self.search_many([(vector, exclude)], using, k, where)[0]
 
     def search_many(self, queries: list, using: str, k: int, where=None) -> list[list[tuple[dict, float]]]:
-        """`search` of each (vector, exclude) in `queries`, asked as one planned batch per shard (the
-        engine's query_batch: 100 filtered queries in about half the time of one call each)."""
-        from qdrant_edge import PayloadSelector, QuantizationSearchParams, Query, QueryBatchRequest, QueryRequest, SearchParams
-
-        from recommend.serving.filters import edge_filter
-
-        # on a graph: 200 candidates deep (on vectors with little structure the default depth finds fewer of the true
-        # top k), the best 2k of their int8 copies rescored with the original vectors; no graph: an exact scan
-        rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
-        def batch(replaced):  # an item replaced today is answered from its added point
-            return QueryBatchRequest([QueryRequest(limit=k, query=Query.Nearest([float(x) for x in v], using=using),
-                                                   params=rescore, filter=edge_filter(where, list(x or ()) + replaced),
-                                                   with_payload=PayloadSelector.Exclude(list(LIST_FIELDS))) for v, x in queries])
-        found = [e.query_batch(batch(self.replaced)) for e in (self.texts if using == ITEM_VECTOR else self.items)]
-        found += [self.added[0].query_batch(batch([]))] if self.added else []
-        return [[(h.payload, h.score) for h in heapq.nlargest(k, (h for hits in found for h in hits[q]), key=lambda h: h.score)]
-                for q in range(len(queries))]
+        """`search` of each (vector, exclude) in `queries`, asked as one planned batch per shard
+        (recommend/serving/shard_search.py: the exclusions dropped after the engine answers)."""
+        return search_shards(self.texts if using == ITEM_VECTOR else self.items, self.added, self.replaced,
+                             queries, using, k, where)
 
     def count(self, kind: str) -> int:
         from qdrant_edge import CountRequest
