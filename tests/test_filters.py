@@ -276,3 +276,67 @@ def test_a_filter_the_stored_list_answers_needs_no_vector_query(published, where
             assert {**needs.value.then().to_dict(), "age_seconds": 0} == whole  # finished on the search thread
         else:
             assert {**ask(False).to_dict(), "age_seconds": 0} == whole
+
+
+def test_waiting_requests_vector_queries_are_asked_together_and_answered_as_alone(published):
+    """`recs serve`'s search thread (query_batches.QueryBatcher): the requests that arrived while it
+    was busy are finished as one batch, each with its own answer; one that fails fails alone."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recommend.serving.facade import NeedsQuery, hit_items, similar_answer, user_answer
+    from recommend.serving.publish import ITEM_VECTOR
+    from recommend.serving.query_batches import QueryBatcher
+
+    rec = published[0]
+    snap = rec.live.current()
+    asks = [(lambda q, u=u, f=Where.build(where, exclude, fields=FIELDS): user_answer(snap, f"u{u}", K, None, f, vector_query=q))
+            for u, (where, exclude) in zip(range(N_USERS), FILTERS)]
+    asks += [lambda q: similar_answer(snap, "i7", K, Where.build({"category": "shoes"}, fields=FIELDS), vector_query=q)]
+    thens, needing = [], []
+    for ask in asks:
+        try:
+            ask(False)
+        except NeedsQuery as needs:  # those the stored list does not answer alone
+            thens.append(needs.then)
+            needing.append(ask)
+    assert len(thens) >= 5
+
+    def broken(search):  # asks a query first, in the same group as the last one: the others' answers stay theirs
+        search(snap, np.ones(DIM, np.float32), K, using=ITEM_VECTOR, where=Where.build({"category": "shoes"}, fields=FIELDS))
+        raise RuntimeError("this one fails")
+
+    pool, busy = ThreadPoolExecutor(1), threading.Event()
+    batcher = QueryBatcher(pool, hit_items)
+
+    async def main():
+        pool.submit(busy.wait)  # the search thread is busy: every request below waits for it
+        waiting = [asyncio.ensure_future(batcher.finish(snap.reader, then)) for then in thens[:3] + [broken] + thens[3:]]
+        await asyncio.sleep(0.05)
+        busy.set()
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    answers = asyncio.run(main())
+    pool.shutdown()
+    assert list(batcher.sizes) == [len(thens) + 1]  # one batch
+    assert isinstance(answers[3], RuntimeError) and str(answers[3]) == "this one fails"
+    for ask, got in zip(needing, answers[:3] + answers[4:]):
+        alone = ask(True)
+        assert (got.source, got.items) == (alone.source, alone.items) and got.source.endswith("query")
+
+
+def test_ids_left_out_after_the_engine_answers_as_in_its_filter(published, monkeypatch):
+    """The embedded store drops up to POST_EXCLUDED left-out ids from a deeper answer
+    (recommend/serving/shard_search.py); past that they go into the engine's filter: the same answers."""
+    from recommend.serving import shard_search
+
+    rec = published[0]
+    if not isinstance(rec.live.store, EmbeddedVersions):
+        pytest.skip("the embedded store's queries")
+    asks = [lambda: rec.for_user(f"u{u}", where=where, exclude=exclude) for u in (0, 5, 11) for where, exclude in FILTERS]
+    asks += [lambda: rec.similar(f"i{i}", where=where, exclude=exclude) for i in (0, 7) for where, exclude in FILTERS]
+    asks += [lambda: rec.for_items(["i9", "i12"], where={"category": ["hats", "shoes"]}, exclude=["i3", "i30"])]
+    dropped = [(a.source, a.items) for a in (ask() for ask in asks)]
+    monkeypatch.setattr(shard_search, "POST_EXCLUDED", 0)
+    assert [(a.source, a.items) for a in (ask() for ask in asks)] == dropped

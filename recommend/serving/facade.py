@@ -199,14 +199,15 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
 
 def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0,
                  vector_query: bool = True, meta: dict | None = None, search=None) -> Answer:
-    entries, source, seen, search = *stored, search or search_items
+    entries, source, seen = stored
+    default = search or search_items
 
-    def fill(taken: list[str], n: int) -> list[Recommendation]:
+    def fill(taken: list[str], n: int, search=None) -> list[Recommendation]:
         vector = snap.reader.vector("user", user_id, USER_VECTOR)
         if vector is None:
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
-        return search(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
+        return (search or default)(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
     return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, meta),
                      vector_query)
 
@@ -222,7 +223,7 @@ def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | No
     meta = _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where or diversity else entries[:k])}))
     if where and not diversity:  # the short lists' vector queries asked together (query_batches.py)
         answers = answered_together(snap.reader, user_ids, lambda u, search: _user_listed(
-            snap, u, lists[u], k, where, 0.0, False, meta, search) if u in lists else None, _found)
+            snap, u, lists[u], k, where, 0.0, False, meta, search) if u in lists else None, hit_items)
     else:
         answers = [_user_listed(snap, u, lists[u], k, where, diversity, meta=meta) if u in lists else None for u in user_ids]
     return BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), list(user_ids), answers,
@@ -237,10 +238,10 @@ def similar_answer(snap: Snapshot, item_id: str, k: int, where: Where | None = N
         raise NotFound(f"unknown item {shown(item_id)} in version {snap.run_id}")
     entries, source, _ = parse_list(payload, "similar")
 
-    def fill(taken: list[str], n: int) -> list[Recommendation]:
+    def fill(taken: list[str], n: int, search=None) -> list[Recommendation]:
         vector, using = _item_query(snap, item_id)
-        return [] if vector is None else search_items(snap, vector, n, exclude=_points([item_id], taken, where=where),
-                                                      using=using, where=where)
+        return [] if vector is None else (search or search_items)(snap, vector, n, using=using, where=where,
+                                                                  exclude=_points([item_id], taken, where=where))
     if "similar" not in payload:  # an item added today (serving/additions.py): its text's nearest, until the night
         entries, source = [], "query"
     return _answered(_listed(snap, f"item {item_id}", entries, source or "similar", k, where, fill, diversity), vector_query)
@@ -316,10 +317,10 @@ def search_items(snap: Snapshot, vector: np.ndarray, k: int, exclude: list | Non
                  using: str = ITEM_VECTOR, where: Where | None = None) -> list[Recommendation]:
     """The `k` nearest items on vector `using`, `exclude` (point ids) left out, those matching
     `where` only: a vector query on the store."""
-    return _found(snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude, where or None))
+    return hit_items(snap.reader.search(np.asarray(vector, dtype=np.float32), using, k, exclude, where or None))
 
 
-def _found(hits: list) -> list[Recommendation]:
+def hit_items(hits: list) -> list[Recommendation]:
     """A store's hits [(payload, score)] as the answer's items."""
     return [Recommendation(p["item_id"], round(float(score), 5), {key: v for key, v in p.items() if key != "item_id"})
             for p, score in hits]
@@ -338,23 +339,26 @@ def _point(snap: Snapshot, kind: str, business_id: str) -> dict | None:
 def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, where: Where | None, fill,
             diversity: float = 0.0, meta: dict | None = None) -> tuple:
     """The stored list's first `k` entries, or with a filter those of its entries that pass, and
-    `fill(item ids taken, n)`'s n more when fewer than `k` do (or when none was stored: an item added
-    today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)` in all,
-    chosen by maximal marginal relevance. Returns (a function that finishes the answer, whether it
-    calls `fill`: a vector query), for `_answered`."""
+    `fill(item ids taken, n, search)`'s n more when fewer than `k` do (or when none was stored: an item
+    added today). With `diversity`, k of those that pass and a vector query's next ones, `pool_size(k)`
+    in all, chosen by maximal marginal relevance. Returns (a function that finishes the answer, whether
+    it calls `fill`: a vector query), for `_answered`; the function takes the `search` to ask the vector
+    query with (search_items' call; default: the subject's own), so that a server asks its waiting
+    requests' queries together (query_batches.py)."""
     if not where and not diversity:
         entries = entries[:k]
     meta = meta or _metadata(snap, [i for i, _ in entries])  # a batch reads its items' at once
     items = [Recommendation(i, s, dict(meta[i])) for i, s in entries if not where or where.matches(i, meta[i])]
     if diversity:
-        def finish() -> Answer:
+        def finish(search=None) -> Answer:
             pool = pool_size(k)
-            more = fill([r.item_id for r in items], pool - len(items)) if len(items) < pool else []
+            more = fill([r.item_id for r in items], pool - len(items), search) if len(items) < pool else []
             return answer(snap, query, f"{source}+diverse", diversify(snap.reader, items + more, k, diversity))
     else:
-        def finish() -> Answer:
+        def finish(search=None) -> Answer:
             found, label = items[:k], source
-            if (where or not entries) and len(found) < k and (more := fill([r.item_id for r in found], k - len(found))):
+            if (where or not entries) and len(found) < k and (more := fill([r.item_id for r in found], k - len(found),
+                                                                           search)):
                 label, found = (f"{source}+query" if found else "query"), found + more
             return answer(snap, query, label, found)
     return finish, bool(diversity or ((where or not entries) and len(items) < k))

@@ -6,7 +6,7 @@ read; those are answered here with the same facade call and cache key as the app
 (recommend/serving/service.py).
 
 Example:
-    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=10, reads=pool,
+    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=10, reads=pool, batcher=batcher,
                        routes={r.path: r for r in app.routes if r.path in HOT_ROUTES})
 """
 
@@ -22,6 +22,7 @@ from starlette.requests import Request
 from recommend.serving import facade
 from recommend.serving.filters import BadFilter
 from recommend.serving.live import LiveVersion, Snapshot
+from recommend.serving.query_batches import QueryBatcher
 
 
 def envelope(snap: Snapshot, body: bytes) -> bytes:
@@ -84,9 +85,9 @@ class FastLookups:
     app would have made."""
 
     def __init__(self, app, live: LiveVersion, metrics, default_k: int, routes: dict, reads: ThreadPoolExecutor,
-                 searches: ThreadPoolExecutor):
+                 batcher: QueryBatcher):
         self.app, self.live, self.metrics, self.default_k = app, live, metrics, default_k
-        self.reads, self.searches = reads, searches
+        self.reads, self.batcher = reads, batcher
         self.users, self.similar = routes["/users/{user_id}"], routes["/items/{item_id}/similar"]
 
     async def __call__(self, scope, receive, send):
@@ -103,7 +104,7 @@ class FastLookups:
                         try:
                             body = await loop.run_in_executor(self.reads, lookup, snap, key, where)
                         except facade.NeedsQuery as needs:  # the filtered list is short: the search thread fills it
-                            body = answer_body(await loop.run_in_executor(self.searches, needs.then))
+                            body = answer_body(await self.batcher.finish(snap.reader, needs.then))
                     except Exception as exc:
                         body, scope[FAILED] = None, exc  # the app's route raises it: its own error answer
                     else:

@@ -56,6 +56,7 @@ from recommend.serving.encoder import Busy, QueryEncoder
 from recommend.serving.filters import BadFilter
 from recommend.serving.httpserver import Guard, Metrics, configure_limits
 from recommend.serving.intake import AddReport, Intake
+from recommend.serving.query_batches import QueryBatcher
 from recommend.serving.parameters import DiversityQuery, ExcludeQuery, IdPath, KQuery, NewItems, UsersBatch, WhereQuery
 from recommend.serving.live import LiveVersion, NotFound, Snapshot
 from recommend.serving.lookups import HOT_ROUTES, FastLookups, answer_body, envelope, failed_before
@@ -83,6 +84,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     state = {"encoder": None, "adder": None}
     reads = ThreadPoolExecutor(settings.read_threads, thread_name_prefix="recs-store")  # see ServeSettings.read_threads
     searches = ThreadPoolExecutor(1, thread_name_prefix="recs-search")  # a vector query never holds up a read by id
+    batcher = QueryBatcher(searches, facade.hit_items)  # the filtered requests' vector queries, asked together
 
     async def follow() -> None:
         while True:
@@ -135,7 +137,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
 
     async def cached(snap: Snapshot, key: tuple, compute, pool: ThreadPoolExecutor = reads) -> Response:
         """The answer from the cache, or `compute`d on `pool`; one that needs a vector query
-        (facade.NeedsQuery) is finished on the search thread."""
+        (facade.NeedsQuery) is finished on the search thread, beside the others waiting (QueryBatcher)."""
         body = snap.cache.get(key)
         if body is None:
             metrics.cache_misses.inc()
@@ -143,7 +145,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
             try:
                 found = await loop.run_in_executor(pool, compute)
             except facade.NeedsQuery as needs:
-                found = await loop.run_in_executor(searches, needs.then)
+                found = await batcher.finish(snap.reader, needs.then)
             body = answer_body(found)
             snap.cache.put(key, body)
         else:
@@ -263,7 +265,7 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _errors(app, live)
-    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=default_k, reads=reads, searches=searches,
+    app.add_middleware(FastLookups, live=live, metrics=metrics, default_k=default_k, reads=reads, batcher=batcher,
                        routes={r.path: r for r in app.routes if r.path in HOT_ROUTES})
     app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_requests=settings.max_requests)  # outside: first
     app.state.metrics, app.state.live, app.state.serving = metrics, live, state
