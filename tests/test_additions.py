@@ -80,7 +80,12 @@ def _nearest(vectors: dict[str, np.ndarray], query: np.ndarray, k: int, keep=lam
     return sorted((i for i in vectors if keep(i)), key=lambda i: -float(vectors[i] @ query))[:k]
 
 
-def test_added_items_are_searchable_at_once_and_a_changed_item_replaces_its_old_point(store):
+@pytest.mark.parametrize("hot_after", [1, 10**9])  # every filter's items held at once (filter_subsets.py), or never
+def test_added_items_are_searchable_at_once_and_a_changed_item_replaces_its_old_point(store, hot_after, monkeypatch):
+    from recommend.serving import filter_subsets
+
+    monkeypatch.setattr(filter_subsets, "HOT_AFTER", hot_after)
+    monkeypatch.setattr(filter_subsets, "IN_BACKGROUND", False)
     _publish(store, V0, 1)
     items = _publish(store, V1, 2)
     rec = Recommender(LiveVersion(store, poll_s=0), k=K)

@@ -340,3 +340,60 @@ def test_ids_left_out_after_the_engine_answers_as_in_its_filter(published, monke
     dropped = [(a.source, a.items) for a in (ask() for ask in asks)]
     monkeypatch.setattr(shard_search, "POST_EXCLUDED", 0)
     assert [(a.source, a.items) for a in (ask() for ask in asks)] == dropped
+
+
+def test_a_held_filter_answers_as_the_engine(published, monkeypatch):
+    """A filter asked often has its items held and its vector queries answered by numpy
+    (recommend/serving/filter_subsets.py): the same answers as the engine's, on every query that takes
+    a filter; one that passes more than MOST_POINTS items is left to the engine."""
+    from recommend.serving import filter_subsets
+    from recommend.serving.facade import text_answer
+
+    rec = published[0]
+    if not isinstance(rec.live.store, EmbeddedVersions):
+        pytest.skip("the embedded store's queries")
+    _, items, _, _ = published
+
+    def answers(rec):
+        asks = [lambda: rec.for_user(f"u{u}", where=where, exclude=exclude) for u in (0, 5, 11) for where, exclude in FILTERS]
+        asks += [lambda: rec.similar(f"i{i}", where=where, exclude=exclude) for i in (0, 7) for where, exclude in FILTERS]
+        asks += [lambda: rec.for_items(["i9", "i12"], where=where, exclude=exclude) for where, exclude in FILTERS]
+        asks += [lambda: text_answer(rec.live.current(), items["vectors"][9], "q", K, Where.build(where, exclude, fields=FIELDS))
+                 for where, exclude in FILTERS]
+        asks += [lambda: rec.for_user("u3", where={"category": "bags"}, diversity=0.5)]
+        return [(a.source, [r.item_id for r in a.items], [r.score for r in a.items], [r.metadata for r in a.items])
+                for a in (ask() for ask in asks)]
+
+    monkeypatch.setattr(filter_subsets, "HOT_AFTER", 10**9)
+    engine = answers(Recommender(LiveVersion(rec.live.store, poll_s=0), k=K))
+    monkeypatch.setattr(filter_subsets, "HOT_AFTER", 1)
+    for most, block, held in ((10**6, 64, True), (10**6, 2, True), (5, 64, False)):  # block 2: the bound on the k-th
+        monkeypatch.setattr(filter_subsets, "MOST_POINTS", most)                    # best prunes (best_rows)
+        monkeypatch.setattr(filter_subsets, "BLOCK", block)
+        fresh = Recommender(LiveVersion(rec.live.store, poll_s=0), k=K)  # a reader of its own: nothing held yet
+        # the engine answers while the subsets are read, in threads of their own
+        assert [(s, i, m) for s, i, _, m in answers(fresh)] == [(s, i, m) for s, i, _, m in engine]
+        for subsets in fresh.live.current().reader.subsets:
+            subsets.wait()
+        got = answers(fresh)
+        assert [(s, i, m) for s, i, _, m in got] == [(s, i, m) for s, i, _, m in engine]
+        assert all(a == pytest.approx(b, abs=1e-4) for (_, _, a, _), (_, _, b, _) in zip(got, engine))
+        subsets = fresh.live.current().reader.subsets
+        assert bool(subsets[0].held or subsets[1].held) == held  # this version has no blend: its fills ask the text vector
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_best_rows_are_each_rows_largest_with_ties_by_column(block, monkeypatch):
+    """filter_subsets.best_rows against a full sort: values with many ties, rows with left-out (-inf) values."""
+    from recommend.serving import filter_subsets
+
+    monkeypatch.setattr(filter_subsets, "BLOCK", block)
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 6, size=(9, 500)).astype(np.float32)
+    scores[2, :490] = -np.inf  # fewer finite values than k
+    scores[3] = -np.inf
+    scores[4, rng.choice(500, 300, replace=False)] = -np.inf
+    for k in (1, 10, 40):
+        expected = [[(c, float(row[c])) for c in sorted(range(500), key=lambda c: (-row[c], c)) if row[c] != -np.inf][:k]
+                    for row in scores]
+        assert filter_subsets.best_rows(scores.copy(), k) == expected

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from recommend.serving.additions import added_token, read_added
+from recommend.serving.filter_subsets import FilterSubsets
 from recommend.serving.payloads import LIST_FIELDS
 from recommend.serving.publish import ITEM_VECTOR
 from recommend.serving.shard_search import search_shards
@@ -75,6 +76,8 @@ class ShardReader:
         self.added = [self.views[added["shard"]].engine] if added else []
         self.added_items = len(added["items"]) if added else 0
         self.replaced = [point_id("item", i) for i in added["replaces"]] if added else []
+        # the items of the filters asked most, held for their vector queries (filter_subsets.py): item shards, text shards
+        self.subsets = [FilterSubsets(e, self.added, self.replaced) for e in (self.items, self.texts)]
 
     def _item_engines(self, first_added: bool = True) -> list:
         """The engines holding items: today's additions first (they win a lookup by id) or last
@@ -149,8 +152,9 @@ class ShardReader:
     def search_many(self, queries: list, using: str, k: int, where=None) -> list[list[tuple[dict, float]]]:
         """`search` of each (vector, exclude) in `queries`, asked as one planned batch per shard
         (recommend/serving/shard_search.py: the exclusions dropped after the engine answers)."""
-        return search_shards(self.texts if using == ITEM_VECTOR else self.items, self.added, self.replaced,
-                             queries, using, k, where)
+        texts = using == ITEM_VECTOR
+        return search_shards(self.texts if texts else self.items, self.added, self.replaced, queries, using, k, where,
+                             self.subsets[texts])
 
     def count(self, kind: str) -> int:
         from qdrant_edge import CountRequest

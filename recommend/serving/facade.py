@@ -200,14 +200,18 @@ def user_answer(snap: Snapshot, user_id: str, k: int, recent_items: list[str] | 
 def _user_listed(snap: Snapshot, user_id: str, stored: tuple, k: int, where: Where | None, diversity: float = 0.0,
                  vector_query: bool = True, meta: dict | None = None, search=None) -> Answer:
     entries, source, seen = stored
-    default = search or search_items
+    default, profile, points = search or search_items, [], {}
 
     def fill(taken: list[str], n: int, search=None) -> list[Recommendation]:
-        vector = snap.reader.vector("user", user_id, USER_VECTOR)
+        if not profile:  # read once: a batched request is finished twice (query_batches.py)
+            profile.append(snap.reader.vector("user", user_id, USER_VECTOR))
+        vector = profile[0]
         if vector is None:
             return []
         using = BLEND_VECTOR if snap.meta.get("layout") else ITEM_VECTOR
-        return (search or default)(snap, vector, n, exclude=_points(seen, taken, where=where), using=using, where=where)
+        if (left_out := points.get(tuple(taken))) is None:
+            left_out = points[tuple(taken)] = _points(seen, taken, where=where)
+        return (search or default)(snap, vector, n, exclude=left_out, using=using, where=where)
     return _answered(_listed(snap, f"user {user_id}", entries, source or "recommended", k, where, fill, diversity, meta),
                      vector_query)
 

@@ -23,11 +23,14 @@ POST_EXCLUDED = 200  # ids a query leaves out by asking deeper; past that, in th
 
 
 def search_shards(engines: list, added: list, replaced: list, queries: list, using: str, k: int,
-                  where=None) -> list[list[tuple[dict, float]]]:
+                  where=None, subsets=None) -> list[list[tuple[dict, float]]]:
     """The `k` best items of each (vector, exclude point ids) in `queries` on vector `using`, of
     `engines` (a version's shards) and `added` (today's additions' shard, whose points replace the
     `replaced` point ids of the version's), those matching `where` (filters.py) only:
-    [(payload without the lists, score)] per query, best first."""
+    [(payload without the lists, score)] per query, best first. `subsets` (filter_subsets.py): the
+    items of the filters asked most, whose queries numpy answers instead of the engine."""
+    if subsets is not None and (subset := subsets.get(using, where)) is not None:
+        return subset.search(queries, k)
     few = [n for n, (_, x) in enumerate(queries) if len(x or ()) <= POST_EXCLUDED]
     many = [n for n, (_, x) in enumerate(queries) if len(x or ()) > POST_EXCLUDED]
     found: list = [None] * len(queries)
