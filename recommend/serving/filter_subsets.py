@@ -7,7 +7,7 @@ filters over and over ("in stock", "this category"). From a filter's HOT_AFTER-t
 version, the items it passes (up to MOST_POINTS) are read once, with their vectors and metadata, and
 its queries are answered here: every passing item scored at once by numpy (BLAS, the GIL released),
 the left-out ones set aside, the best k taken. Exact, as the engine's scan of the same items is. The
-subsets of one version take at most BUDGET bytes (the least recently used goes first); a reader that
+subsets of a reader take at most BUDGET bytes (the least recently used goes first); a reader that
 is replaced (a new version, today's additions) takes its subsets with it.
 
 Example:
@@ -27,8 +27,8 @@ import numpy as np
 from recommend.serving.payloads import LIST_FIELDS
 
 HOT_AFTER = 3  # a filter's vector queries on a version before its items are held (a filter asked once costs no read)
-MOST_POINTS = 100_000  # items a held filter may pass (at 1M items x 97 dimensions: 39 MB)
-BUDGET = 256 * 2**20  # bytes of vectors the subsets of one reader hold at most
+MOST_POINTS = 100_000  # items a held filter may pass (97 dimensions: 39 MB of vectors, about 100 MB of payloads)
+BUDGET = 256 * 2**20  # bytes the subsets of one reader's item shards (and as many its text shards') hold at most
 BLOCK = 64  # columns whose maximum bounds a query's k-th best from below (best_rows)
 PAGE = 1024  # points read in one engine call while a subset is read
 IN_BACKGROUND = True  # a subset is read in a thread of its own (tests: at once, in the query that starts it)
@@ -44,7 +44,8 @@ class Subset:
 
     @property
     def nbytes(self) -> int:
-        return self.matrix.nbytes
+        """Its vectors' bytes and about 1 kB a point for its id and payload (Python objects)."""
+        return self.matrix.nbytes + 1024 * len(self.ids)
 
     def search(self, queries: list, k: int) -> list[list[tuple[dict, float]]]:
         """The `k` best rows of each (vector, exclude point ids) in `queries`, by dot product:
