@@ -149,7 +149,10 @@ class QueryBatcher:
                 except BaseException as exc:  # never leave a request waiting
                     done = [exc] * len(group)
                 for (_, _, future, loop), answer in zip(group, done):
-                    loop.call_soon_threadsafe(_settle, future, answer)
+                    try:
+                        loop.call_soon_threadsafe(_settle, future, answer)
+                    except RuntimeError:  # its event loop is closed (the server stopped): nobody waits for it
+                        pass
 
 
 def _settle(future: asyncio.Future, answer) -> None:
