@@ -29,6 +29,7 @@ from recommend.serving.payloads import LIST_FIELDS
 HOT_AFTER = 3  # a filter's vector queries on a version before its items are held (a filter asked once costs no read)
 MOST_POINTS = 100_000  # items a held filter may pass (97 dimensions: 39 MB of vectors, about 100 MB of payloads)
 BUDGET = 256 * 2**20  # bytes the subsets of one reader's item shards (and as many its text shards') hold at most
+MOST_FILTERS = 10_000  # filters counted towards HOT_AFTER at once, per reader
 BLOCK = 64  # columns whose maximum bounds a query's k-th best from below (best_rows)
 PAGE = 1024  # points read in one engine call while a subset is read
 IN_BACKGROUND = True  # a subset is read in a thread of its own (tests: at once, in the query that starts it)
@@ -98,11 +99,13 @@ class FilterSubsets:
         HOT_AFTER-th query); None while it is not held (then the engine answers)."""
         if where is None or not where.conditions:
             return None
-        key = (using, tuple(sorted(map(repr, where.conditions))))
+        key = (using, where.key()[0])  # its conditions: the ids it leaves out are each query's own
         with self.lock:
             if key in self.held:
                 self.held.move_to_end(key)
                 return self.held[key]
+            if len(self.asked) >= MOST_FILTERS:  # an app asking ever new ranges: counting starts again
+                self.asked.clear()
             self.asked[key] += 1
             if key in self.refused or key in self.reading or self.asked[key] < HOT_AFTER:
                 return None

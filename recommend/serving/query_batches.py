@@ -114,7 +114,7 @@ class QueryBatcher:
     server's search thread): when it is free, it takes up to `most` of them, asks their queries as one
     batch per filter and shard (`finished_together`), answers them, and takes the next ones waiting.
     One request alone is asked at once, as before; under load each batch is what arrived while the
-    one before ran. `sizes`: the last batches' sizes (a metric)."""
+    one before ran. `sizes`: the last 1,000 batches' sizes."""
 
     def __init__(self, pool: Executor, make: Callable, most: int = 64):
         self.pool, self.make, self.most = pool, make, most
