@@ -224,7 +224,7 @@ def users_answers(snap: Snapshot, user_ids: list[str], k: int, where: Where | No
     if len(user_ids) > MAX_BATCH:
         raise BadFilter(f"{len(user_ids):,} user ids in one call; at most {MAX_BATCH:,}: split the batch")
     lists = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
-    meta = _metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where or diversity else entries[:k])}))
+    meta = item_metadata(snap, list({i for entries, _, _ in lists.values() for i, _ in (entries if where or diversity else entries[:k])}))
     if where and not diversity:  # the short lists' vector queries asked together (query_batches.py)
         answers = answered_together(snap.reader, user_ids, lambda u, search: _user_listed(
             snap, u, lists[u], k, where, 0.0, False, meta, search) if u in lists else None, hit_items)
@@ -351,7 +351,7 @@ def _listed(snap: Snapshot, query: str, entries: list, source: str, k: int, wher
     requests' queries together (query_batches.py)."""
     if not where and not diversity:
         entries = entries[:k]
-    meta = meta or _metadata(snap, [i for i, _ in entries])  # a batch reads its items' at once
+    meta = meta or item_metadata(snap, [i for i, _ in entries])  # a batch reads its items' at once
     items = [Recommendation(i, s, dict(meta[i])) for i, s in entries if not where or where.matches(i, meta[i])]
     if diversity:
         def finish(search=None) -> Answer:
@@ -383,7 +383,7 @@ def _diversity(diversity: float) -> float:
     return float(diversity)
 
 
-def _metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:
+def item_metadata(snap: Snapshot, item_ids: list[str]) -> dict[str, dict]:
     """item id -> its metadata without the id ({} for an id the version does not hold), from the
     snapshot's item cache (copy a value before handing it out); the store is read once for the ids not there."""
     found = {i: m for i in item_ids if (m := snap.items.get(i)) is not None}

@@ -76,6 +76,8 @@ class Snapshot:
     # item id -> its metadata as a list shows it: lists name the same popular items over and over, so
     # a list's items are mostly here and a cold answer reads the store once (the user), not once per item shard
     items: Cache = field(default_factory=lambda: Cache(ITEM_METADATA_CACHE))
+    # item id -> its batch answer entry's JSON around the score (recommend/serving/batch_json.py)
+    entries: Cache = field(default_factory=lambda: Cache(ITEM_METADATA_CACHE))
 
     retired: bool = False  # replaced by a newer live version (LiveVersion.poll_once)
     changes: object = None  # the store's token of this version's changes in place when it was opened (its `changes`)

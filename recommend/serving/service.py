@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException
 
 from embedder.errors import InputError, RecsError
 from recommend.serving import facade
+from recommend.serving.batch_json import batch_body, user_rows
 from recommend.serving.encoder import Busy, QueryEncoder
 from recommend.serving.filters import BadFilter
 from recommend.serving.httpserver import Guard, Metrics, configure_limits
@@ -209,6 +210,10 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         is answered {"user_id", "error"} and never fails the others."""
         snap, ids = snapshot(), body.user_ids
         found, loop = facade.where_of(snap, body.where, body.exclude) or None, asyncio.get_running_loop()
+        if not found and not body.diversity:  # the stored lists' first k: written as JSON from them (batch_json.py)
+            rows = [await loop.run_in_executor(reads, user_rows, snap, ids[start:start + BATCH_PART], body.k or default_k)
+                    for start in range(0, len(ids), BATCH_PART)]
+            return Response(batch_body(snap, [r for part in rows for r in part]), media_type=JSON)
         parts = [await loop.run_in_executor(searches if found or body.diversity else reads, facade.users_answers, snap,
                                             ids[start:start + BATCH_PART], body.k or default_k, found, body.diversity)
                  for start in range(0, len(ids), BATCH_PART)]  # one version throughout: `snap` is held
