@@ -46,8 +46,12 @@ SKETCH = 4096               # smallest distinct hashes each part reports: the us
 def user_hash(ids) -> np.ndarray:
     """A stable 64-bit hash of each user id (pandas' SipHash with its fixed key): the same in every
     process and run, so blocks and samples are the same users from night to night."""
-    values = pd.Series(np.asarray(ids, dtype=object), dtype=object)
-    return pd.util.hash_pandas_object(values, index=False).to_numpy(dtype=np.uint64)
+    values = np.asarray(ids, dtype=object)
+    # `hash_pandas_object` of a Series of them, without the Series and its factorising of the ids (unique
+    # here): 14x faster for a reader's 100 ids, 6x for a million. It gives a missing id the largest hash
+    hashes = pd.util.hash_array(values, categorize=False)
+    hashes[pd.isna(values)] = np.iinfo(np.uint64).max
+    return hashes
 
 
 def sketch(hashes: np.ndarray) -> np.ndarray:

@@ -96,6 +96,10 @@ def test_a_readers_hash_of_one_id_is_the_event_blocks_hash():
     ids = [f"U{i:07d}" for i in range(500)] + ["ü日本", "", "x" * 300, "1", "None", "a\x00b"]
     ids += ["é" * n for n in range(1, 18)] + ["z" * n for n in range(1, 18)]  # every tail length of SipHash's 8-byte words
     assert (user_hash_few(ids) == user_hash(ids)).all() and user_hash_few(ids).dtype == np.uint64
+    import pandas as pd  # and user_hash is pandas' hash of the ids as a Series, missing and mixed ones too
+
+    mixed = np.asarray(ids + [None, float("nan"), 7, pd.NA], dtype=object)
+    assert (user_hash(mixed) == pd.util.hash_pandas_object(pd.Series(mixed, dtype=object), index=False).to_numpy()).all()
 
 
 def test_a_readers_shard_of_one_id_is_the_writers():
