@@ -255,6 +255,16 @@ def test_serve_workers_on_any_free_port_say_which_and_each_answers(tmp_path, sam
         assert status == 200 and body["version"] == V1 and [r["item_id"] for r in body["items"]][:2] == ["i2", "i3"]
         workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
         assert len(workers) == 2, [c.cmdline() for c in psutil.Process(proc.pid).children()]
+        # the workers run with the flag's settings (the config says 1 worker): a batch's connection is
+        # closed after its answer, so that the next call goes to the worker free first
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/users/batch", body=json.dumps({"user_ids": ["u1", "ghost"]}), headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        answers = json.loads(resp.read())["answers"]
+        assert resp.status == 200 and resp.getheader("connection") == "close" and answers[1]["error"] == "unknown user"
+        assert [r["item_id"] for r in answers[0]["items"]][:2] == ["i2", "i3"]
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

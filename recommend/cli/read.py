@@ -208,6 +208,7 @@ def serve(config: str = ConfigOpt,
             if settings.port == 0:  # uvicorn binds for its workers and never says which port 0 became
                 settings = settings.model_copy(update={"port": free_port(settings.host)})
             os.environ["RECS_CONFIG"] = str(Path(config).resolve())
+            os.environ["RECS_SERVE"] = json.dumps({**updates, "port": settings.port})  # the workers' settings as here
             typer.echo(f"serving on http://{settings.host}:{settings.port} with {settings.workers} workers "
                        f"(Ctrl-C stops){'; API key required' if keyed else ''}", err=True)
             run_workers("recommend.serving.service:app_from_env", settings)

@@ -22,7 +22,7 @@ import orjson
 
 from recommend.serving.facade import item_metadata, users_answers
 from recommend.serving.live import Snapshot
-from recommend.serving.payloads import parse_list
+from recommend.serving.payloads import list_columns
 
 _dumps = orjson.dumps
 
@@ -30,8 +30,11 @@ _dumps = orjson.dumps
 def user_rows(snap: Snapshot, user_ids: list[str], k: int) -> list[bytes]:
     """Each id's answer, in order: {"user_id", "source", "items"} as bytes, or {"user_id", "error"}
     for an id the version does not hold. The stored lists read in one call per shard."""
-    stored = {u: parse_list(p, "recommended") for u, p in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items()}
-    parts = _entry_parts(snap, {i for entries, _, _ in stored.values() for i, _ in entries[:k]})
+    stored = {}
+    for user, payload in snap.reader.payloads("user", list(dict.fromkeys(user_ids))).items():
+        ids, scores, source, _ = list_columns(payload, "recommended")
+        stored[user] = (ids[:k], scores, source or "recommended")
+    parts = _entry_parts(snap, {i for ids, _, _ in stored.values() for i in ids})
     rows = []
     for user in user_ids:
         if (found := stored.get(user)) is None:
@@ -40,9 +43,9 @@ def user_rows(snap: Snapshot, user_ids: list[str], k: int) -> list[bytes]:
             row = users_answers(snap, [user], k).to_dict(recommendations=True)["answers"][0]
             rows.append(_dumps(row))
         else:
-            entries, source, _ = found
-            items = b",".join(parts[i][0] + _dumps(score) + parts[i][1] for i, score in entries[:k])
-            rows.append(b'{"user_id":%s,"source":%s,"items":[%s]}' % (_dumps(user), _dumps(source or "recommended"), items))
+            ids, scores, source = found
+            items = b",".join([head + _dumps(score) + tail for (head, tail), score in zip([parts[i] for i in ids], scores)])
+            rows.append(b'{"user_id":%s,"source":%s,"items":[%s]}' % (_dumps(user), _dumps(source), items))
     return rows
 
 

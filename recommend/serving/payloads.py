@@ -51,15 +51,23 @@ def payload_list(payload: dict, field_name: str) -> tuple[list[tuple[str, float]
 
 def parse_list(payload: dict, field_name: str) -> tuple[list[tuple[str, float]], str | None, list[str]]:
     """(the (item id, score) pairs of a payload's list `field_name`, the path that made them or None
-    when not recorded, the seen items: [] when not recorded). Versions published before the path
+    when not recorded, the seen items: [] when not recorded)."""
+    ids, scores, source, seen = list_columns(payload, field_name)
+    return list(zip(ids, scores)), source, seen
+
+
+def list_columns(payload: dict, field_name: str) -> tuple[list[str], list[float], str | None, list[str]]:
+    """`parse_list`'s answer with the item ids and scores as two lists (no pair per entry: a batch's
+    answers written as JSON, recommend/serving/batch_json.py). Versions published before the path
     moved into the list's text held it in the payload's "source", and before the text form the list
     was a list of {"item_id", "score"}."""
     value = payload.get(field_name)
     if isinstance(value, str):
         parsed = orjson.loads(value)
         source = parsed[2] if len(parsed) > 2 else payload.get("source")
-        return list(zip(parsed[0], parsed[1])), source, (parsed[3] if len(parsed) > 3 else [])
-    return [(e["item_id"], e["score"]) for e in value or []], payload.get("source"), []
+        return parsed[0], parsed[1], source, (parsed[3] if len(parsed) > 3 else [])
+    value = value or []
+    return [e["item_id"] for e in value], [e["score"] for e in value], payload.get("source"), []
 
 
 def list_texts(item_ids, scores: np.ndarray, ids: np.ndarray, sources, seen: tuple | None = None) -> list[str]:

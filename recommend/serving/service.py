@@ -204,6 +204,12 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         metrics.cache_hits.inc()
         return Response(envelope(snap, body), media_type=JSON)
 
+    # with several server processes a batch's connection is closed after its answer: the client's next
+    # call connects again, and the process free first accepts it. Kept open, a process given more of
+    # the batch clients' connections than the other answers each of them later (uvicorn's workers
+    # share one socket, and 16 clients' connections fell 10 to 6 and worse)
+    batch_headers = {"connection": "close"} if settings.workers > 1 else None
+
     @app.post("/users/batch")
     async def users_batch(body: UsersBatch):
         """The lists of up to 1,000 users at once, from one version, in the order asked; an unknown id
@@ -213,13 +219,13 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
         if not found and not body.diversity:  # the stored lists' first k: written as JSON from them (batch_json.py)
             rows = [await loop.run_in_executor(reads, user_rows, snap, ids[start:start + BATCH_PART], body.k or default_k)
                     for start in range(0, len(ids), BATCH_PART)]
-            return Response(batch_body(snap, [r for part in rows for r in part]), media_type=JSON)
+            return Response(batch_body(snap, [r for part in rows for r in part]), media_type=JSON, headers=batch_headers)
         parts = [await loop.run_in_executor(searches if found or body.diversity else reads, facade.users_answers, snap,
                                             ids[start:start + BATCH_PART], body.k or default_k, found, body.diversity)
                  for start in range(0, len(ids), BATCH_PART)]  # one version throughout: `snap` is held
         answer = facade.BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), ids, [a for p in parts for a in p.answers],
                                     list(dict.fromkeys(u for p in parts for u in p.unknown)))
-        return Response(orjson.dumps(answer.to_dict(recommendations=True)), media_type=JSON)
+        return Response(orjson.dumps(answer.to_dict(recommendations=True)), media_type=JSON, headers=batch_headers)
 
     @app.post("/items", response_model=AddReport)
     async def add_items(body: NewItems):
@@ -378,7 +384,12 @@ def app_from_config(config, *, encoder: bool = True) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `serve.workers` > 1: each worker process builds its app from $RECS_CONFIG."""
+    """Factory for `serve.workers` > 1: each worker process builds its app from $RECS_CONFIG, with
+    the serve settings `recs serve` changed from its flags ($RECS_SERVE, JSON: --workers among them)."""
+    import json
+
     from recommend.config import load_config
 
-    return app_from_config(load_config(os.environ["RECS_CONFIG"], check_inputs=False))
+    config = load_config(os.environ["RECS_CONFIG"], check_inputs=False)
+    config.serve = config.serve.model_copy(update=json.loads(os.environ.get("RECS_SERVE") or "{}"))
+    return app_from_config(config)

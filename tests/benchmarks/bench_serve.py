@@ -64,6 +64,9 @@ async def _client(port: int, paths, stop: float, out: dict, key: str | None) -> 
             length = next(int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:")
             body = await reader.readexactly(length)
             out["latency"].append(time.perf_counter() - started)
+            if b"\r\nconnection: close" in head.lower():  # the server closes it (a batch, with several workers)
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
             if head[9:12] != b"200":
                 out["failed"].append(head[9:12].decode())
             elif out.get("versions") is not None:
