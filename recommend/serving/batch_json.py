@@ -1,8 +1,9 @@
 """POST /users/batch's answers written as JSON straight from the stored lists, no object per item.
 
 A batch of 1,000 users names 10,000 items. Made into `Recommendation`s, each with a copy of its
-item's metadata, and then written by orjson, they were most of a batch's time in the server: about
-25 of its 40 ms in one process, more under load, where the garbage collector scans them too. Here
+item's metadata, and then written by orjson, they took over half of a server's time under 16 batch
+clients (py-spy), and a warm batch of 1,000 took 49-70 ms in one process, against 15-17 ms here
+(docs/performance.md; the garbage collector scans those objects too). Here
 each answer is one JSON object made from the user's stored list, and each item's part of it
 (`{"item_id": .., "score": ` and `, "metadata": {..}}`) is written once per version and kept
 (`Snapshot.entries`), so an item costs one join. The bytes are what `BatchAnswer.to_dict` gives
