@@ -388,6 +388,28 @@ def test_a_held_filter_answers_as_the_engine(published, monkeypatch):
         assert bool(subsets[1].refused) != none_refused  # with at most 5 items, the broader filters are left to the engine
 
 
+def test_a_reader_asked_ever_new_filters_holds_a_bounded_count_of_them(published, monkeypatch):
+    """An app asking ever new price ranges: the filters counted towards HOT_AFTER and those refused
+    (past MOST_POINTS) stay at most MOST_FILTERS, and the answers are still the engine's."""
+    from recommend.serving import filter_subsets
+
+    rec = published[0]
+    if not isinstance(rec.live.store, EmbeddedVersions):
+        pytest.skip("the embedded store's queries")
+    monkeypatch.setattr(filter_subsets, "HOT_AFTER", 2)
+    monkeypatch.setattr(filter_subsets, "MOST_FILTERS", 4)
+    monkeypatch.setattr(filter_subsets, "MOST_POINTS", 0)  # every filter refused once read
+    monkeypatch.setattr(filter_subsets, "IN_BACKGROUND", False)
+    fresh = Recommender(LiveVersion(rec.live.store, poll_s=0), k=K)
+    subsets = fresh.live.current().reader.subsets[1]  # the text vector: this version has no blend
+    for n in range(12):
+        where = {"price": {"gte": 100.0 + n}}  # items i40 and up: none of u0's stored list (i1..i8)
+        first, second = (fresh.for_user("u0", where=where) for _ in range(2))
+        assert [r.item_id for r in first.items] == [r.item_id for r in second.items] and first.source.endswith("query")
+        assert len(subsets.asked) <= 4 and len(subsets.refused) <= 4
+    assert subsets.refused and not subsets.held
+
+
 @pytest.mark.parametrize("block", [1, 3, 64])
 def test_best_rows_are_each_rows_largest_with_ties_by_column(block, monkeypatch):
     """filter_subsets.best_rows against a full sort: values with many ties, rows with left-out (-inf) values."""

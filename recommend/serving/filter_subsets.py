@@ -29,7 +29,7 @@ from recommend.serving.payloads import LIST_FIELDS
 HOT_AFTER = 3  # a filter's vector queries on a version before its items are held (a filter asked once costs no read)
 MOST_POINTS = 100_000  # items a held filter may pass (97 dimensions: 39 MB of vectors, about 100 MB of payloads)
 BUDGET = 256 * 2**20  # bytes the subsets of one reader's item shards (and as many its text shards') hold at most
-MOST_FILTERS = 10_000  # filters counted towards HOT_AFTER at once, per reader
+MOST_FILTERS = 10_000  # filters counted towards HOT_AFTER at once, and filters refused, per reader
 BLOCK = 64  # columns whose maximum bounds a query's k-th best from below (best_rows)
 PAGE = 1024  # points read in one engine call while a subset is read
 IN_BACKGROUND = True  # a subset is read in a thread of its own (tests: at once, in the query that starts it)
@@ -132,6 +132,8 @@ class FilterSubsets:
         with self.lock:
             del self.reading[key]
             if subset is None or subset.nbytes > BUDGET:
+                if len(self.refused) >= MOST_FILTERS:  # as `asked`: refused ones are counted again
+                    self.refused.clear()
                 self.refused.add(key)
                 return
             self.held[key] = subset
