@@ -80,11 +80,15 @@ def _nearest(vectors: dict[str, np.ndarray], query: np.ndarray, k: int, keep=lam
     return sorted((i for i in vectors if keep(i)), key=lambda i: -float(vectors[i] @ query))[:k]
 
 
-@pytest.mark.parametrize("hot_after", [1, 10**9])  # every filter's items held at once (filter_subsets.py), or never
-def test_added_items_are_searchable_at_once_and_a_changed_item_replaces_its_old_point(store, hot_after, monkeypatch):
-    from recommend.serving import filter_subsets
+@pytest.mark.parametrize("hot_after,post_excluded", [(1, 200), (10**9, 200), (10**9, 0)])
+def test_added_items_are_searchable_at_once_and_a_changed_item_replaces_its_old_point(store, hot_after, post_excluded,
+                                                                                      monkeypatch):
+    """hot_after 1: every filter's items held at once (filter_subsets.py), or never; post_excluded 0: the
+    replaced items' old points left out in the engine's filter, not dropped after it (shard_search.py)."""
+    from recommend.serving import filter_subsets, shard_search
 
     monkeypatch.setattr(filter_subsets, "HOT_AFTER", hot_after)
+    monkeypatch.setattr(shard_search, "POST_EXCLUDED", post_excluded)
     monkeypatch.setattr(filter_subsets, "IN_BACKGROUND", False)
     _publish(store, V0, 1)
     items = _publish(store, V1, 2)

@@ -59,11 +59,17 @@ def _ask(engines: list, added: list, replaced: list, vectors: list, excludes: li
     rescore = SearchParams(hnsw_ef=max(200, 2 * k), quantization=QuantizationSearchParams(rescore=True, oversampling=2.0))
     payload = PayloadSelector.Exclude(list(LIST_FIELDS))
 
-    def batch(left_out: list):  # an item replaced today is answered from its added point
-        return QueryBatchRequest([QueryRequest(limit=k, query=Query.Nearest([float(x) for x in v], using=using),
+    def batch(left_out: list, limit: int):
+        return QueryBatchRequest([QueryRequest(limit=limit, query=Query.Nearest([float(x) for x in v], using=using),
                                                params=rescore, filter=edge_filter(where, list(x) + left_out),
                                                with_payload=payload) for v, x in zip(vectors, excludes)])
-    found = [e.query_batch(batch(replaced)) for e in engines]
-    found += [added[0].query_batch(batch([]))] if added else []
+    # an item replaced today is answered from its added point: its version's point left out, by asking
+    # deeper and dropping it (as the queries' own left-out ids), or past POST_EXCLUDED in the filter
+    after = len(replaced) <= POST_EXCLUDED
+    found = [e.query_batch(batch([], k + len(replaced)) if after else batch(replaced, k)) for e in engines]
+    if after and replaced:
+        gone = {str(p) for p in replaced}
+        found = [[[h for h in hits if str(h.id) not in gone] for hits in shard] for shard in found]
+    found += [added[0].query_batch(batch([], k))] if added else []
     return [heapq.nlargest(k, (h for hits in found for h in hits[q]), key=lambda h: h.score) for q in range(len(vectors))]
 
