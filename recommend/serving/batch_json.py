@@ -36,13 +36,14 @@ def user_rows(snap: Snapshot, user_ids: list[str], k: int) -> list[bytes]:
         ids, scores, source, _ = list_columns(payload, "recommended")
         stored[user] = (ids[:k], scores, source or "recommended")
     parts = _entry_parts(snap, {i for ids, _, _ in stored.values() for i in ids})
+    empty = [u for u, (ids, _, _) in stored.items() if not ids]  # no stored list: the facade's vector query makes one
+    made = dict(zip(empty, users_answers(snap, empty, k).to_dict(recommendations=True)["answers"])) if empty else {}
     rows = []
     for user in user_ids:
         if (found := stored.get(user)) is None:
             rows.append(b'{"user_id":%s,"error":"unknown user"}' % _dumps(user))
-        elif not found[0]:  # no stored list: the facade's vector query makes one
-            row = users_answers(snap, [user], k).to_dict(recommendations=True)["answers"][0]
-            rows.append(_dumps(row))
+        elif user in made:
+            rows.append(_dumps(made[user]))
         else:
             ids, scores, source = found
             items = b",".join([head + _dumps(score) + tail for (head, tail), score in zip([parts[i] for i in ids], scores)])

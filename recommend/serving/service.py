@@ -214,15 +214,16 @@ def create_app(live: LiveVersion, settings: ServeSettings = ServeSettings(), *, 
     async def users_batch(body: UsersBatch):
         """The lists of up to 1,000 users at once, from one version, in the order asked; an unknown id
         is answered {"user_id", "error"} and never fails the others."""
-        snap, ids = snapshot(), body.user_ids
+        snap, ids, k = snapshot(), body.user_ids, body.k or default_k
         found, loop = facade.where_of(snap, body.where, body.exclude) or None, asyncio.get_running_loop()
-        if not found and not body.diversity:  # the stored lists' first k: written as JSON from them (batch_json.py)
-            rows = [await loop.run_in_executor(reads, user_rows, snap, ids[start:start + BATCH_PART], body.k or default_k)
+
+        async def each_part(pool, read, *args) -> list:  # one version throughout: `snap` is held
+            return [await loop.run_in_executor(pool, read, snap, ids[start:start + BATCH_PART], *args)
                     for start in range(0, len(ids), BATCH_PART)]
+        if not found and not body.diversity:  # the stored lists' first k: written as JSON from them (batch_json.py)
+            rows = await each_part(reads, user_rows, k)
             return Response(batch_body(snap, [r for part in rows for r in part]), media_type=JSON, headers=batch_headers)
-        parts = [await loop.run_in_executor(searches if found or body.diversity else reads, facade.users_answers, snap,
-                                            ids[start:start + BATCH_PART], body.k or default_k, found, body.diversity)
-                 for start in range(0, len(ids), BATCH_PART)]  # one version throughout: `snap` is held
+        parts = await each_part(searches, facade.users_answers, k, found, body.diversity)
         answer = facade.BatchAnswer(snap.run_id, snap.created_at, snap.age_seconds(), ids, [a for p in parts for a in p.answers],
                                     list(dict.fromkeys(u for p in parts for u in p.unknown)))
         return Response(orjson.dumps(answer.to_dict(recommendations=True)), media_type=JSON, headers=batch_headers)
